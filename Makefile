@@ -1,0 +1,34 @@
+# PersonalKV developer entry points. Everything runs from the project's own .venv.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-unit test-integration test-e2e bench demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+
+test: install
+	$(BIN)/pytest -q tests
+
+test-unit: install
+	$(BIN)/pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/pytest -q tests/integration
+
+test-e2e: install
+	$(BIN)/pytest -q tests/e2e
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
