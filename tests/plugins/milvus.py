@@ -1,0 +1,1 @@
+"""Milvus fixtures (owned by the index work)."""

@@ -1,0 +1,1 @@
+"""S3 server fixtures (owned by the storage work)."""
