@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,10 +42,74 @@ class ModelSettings(BaseSettings):
     )
 
 
+class StorageSettings(BaseSettings):
+    """Where photos, KV chunk blobs and concept manifests live (personalkv.storage)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_STORAGE_")
+
+    url: str = Field(
+        "file://./var/objects",
+        description="Object store URL: 'file:///abs/dir' (or a plain path) for a local "
+        "directory, 's3://BUCKET?endpoint=HOST:PORT&secure=false&region=R' for S3/MinIO.",
+    )
+    access_key: str | None = Field("minioadmin", description="S3 access key (dev default).")
+    secret_key: SecretStr | None = Field(
+        SecretStr("minioadmin"), description="S3 secret key (dev default); give it by secret."
+    )
+    region: str = Field("us-east-1", description="S3 region, used when the URL names none.")
+    connect_timeout_s: float = Field(
+        2.0, gt=0, description="S3 TCP connect timeout; a dead endpoint fails after this."
+    )
+    read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout per request.")
+    retries: int = Field(2, ge=0, le=10, description="S3 retries on connect errors and 5xx.")
+
+
+class IndexSettings(BaseSettings):
+    """Where retrieval keys live (personalkv.index)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_INDEX_")
+
+    uri: str = Field(
+        "./var/index/milvus.db",
+        description="A file path opens embedded milvus-lite (one process only; up to ~100k "
+        "keys); 'http://HOST:PORT' a Milvus server or cluster.",
+    )
+    token: str = Field("", description="Milvus token 'user:password' (servers with auth only).")
+    collection_prefix: str = Field("pkv", description="Prefix of the index's collection names.")
+
+
+class RetrievalSettings(BaseSettings):
+    """How the retriever embeds and ranks a user's concepts (personalkv.retrieval)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_RETRIEVAL_")
+
+    text_encoder: str = Field(
+        "minilm", description="Text encoder name ('minilm': all-MiniLM-L6-v2, offline; "
+        "'hashing': weights-free bag of words, tests only)."
+    )
+    image_encoder: str = Field(
+        "global", description="Image encoder name ('global': weights-free colour + gradient "
+        "descriptor)."
+    )
+    weight_text: float = Field(1.0, ge=0, description="Fusion weight of the text-key score.")
+    weight_image: float = Field(1.0, ge=0, description="Fusion weight of the image-key score.")
+    weight_name: float = Field(
+        0.5, ge=0, description="Fusion bonus when the question names the concept."
+    )
+    threshold: float = Field(
+        0.35, description="Fused score below which a concept is not returned ('none of yours')."
+    )
+    top_k: int = Field(3, ge=1, description="Most concepts returned per question.")
+    candidates: int = Field(50, ge=1, description="Keys fetched per modality before fusion.")
+
+
 class Settings(BaseSettings):
     """All sections together."""
 
     model: ModelSettings = Field(default_factory=ModelSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
 
 @lru_cache(maxsize=1)

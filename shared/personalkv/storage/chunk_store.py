@@ -1,0 +1,204 @@
+"""`ChunkStore`: the per-user layout of photos, KV chunk blobs and concept manifests.
+
+Callers: the ingest/mining pipeline (put_photo, put_chunk, then write_manifest), the Ask path
+(read_manifest, get_chunk / get_chunk_by_key), and the deletion service (delete_concept,
+delete_user; it also removes the Milvus entries). Nothing else builds object keys.
+
+Layout in the underlying ObjectStore (every id validated before it becomes part of a key):
+
+    users/<user>/concepts/<concept>/manifest.json
+    users/<user>/concepts/<concept>/photos/<photo_id>.<ext>
+    users/<user>/concepts/<concept>/chunks/<chunk_id>.kv
+
+A concept exists exactly when its manifest exists. The manifest is written last, after every
+object it names (write_manifest checks they are there), and a put is atomic in every backend,
+so a reader never sees a half-written concept. Deletion removes the manifest first, so the
+concept vanishes at once, then its prefix; retrying after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable
+from datetime import datetime, timezone
+
+from PIL import Image, UnidentifiedImageError
+
+from personalkv.ids import (
+    InvalidIdError,
+    is_valid_id,
+    user_scoped_digest,
+    validate_concept_id,
+    validate_hex_digest,
+    validate_user_id,
+)
+from personalkv.manifest import ConceptManifest, PhotoRecord
+from personalkv.storage.base import ObjectNotFound, ObjectStore, StorageError
+
+# PIL format -> (media type, file extension) of the photos we accept.
+PHOTO_FORMATS = {
+    "JPEG": ("image/jpeg", "jpg"),
+    "PNG": ("image/png", "png"),
+    "WEBP": ("image/webp", "webp"),
+}
+_EXT_BY_MEDIA_TYPE = dict(PHOTO_FORMATS.values())
+_CHUNK_KEY_RE = re.compile(r"users/([^/]+)/concepts/([^/]+)/chunks/([0-9a-f]{64})\.kv")
+
+
+class InvalidPhotoError(ValueError):
+    """Bytes that are not a photo in one of PHOTO_FORMATS, or a wrong media type."""
+
+
+class MissingObjectsError(StorageError):
+    """write_manifest was asked to publish a manifest naming objects that are not stored."""
+
+
+class ChunkStore:
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    # -- keys -------------------------------------------------------------------------------
+    @staticmethod
+    def user_prefix(user_id: str) -> str:
+        return f"users/{validate_user_id(user_id)}/"
+
+    @classmethod
+    def concept_prefix(cls, user_id: str, concept_id: str) -> str:
+        return f"{cls.user_prefix(user_id)}concepts/{validate_concept_id(concept_id)}/"
+
+    @classmethod
+    def manifest_key(cls, user_id: str, concept_id: str) -> str:
+        return cls.concept_prefix(user_id, concept_id) + "manifest.json"
+
+    @classmethod
+    def photo_key(cls, user_id: str, concept_id: str, photo_id: str, media_type: str) -> str:
+        ext = _EXT_BY_MEDIA_TYPE.get(media_type)
+        if ext is None:
+            raise InvalidPhotoError(f"media type {media_type!r} is not one of {list(_EXT_BY_MEDIA_TYPE)}")
+        photo_id = validate_hex_digest(photo_id, "photo id")
+        return f"{cls.concept_prefix(user_id, concept_id)}photos/{photo_id}.{ext}"
+
+    @classmethod
+    def chunk_key(cls, user_id: str, concept_id: str, chunk_id: str) -> str:
+        chunk_id = validate_hex_digest(chunk_id, "chunk id")
+        return f"{cls.concept_prefix(user_id, concept_id)}chunks/{chunk_id}.kv"
+
+    # -- photos -----------------------------------------------------------------------------
+    def put_photo(
+        self, user_id: str, concept_id: str, data: bytes, media_type: str | None = None
+    ) -> PhotoRecord:
+        """Store a reference photo; its id is sha256 over (user id, bytes), so two users who
+        upload the same file get different ids and objects. Re-uploading is idempotent."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format, image.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InvalidPhotoError(f"not a readable image: {exc}") from None
+        if fmt not in PHOTO_FORMATS:
+            raise InvalidPhotoError(f"image format {fmt} is not one of {list(PHOTO_FORMATS)}")
+        detected = PHOTO_FORMATS[fmt][0]
+        if media_type is not None and media_type != detected:
+            raise InvalidPhotoError(f"media type {media_type!r} given, but the bytes are {detected}")
+        photo_id = user_scoped_digest(user_id, data, domain="photo")
+        key = self.photo_key(user_id, concept_id, photo_id, detected)
+        self.objects.put(key, data, content_type=detected)
+        return PhotoRecord(
+            photo_id=photo_id, object_key=key, media_type=detected,
+            width=width, height=height, bytes=len(data),
+        )  # fmt: skip
+
+    def get_photo(self, user_id: str, concept_id: str, photo_id: str) -> bytes:
+        validate_hex_digest(photo_id, "photo id")
+        for media_type in _EXT_BY_MEDIA_TYPE:
+            key = self.photo_key(user_id, concept_id, photo_id, media_type)
+            try:
+                return self.objects.get(key)
+            except ObjectNotFound:
+                continue
+        raise ObjectNotFound(f"no photo {photo_id} in concept {concept_id!r} of {user_id!r}")
+
+    # -- chunks -----------------------------------------------------------------------------
+    def put_chunk(self, user_id: str, concept_id: str, chunk_id: str, blob: bytes) -> str:
+        """Store one encoded KV chunk under its content hash; return its object key."""
+        key = self.chunk_key(user_id, concept_id, chunk_id)
+        self.objects.put(key, blob)
+        return key
+
+    def get_chunk(self, user_id: str, concept_id: str, chunk_id: str) -> bytes:
+        return self.objects.get(self.chunk_key(user_id, concept_id, chunk_id))
+
+    def has_chunk(self, user_id: str, concept_id: str, chunk_id: str) -> bool:
+        return self.objects.exists(self.chunk_key(user_id, concept_id, chunk_id))
+
+    def get_chunk_by_key(self, user_id: str, object_key: str) -> bytes:
+        """Fetch a chunk by the object key a manifest or index entry holds, refusing any key
+        that is not a chunk of `user_id`: index hits are data, not trusted pointers."""
+        match = _CHUNK_KEY_RE.fullmatch(object_key) if isinstance(object_key, str) else None
+        if match is None or match.group(1) != validate_user_id(user_id):
+            raise InvalidIdError(f"object key {object_key!r} is not a chunk of user {user_id!r}")
+        return self.get_chunk(user_id, match.group(2), match.group(3))
+
+    # -- manifests --------------------------------------------------------------------------
+    def write_manifest(self, manifest: ConceptManifest, *, check_objects: bool = True) -> ConceptManifest:
+        """Publish (atomically replace) a concept's manifest; return what was stored.
+
+        Refuses object keys that are not this concept's own photo/chunk keys and, with
+        check_objects, keys whose objects are not stored yet (MissingObjectsError): the
+        manifest must be the last thing written.
+        """
+        user, concept = manifest.user_id, manifest.concept_id
+        expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in manifest.photos]
+        expected += [self.chunk_key(user, concept, c.chunk_id) for c in manifest.chunks]
+        for key, want in zip(manifest.object_keys(), expected):
+            if key != want:
+                raise InvalidIdError(f"manifest names object {key!r}; expected {want!r}")
+        if check_objects:
+            missing = [key for key in expected if not self.objects.exists(key)]
+            if missing:
+                raise MissingObjectsError(
+                    f"manifest {user}/{concept} names {len(missing)} unstored object(s), "
+                    f"e.g. {missing[0]}; write blobs before the manifest"
+                )
+        stored = manifest.model_copy(update={"updated_at": datetime.now(timezone.utc)})
+        self.objects.put(self.manifest_key(user, concept), stored.to_json(), "application/json")
+        return stored
+
+    def read_manifest(self, user_id: str, concept_id: str) -> ConceptManifest | None:
+        try:
+            data = self.objects.get(self.manifest_key(user_id, concept_id))
+        except ObjectNotFound:
+            return None
+        manifest = ConceptManifest.from_json(data)
+        if (manifest.user_id, manifest.concept_id) != (user_id, concept_id):
+            raise StorageError(f"manifest at {user_id}/{concept_id} belongs to another concept")
+        return manifest
+
+    def list_concepts(self, user_id: str) -> list[str]:
+        """Concepts of `user_id` that have a manifest (i.e. exist), sorted."""
+        concepts = _valid_ids(self.objects.list_children(self.user_prefix(user_id) + "concepts/"))
+        return [c for c in concepts if self.objects.exists(self.manifest_key(user_id, c))]
+
+    def list_users(self) -> list[str]:
+        """Users with any stored object, sorted."""
+        return _valid_ids(self.objects.list_children("users/"))
+
+    # -- deletion ---------------------------------------------------------------------------
+    def delete_concept(self, user_id: str, concept_id: str) -> int:
+        """Delete a concept and every object under it; return the number of objects removed.
+        Idempotent; after a crash half way, calling it again removes what is left."""
+        manifest_key = self.manifest_key(user_id, concept_id)
+        self.objects.delete(manifest_key)  # first: the concept is gone for readers from here on
+        return self.objects.delete_prefix(self.concept_prefix(user_id, concept_id))
+
+    def delete_user(self, user_id: str) -> int:
+        """Forget a user: every manifest first (all concepts vanish), then every object."""
+        prefix = self.user_prefix(user_id)
+        for concept_id in _valid_ids(self.objects.list_children(prefix + "concepts/")):
+            self.objects.delete(self.manifest_key(user_id, concept_id))
+        return self.objects.delete_prefix(prefix)
+
+
+def _valid_ids(names: Iterable[str]) -> list[str]:
+    # A stray directory not made by ChunkStore must not turn a listing into an error.
+    return [name for name in names if is_valid_id(name)]

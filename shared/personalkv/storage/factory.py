@@ -1,0 +1,84 @@
+"""`open_object_store(url)`: pick the ObjectStore backend by URL scheme.
+
+Called once per process by the service bootstrap (and by tests/benchmarks) with
+`Settings.storage.url`. Backends are imported lazily so a local-directory deployment never
+imports `minio`. Secrets never travel in the URL: S3 keys come from `StorageSettings`.
+
+  file:///abs/dir, file://./rel/dir, /abs/dir, rel/dir   -> LocalObjectStore
+  s3://BUCKET?endpoint=HOST:PORT&secure=false&region=R    -> S3ObjectStore
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from personalkv.config import StorageSettings, get_settings
+from personalkv.storage.base import ObjectStore
+
+
+def _open_file(url: str, settings: StorageSettings) -> ObjectStore:
+    local = importlib.import_module("personalkv.storage.local")
+    if "://" not in url:
+        return local.LocalObjectStore(url)
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError(f"file URL {url!r} takes no query or fragment")
+    # file:///abs -> "/abs"; file://./rel and file://../rel -> relative to the working dir.
+    host = "" if parts.netloc in ("", "localhost") else parts.netloc
+    if host not in ("", ".", ".."):
+        raise ValueError(f"file URL {url!r} names a host; use file:///abs/path or file://./rel")
+    return local.LocalObjectStore(host + parts.path)
+
+
+def _flag(value: str, name: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean")
+
+
+def _open_s3(url: str, settings: StorageSettings) -> ObjectStore:
+    s3 = importlib.import_module("personalkv.storage.s3")
+    parts = urlsplit(url)
+    if parts.path not in ("", "/"):
+        raise ValueError(f"s3 URL {url!r}: key prefixes inside the bucket are not supported")
+    query = {k: v[-1] for k, v in parse_qs(parts.query, strict_parsing=bool(parts.query)).items()}
+    unknown = set(query) - {"endpoint", "secure", "region"}
+    if unknown:
+        raise ValueError(f"s3 URL {url!r}: unknown parameter(s) {sorted(unknown)}")
+    if "endpoint" not in query:
+        raise ValueError(f"s3 URL {url!r} needs ?endpoint=HOST:PORT")
+    secret = settings.secret_key.get_secret_value() if settings.secret_key else None
+    return s3.S3ObjectStore(
+        parts.netloc,
+        query["endpoint"],
+        settings.access_key,
+        secret,
+        secure=_flag(query.get("secure", "false"), "secure"),
+        region=query.get("region", settings.region),
+        connect_timeout_s=settings.connect_timeout_s,
+        read_timeout_s=settings.read_timeout_s,
+        retries=settings.retries,
+    )
+
+
+BACKENDS: dict[str, Callable[[str, StorageSettings], ObjectStore]] = {
+    "file": _open_file,
+    "s3": _open_s3,
+}
+
+
+def open_object_store(url: str | None = None, settings: StorageSettings | None = None) -> ObjectStore:
+    """Open the store at `url` (default: `settings.url`); settings default to the process's."""
+    settings = settings or get_settings().storage
+    url = url or settings.url
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    try:
+        opener = BACKENDS[scheme]
+    except KeyError:
+        known = ", ".join(f"{name}://" for name in BACKENDS)
+        raise ValueError(f"unknown object store scheme {scheme!r} in {url!r}; known: {known}") from None
+    return opener(url, settings)

@@ -1,0 +1,192 @@
+"""`S3ObjectStore`: objects in one S3/MinIO bucket (URL `s3://bucket?endpoint=host:port`).
+
+Talks to any S3-compatible endpoint through the `minio` client with path-style addressing
+(`http://host:port/bucket/key`): virtual-host style needs DNS for every bucket, which MinIO in a
+cluster or on a laptop does not have. A single PUT is atomic in S3, so `put` needs no temp key.
+
+Failing fast matters more than riding out blips here: a Celery task or gRPC call that hangs on
+a dead endpoint holds a worker and the caller's deadline. So the urllib3 pool gets a short
+connect timeout and few retries, and every transport error becomes `StorageUnavailable`
+naming the endpoint. The bucket is created on first use, not in the constructor, so building
+a store (e.g. at service start) never touches the network.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+from collections.abc import Iterator, Iterable
+from contextlib import contextmanager
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error, ServerError
+from urllib3.util import Retry, Timeout
+
+from personalkv.ids import InvalidIdError
+from personalkv.storage.base import (
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    StorageUnavailable,
+    check_key,
+    check_prefix,
+)
+
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "ResourceNotFound"}
+_DELETE_BATCH = 1000  # S3 DeleteObjects limit
+
+
+class S3ObjectStore(ObjectStore):
+    def __init__(
+        self,
+        bucket: str,
+        endpoint: str,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+        connect_timeout_s: float = 2.0,
+        read_timeout_s: float = 30.0,
+        retries: int = 2,
+        cert_check: bool = True,
+    ) -> None:
+        if _BUCKET_RE.fullmatch(bucket) is None:
+            raise InvalidIdError(f"bucket name {bucket!r} is not a valid S3 bucket name")
+        self.bucket = bucket
+        self.endpoint = endpoint
+        self.url = f"s3://{bucket}?endpoint={endpoint}&secure={str(secure).lower()}"
+        http = urllib3.PoolManager(
+            timeout=Timeout(connect=connect_timeout_s, read=read_timeout_s),
+            retries=Retry(
+                total=retries,
+                backoff_factor=0.1,
+                status_forcelist=(500, 502, 503, 504),
+            ),
+            maxsize=16,
+            cert_reqs="CERT_REQUIRED" if (secure and cert_check) else "CERT_NONE",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        )
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        self._client.disable_virtual_style_endpoint()
+        self._region = region
+        self._bucket_ready = False
+        self._bucket_lock = threading.Lock()
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate minio/urllib3 exceptions into the storage error types."""
+        try:
+            yield
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND_CODES:
+                raise ObjectNotFound(f"{what}: not found in {self.url}") from None
+            raise StorageError(f"{what} failed on {self.url}: {exc.code}: {exc.message}") from exc
+        except ServerError as exc:
+            raise StorageUnavailable(f"{what}: S3 server error on {self.url}: {exc}") from exc
+        except InvalidResponseError as exc:
+            raise StorageError(f"{what}: unexpected response from {self.url}: {exc}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise StorageUnavailable(
+                f"{what}: S3 endpoint {self.endpoint} is unreachable ({reason})"
+            ) from exc
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        with self._bucket_lock, self._errors(f"create bucket {self.bucket}"):
+            if self._bucket_ready:
+                return
+            if not self._client.bucket_exists(self.bucket):
+                try:
+                    self._client.make_bucket(self.bucket, location=self._region)
+                except S3Error as exc:  # another process won the race
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            self._bucket_ready = True
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        check_key(key)
+        self._ensure_bucket()
+        with self._errors(f"put {key}"):
+            self._client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+
+    def get(self, key: str) -> bytes:
+        check_key(key)
+        self._ensure_bucket()
+        with self._errors(f"get {key}"):
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        check_key(key)
+        self._ensure_bucket()
+        try:
+            with self._errors(f"stat {key}"):
+                self._client.stat_object(self.bucket, key)
+            return True
+        except ObjectNotFound:
+            return False
+
+    def delete(self, key: str) -> None:
+        check_key(key)
+        self._ensure_bucket()
+        with self._errors(f"delete {key}"):
+            self._client.remove_object(self.bucket, key)  # S3 DELETE of a missing key is a 204
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        self._ensure_bucket()
+        with self._errors(f"list {prefix or '/'}"):
+            for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if not obj.is_dir:
+                    yield obj.object_name
+
+    def list_children(self, prefix: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        self._ensure_bucket()
+        with self._errors(f"list {prefix or '/'}"):
+            for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=False):
+                if obj.is_dir:
+                    yield obj.object_name[len(prefix) :].rstrip("/")
+
+    def delete_prefix(self, prefix: str) -> int:
+        if check_prefix(prefix) == "":
+            raise InvalidIdError("delete_prefix refuses the empty prefix")
+        keys = list(self.list(prefix))
+        for start in range(0, len(keys), _DELETE_BATCH):
+            self._delete_batch(keys[start : start + _DELETE_BATCH])
+        return len(keys)
+
+    def _delete_batch(self, keys: Iterable[str]) -> None:
+        with self._errors("delete objects"):
+            errors = list(self._client.remove_objects(self.bucket, map(DeleteObject, keys)))
+        if errors:
+            first = errors[0]
+            raise StorageError(
+                f"could not delete {len(errors)} object(s) from {self.url}, "
+                f"first {first.name}: {first.code} {first.message}"
+            )
+
+    def close(self) -> None:
+        self._client._http.clear()  # minio exposes no public close
