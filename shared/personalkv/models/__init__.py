@@ -1,0 +1,76 @@
+"""Model adapters, registered by HF ``model_type`` and imported lazily.
+
+``load_adapter(name, device, dtype)``: ``tiny:<kind>`` builds an offline random-weight model;
+anything else is a hub id or local path loaded with transformers. Only the selected family's
+module is imported; an unsupported architecture fails listing the supported ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from personalkv.models.base import ImageInput, ModelAdapter, PrefixCache, Segment
+
+# HF model_type -> (module, adapter class, model class name in transformers)
+ADAPTERS: dict[str, tuple[str, str, str]] = {
+    "qwen2_vl": ("personalkv.models.qwen2_vl", "Qwen2VLAdapter", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("personalkv.models.qwen2_vl", "Qwen2_5_VLAdapter", "Qwen2_5_VLForConditionalGeneration"),
+    "llava_onevision": (
+        "personalkv.models.llava_onevision",
+        "LlavaOnevisionAdapter",
+        "LlavaOnevisionForConditionalGeneration",
+    ),
+    "llama": ("personalkv.models.causal_lm", "CausalLMAdapter", "LlamaForCausalLM"),
+    "qwen2": ("personalkv.models.causal_lm", "CausalLMAdapter", "Qwen2ForCausalLM"),
+}
+
+# Image processors: the PIL backends, which need no torchvision.
+_IMAGE_PROCESSORS = {
+    "qwen2_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
+    "qwen2_5_vl": "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.Qwen2VLImageProcessorPil",
+    "llava_onevision": (
+        "transformers.models.llava_onevision.image_processing_pil_llava_onevision.LlavaOnevisionImageProcessorPil"
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _import(dotted: str):
+    module, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_adapter(name: str, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
+    torch_dtype = DTYPES[dtype]
+    if name.startswith("tiny:"):
+        from personalkv.models.tiny import tiny_model
+
+        return _place(tiny_model(name.removeprefix("tiny:"), dtype=torch_dtype), device)
+
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name)
+    if config.model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    module, adapter_name, model_class = ADAPTERS[config.model_type]
+    model = getattr(transformers, model_class).from_pretrained(name, dtype=torch_dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    image_processor = None
+    if config.model_type in _IMAGE_PROCESSORS:
+        image_processor = _import(_IMAGE_PROCESSORS[config.model_type]).from_pretrained(name)
+    revision = getattr(config, "_commit_hash", None) or ""
+    adapter_cls = getattr(importlib.import_module(module), adapter_name)
+    return _place(adapter_cls(model.to(device), tokenizer, image_processor, name=name, weights_id=revision), device)
+
+
+def _place(adapter: ModelAdapter, device: str) -> ModelAdapter:
+    adapter.model.to(device)
+    return adapter
+
+
+__all__ = ["ADAPTERS", "ImageInput", "ModelAdapter", "PrefixCache", "Segment", "load_adapter"]

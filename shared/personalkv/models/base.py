@@ -1,0 +1,298 @@
+"""ModelAdapter: the one place that knows how a Hugging Face model is driven.
+
+Who calls what:
+  * ``personalkv.kv.engine`` (encode evidence, answer questions) calls ``build_segment``,
+    ``segment_positions``, ``embed``, ``run_decoder``, ``logits`` and ``system_prefix``;
+  * ``personalkv.kv.placement`` / ``recompute`` read ``inv_freq``, ``num_layers`` and
+    ``decoder_layers``;
+  * tests and benchmarks call ``reference_forward`` (the model's own, unmodified forward) to
+    check the placed path against it.
+Subclasses implement the family-specific hot path: ``encode_image``, ``segment_positions``,
+``image_placeholder`` and ``reference_forward``'s input assembly.
+
+No per-request state lives on the adapter or the model: every request builds its own cache and
+passes explicit positions and masks. We never call the VLM's top-level forward on the serving
+path, because e.g. Qwen2-VL stores ``rope_deltas`` on the model object there, which would let
+two concurrent requests corrupt each other's positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from PIL import Image
+
+SYSTEM_PROMPT = (
+    "You are a personal assistant. The user's own concepts are described below; use them to "
+    "answer questions about the user's things."
+)
+
+
+@dataclass
+class ImageInput:
+    """An image run through the vision tower: ``embeds`` replace its placeholder tokens."""
+
+    embeds: torch.Tensor  # (n_tokens, hidden) in the model dtype
+    model_kwargs: dict[str, Any]  # what the model's own forward needs for this image
+    grid: tuple[int, int, int] | None = None  # Qwen2-VL (t, h, w) patch grid
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class Segment:
+    """A run of tokens (text and image placeholders) ready to embed."""
+
+    token_ids: torch.Tensor  # (tokens,) int64
+    images: list[ImageInput] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    def image_embeds(self) -> torch.Tensor | None:
+        if not self.images:
+            return None
+        return torch.cat([image.embeds for image in self.images], dim=0)
+
+
+@dataclass
+class PrefixCache:
+    """KV of the fixed system prefix: computed once per adapter, never mutated."""
+
+    text: str
+    framing: str  # sha256 of ``text``; part of every chunk's hash
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, tokens, head_dim)
+    values: list[torch.Tensor]
+    extent: int  # next free position after the prefix
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys[0].shape[-2])
+
+
+class ModelAdapter(ABC):
+    """Drives one loaded HF model. Thread-safe for concurrent requests (read-only state)."""
+
+    kind: ClassVar[str]
+    position_axes: ClassVar[int] = 1
+    supports_images: ClassVar[bool] = True
+
+    def __init__(self, model, tokenizer, image_processor=None, *, name: str = "", weights_id: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name = name or getattr(model.config, "_name_or_path", "") or self.kind
+        self._weights_id = weights_id
+        self._prefix: PrefixCache | None = None
+        self._prefix_lock = threading.Lock()
+        self._fingerprint: str | None = None
+        self.eos_token_ids = self._eos_ids()
+
+    # --- model anatomy -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings, layers, norm, rotary_emb), without the LM head."""
+
+    @property
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        rotary = self.language_model.rotary_emb
+        if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+            # Scaled RoPE variants multiply cos/sin by a constant; a delta rotation must not
+            # apply it twice. None of the supported models uses one; refuse rather than be wrong.
+            raise NotImplementedError("RoPE with attention scaling is not supported for chunk shifts")
+        return rotary.inv_freq.detach().float().cpu()
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config(decoder=True)
+
+    # --- identity ----------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 of architecture, config, weights identity and dtype.
+
+        Weights identity: the caller-supplied id (hub revision / file digest) when known, plus a
+        digest of every parameter's shape and a strided sample of its values, so that two models
+        with the same config but different weights never share chunks.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(type(self.model).__name__.encode())
+            config = self.model.config.to_dict()
+            for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+                config.pop(volatile, None)
+            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+            digest.update(self._weights_id.encode())
+            with torch.no_grad():
+                for pname, param in sorted(self.model.state_dict().items()):
+                    flat = param.detach().reshape(-1)
+                    step = max(1, flat.numel() // 4096)
+                    digest.update(pname.encode() + str(tuple(param.shape)).encode())
+                    digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+            digest.update(str(self.dtype).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    # --- framing (ChatML, shared by Qwen2-VL, LLaVA-OneVision/Qwen2 and SmolLM2) -------------
+    def system_prefix_text(self) -> str:
+        return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+
+    def question_parts(self, question: str, image: ImageInput | None = None) -> list:
+        parts: list = []
+        if image is not None:
+            parts.append(image)
+        parts.append(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        return parts
+
+    def _eos_ids(self) -> list[int]:
+        ids = []
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.append(token_id)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    # --- segments ------------------------------------------------------------------------
+    @abstractmethod
+    def image_placeholder(self, image: ImageInput) -> tuple[list[int], list[int], list[int]]:
+        """Token ids before the image's embeddings, the placeholder ids, the ids after it."""
+
+    @abstractmethod
+    def encode_image(self, image: Image.Image) -> ImageInput:
+        """Run the image processor and the vision tower (and projector)."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build_segment(self, parts: Sequence[str | ImageInput]) -> Segment:
+        """Text parts are tokenized one by one (so a chunk's tokens never depend on what is
+        placed next to it); images become their placeholder tokens."""
+        ids: list[int] = []
+        images: list[ImageInput] = []
+        for part in parts:
+            if isinstance(part, ImageInput):
+                if not self.supports_images:
+                    raise ValueError(f"{self.kind} is a text-only model; it cannot take images")
+                before, placeholder, after = self.image_placeholder(part)
+                ids += before + placeholder + after
+                images.append(part)
+            else:
+                ids += self.tokenize(part)
+        return Segment(token_ids=torch.tensor(ids, dtype=torch.long), images=images)
+
+    @abstractmethod
+    def segment_positions(self, segment: Segment, start: int) -> tuple[torch.Tensor, int]:
+        """Positions ``(axes, tokens)`` of the segment placed at ``start``, and its extent."""
+
+    def embed(self, token_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """``(1, tokens, hidden)`` input embeddings; image rows replace placeholder tokens."""
+        ids = token_ids.to(self.device)[None]
+        embeds = self.language_model.get_input_embeddings()(ids)
+        if image_embeds is not None:
+            mask = ids == self.image_token_id
+            if int(mask.sum()) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{int(mask.sum())} image placeholder tokens but {image_embeds.shape[0]} image embeddings"
+                )
+            embeds = embeds.masked_scatter(mask[..., None], image_embeds.to(embeds.device, embeds.dtype))
+        return embeds
+
+    @property
+    def image_token_id(self) -> int:
+        return int(getattr(self.model.config, "image_token_id", -1))
+
+    # --- decoder -------------------------------------------------------------------------
+    def lm_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Our ``(axes, tokens)`` positions in the shape the decoder stack expects."""
+        return positions.to(self.device)[:, None, :] if self.position_axes == 3 else positions.to(self.device)
+
+    def run_decoder(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder stack with explicit positions (and optionally a 4-D additive mask);
+        appends the new keys/values to ``cache``. Returns the final hidden states."""
+        out = self.language_model(
+            inputs_embeds=embeds,
+            position_ids=self.lm_position_ids(positions),
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    # --- system prefix -------------------------------------------------------------------
+    def system_prefix(self) -> PrefixCache:
+        """The prefix KV, computed once (thread-safe) and shared read-only by all requests."""
+        if self._prefix is None:
+            with self._prefix_lock:
+                if self._prefix is None:
+                    self._prefix = self._compute_prefix()
+        return self._prefix
+
+    def _compute_prefix(self) -> PrefixCache:
+        from transformers import DynamicCache
+
+        text = self.system_prefix_text()
+        segment = self.build_segment([text])
+        positions, extent = self.segment_positions(segment, 0)
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.run_decoder(self.embed(segment.token_ids, None), positions, cache)
+        keys = [layer.keys for layer in cache.layers]
+        values = [layer.values for layer in cache.layers]
+        return PrefixCache(
+            text=text,
+            framing=hashlib.sha256(text.encode()).hexdigest(),
+            keys=keys,
+            values=values,
+            extent=extent,
+        )
+
+    # --- the model's own forward, for references ------------------------------------------
+    def reference_inputs(self, segments: Sequence[Segment]) -> dict[str, Any]:
+        """Inputs for the unmodified HF forward over the concatenated segments."""
+        ids = torch.cat([s.token_ids for s in segments])[None].to(self.device)
+        return {"input_ids": ids, **self.image_model_kwargs([i for s in segments for i in s.images])}
+
+    def image_model_kwargs(self, images: list[ImageInput]) -> dict[str, Any]:
+        return {}
+
+    def reference_forward(self, segments: Sequence[Segment], logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits of the model's own forward (full prefill), ``(tokens_kept, vocab)``."""
+        with torch.inference_mode():
+            out = self.model(**self.reference_inputs(segments), logits_to_keep=logits_to_keep, use_cache=False)
+        return out.logits[0].float()
