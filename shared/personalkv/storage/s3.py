@@ -102,7 +102,7 @@ class S3ObjectStore(ObjectStore):
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise StorageUnavailable(
-                f"{what}: S3 endpoint {self.endpoint} is unreachable ({reason})"
+                f"{what}: S3 endpoint {self.endpoint} is unreachable or not answering ({reason})"
             ) from exc
 
     def _ensure_bucket(self) -> None:
