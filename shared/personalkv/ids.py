@@ -51,7 +51,9 @@ def validate_concept_id(value: object) -> str:
 
 def is_valid_id(value: object) -> bool:
     """Whether `value` passes validate_user_id / validate_concept_id (same alphabet)."""
-    return isinstance(value, str) and len(value) <= ID_MAX_LEN and _ID_RE.fullmatch(value) is not None
+    if not isinstance(value, str) or len(value) > ID_MAX_LEN:
+        return False
+    return _ID_RE.fullmatch(value) is not None
 
 
 def validate_hex_digest(value: object, what: str = "digest") -> str:

@@ -1,8 +1,11 @@
 """Id validation: the gate every user/concept/photo/chunk id passes before touching a key."""
 
 import hashlib
+import posixpath
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from personalkv.ids import (
     InvalidIdError,
@@ -75,3 +78,15 @@ def test_user_scoped_digest_separates_users_and_fields():
     validate_hex_digest(user_scoped_digest("alice", same_bytes))
     with pytest.raises(InvalidIdError):
         user_scoped_digest("../bob", same_bytes)
+
+
+@given(st.text(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_any_accepted_id_is_one_inert_path_segment(value):
+    try:
+        validate_user_id(value)
+    except InvalidIdError:
+        return
+    assert value.isascii() and value == value.strip() and value not in (".", "..")
+    assert "/" not in value and "\\" not in value and "%" not in value
+    assert posixpath.normpath(f"users/{value}") == f"users/{value}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +73,16 @@ class S3Endpoint:
         )
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: on Linux, SIGTERM the server when its parent dies (a pytest run killed
+    with SIGKILL must not leave a server behind); elsewhere stop() is the only way."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the server may lose a race for it; start retries)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -105,8 +116,8 @@ class S3Server:
     def _command(self, port: int, data_dir: Path) -> list[str]:
         if self.kind == "minio":
             console = free_port(self.host)
-            return ["minio", "server", str(data_dir), "--quiet",
-                    "--address", f"{self.host}:{port}", "--console-address", f"{self.host}:{console}"]  # fmt: skip
+            return ["minio", "server", str(data_dir), "--quiet", "--address", f"{self.host}:{port}",
+                    "--console-address", f"{self.host}:{console}"]  # fmt: skip
         return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(port)]
 
     def start(self) -> S3Endpoint:
@@ -123,6 +134,7 @@ class S3Server:
             self._proc = subprocess.Popen(
                 self._command(port, workdir / "data"), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )  # fmt: skip
             log.close()
             if self._wait_ready(port):
@@ -161,6 +173,10 @@ class S3Server:
             proc.kill()
             proc.wait(timeout=timeout_s)
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after `timeout_s`) and remove its files."""
         self._terminate(timeout_s)
@@ -183,12 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=["auto", "minio", "moto"], default="auto")
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args(argv)
+    # SIGTERM (from `make down`, docker, timeout) must also stop the child: it runs in its own
+    # session so a terminal's Ctrl-C reaches only us, and we stop it on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with S3Server(args.kind, port=args.port) as server:
         ep = server.endpoint
-        print(f"{ep.kind} S3 at {ep.http_url} (access key {ep.access_key!r}, "
-              f"secret {ep.secret_key!r}); store URL: {ep.store_url('personalkv')}", flush=True)  # fmt: skip
+        print(f"{ep.kind} S3 at {ep.http_url}, access key {ep.access_key!r}, secret "
+              f"{ep.secret_key!r}", flush=True)  # fmt: skip
+        print(f"PERSONALKV_STORAGE_URL={ep.store_url('personalkv')}", flush=True)
         try:
-            while server._proc is not None and server._proc.poll() is None:
+            while server.running:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass

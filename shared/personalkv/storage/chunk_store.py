@@ -75,7 +75,8 @@ class ChunkStore:
     def photo_key(cls, user_id: str, concept_id: str, photo_id: str, media_type: str) -> str:
         ext = _EXT_BY_MEDIA_TYPE.get(media_type)
         if ext is None:
-            raise InvalidPhotoError(f"media type {media_type!r} is not one of {list(_EXT_BY_MEDIA_TYPE)}")
+            known = list(_EXT_BY_MEDIA_TYPE)
+            raise InvalidPhotoError(f"media type {media_type!r} is not one of {known}")
         photo_id = validate_hex_digest(photo_id, "photo id")
         return f"{cls.concept_prefix(user_id, concept_id)}photos/{photo_id}.{ext}"
 
@@ -99,7 +100,7 @@ class ChunkStore:
             raise InvalidPhotoError(f"image format {fmt} is not one of {list(PHOTO_FORMATS)}")
         detected = PHOTO_FORMATS[fmt][0]
         if media_type is not None and media_type != detected:
-            raise InvalidPhotoError(f"media type {media_type!r} given, but the bytes are {detected}")
+            raise InvalidPhotoError(f"media type {media_type!r} given; the bytes are {detected}")
         photo_id = user_scoped_digest(user_id, data, domain="photo")
         key = self.photo_key(user_id, concept_id, photo_id, detected)
         self.objects.put(key, data, content_type=detected)
@@ -140,7 +141,9 @@ class ChunkStore:
         return self.get_chunk(user_id, match.group(2), match.group(3))
 
     # -- manifests --------------------------------------------------------------------------
-    def write_manifest(self, manifest: ConceptManifest, *, check_objects: bool = True) -> ConceptManifest:
+    def write_manifest(
+        self, manifest: ConceptManifest, *, check_objects: bool = True
+    ) -> ConceptManifest:
         """Publish (atomically replace) a concept's manifest; return what was stored.
 
         Refuses object keys that are not this concept's own photo/chunk keys and, with
@@ -148,8 +151,9 @@ class ChunkStore:
         manifest must be the last thing written.
         """
         user, concept = manifest.user_id, manifest.concept_id
-        expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in manifest.photos]
-        expected += [self.chunk_key(user, concept, c.chunk_id) for c in manifest.chunks]
+        photos, chunks = manifest.photos, manifest.chunks
+        expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in photos]
+        expected += [self.chunk_key(user, concept, c.chunk_id) for c in chunks]
         for key, want in zip(manifest.object_keys(), expected):
             if key != want:
                 raise InvalidIdError(f"manifest names object {key!r}; expected {want!r}")

@@ -71,7 +71,9 @@ BACKENDS: dict[str, Callable[[str, StorageSettings], ObjectStore]] = {
 }
 
 
-def open_object_store(url: str | None = None, settings: StorageSettings | None = None) -> ObjectStore:
+def open_object_store(
+    url: str | None = None, settings: StorageSettings | None = None
+) -> ObjectStore:
     """Open the store at `url` (default: `settings.url`); settings default to the process's."""
     settings = settings or get_settings().storage
     url = url or settings.url
@@ -80,5 +82,7 @@ def open_object_store(url: str | None = None, settings: StorageSettings | None =
         opener = BACKENDS[scheme]
     except KeyError:
         known = ", ".join(f"{name}://" for name in BACKENDS)
-        raise ValueError(f"unknown object store scheme {scheme!r} in {url!r}; known: {known}") from None
+        raise ValueError(
+            f"unknown object store scheme {scheme!r} in {url!r}; known: {known}"
+        ) from None
     return opener(url, settings)

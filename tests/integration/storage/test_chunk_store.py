@@ -86,8 +86,9 @@ def test_identical_photos_of_two_users_never_share_an_id_or_object(chunk_store):
 def test_a_user_cannot_read_another_users_chunk_by_key(chunk_store):
     bob = build_concept(chunk_store, user="bob")
     key = bob.chunks[0].object_key
+    photo_as_alice = bob.photos[0].object_key.replace("bob", "alice")
     for bad in [key, key.replace("users/bob", "users/alice/../bob"), "users/alice/x",
-                "users/alice/concepts/rex/manifest.json", bob.photos[0].object_key.replace("bob", "alice")]:  # fmt: skip
+                "users/alice/concepts/rex/manifest.json", photo_as_alice, None]:  # fmt: skip
         with pytest.raises(InvalidIdError):
             chunk_store.get_chunk_by_key("alice", bad)
 
@@ -223,3 +224,15 @@ def test_every_method_refuses_bad_ids(chunk_store, bad):
         with pytest.raises(InvalidIdError):
             call()
     assert list(chunk_store.objects.list("")) == []
+
+
+def test_identical_chunks_of_two_users_live_in_separate_objects(chunk_store):
+    # Chunk ids come from personalkv.kv (they hash the owner in); even if two users' ids were
+    # equal, the user prefix keeps the objects apart.
+    cid = chunk_id("same content")
+    key_a = chunk_store.put_chunk("alice", "rex", cid, b"kv-alice")
+    key_b = chunk_store.put_chunk("bob", "rex", cid, b"kv-bob")
+    assert key_a != key_b
+    chunk_store.delete_user("alice")
+    assert chunk_store.get_chunk("bob", "rex", cid) == b"kv-bob"
+    assert not chunk_store.has_chunk("alice", "rex", cid)

@@ -7,6 +7,8 @@ tests/integration/storage/test_object_store_contract.py.
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from personalkv.ids import InvalidIdError
 from personalkv.storage.base import StorageError
@@ -74,3 +76,16 @@ def test_key_and_directory_collision_is_a_storage_error(store):
 def test_opening_creates_the_root(tmp_path):
     LocalObjectStore(tmp_path / "x" / "y")
     assert (tmp_path / "x" / "y").is_dir()
+
+
+@given(key=st.text(alphabet=st.sampled_from(list("ab./\\-_ \x00é%~")), max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_no_key_reaches_outside_the_root(tmp_path_factory, key):
+    root = tmp_path_factory.mktemp("fuzz")
+    store = LocalObjectStore(root / "root")
+    try:
+        store.put(key, b"x")
+    except (InvalidIdError, StorageError):
+        pass
+    written = [p for p in root.rglob("*") if p.is_file()]
+    assert all(p.is_relative_to(store.root) for p in written)
