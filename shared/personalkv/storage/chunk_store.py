@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 
 from PIL import Image, UnidentifiedImageError
 
+from personalkv.config import StorageSettings
 from personalkv.ids import (
     InvalidIdError,
     is_valid_id,
@@ -35,6 +36,7 @@ from personalkv.ids import (
 )
 from personalkv.manifest import ConceptManifest, PhotoRecord
 from personalkv.storage.base import ObjectNotFound, ObjectStore, StorageError
+from personalkv.storage.factory import open_object_store
 
 # PIL format -> (media type, file extension) of the photos we accept.
 PHOTO_FORMATS = {
@@ -57,6 +59,11 @@ class MissingObjectsError(StorageError):
 class ChunkStore:
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
+
+    @classmethod
+    def open(cls, url: str | None = None, settings: StorageSettings | None = None) -> ChunkStore:
+        """`ChunkStore(open_object_store(url, settings))`: what a service bootstrap calls."""
+        return cls(open_object_store(url, settings))
 
     # -- keys -------------------------------------------------------------------------------
     @staticmethod
@@ -158,7 +165,9 @@ class ChunkStore:
             if key != want:
                 raise InvalidIdError(f"manifest names object {key!r}; expected {want!r}")
         if check_objects:
-            missing = [key for key in expected if not self.objects.exists(key)]
+            # One LIST instead of a HEAD per object (S3 listings are strongly consistent).
+            present = set(self.objects.list(self.concept_prefix(user, concept)))
+            missing = [key for key in expected if key not in present]
             if missing:
                 raise MissingObjectsError(
                     f"manifest {user}/{concept} names {len(missing)} unstored object(s), "

@@ -41,3 +41,10 @@ def test_a_taken_port_is_reported():
         server = S3Server("moto", port=s.getsockname()[1], startup_timeout_s=10)
         with pytest.raises(RuntimeError, match="did not start"):
             server.start()
+
+
+def test_chunk_store_opens_from_settings(s3_server, s3_bucket):
+    from personalkv.storage import ChunkStore
+
+    store = ChunkStore.open(settings=s3_server.settings(s3_bucket))
+    assert store.list_users() == [] and store.objects.bucket == s3_bucket
