@@ -5,6 +5,7 @@ one module per service; each starts its process on free loopback ports and stops
 """
 
 pytest_plugins = [
+    "tests.plugins.models",
     "tests.plugins.s3",
     "tests.plugins.milvus",
 ]

@@ -47,5 +47,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return {
             "pixel_values": torch.cat(padded),
             "image_sizes": torch.cat([i.model_kwargs["image_sizes"] for i in images]),
-            "batch_num_images": torch.tensor([len(images)]),
+            # One entry per image: every image is anyres-tiled as when it is encoded alone
+            # (transformers only tiles images that are alone in their sample).
+            "batch_num_images": torch.ones(len(images), dtype=torch.long),
         }
