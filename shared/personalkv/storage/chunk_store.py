@@ -57,6 +57,8 @@ class MissingObjectsError(StorageError):
 
 
 class ChunkStore:
+    """Tenant-scoped photos, chunks and manifests over any ObjectStore (see module doc)."""
+
     def __init__(self, objects: ObjectStore) -> None:
         self.objects = objects
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import threading
 
 import pytest
 from PIL import Image
@@ -236,3 +237,23 @@ def test_identical_chunks_of_two_users_live_in_separate_objects(chunk_store):
     chunk_store.delete_user("alice")
     assert chunk_store.get_chunk("bob", "rex", cid) == b"kv-bob"
     assert not chunk_store.has_chunk("alice", "rex", cid)
+
+
+def test_readers_see_whole_manifests_while_it_is_rewritten(chunk_store):
+    manifest = build_concept(chunk_store, n_chunks=20)
+    states, errors, stop = set(), [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                states.add(chunk_store.read_manifest("alice", "rex").state)
+            except Exception as exc:  # a torn manifest would fail to parse
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for state in ["caching", "ready"] * 5:
+        chunk_store.write_manifest(manifest.model_copy(update={"state": state}))
+    stop.set()
+    reader.join()
+    assert not errors and states <= {"caching", "ready"}

@@ -1,0 +1,102 @@
+"""The S3 server goes away in the middle of publishing a concept: the manifest write fails
+fast with StorageUnavailable, and once the server is back no partial concept is visible.
+
+A small TCP proxy stands between the store and the session's S3 server, so the "outage" can
+be switched off and on while the server keeps its data.
+"""
+
+import hashlib
+import socket
+import threading
+import time
+
+import pytest
+
+from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.storage import ChunkStore, StorageUnavailable
+from personalkv.storage.s3 import S3ObjectStore
+
+
+class CuttableProxy:
+    def __init__(self, upstream_port: int):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self.port = self._listener.getsockname()[1]
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and drop open ones, like a crashed server."""
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._conns += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def proxied_store(s3_server, s3_bucket):
+    proxy = CuttableProxy(s3_server.port)
+    objects = S3ObjectStore(
+        s3_bucket, f"127.0.0.1:{proxy.port}", s3_server.access_key, s3_server.secret_key, retries=1
+    )
+    store = ChunkStore(objects)
+    yield proxy, store
+    proxy.cut()
+
+
+def test_outage_during_publish_leaves_no_manifest(proxied_store):
+    proxy, store = proxied_store
+    cid = hashlib.sha256(b"chunk").hexdigest()
+    key = store.put_chunk("alice", "rex", cid, b"kv" * 1000)
+    manifest = ConceptManifest(
+        user_id="alice", concept_id="rex", state="ready", profile={"name": "Rex"},
+        chunks=[ChunkRecord(chunk_id=cid, kind="profile_text", object_key=key, token_count=4,
+                            position_extent=4, model_fingerprint="fp", source="profile")],
+    )  # fmt: skip
+
+    proxy.cut()
+    start = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=f"127.0.0.1:{proxy.port}"):
+        store.write_manifest(manifest)
+    assert time.monotonic() - start < 5.0
+
+    proxy.restore()
+    assert store.read_manifest("alice", "rex") is None
+    assert store.list_concepts("alice") == []
+    assert store.write_manifest(manifest).chunks == manifest.chunks  # the retry publishes it
+    assert store.list_concepts("alice") == ["rex"]
