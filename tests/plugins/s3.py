@@ -1,6 +1,7 @@
 """S3 server and object store fixtures (owned by the storage work).
 
-  s3_server          session: one real S3 HTTP server (minio binary or moto) -> S3Endpoint
+  s3_server          session: one real S3 HTTP server -> S3Endpoint (a `minio` binary on PATH,
+                     else moto; PERSONALKV_TEST_S3_KIND=moto|minio forces one)
   s3_bucket          a fresh, unique bucket name per test (created on first use)
   s3_object_store    an S3ObjectStore on that bucket
   local_object_store a LocalObjectStore in tmp_path
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -23,7 +25,7 @@ _bucket_numbers = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> S3Endpoint:
+def s3_server() -> Iterator[S3Endpoint]:
     server = S3Server(os.environ.get("PERSONALKV_TEST_S3_KIND", "auto"))  # type: ignore[arg-type]
     endpoint = server.start()
     yield endpoint
