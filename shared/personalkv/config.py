@@ -91,13 +91,20 @@ class RetrievalSettings(BaseSettings):
         "global", description="Image encoder name ('global': weights-free colour + gradient "
         "descriptor)."
     )
-    weight_text: float = Field(1.0, ge=0, description="Fusion weight of the text-key score.")
-    weight_image: float = Field(1.0, ge=0, description="Fusion weight of the image-key score.")
+    weight_text: float = Field(
+        1.0, ge=0, le=1, description="Noisy-OR fusion weight of the text-key score."
+    )
+    weight_image: float = Field(
+        1.0, ge=0, le=1, description="Noisy-OR fusion weight of the image-key score."
+    )
     weight_name: float = Field(
         0.5, ge=0, description="Fusion bonus when the question names the concept."
     )
     threshold: float = Field(
-        0.35, description="Fused score below which a concept is not returned ('none of yours')."
+        0.45, description="Fused score below which a concept is not returned ('none of yours')."
+    )
+    relative_cut: float = Field(
+        0.6, ge=0, le=1, description="Also drop concepts scoring under this share of the best."
     )
     top_k: int = Field(3, ge=1, description="Most concepts returned per question.")
     candidates: int = Field(50, ge=1, description="Keys fetched per modality before fusion.")

@@ -1,0 +1,47 @@
+"""Retrieval keys in a vector index (Milvus). Open one with :func:`open_key_index`.
+
+Backends are chosen by URI scheme and imported lazily, so importing this package needs neither
+pymilvus nor milvus-lite. Every URI form is served by the MilvusClient backend today; a new
+backend adds one line to ``_BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from personalkv.index.base import (
+    IndexEntry, IndexStats, KeyIndex, SearchHit, SearchRequest, VectorSpace,
+)
+
+# scheme -> "module:class"; "" is a local file path (milvus-lite, embedded).
+_BACKENDS = {
+    "": "personalkv.index.milvus:MilvusKeyIndex",
+    "http": "personalkv.index.milvus:MilvusKeyIndex",
+    "https": "personalkv.index.milvus:MilvusKeyIndex",
+}
+
+
+def open_key_index(uri: str | None = None, **options) -> KeyIndex:
+    """``uri``: a file path (milvus-lite, one process only) or ``http(s)://host:port`` (a Milvus
+    server or cluster); default ``IndexSettings.uri``. ``options`` go to the backend."""
+    if uri is None:
+        from personalkv.config import get_settings
+
+        settings = get_settings().index
+        uri = settings.uri
+        options = {"prefix": settings.collection_prefix, "token": settings.token, **options}
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in _BACKENDS:
+        raise ValueError(f"unknown index URI scheme {scheme!r}; known: {sorted(_BACKENDS)}")
+    if not scheme:
+        import pathlib
+
+        pathlib.Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    module, cls = _BACKENDS[scheme].split(":")
+    return getattr(importlib.import_module(module), cls)(uri, **options)
+
+
+__all__ = [
+    "IndexEntry", "IndexStats", "KeyIndex", "SearchHit", "SearchRequest", "VectorSpace",
+    "open_key_index",
+]

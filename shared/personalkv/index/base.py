@@ -1,0 +1,142 @@
+"""The retrieval-key index: what the retriever searches to find a user's concepts.
+
+Who calls what, and when:
+
+* ``personalkv.index.reindex`` and the concept-ingest path call ``ensure_space`` once per
+  vector space, then ``upsert`` with the entries ``personalkv.retrieval.keys`` built from a
+  concept manifest, then ``make_searchable`` before reporting the concept as ready.
+* ``personalkv.retrieval.Retriever`` calls ``search`` (one per modality per question) and
+  ``entries_of`` for the chunks of the concepts it picked. Both always carry the user id and
+  the model fingerprint: no code path can search across users.
+* The delete path calls ``delete_concept`` / ``delete_user``: idempotent, safe to retry, and
+  visible to every later ``search`` of any client once they return.
+
+An index is derived data: ``reindex`` rebuilds it from the manifests alone, so a backend may be
+dropped and rebuilt at any time. Backends are opened by URI in ``personalkv.index.open_key_index``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VectorSpace:
+    """One embedding space = one collection: text keys and image keys have different encoders and
+    dimensions. ``name`` includes the encoder, so changing encoder never mixes vectors."""
+
+    name: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One retrieval key. ``key_id`` is the primary key: a hash of (user, concept, fingerprint,
+    kind, source), never the bare chunk id, because chunk ids are content hashes and two users
+    with identical photos or texts must never share (and overwrite) an entry.
+
+    ``chunk_id``/``object_key``/``token_count``/``position_extent`` name the KV chunk this key
+    leads to; a key without a chunk (e.g. a whole-photo key) has ``chunk_id == ""``.
+    """
+
+    key_id: str
+    user_id: str
+    concept_id: str
+    kind: str  # "profile_text" | "image_patch" | "photo"
+    model_fingerprint: str
+    vector: np.ndarray
+    chunk_id: str = ""
+    object_key: str = ""
+    token_count: int = 0
+    position_extent: int = 0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result; ``score`` is cosine similarity (vectors are L2-normalised)."""
+
+    key_id: str
+    user_id: str
+    concept_id: str
+    kind: str
+    score: float
+    model_fingerprint: str = ""
+    chunk_id: str = ""
+    object_key: str = ""
+    token_count: int = 0
+    position_extent: int = 0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One parameter object for ``KeyIndex.search`` so variants evolve without breaking callers.
+
+    ``vector`` may be one query (dim,) or several (n, dim), e.g. crops of one photo: a key's
+    score is then its best cosine over the queries."""
+
+    space: VectorSpace
+    user_id: str
+    model_fingerprint: str
+    vector: np.ndarray
+    limit: int = 20
+    concept_ids: Sequence[str] | None = None
+
+
+@dataclass
+class IndexStats:
+    entries: int = 0
+    spaces: dict[str, int] = field(default_factory=dict)
+
+
+class KeyIndex(ABC):
+    """A per-user, per-model-fingerprint vector index of retrieval keys (see module docstring)."""
+
+    @abstractmethod
+    def ensure_space(self, space: VectorSpace) -> None:
+        """Create the collection for ``space`` if missing (idempotent)."""
+
+    @abstractmethod
+    def upsert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
+        """Insert or replace entries by ``key_id``."""
+
+    @abstractmethod
+    def make_searchable(self, space: VectorSpace | None = None) -> None:
+        """Make everything written so far visible to ``search`` at full speed (flush, build the
+        index, load). Call after a bulk write; single upserts are already visible."""
+
+    @abstractmethod
+    def search(self, request: SearchRequest) -> list[SearchHit]:
+        """Nearest keys of one user and fingerprint, best first."""
+
+    @abstractmethod
+    def entries_of(
+        self, space: VectorSpace, user_id: str, model_fingerprint: str,
+        concept_ids: Sequence[str] | None = None, kinds: Sequence[str] | None = None,
+    ) -> list[SearchHit]:
+        """Entries of one user and fingerprint (score 0), optionally only of some concepts and
+        kinds: the chunks to place, the concept names to look for in a question."""
+
+    @abstractmethod
+    def delete_concept(self, user_id: str, concept_id: str) -> None:
+        """Remove every entry of one concept in every space. Idempotent."""
+
+    @abstractmethod
+    def delete_user(self, user_id: str) -> None:
+        """Remove every entry of one user in every space. Idempotent."""
+
+    @abstractmethod
+    def drop_all(self) -> None:
+        """Drop every collection this index owns (before a full ``reindex``)."""
+
+    @abstractmethod
+    def count(self, space: VectorSpace, user_id: str | None = None) -> int:
+        """Number of entries (of one user), for tests and progress output."""
+
+    def close(self) -> None:
+        """Release the connection (milvus-lite: the file lock)."""

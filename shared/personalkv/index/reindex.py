@@ -1,0 +1,126 @@
+"""Rebuild the key index from the manifests alone - the index is derived data.
+
+Callers: ``personalkv reindex`` (``register`` below; operators after an encoder change, a lost
+Milvus volume or a migration), the ingest path (``index_concept`` when a concept turns ready)
+and the tests that prove a rebuilt index answers like the one it replaced.
+
+``reindex`` drops this index's collections and inserts every key again, so searches see an
+empty or partial index while it runs; run it in a maintenance window, or into a fresh
+``collection_prefix`` and switch the services' setting afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from personalkv.index.base import KeyIndex
+from personalkv.manifest import ConceptManifest
+from personalkv.retrieval.keys import ConceptKeys, KeyBuilder
+
+INDEXED_STATES = ("ready",)  # a concept becomes findable when its chunks are all written
+
+
+@dataclass
+class ReindexReport:
+    users: int = 0
+    concepts: int = 0
+    skipped: int = 0
+    text_keys: int = 0
+    image_keys: int = 0
+    seconds: float = 0.0
+
+
+def index_concept(index: KeyIndex, keys: KeyBuilder, manifest: ConceptManifest,
+                  load_photo: Callable[[str], bytes]) -> ConceptKeys:
+    """(Re)index one concept: drop its old keys (a re-mined concept may have fewer patches),
+    then upsert the new ones; searchable at once (growing segments are searched too). A crash
+    between the two leaves the concept unfindable until the retry. Idempotent."""
+    built = keys.build(manifest, load_photo)
+    index.delete_concept(manifest.user_id, manifest.concept_id)
+    for space, entries in ((keys.text_space, built.text), (keys.image_space, built.image)):
+        index.upsert(space, entries)
+    return built
+
+
+def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | None = None,
+            batch: int = 2000, progress: Callable[[str], None] | None = None,
+            progress_every_s: float = 5.0) -> ReindexReport:
+    """Drop and rebuild the index from ``store`` (a ``ChunkStore``). With ``users``, rebuild only
+    those users' keys and leave the rest of the index as is."""
+    progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    started = last = time.perf_counter()
+    report = ReindexReport()
+    user_ids = list(users) if users is not None else None
+    if user_ids is None:
+        index.drop_all()
+        user_ids = store.list_users()
+    else:
+        for user_id in user_ids:
+            index.delete_user(user_id)
+    for space in (keys.text_space, keys.image_space):
+        index.ensure_space(space)
+    text, image = [], []
+
+    def flush() -> None:
+        # ``insert``, not upsert: the collections are empty of these users, and insert skips
+        # the per-row delete that upsert costs.
+        write = getattr(index, "insert", index.upsert)
+        write(keys.text_space, text), write(keys.image_space, image)
+        text.clear(), image.clear()
+
+    for user_id in user_ids:
+        report.users += 1
+        for concept_id in store.list_concepts(user_id):
+            manifest = store.read_manifest(user_id, concept_id)
+            if manifest is None or manifest.state not in INDEXED_STATES:
+                report.skipped += 1
+                continue
+            built = keys.build(manifest, lambda pid: store.get_photo(user_id, concept_id, pid))
+            text += built.text
+            image += built.image
+            report.concepts += 1
+            report.text_keys += len(built.text)
+            report.image_keys += len(built.image)
+            if len(text) + len(image) >= batch:
+                flush()
+            now = time.perf_counter()
+            if now - last >= progress_every_s:
+                last = now
+                progress(f"reindex: {report.users} users, {report.concepts} concepts, "
+                         f"{report.text_keys + report.image_keys} keys, "
+                         f"{report.concepts / (now - started):.1f} concepts/s")
+    flush()
+    index.make_searchable()
+    report.seconds = time.perf_counter() - started
+    progress(f"reindex done: {report.users} users, {report.concepts} concepts "
+             f"({report.skipped} not ready), {report.text_keys} text + {report.image_keys} "
+             f"image keys in {report.seconds:.1f}s")
+    return report
+
+
+def register(subparsers) -> None:
+    """``personalkv reindex [--user U ...]`` (listed in personalkv.cli.COMMAND_MODULES)."""
+    parser = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
+    parser.add_argument("--user", action="append", help="only these users (repeatable)")
+    parser.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from personalkv.config import get_settings
+    from personalkv.index import open_key_index
+    from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
+    from personalkv.storage.chunk_store import ChunkStore
+    from personalkv.storage.factory import open_object_store
+
+    settings = get_settings().retrieval
+    keys = KeyBuilder(get_text_encoder(settings.text_encoder),
+                      get_image_encoder(settings.image_encoder))
+    index = open_key_index()
+    try:
+        reindex(ChunkStore(open_object_store()), index, keys, users=args.user)
+    finally:
+        index.close()
+    return 0

@@ -1,0 +1,107 @@
+"""KeyIndex on embedded milvus-lite: the contract pieces that need no server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
+
+SPACE = VectorSpace("unit", 8)
+
+
+def entry(user: str, concept: str, key: str, vector, fp: str = "fp", kind: str = "image_patch",
+          chunk: str = "") -> IndexEntry:
+    v = np.asarray(vector, np.float32)
+    return IndexEntry(key_id=f"{user}-{key}", user_id=user, concept_id=concept, kind=kind,
+                      model_fingerprint=fp, vector=v / np.linalg.norm(v), chunk_id=chunk,
+                      object_key=f"users/{user}/x" if chunk else "", token_count=7,
+                      position_extent=9, source="0")
+
+
+def onehot(i: int) -> np.ndarray:
+    v = np.full(8, 0.01, np.float32)
+    v[i] = 1.0
+    return v
+
+
+def search(index, user, vector, fp="fp", **kw):
+    return index.search(SearchRequest(SPACE, user, fp, np.asarray(vector, np.float32), **kw))
+
+
+@pytest.fixture
+def filled(lite_key_index):
+    index = lite_key_index
+    index.upsert(SPACE, [entry("alice", "mug", "a1", onehot(0), chunk="c1"),
+                         entry("alice", "dog", "a2", onehot(1)),
+                         entry("bob", "mug", "b1", onehot(0)),
+                         entry("alice", "mug", "a3", onehot(0), fp="other")])
+    return index
+
+
+def test_search_is_scoped_to_user_and_fingerprint(filled):
+    hits = search(filled, "alice", onehot(0))
+    assert [h.key_id for h in hits][0] == "alice-a1"
+    assert {h.user_id for h in hits} == {"alice"}
+    assert {h.model_fingerprint for h in hits} == {"fp"}
+    assert hits[0].chunk_id == "c1" and hits[0].token_count == 7 and hits[0].position_extent == 9
+    assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert search(filled, "carol", onehot(0)) == []
+    assert {h.key_id for h in search(filled, "alice", onehot(0), fp="other")} == {"alice-a3"}
+
+
+def test_several_query_vectors_keep_each_keys_best_score(filled):
+    hits = search(filled, "alice", np.stack([onehot(0), onehot(1)]))
+    assert {h.key_id for h in hits} == {"alice-a1", "alice-a2"}
+    assert all(h.score > 0.99 for h in hits)
+
+
+def test_entries_of_filters_concepts_and_kinds(filled):
+    assert {h.key_id for h in filled.entries_of(SPACE, "alice", "fp", ["mug"])} == {"alice-a1"}
+    assert filled.entries_of(SPACE, "alice", "fp", []) == []
+    assert filled.entries_of(SPACE, "alice", "fp", kinds=["name"]) == []
+    assert len(filled.entries_of(SPACE, "alice", "fp")) == 2
+
+
+def test_upsert_replaces_by_key_id(filled):
+    filled.upsert(SPACE, [entry("alice", "mug", "a1", onehot(5), chunk="c9")])
+    hits = search(filled, "alice", onehot(5), limit=1)
+    assert hits[0].key_id == "alice-a1" and hits[0].chunk_id == "c9"
+    assert filled.count(SPACE, "alice") == 3
+
+
+def test_delete_concept_and_user_are_idempotent(filled):
+    for _ in range(2):
+        filled.delete_concept("alice", "mug")
+        assert {h.concept_id for h in search(filled, "alice", onehot(0))} == {"dog"}
+    for _ in range(2):
+        filled.delete_user("alice")
+        assert search(filled, "alice", onehot(1)) == []
+        assert filled.count(SPACE, "alice") == 0
+    assert filled.count(SPACE, "bob") == 1
+    filled.delete_user("nobody")  # unknown user: no error
+
+
+def test_make_searchable_and_reopen(tmp_path):
+    uri = str(tmp_path / "i.db")
+    index = open_key_index(uri)
+    index.upsert(SPACE, [entry("u", "c", str(i), onehot(i % 8)) for i in range(50)])
+    index.make_searchable()
+    index.close()
+    index = open_key_index(uri)  # collections come back released: the index loads them
+    assert len(search(index, "u", onehot(3), limit=100)) == 50
+    index.drop_all()
+    assert search(index, "u", onehot(3)) == [] and index.count(SPACE) == 0
+    index.close()
+
+
+def test_wrong_dimension_and_unknown_scheme_fail_clearly(lite_key_index):
+    with pytest.raises(ValueError, match="dim"):
+        lite_key_index.upsert(SPACE, [entry("u", "c", "k", np.ones(4))])
+    with pytest.raises(ValueError, match="known"):
+        open_key_index("redis://localhost:1")
+
+
+def test_quotes_in_ids_cannot_widen_a_filter(filled):
+    # ids are validated upstream; this checks the index's own escaping as the second lock.
+    assert search(filled, 'alice" or user_id != "', onehot(0)) == []
