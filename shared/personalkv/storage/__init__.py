@@ -13,11 +13,12 @@ from personalkv.storage.base import (
     StorageError,
     StorageUnavailable,
 )
-from personalkv.storage.chunk_store import ChunkStore, MissingObjectsError
+from personalkv.storage.chunk_store import ChunkStore, InvalidPhotoError, MissingObjectsError
 from personalkv.storage.factory import open_object_store
 
 __all__ = [
     "ChunkStore",
+    "InvalidPhotoError",
     "MissingObjectsError",
     "ObjectNotFound",
     "ObjectStore",

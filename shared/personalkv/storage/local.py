@@ -34,10 +34,13 @@ class LocalObjectStore(ObjectStore):
         self.url = self.root.as_uri()
         self._fsync = fsync
 
-    def _path(self, key: str) -> Path:
+    def _path(self, key: str, *, follow_last: bool = True) -> Path:
         path = self.root.joinpath(*check_key(key).split("/"))
-        # Resolve the parent only: the file itself may not exist yet.
-        if not path.parent.resolve().is_relative_to(self.root):
+        # Resolve symlinks (a missing tail is fine): a link planted inside the tree, to a
+        # directory or a file, must not let a key read or write outside it. unlink does not
+        # follow the last component, so delete only needs the parent checked.
+        resolved = path.resolve() if follow_last else path.parent.resolve() / path.name
+        if not resolved.is_relative_to(self.root):
             raise InvalidIdError(f"object key {key!r} resolves outside the store root")
         return path
 
@@ -78,7 +81,7 @@ class LocalObjectStore(ObjectStore):
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self._path(key, follow_last=False)
         try:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError):
@@ -108,7 +111,11 @@ class LocalObjectStore(ObjectStore):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             head = "" if rel == "." else rel + "/"
-            keys.extend(head + name for name in filenames if not name.startswith("."))
+            keys.extend(
+                head + name
+                for name in filenames
+                if not name.startswith(".") and not os.path.islink(os.path.join(dirpath, name))
+            )
         yield from sorted(keys)
 
     def list_children(self, prefix: str = "") -> Iterator[str]:

@@ -89,3 +89,22 @@ def test_no_key_reaches_outside_the_root(tmp_path_factory, key):
         pass
     written = [p for p in root.rglob("*") if p.is_file()]
     assert all(p.is_relative_to(store.root) for p in written)
+
+
+def test_symlinks_to_outside_files_or_dirs_are_never_followed(store, tmp_path):
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_bytes(b"root:x")
+    (store.root / "users" / "a").mkdir(parents=True)
+    os.symlink(secret / "passwd", store.root / "users" / "a" / "x.kv")
+    os.symlink(secret, store.root / "users" / "b")
+    with pytest.raises(InvalidIdError, match="outside"):
+        store.get("users/a/x.kv")
+    with pytest.raises(InvalidIdError, match="outside"):
+        list(store.list("users/b/"))
+    with pytest.raises(InvalidIdError, match="outside"):
+        store.delete_prefix("users/b/")
+    assert list(store.list("")) == []  # links are not objects
+    store.delete("users/a/x.kv")  # removes the link, not its target
+    assert (secret / "passwd").read_bytes() == b"root:x"
+    assert not (store.root / "users" / "a" / "x.kv").is_symlink()
