@@ -128,7 +128,7 @@ class S3Server:
         workdir = Path(self._workdir.name)
         env = dict(os.environ, MINIO_ROOT_USER=self.access_key, MINIO_ROOT_PASSWORD=self.secret_key)
         attempts = 1 if self.port else 3  # a free port can be taken before the server binds it
-        for attempt in range(attempts):
+        for _ in range(attempts):
             port = self.port or free_port(self.host)
             log = open(workdir / "server.log", "wb")
             self._proc = subprocess.Popen(

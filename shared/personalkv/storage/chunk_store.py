@@ -163,7 +163,7 @@ class ChunkStore:
         photos, chunks = manifest.photos, manifest.chunks
         expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in photos]
         expected += [self.chunk_key(user, concept, c.chunk_id) for c in chunks]
-        for key, want in zip(manifest.object_keys(), expected):
+        for key, want in zip(manifest.object_keys(), expected, strict=True):
             if key != want:
                 raise InvalidIdError(f"manifest names object {key!r}; expected {want!r}")
         if check_objects:
