@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from transformers import DynamicCache
 
 from personalkv.kv.chunk import ChunkKind, ChunkMeta, KVChunk, chunk_content_hash
 from personalkv.kv.placement import PlacedContext, place_chunks
@@ -46,13 +45,12 @@ def encode_evidence(
     segment = adapter.build_segment(parts)
     with torch.inference_mode():
         positions, extent = adapter.segment_positions(segment, prefix.extent)
-        cache = DynamicCache(
-            ddp_cache_data=list(zip(prefix.keys, prefix.values)), config=adapter.model.config
-        )
+        cache = adapter.new_cache(list(zip(prefix.keys, prefix.values)))
         adapter.run_decoder(adapter.embed(segment.token_ids, segment.image_embeds()), positions, cache)
         start = prefix.num_tokens
-        keys = [layer.keys[0, :, start:, :].clone() for layer in cache.layers]
-        values = [layer.values[0, :, start:, :].clone() for layer in cache.layers]
+        kv = [adapter.cache_kv(cache, layer) for layer in range(adapter.num_layers)]
+        keys = [k[0, :, start:, :].clone() for k, _ in kv]
+        values = [v[0, :, start:, :].clone() for _, v in kv]
     fingerprint = adapter.fingerprint()
     meta = ChunkMeta(
         model_fingerprint=fingerprint,
@@ -158,7 +156,7 @@ def answer(
     timings: dict[str, float] = {}
     with torch.inference_mode():
         t0 = time.perf_counter()
-        ctx = place_chunks(adapter.system_prefix(), list(chunks), adapter.inv_freq, adapter.model.config)
+        ctx = place_chunks(adapter, list(chunks))
         t1 = time.perf_counter()
         recomputed = recompute(adapter, ctx, options.recompute_ratio, options.recompute_strategy) if chunks else 0
         t2 = time.perf_counter()

@@ -12,11 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.rope import shift_keys
-from personalkv.models.base import PrefixCache
 
 
 @dataclass
@@ -35,7 +32,7 @@ class PlacedChunk:
 class PlacedContext:
     """A request's cache after placement: prefix + chunks, and where everything sits."""
 
-    cache: DynamicCache
+    cache: object  # the adapter's cache type (transformers DynamicCache)
     prefix_tokens: int
     next_position: int  # first free position after the last chunk
     placed: list[PlacedChunk] = field(default_factory=list)
@@ -54,14 +51,16 @@ def chunk_offsets(prefix_extent: int, chunks: list[KVChunk]) -> list[int]:
     return offsets
 
 
-def place_chunks(
-    prefix: PrefixCache, chunks: list[KVChunk], inv_freq: torch.Tensor, config=None
-) -> PlacedContext:
+def place_chunks(adapter, chunks: list[KVChunk]) -> PlacedContext:
+    """Build the request's cache: system prefix, then every chunk rotated to its final place."""
+    prefix = adapter.system_prefix()
     for chunk in chunks:
         if chunk.meta.framing != prefix.framing:
             raise ValueError(f"chunk {chunk.chunk_id[:12]} was computed after a different system prefix")
         if chunk.meta.num_layers != len(prefix.keys):
-            raise ValueError(f"chunk {chunk.chunk_id[:12]} has {chunk.meta.num_layers} layers, model has {len(prefix.keys)}")
+            raise ValueError(
+                f"chunk {chunk.chunk_id[:12]} has {chunk.meta.num_layers} layers, model has {len(prefix.keys)}"
+            )
     offsets = chunk_offsets(prefix.extent, chunks)
     placed: list[PlacedChunk] = []
     kv_cursor = prefix.num_tokens
@@ -70,14 +69,21 @@ def place_chunks(
         placed.append(PlacedChunk(chunk=chunk, kv_start=kv_cursor, positions=chunk.positions + delta, delta=delta))
         kv_cursor += chunk.meta.token_count
 
+    inv_freq = adapter.inv_freq
     layers = []
     for layer, (prefix_k, prefix_v) in enumerate(zip(prefix.keys, prefix.values)):
-        device, dtype = prefix_k.device, prefix_k.dtype
-        keys = [prefix_k] + [
-            shift_keys(p.chunk.keys[layer].to(device, dtype), p.delta, inv_freq)[None] for p in placed
-        ]
-        values = [prefix_v] + [p.chunk.values[layer].to(device, dtype)[None] for p in placed]
-        layers.append((torch.cat(keys, dim=-2), torch.cat(values, dim=-2)))
-    cache = DynamicCache(ddp_cache_data=layers, config=config)
+        # One buffer per layer, written in place: no per-chunk temporaries, no second copy.
+        heads, head_dim = prefix_k.shape[1], prefix_k.shape[-1]
+        keys = prefix_k.new_empty(1, heads, kv_cursor, head_dim)
+        values = prefix_v.new_empty(1, heads, kv_cursor, prefix_v.shape[-1])
+        keys[..., : prefix.num_tokens, :] = prefix_k
+        values[..., : prefix.num_tokens, :] = prefix_v
+        for p in placed:
+            source = p.chunk.keys[layer].to(keys.device)
+            shift_keys(source, p.delta, inv_freq, out=keys[0, :, p.kv_start : p.kv_end, :])
+            values[0, :, p.kv_start : p.kv_end, :] = p.chunk.values[layer]
+        layers.append((keys, values))
     next_position = offsets[-1] + chunks[-1].meta.position_span if chunks else prefix.extent
-    return PlacedContext(cache=cache, prefix_tokens=prefix.num_tokens, next_position=next_position, placed=placed)
+    return PlacedContext(
+        cache=adapter.new_cache(layers), prefix_tokens=prefix.num_tokens, next_position=next_position, placed=placed
+    )

@@ -4,9 +4,9 @@ Placed chunks never saw each other (each was computed after the prefix alone), s
 attention is missing from their KV. Recomputing the tokens whose KV would change most restores
 most of it at a fraction of a prefill (CacheBlend, Yao et al. 2024). Strategies:
 
-* ``deviation`` (CacheBlend-style): run layer 0 over all chunk tokens with full causal attention,
-  project layer 1's values, and pick the tokens whose fresh values deviate most from the reused
-  ones (values carry no RoPE, so the comparison needs no position handling). Costs one layer.
+* ``deviation`` (CacheBlend-style): the tokens whose KV would deviate most, measured where the
+  deviation starts: layer 0's attention output with the other chunks visible vs. without them.
+  Costs a query projection and two attention passes, well under one decoder layer.
 * ``first`` (EPIC-style): the first ceil(r * len) tokens of every chunk, where the attention-sink
   effect of a chunk's missing context concentrates.
 
@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
 
 from personalkv.kv.masks import additive_mask
 from personalkv.kv.placement import PlacedContext
+from personalkv.kv.rope import rotate_half
 
 STRATEGIES = ("deviation", "first")
 
@@ -45,28 +46,39 @@ def _select_first(ctx: PlacedContext, ratio: float) -> torch.Tensor:
 
 
 def _select_deviation(adapter, ctx: PlacedContext, embeds, positions, count: int) -> torch.Tensor:
-    if adapter.num_layers < 2:
-        raise ValueError("deviation-based recompute needs a model with at least two layers")
+    """Tokens whose layer-0 attention output changes most when they may also see the other chunks.
+
+    Layer 0's keys and values depend only on each token and its position, so the placed cache
+    already holds the exact layer-0 KV; the first difference between reuse and a full prefill
+    is layer 0's attention output, which then drives every later layer's KV deviation. Comparing
+    the two attention outputs costs a query projection and two attention passes (no MLP),
+    a fraction of one decoder layer.
+    """
     prefix_len, total = ctx.prefix_tokens, embeds.shape[1]
-    layer0, layer1 = adapter.decoder_layers[0], adapter.decoder_layers[1]
-    first = ctx.cache.layers[0]
-    scratch = DynamicCache(
-        ddp_cache_data=[(first.keys[..., :prefix_len, :], first.values[..., :prefix_len, :])]
+    layer = adapter.decoder_layers[0]
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    query = attn.q_proj(layer.input_layernorm(embeds)).view(1, total, -1, head_dim).transpose(1, 2)
+    cos, sin = adapter.language_model.rotary_emb(embeds, adapter.lm_position_ids(positions))
+    cos, sin = cos[:, None].to(query.dtype), sin[:, None].to(query.dtype)
+    query = query * cos + rotate_half(query) * sin
+    keys, values = adapter.cache_kv(ctx.cache, 0)
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+
+    device = embeds.device
+    owner = torch.cat(
+        [torch.full((p.chunk.meta.token_count,), i, device=device) for i, p in enumerate(ctx.placed)]
     )
-    allowed = torch.ones(total, prefix_len + total, dtype=torch.bool, device=embeds.device)
-    allowed[:, prefix_len:] = torch.tril(allowed[:, prefix_len:])
-    position_embeddings = adapter.language_model.rotary_emb(embeds, adapter.lm_position_ids(positions))
-    hidden = layer0(
-        embeds,
-        attention_mask=additive_mask(allowed, embeds.dtype),
-        cache=scratch,
-        use_cache=True,
-        position_embeddings=position_embeddings,
-    )
-    fresh = layer1.self_attn.v_proj(layer1.input_layernorm(hidden))[0].float()  # (T, kv_heads*head_dim)
-    reused = ctx.cache.layers[1].values[0, :, prefix_len : prefix_len + total, :]  # (heads, T, dim)
-    reused = reused.transpose(0, 1).reshape(total, -1).float()
-    deviation = (fresh - reused).norm(dim=-1)
+    causal = torch.tril(torch.ones(total, total, dtype=torch.bool, device=device))
+    full = torch.ones(total, prefix_len + total, dtype=torch.bool, device=device)
+    full[:, prefix_len:] = causal
+    block = full.clone()
+    block[:, prefix_len:] &= owner[:, None] == owner[None, :]
+    scale = getattr(attn, "scaling", head_dim**-0.5)
+    out_full = F.scaled_dot_product_attention(query, keys, values, attn_mask=full, scale=scale)
+    out_block = F.scaled_dot_product_attention(query, keys, values, attn_mask=block, scale=scale)
+    deviation = (out_full - out_block).float().pow(2).sum(dim=(1, 3))[0]
     return torch.topk(deviation, count).indices.sort().values.cpu()
 
 
@@ -113,8 +125,8 @@ def _recompute_selected(adapter, ctx: PlacedContext, embeds, positions, selected
         embeds[:, selected], positions[:, selected], ctx.cache, additive_mask(allowed, embeds.dtype)
     )
     target = prefix_len + selected
-    for layer in ctx.cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            tensor[..., target, :] = tensor[..., kv_len:, :]
-            setattr(layer, name, tensor[..., :kv_len, :])
+    for layer in range(adapter.num_layers):
+        keys, values = adapter.cache_kv(ctx.cache, layer)
+        keys[..., target, :] = keys[..., kv_len:, :]
+        values[..., target, :] = values[..., kv_len:, :]
+        adapter.set_cache_kv(ctx.cache, layer, keys[..., :kv_len, :], values[..., :kv_len, :])

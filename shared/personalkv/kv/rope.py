@@ -18,20 +18,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def shift_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+def shift_keys(
+    keys: torch.Tensor, delta: int, inv_freq: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate RoPE'd keys ``(..., tokens, head_dim)`` by ``delta`` positions.
 
     ``inv_freq`` is the model's ``rotary_emb.inv_freq`` (head_dim/2 frequencies for full rotary;
-    fewer for partial rotary, in which case the trailing dims are left as they are).
+    fewer for partial rotary, in which case the trailing dims are left as they are). ``out``: an
+    optional destination (e.g. a slice of the request's cache buffer), saving a copy.
     """
-    if delta == 0:
+    if delta == 0 and out is None:
         return keys
-    rotary_dim = 2 * inv_freq.shape[-1]
+    half = inv_freq.shape[-1]
     angles = float(delta) * inv_freq.to(torch.float64)
-    cos = torch.cat((angles.cos(), angles.cos())).to(torch.float32).to(keys.device)
-    sin = torch.cat((angles.sin(), angles.sin())).to(torch.float32).to(keys.device)
-    rot = keys[..., :rotary_dim].float()
-    rotated = rot * cos + rotate_half(rot) * sin
-    if rotary_dim == keys.shape[-1]:
-        return rotated.to(keys.dtype)
-    return torch.cat((rotated.to(keys.dtype), keys[..., rotary_dim:]), dim=-1)
+    cos = angles.cos().to(torch.float32).to(keys.device)
+    sin = angles.sin().to(torch.float32).to(keys.device)
+    if out is None:
+        out = torch.empty_like(keys)
+    x1, x2 = keys[..., :half].float(), keys[..., half : 2 * half].float()
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half : 2 * half] = x2 * cos + x1 * sin
+    if 2 * half < keys.shape[-1]:
+        out[..., 2 * half :] = keys[..., 2 * half :]
+    return out

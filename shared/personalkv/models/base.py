@@ -254,6 +254,27 @@ class ModelAdapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
+    # --- KV cache: the only place that touches transformers' cache classes ----------------
+    def new_cache(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """A request-owned cache, optionally holding ``kv`` per layer (adopted, not copied:
+        the caller hands over tensors it will not touch again)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in zip(cache.layers, kv or ()):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return cache
+
+    @staticmethod
+    def cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(1, kv_heads, tokens, head_dim)`` of one layer."""
+        return cache.layers[layer].keys, cache.layers[layer].values
+
+    @staticmethod
+    def set_cache_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        cache.layers[layer].keys, cache.layers[layer].values = keys, values
+
     # --- system prefix -------------------------------------------------------------------
     def system_prefix(self) -> PrefixCache:
         """The prefix KV, computed once (thread-safe) and shared read-only by all requests."""
@@ -264,16 +285,14 @@ class ModelAdapter(ABC):
         return self._prefix
 
     def _compute_prefix(self) -> PrefixCache:
-        from transformers import DynamicCache
-
         text = self.system_prefix_text()
         segment = self.build_segment([text])
         positions, extent = self.segment_positions(segment, 0)
-        cache = DynamicCache(config=self.model.config)
+        cache = self.new_cache()
         with torch.inference_mode():
             self.run_decoder(self.embed(segment.token_ids, None), positions, cache)
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
+        keys = [self.cache_kv(cache, i)[0] for i in range(self.num_layers)]
+        values = [self.cache_kv(cache, i)[1] for i in range(self.num_layers)]
         return PrefixCache(
             text=text,
             framing=hashlib.sha256(text.encode()).hexdigest(),

@@ -10,10 +10,13 @@ import threading
 import torch
 
 from personalkv.kv.engine import GenerationOptions, answer, encode_evidence
+from personalkv.models.tiny import tiny_model
 
 
-def test_concurrent_requests_do_not_interfere(tiny, photo):
-    adapter = tiny("qwen2_vl")
+def test_concurrent_requests_do_not_interfere(photo):
+    # A model of its own: other tests run transformers' forward (which sets rope_deltas) on the
+    # session's shared tiny models, and we check below that our path never does.
+    adapter = tiny_model("qwen2_vl", seed=0)
 
     def chunk(parts, concept):
         return encode_evidence(adapter, parts, user_id="alice", concept_id=concept, kind="profile_text", content=concept.encode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from personalkv.kv.codec import decode_chunk, encode_chunk
 from personalkv.kv.engine import GenerationOptions, answer, encode_evidence
@@ -63,19 +62,20 @@ def block_reference(adapter, parts_list, question):
     with torch.inference_mode():
         prefix_pos, start = adapter.segment_positions(prefix, 0)
         prefix_embeds = adapter.embed(prefix.token_ids, None)
-        final = DynamicCache(config=adapter.model.config)
+        final = adapter.new_cache()
         adapter.run_decoder(prefix_embeds, prefix_pos, final)
-        layers = [([layer.keys], [layer.values]) for layer in final.layers]
+        layers = [([k], [v]) for k, v in (adapter.cache_kv(final, i) for i in range(adapter.num_layers))]
         for segment in segments:
             shifted_prefix, chunk_start = adapter.segment_positions(prefix, start - prefix_pos.max().item() - 1)
             chunk_pos, start = adapter.segment_positions(segment, chunk_start)
-            scratch = DynamicCache(config=adapter.model.config)
+            scratch = adapter.new_cache()
             embeds = torch.cat([prefix_embeds, adapter.embed(segment.token_ids, segment.image_embeds())], dim=1)
             adapter.run_decoder(embeds, torch.cat([shifted_prefix, chunk_pos], dim=1), scratch)
-            for (keys, values), layer in zip(layers, scratch.layers):
-                keys.append(layer.keys[..., prefix.num_tokens :, :])
-                values.append(layer.values[..., prefix.num_tokens :, :])
-        cache = DynamicCache(ddp_cache_data=[(torch.cat(k, -2), torch.cat(v, -2)) for k, v in layers])
+            for i, (keys, values) in enumerate(layers):
+                k, v = adapter.cache_kv(scratch, i)
+                keys.append(k[..., prefix.num_tokens :, :])
+                values.append(v[..., prefix.num_tokens :, :])
+        cache = adapter.new_cache([(torch.cat(k, -2), torch.cat(v, -2)) for k, v in layers])
         q_pos, _ = adapter.segment_positions(q, start)
         hidden = adapter.run_decoder(adapter.embed(q.token_ids, None), q_pos, cache)
         return adapter.logits(hidden[:, -1:])[0, -1], [prefix, *segments, q]
@@ -123,11 +123,11 @@ def test_partial_recompute_replaces_selected_tokens_only(tiny, photo, strategy):
     chunks = stored_chunks(adapter, evidence(adapter, photo))
     total = sum(c.meta.token_count for c in chunks)
     with torch.inference_mode():
-        ctx = place_chunks(adapter.system_prefix(), chunks, adapter.inv_freq, adapter.model.config)
-        before = [layer.keys.clone() for layer in ctx.cache.layers]
+        ctx = place_chunks(adapter, chunks)
+        before = adapter.cache_kv(ctx.cache, adapter.num_layers - 1)[0].clone()
         count = recompute(adapter, ctx, 0.25, strategy)
     assert ctx.kv_length == ctx.prefix_tokens + total  # stale entries replaced, not appended
-    changed = (ctx.cache.layers[-1].keys - before[-1]).abs().amax(dim=(0, 1, 3)) > 0
+    changed = (adapter.cache_kv(ctx.cache, adapter.num_layers - 1)[0] - before).abs().amax(dim=(0, 1, 3)) > 0
     assert not changed[: ctx.prefix_tokens].any()
     if strategy == "first":
         assert count == sum(-(-c.meta.token_count // 4) for c in chunks)
@@ -142,7 +142,7 @@ def test_recompute_rejects_bad_arguments(tiny, photo):
     adapter = tiny("causal_lm")
     chunks = stored_chunks(adapter, evidence(adapter, photo))
     with torch.inference_mode():
-        ctx = place_chunks(adapter.system_prefix(), chunks, adapter.inv_freq)
+        ctx = place_chunks(adapter, chunks)
         with pytest.raises(ValueError, match="unknown recompute strategy"):
             recompute(adapter, ctx, 0.5, "random")
         with pytest.raises(ValueError, match="within"):
@@ -156,4 +156,4 @@ def test_chunk_from_another_framing_refused(tiny, photo):
 
     chunk.meta = dataclasses.replace(chunk.meta, framing="0" * 64)
     with pytest.raises(ValueError, match="different system prefix"):
-        place_chunks(adapter.system_prefix(), [chunk], adapter.inv_freq)
+        place_chunks(adapter, [chunk])
