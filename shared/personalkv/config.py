@@ -109,6 +109,50 @@ class RetrievalSettings(BaseSettings):
     top_k: int = Field(3, ge=1, description="Most concepts returned per question.")
     candidates: int = Field(50, ge=1, description="Keys fetched per modality before fusion.")
 
+class AuthSettings(BaseSettings):
+    """Bearer tokens of the gRPC API (personalkv.auth): HMAC-SHA256, one user per token."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_AUTH_")
+
+    secret: SecretStr = Field(
+        SecretStr("dev-insecure-secret-change-me"),
+        description="HMAC key that signs and verifies tokens; give it by secret in production "
+        "(at least 32 bytes; the dev default is refused when PERSONALKV_AUTH_REQUIRE_SECRET=1).",
+    )
+    require_secret: bool = Field(
+        False, description="Refuse to start with the dev default secret (set in production)."
+    )
+    token_ttl_s: int = Field(
+        86_400, gt=0, description="Lifetime of tokens minted by `personalkv token` (seconds)."
+    )
+    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking expiry.")
+
+class ServerSettings(BaseSettings):
+    """The gRPC servers (services/ingestion, services/answering) and their metrics/logs."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_SERVER_")
+
+    host: str = Field("127.0.0.1", description="Interface the gRPC and metrics ports bind.")
+    ingestion_port: int = Field(50051, ge=0, le=65535, description="Ingestion gRPC port.")
+    answering_port: int = Field(50052, ge=0, le=65535, description="Answering gRPC port.")
+    ingestion_metrics_port: int = Field(
+        9451, ge=0, le=65535, description="Prometheus /metrics port of ingestion (0: off)."
+    )
+    answering_metrics_port: int = Field(
+        9452, ge=0, le=65535, description="Prometheus /metrics port of answering (0: off)."
+    )
+    max_workers: int = Field(8, ge=1, description="Threads serving RPCs per server.")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
+    )
+    grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight RPCs may finish."
+    )
+    log_level: str = Field("INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="'json': one JSON object per line; 'text': human-readable."
+    )
+
 
 class Settings(BaseSettings):
     """All sections together."""
@@ -117,6 +161,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,67 @@
+"""The one mapping from service-layer errors to gRPC status codes.
+
+Every servicer method is wrapped by `grpc_errors`; nothing else in the API layer picks a
+status code for a failure. ServiceError subclasses carry the code name and a message safe to
+show the caller; an invalid id (personalkv.ids) is INVALID_ARGUMENT; anything unexpected is
+logged with its traceback and answered INTERNAL with a message that reveals nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from personalkv.ids import InvalidIdError
+from personalkv.service.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(status code, message) the caller gets for `exc`."""
+    if isinstance(exc, ServiceError):
+        code = getattr(grpc.StatusCode, exc.code, None)
+        return (code or grpc.StatusCode.UNKNOWN), exc.message
+    if isinstance(exc, InvalidIdError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    if context.code() is not None:  # the servicer already aborted (context.abort raised)
+        raise exc
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unexpected error in %s", method)
+    else:
+        log.info("rpc refused", extra={"method": method, "code": code.name, "reason": message})
+    context.abort(code, message)
+
+
+def grpc_errors(method):
+    """Decorator for servicer methods (unary or streaming): errors -> status via status_for."""
+    name = method.__qualname__
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped, logged, never swallowed
+                _abort(context, exc, name)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped, logged, never swallowed
+            _abort(context, exc, name)
+
+    return wrapper

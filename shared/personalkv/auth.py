@@ -1,0 +1,171 @@
+"""Bearer tokens for one user, and the gRPC interceptor that checks them on every RPC.
+
+A token is ``pkv1.<payload>.<signature>``: payload is base64url JSON ``{"sub": user_id,
+"iat": issued, "exp": expires}`` (unix seconds), signature is base64url HMAC-SHA256 over
+``pkv1.<payload>`` with the secret from AuthSettings (PERSONALKV_AUTH_SECRET). Verification
+recomputes the MAC and compares in constant time before parsing anything, then checks expiry
+(with AuthSettings.leeway_s) and validates the user id, so a token can never carry a bad id
+into a storage key. Who calls what:
+
+    mint_token(user_id)             `personalkv token --user U`, tests, an upstream login service
+    verify_token(token) -> user_id  AuthInterceptor, once per RPC
+    current_user_id()               servicers, to learn whose data the RPC may touch
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import contextvars
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from personalkv.config import AuthSettings, get_settings
+from personalkv.ids import InvalidIdError, validate_user_id
+
+TOKEN_PREFIX = "pkv1"
+DEV_SECRET = "dev-insecure-secret-change-me"
+MIN_SECRET_BYTES = 32
+# Methods served without a token: liveness probes and schema discovery carry no user data.
+PUBLIC_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+_current_user: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "personalkv_user_id", default=None
+)
+
+
+class InvalidTokenError(Exception):
+    """A token that is missing, malformed, forged, expired or names an invalid user."""
+
+
+def _b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _secret(settings: AuthSettings | None) -> bytes:
+    settings = settings or get_settings().auth
+    secret = settings.secret.get_secret_value().encode()
+    if settings.require_secret and (secret == DEV_SECRET.encode() or len(secret) < MIN_SECRET_BYTES):
+        raise RuntimeError(
+            f"PERSONALKV_AUTH_SECRET must be set to at least {MIN_SECRET_BYTES} random bytes "
+            "(PERSONALKV_AUTH_REQUIRE_SECRET is on)"
+        )
+    return secret
+
+
+def _sign(signing_input: str, secret: bytes) -> str:
+    return _b64e(hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest())
+
+
+def sign_claims(claims: dict, settings: AuthSettings | None = None) -> str:
+    """Sign arbitrary claims without validating them (tests use it to build bad tokens)."""
+    payload = _b64e(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    signing_input = f"{TOKEN_PREFIX}.{payload}"
+    return f"{signing_input}.{_sign(signing_input, _secret(settings))}"
+
+
+def mint_token(
+    user_id: str, *, ttl_s: int | None = None, settings: AuthSettings | None = None,
+    now: float | None = None,
+) -> str:  # fmt: skip
+    """A token for `user_id` valid for `ttl_s` seconds (default AuthSettings.token_ttl_s)."""
+    settings = settings or get_settings().auth
+    validate_user_id(user_id)
+    issued = int(time.time() if now is None else now)
+    ttl = settings.token_ttl_s if ttl_s is None else ttl_s
+    return sign_claims({"sub": user_id, "iat": issued, "exp": issued + ttl}, settings)
+
+
+def verify_token(token: str, *, settings: AuthSettings | None = None, now: float | None = None) -> str:
+    """The user id `token` was signed for; raises InvalidTokenError with the reason."""
+    settings = settings or get_settings().auth
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise InvalidTokenError("malformed token (expected pkv1.<payload>.<signature>)")
+    expected = _sign(f"{parts[0]}.{parts[1]}", _secret(settings))
+    if not hmac.compare_digest(expected.encode("ascii"), parts[2].encode("ascii", "replace")):
+        raise InvalidTokenError("token signature does not verify")
+    try:
+        claims = json.loads(_b64d(parts[1]))
+        user_id, expires = claims["sub"], claims["exp"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidTokenError("token payload is unreadable") from exc
+    if not isinstance(expires, (int, float)):
+        raise InvalidTokenError("token expiry is not a number")
+    if (time.time() if now is None else now) > expires + settings.leeway_s:
+        raise InvalidTokenError("token has expired")
+    try:
+        return validate_user_id(user_id)
+    except InvalidIdError as exc:
+        raise InvalidTokenError(f"token names an invalid {exc}") from exc
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """gRPC call metadata carrying `token` (what clients pass as `metadata=`)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def token_from_metadata(metadata) -> str:
+    """The bearer token in invocation metadata; InvalidTokenError when absent or malformed."""
+    values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+    if not values:
+        raise InvalidTokenError("missing bearer token: send metadata 'authorization: Bearer <token>'")
+    if len(values) > 1:
+        raise InvalidTokenError("more than one authorization header")
+    scheme, _, token = str(values[0]).partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidTokenError("authorization metadata must be 'Bearer <token>'")
+    return token.strip()
+
+
+def current_user_id() -> str:
+    """The authenticated user of the RPC being served (set by AuthInterceptor)."""
+    user_id = _current_user.get()
+    if user_id is None:
+        raise RuntimeError("no authenticated user: is AuthInterceptor installed on the server?")
+    return user_id
+
+
+@contextlib.contextmanager
+def acting_as(user_id: str) -> Iterator[None]:
+    """Run the enclosed code as `user_id` (what the interceptor does around a servicer)."""
+    reset = _current_user.set(user_id)
+    try:
+        yield
+    finally:
+        _current_user.reset(reset)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every RPC except health and reflection: UNAUTHENTICATED on a missing,
+    malformed, forged or expired token; otherwise the servicer runs with current_user_id()."""
+
+    def __init__(self, settings: AuthSettings | None = None) -> None:
+        self.settings = settings or get_settings().auth
+        _secret(self.settings)  # fail at startup, not on the first RPC, if misconfigured
+
+    def intercept_service(self, continuation, handler_call_details):
+        from personalkv.api.handlers import rejecting_handler, wrap_handler
+
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES):
+            return handler
+        try:
+            token = token_from_metadata(handler_call_details.invocation_metadata)
+            user_id = verify_token(token, settings=self.settings)
+        except InvalidTokenError as exc:
+            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        return wrap_handler(handler, lambda _context: acting_as(user_id))
