@@ -109,6 +109,7 @@ class RetrievalSettings(BaseSettings):
     top_k: int = Field(3, ge=1, description="Most concepts returned per question.")
     candidates: int = Field(50, ge=1, description="Keys fetched per modality before fusion.")
 
+
 class AuthSettings(BaseSettings):
     """Bearer tokens of the gRPC API (personalkv.auth): HMAC-SHA256, one user per token."""
 
@@ -126,6 +127,7 @@ class AuthSettings(BaseSettings):
         86_400, gt=0, description="Lifetime of tokens minted by `personalkv token` (seconds)."
     )
     leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking expiry.")
+
 
 class ServerSettings(BaseSettings):
     """The gRPC servers (services/ingestion, services/answering) and their metrics/logs."""
@@ -154,6 +156,103 @@ class ServerSettings(BaseSettings):
     )
 
 
+class ServiceSettings(BaseSettings):
+    """Limits and local paths of the service layer (personalkv.service)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_SERVICE_")
+
+    max_photo_bytes: int = Field(
+        20_000_000, gt=0, description="Largest accepted photo upload in bytes (RESOURCE_EXHAUSTED above)."
+    )
+    max_photo_pixels: int = Field(
+        40_000_000, gt=0,
+        description="Largest accepted photo area (width x height), checked from the header "
+        "before any pixel is decoded (decompression bombs).",
+    )
+    max_photos_per_request: int = Field(
+        32, ge=1, description="Most photos one AddPhotos call may carry."
+    )
+    max_ask_photos: int = Field(1, ge=0, description="Most photos one Ask may carry.")
+    max_question_chars: int = Field(2000, ge=1, description="Longest accepted question.")
+    max_new_tokens: int = Field(256, ge=1, description="Upper bound on an Ask's max_new_tokens.")
+    chunk_cache_bytes: int = Field(
+        512 * 1024 * 1024, ge=0,
+        description="Byte budget of the in-memory LRU of decoded hot KV chunks per answering "
+        "process (0 disables it).",
+    )
+    patches_per_photo: int = Field(
+        2, ge=1, le=16, description="Patches the fallback miner cuts per photo (centre crops)."
+    )
+    data_dir: str = Field(
+        "./var", description="Embedded mode: where the object dir (objects/) and the "
+        "milvus-lite file (index/milvus.db) live."
+    )
+
+
+class CelerySettings(BaseSettings):
+    """The task queue between the services and the mining / caching workers (Celery on Redis)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_CELERY_")
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis) URL.")
+    result_backend: str | None = Field(
+        None, description="Celery result backend URL; none by default (state lives in manifests)."
+    )
+    task_soft_time_limit_s: int = Field(
+        1500, gt=0, description="Soft time limit per task (the task sees SoftTimeLimitExceeded)."
+    )
+    task_time_limit_s: int = Field(1800, gt=0, description="Hard time limit per task (killed).")
+    max_retries: int = Field(5, ge=0, description="Retries of a task on transient errors.")
+    retry_backoff_max_s: int = Field(
+        120, gt=0, description="Cap of the exponential retry backoff, seconds."
+    )
+    visibility_timeout_s: int = Field(
+        3600, gt=0,
+        description="Redis redelivers a task whose worker vanished (SIGKILL, node loss) after "
+        "this many seconds; keep it above the longest task.",
+    )
+    worker_concurrency: int = Field(
+        1, ge=1, description="Worker processes per `personalkv worker` (each loads the model)."
+    )
+
+
+class MiningSettings(BaseSettings):
+    """Evidence mining (distinct patches per concept) and the visual concept recognizer."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_MINING_")
+
+    top_k: int = Field(8, ge=1, le=64, description="Patches kept per concept after NMS.")
+    nms_iou: float = Field(0.3, gt=0, le=1, description="IoU above which NMS drops a patch.")
+    extractor: str = Field(
+        "sift", description="Local feature extractor: 'sift' (RootSIFT, weights-free) or a "
+        "registered name (personalkv.mining.features.register_local_extractor).",
+    )
+    embedder: str = Field(
+        "colour", description="Patch embedder: 'colour' (weights-free) or a registered CLIP / "
+        "SigLIP / VLM vision-tower embedder (register_patch_embedder).",
+    )
+    subject_prior: str = Field(
+        "saliency", description="Subject prior: 'saliency' (spectral residual + centre), "
+        "'none', or a registered detector / segmenter.",
+    )
+    ratio: float = Field(0.85, gt=0, lt=1, description="Lowe ratio across owners (concepts, pool).")
+    ransac_px: float = Field(8.0, gt=0, description="RANSAC reprojection threshold, pixels.")
+    min_inliers: int = Field(4, ge=3, description="Fewest verified inliers that count at all.")
+    colour_weight: float = Field(
+        4.0, ge=0, description="Weight of the colour margin in the fused recognition score "
+        "log1p(inliers of the best two photos) + colour_weight * colour margin.",
+    )
+    threshold: float = Field(
+        2.3, description="Fused score under which a photo shows 'none of your concepts' "
+        "(chosen on half of the myvlm concepts, see the mining README).",
+    )
+    negative_pool: str = Field(
+        "", description="Folder of generic photos used as the negative pool (optional; the "
+        "user's other concepts are always negatives).",
+    )
+    max_side: int = Field(640, ge=64, description="Photos are downscaled to this longer side.")
+
+
 class Settings(BaseSettings):
     """All sections together."""
 
@@ -161,8 +260,11 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    celery: CelerySettings = Field(default_factory=CelerySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    mining: MiningSettings = Field(default_factory=MiningSettings)
 
 
 @lru_cache(maxsize=1)

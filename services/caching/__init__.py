@@ -1,0 +1,1 @@
+"""The caching worker: Celery tasks on the ``caching`` queue."""

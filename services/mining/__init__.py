@@ -1,0 +1,1 @@
+"""The mining worker: Celery tasks on the ``mining`` queue."""

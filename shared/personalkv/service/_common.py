@@ -1,0 +1,51 @@
+"""Helpers shared by the use cases: id checks, manifest lookup, transient-error mapping."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from personalkv.ids import InvalidIdError, validate_concept_id, validate_user_id
+from personalkv.manifest import ConceptManifest
+from personalkv.service.errors import InvalidArgument, NotFound, Unavailable
+from personalkv.storage.base import StorageUnavailable
+
+
+def check_ids(user_id: str, concept_id: str | None = None) -> None:
+    try:
+        validate_user_id(user_id)
+        if concept_id is not None:
+            validate_concept_id(concept_id)
+    except InvalidIdError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "a dependency is down": mapped to Unavailable and retried."""
+    errors: list[type[BaseException]] = [StorageUnavailable, ConnectionError, TimeoutError]
+    try:
+        from pymilvus.exceptions import MilvusException, MilvusUnavailableException
+
+        errors += [MilvusUnavailableException, MilvusException]
+    except ImportError:  # pragma: no cover - pymilvus is a core dependency
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def dependencies(what: str):
+    """Map a dependency outage inside the block to ``Unavailable`` (retryable)."""
+    try:
+        yield
+    except Unavailable:
+        raise
+    except transient_errors() as exc:
+        raise Unavailable(f"{what} is unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+def require_manifest(svc, user_id: str, concept_id: str) -> ConceptManifest:
+    check_ids(user_id, concept_id)
+    with dependencies("the object store"):
+        manifest = svc.store.read_manifest(user_id, concept_id)
+    if manifest is None:
+        raise NotFound(f"concept {concept_id!r} does not exist")
+    return manifest

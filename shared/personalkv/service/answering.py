@@ -1,0 +1,203 @@
+"""The Ask use case: retrieve the user's concepts, load their KV chunks, answer.
+
+Called by the answering gRPC servicer (``ask`` for unary, ``ask_stream`` for server
+streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
+
+  retrieve  Retriever over the key index (question text, and the photo if any)
+  load      chunk blobs -> KVChunk through the hot-chunk LRU (``svc.chunk_cache``)
+  place     rotate and lay the chunks behind the system prefix (+ selective recompute)
+  prefill   the question (and its photo) after the placed chunks
+  decode    token by token
+
+A chunk that vanished (concept deleted meanwhile) or is unreadable is skipped and counted in
+``AskResult.skipped_chunks``; the answer then rests on the remaining evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from personalkv.kv.codec import ChunkFormatError, decode_chunk
+from personalkv.kv.engine import GenerationOptions, answer
+from personalkv.service._common import check_ids, dependencies
+from personalkv.service.errors import InvalidArgument, ResourceExhausted
+from personalkv.service.photos import validate_photo
+from personalkv.storage.base import ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AskOptions:
+    """``None`` fields take the configured defaults (retrieval.top_k, model.recompute_ratio)."""
+
+    top_k: int | None = None
+    recompute_ratio: float | None = None
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class AskResult:
+    answer: str
+    concepts: list[tuple[str, float]]  # (concept_id, score), best first
+    chunks: list[tuple[str, str, str, float]]  # (chunk_id, concept_id, kind, concept score)
+    timings: dict[str, float]  # seconds: retrieve, load, place, prefill, decode (+ recompute)
+    personal_evidence_used: bool
+    token_ids: list[int] = field(default_factory=list)
+    skipped_chunks: int = 0
+    cache_hits: int = 0
+
+
+def _check(svc, user_id: str, question: str, photos: Sequence[bytes], options: AskOptions):
+    check_ids(user_id)
+    limits = svc.settings.service
+    if not isinstance(question, str) or not question.strip():
+        raise InvalidArgument("the question is empty")
+    if len(question) > limits.max_question_chars:
+        raise InvalidArgument(f"the question is {len(question)} characters; the limit is "
+                              f"{limits.max_question_chars}")
+    if len(photos) > limits.max_ask_photos:
+        raise InvalidArgument(f"{len(photos)} photos given; an Ask takes at most {limits.max_ask_photos}")
+    if options.top_k is not None and not 1 <= options.top_k <= 20:
+        raise InvalidArgument("top_k must be between 1 and 20")
+    if options.recompute_ratio is not None and not 0.0 <= options.recompute_ratio <= 1.0:
+        raise InvalidArgument("recompute_ratio must be between 0 and 1")
+    if not 1 <= options.max_new_tokens <= limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens must be between 1 and {limits.max_new_tokens}")
+    if not 0.0 <= options.temperature <= 5.0:
+        raise InvalidArgument("temperature must be between 0 and 5")
+    if not 0.0 < options.top_p <= 1.0:
+        raise InvalidArgument("top_p must be in (0, 1]")
+    images = []
+    for data in photos:
+        try:
+            images.append(validate_photo(data, max_bytes=limits.max_photo_bytes,
+                                         max_pixels=limits.max_photo_pixels).to_pil())
+        except (InvalidArgument, ResourceExhausted) as exc:
+            raise type(exc)(f"question photo: {exc.message}") from None
+    return question.strip(), images
+
+
+def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+        options: AskOptions | None = None, on_token=None) -> AskResult:
+    """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
+    ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it)."""
+    options = options or AskOptions()
+    question, images = _check(svc, user_id, question, list(photos), options)
+    image = images[0] if images else None
+    adapter = svc.adapter
+    fingerprint = adapter.fingerprint()
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    with dependencies("the retrieval index"):
+        result = svc.retriever.retrieve(user_id, question, image, options.top_k,
+                                        model_fingerprint=fingerprint)
+    t1 = time.perf_counter()
+    chunks, used, skipped, hits = [], [], 0, 0
+    for concept in result.concepts:
+        for record in concept.chunks:
+            key = (user_id, concept.concept_id, record.chunk_id)
+
+            def load(record=record):
+                blob = svc.store.get_chunk_by_key(user_id, record.object_key)
+                return decode_chunk(blob, expected_model=fingerprint, dtype=adapter.dtype)
+
+            try:
+                with dependencies("the object store"):
+                    chunk, hit = svc.chunk_cache.get_or_load(key, load)
+            except ObjectNotFound:
+                skipped += 1
+                log.warning("chunk %s of %s/%s is gone (deleted meanwhile?)",
+                            record.chunk_id[:12], user_id, concept.concept_id)
+                continue
+            except ChunkFormatError as exc:
+                skipped += 1
+                log.error("chunk %s of %s/%s unusable: %s", record.chunk_id[:12], user_id,
+                          concept.concept_id, exc)
+                continue
+            hits += hit
+            chunks.append(chunk)
+            used.append((record.chunk_id, concept.concept_id, record.kind, concept.score))
+    t2 = time.perf_counter()
+    ratio = svc.settings.model.recompute_ratio if options.recompute_ratio is None else options.recompute_ratio
+    generation = GenerationOptions(
+        max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+        top_p=options.top_p, seed=options.seed, recompute_ratio=ratio,
+        recompute_strategy=svc.settings.model.recompute_strategy,
+    )
+    out = answer(adapter, chunks, question, image=image, options=generation, on_token=on_token)
+    timings.update(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
+                   recompute=out.timings["recompute"], prefill=out.timings["prefill"],
+                   decode=out.timings["decode"])
+    return AskResult(
+        answer=out.text.strip(),
+        concepts=[(c.concept_id, c.score) for c in result.concepts],
+        chunks=used, timings=timings, personal_evidence_used=bool(chunks),
+        token_ids=out.token_ids, skipped_chunks=skipped, cache_hits=hits,
+    )
+
+
+_DONE = object()
+
+
+def ask_stream(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+               options: AskOptions | None = None) -> Iterator[str | AskResult]:
+    """Yield the answer's text as it is generated (str pieces), then the final AskResult.
+    Validation errors raise before the first yield. Closing the generator early stops the
+    generation at the next token."""
+    options = options or AskOptions()
+    _check(svc, user_id, question, list(photos), options)  # fail fast, in the caller
+    tokenizer = svc.adapter.tokenizer
+    events: queue.Queue = queue.Queue()
+    cancelled = threading.Event()
+
+    class _Cancelled(Exception):
+        pass
+
+    def on_token(token_id: int) -> None:
+        if cancelled.is_set():
+            raise _Cancelled()
+        events.put(("token", token_id))
+
+    def run() -> None:
+        try:
+            events.put(("result", ask(svc, user_id, question, photos, options, on_token)))
+        except _Cancelled:
+            pass
+        except BaseException as exc:  # re-raised in the consumer
+            events.put(("error", exc))
+        finally:
+            events.put((_DONE, None))
+
+    worker = threading.Thread(target=run, name="pkv-ask-stream", daemon=True)
+    worker.start()
+    tokens: list[int] = []
+    text = ""
+    try:
+        while True:
+            kind, value = events.get()
+            if kind is _DONE:
+                return
+            if kind == "error":
+                raise value
+            if kind == "result":
+                yield value
+                continue
+            tokens.append(value)
+            decoded = tokenizer.decode(tokens, skip_special_tokens=True)
+            if decoded.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            if len(decoded) > len(text):
+                piece, text = decoded[len(text):], decoded
+                yield piece
+    finally:
+        cancelled.set()

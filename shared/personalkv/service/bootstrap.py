@@ -1,0 +1,149 @@
+"""Composition root: the one place where the service layer's dependencies are wired.
+
+``bootstrap(settings, embedded=...)`` returns a ``Services`` container that every use case
+(``concepts``, ``pipeline``, ``answering``) takes as its first argument. Entry points (gRPC
+servicers, Celery tasks, the CLI, the demo) call it once per process.
+
+* ``embedded=True``: objects in ``<data_dir>/objects``, keys in the milvus-lite file
+  ``<data_dir>/index/milvus.db`` (one process only), tasks run in this process. No server needed.
+* ``embedded=False``: the configured object store (``PERSONALKV_STORAGE_URL``, S3 in the stack)
+  and index (``PERSONALKV_INDEX_URI``, a Milvus server), and Celery on Redis for tasks.
+
+The model adapter and the retrieval encoders load lazily on first use, so processes that never
+encode or answer (the ingestion API, the mining worker) never load them. Tests pass their own
+``adapter`` / ``task_queue`` (real implementations, e.g. the tiny model, synchronous tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from personalkv.config import Settings, get_settings
+from personalkv.index.base import KeyIndex
+from personalkv.models.base import ModelAdapter
+from personalkv.retrieval.keys import KeyBuilder
+from personalkv.retrieval.retriever import Retriever
+from personalkv.service.chunk_cache import ChunkCache
+from personalkv.service.task_queue import CeleryTaskQueue, InProcessTaskQueue, TaskQueue
+from personalkv.storage.chunk_store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: ChunkStore
+    index: KeyIndex
+    chunk_cache: ChunkCache
+    task_queue: TaskQueue
+    adapter_factory: Callable[[], ModelAdapter]
+    keys_factory: Callable[[], KeyBuilder]
+    embedded: bool = True
+    _adapter: ModelAdapter | None = field(default=None, repr=False)
+    _keys: KeyBuilder | None = field(default=None, repr=False)
+    _retriever: Retriever | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The VLM, loaded on first use (thread-safe; shared by all requests)."""
+        if self._adapter is None:
+            with self._lock:
+                if self._adapter is None:
+                    self._adapter = self.adapter_factory()
+        return self._adapter
+
+    @property
+    def keys(self) -> KeyBuilder:
+        if self._keys is None:
+            with self._lock:
+                if self._keys is None:
+                    self._keys = self.keys_factory()
+        return self._keys
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            keys = self.keys
+            with self._lock:
+                if self._retriever is None:
+                    self._retriever = Retriever(self.index, keys, self.settings.retrieval)
+        return self._retriever
+
+    def close(self) -> None:
+        self.task_queue.close()
+        self.index.close()
+
+
+def default_adapter_factory(settings: Settings) -> Callable[[], ModelAdapter]:
+    def load() -> ModelAdapter:
+        from personalkv.models import load_adapter
+
+        m = settings.model
+        log.info("loading model %s on %s (%s)", m.name, m.device, m.dtype)
+        return load_adapter(m.name, m.device, m.dtype)
+
+    return load
+
+
+def default_keys_factory(settings: Settings) -> Callable[[], KeyBuilder]:
+    def build() -> KeyBuilder:
+        from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
+
+        r = settings.retrieval
+        return KeyBuilder(get_text_encoder(r.text_encoder), get_image_encoder(r.image_encoder))
+
+    return build
+
+
+def embedded_paths(settings: Settings) -> tuple[Path, Path]:
+    """(object dir, milvus-lite file) of embedded mode."""
+    root = Path(settings.service.data_dir).resolve()
+    return root / "objects", root / "index" / "milvus.db"
+
+
+def bootstrap(
+    settings: Settings | None = None,
+    *,
+    embedded: bool,
+    adapter: ModelAdapter | Callable[[], ModelAdapter] | None = None,
+    task_queue: TaskQueue | None = None,
+    synchronous_tasks: bool = False,
+) -> Services:
+    """Wire a ``Services`` container (see module docstring)."""
+    from personalkv.index import open_key_index
+
+    settings = settings or get_settings()
+    if embedded:
+        objects_dir, index_file = embedded_paths(settings)
+        objects_dir.mkdir(parents=True, exist_ok=True)
+        store = ChunkStore.open(f"file://{objects_dir}", settings.storage)
+        index = open_key_index(str(index_file), prefix=settings.index.collection_prefix)
+        queue = task_queue or InProcessTaskQueue(synchronous=synchronous_tasks)
+    else:
+        store = ChunkStore.open(settings.storage.url, settings.storage)
+        index = open_key_index(settings.index.uri, prefix=settings.index.collection_prefix,
+                               token=settings.index.token)
+        if task_queue is None:
+            from personalkv.service.celery_app import make_celery
+
+            task_queue = CeleryTaskQueue(make_celery(settings.celery))
+        queue = task_queue
+    if isinstance(adapter, ModelAdapter):
+        instance = adapter
+        adapter_factory = lambda: instance  # noqa: E731
+    else:
+        adapter_factory = adapter or default_adapter_factory(settings)
+    services = Services(
+        settings=settings, store=store, index=index,
+        chunk_cache=ChunkCache(settings.service.chunk_cache_bytes), task_queue=queue,
+        adapter_factory=adapter_factory, keys_factory=default_keys_factory(settings),
+        embedded=embedded,
+    )
+    queue.bind(services)
+    return services

@@ -1,0 +1,83 @@
+"""The Celery application of the mining and caching workers (broker: Redis).
+
+Conventions (STYLE.md): one queue per worker kind (``mining``, ``caching``), task names
+``"<service>.<verb>"``, tasks are one-line wrappers over ``personalkv.service.pipeline``
+(``services/mining/tasks.py``, ``services/caching/tasks.py``), ``acks_late`` with
+``reject_on_worker_lost`` (a task whose worker dies - even by SIGKILL - is delivered again;
+the pipeline is idempotent by content), soft and hard time limits, and retries with exponential
+backoff and jitter on ``Unavailable`` (a dependency is down) only.
+
+Redelivery after a whole worker (or node) dies relies on Redis' visibility timeout
+(``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``): keep it above the longest task, or a slow task is
+delivered twice (harmless, but wasted work).
+
+Run a worker with ``personalkv worker --queue caching`` (or ``celery -A
+personalkv.service.celery_app worker -Q caching``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from celery import Celery
+
+from personalkv.config import CelerySettings, get_settings
+from personalkv.service.errors import Unavailable
+from personalkv.service.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE
+
+TASK_MODULES = ["services.mining.tasks", "services.caching.tasks"]
+
+
+def make_celery(settings: CelerySettings | None = None) -> Celery:
+    settings = settings or get_settings().celery
+    app = Celery("personalkv", broker=settings.broker_url, backend=settings.result_backend,
+                 include=TASK_MODULES)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,  # a failure is recorded on the manifest
+        worker_prefetch_multiplier=1,  # a model worker takes one task at a time
+        worker_concurrency=settings.worker_concurrency,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_ignore_result=settings.result_backend is None,
+        task_routes={name: {"queue": queue} for name, queue in QUEUE_OF.items()},
+        task_default_queue="mining",
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_serializer="json", accept_content=["json"],
+    )
+    return app
+
+
+app = make_celery()
+
+#: Options every task is declared with.
+TASK_OPTIONS = dict(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(Unavailable,),
+    retry_backoff=True,
+    retry_backoff_max=get_settings().celery.retry_backoff_max_s,
+    retry_jitter=True,
+    max_retries=get_settings().celery.max_retries,
+)
+
+_services = None
+_services_lock = threading.Lock()
+
+
+def worker_services():
+    """This worker process's ``Services`` (configured store, index and Celery), built once."""
+    global _services
+    if _services is None:
+        with _services_lock:
+            if _services is None:
+                from personalkv.service.bootstrap import CeleryTaskQueue, bootstrap
+
+                _services = bootstrap(embedded=False, task_queue=CeleryTaskQueue(app))
+    return _services
+
+
+__all__ = ["TASK_CACHE", "TASK_MINE", "TASK_OPTIONS", "app", "make_celery", "worker_services"]

@@ -1,0 +1,125 @@
+"""Use cases on a user's concepts: create, add photos, read, list, delete.
+
+Called by the ingestion gRPC servicer, the CLI (``personalkv ingest``) and the demo, each with
+the ``Services`` container from ``bootstrap``. Every id is validated first; errors are
+``personalkv.service.errors`` classes. Deletion is idempotent and removes the concept from the
+index (it stops being retrievable at once), then from the object store, then from this
+process's hot-chunk cache; a retry after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from pydantic import ValidationError
+
+from personalkv.manifest import ConceptManifest, ConceptProfile
+from personalkv.service._common import check_ids, dependencies, require_manifest
+from personalkv.service.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from personalkv.service.photos import validate_photo
+
+log = logging.getLogger(__name__)
+
+
+def create_concept(svc, user_id: str, concept_id: str, name: str, category: str = "",
+                   info: str = "") -> ConceptManifest:
+    """A new concept in state ``queued`` holding the user's facts; photos come with
+    ``add_photos``. Raises AlreadyExists (an InvalidArgument) when the id is taken."""
+    check_ids(user_id, concept_id)
+    try:
+        profile = ConceptProfile(name=(name or "").strip(), category=(category or "").strip(),
+                                 info=(info or "").strip())
+        manifest = ConceptManifest(user_id=user_id, concept_id=concept_id, state="queued",
+                                   profile=profile)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidArgument(f"invalid concept: {problems}") from None
+    with dependencies("the object store"):
+        if svc.store.read_manifest(user_id, concept_id) is not None:
+            raise AlreadyExists(f"concept {concept_id!r} already exists")
+        return svc.store.write_manifest(manifest)
+
+
+def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> ConceptManifest:
+    """Validate and store reference photos, then enqueue mining. All or nothing on validation:
+    one bad photo refuses the call before anything is stored. Re-sending a photo is a no-op
+    (photo ids are content hashes); for a ready concept only the new photos are mined and
+    cached later, and it stays answerable meanwhile."""
+    manifest = require_manifest(svc, user_id, concept_id)
+    limits = svc.settings.service
+    if not photos:
+        raise InvalidArgument("no photos given")
+    if len(photos) > limits.max_photos_per_request:
+        raise ResourceExhausted(f"{len(photos)} photos in one call; the limit is "
+                                f"{limits.max_photos_per_request}")
+    validated = []
+    for i, data in enumerate(photos):
+        try:
+            validated.append(validate_photo(data, max_bytes=limits.max_photo_bytes,
+                                            max_pixels=limits.max_photo_pixels))
+        except (InvalidArgument, ResourceExhausted) as exc:
+            raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
+    with dependencies("the object store"):
+        records = [svc.store.put_photo(user_id, concept_id, v.data, v.media_type) for v in validated]
+        fresh = svc.store.read_manifest(user_id, concept_id) or manifest
+        have = {p.photo_id for p in fresh.photos}
+        new = []
+        for record in records:
+            if record.photo_id not in have:
+                have.add(record.photo_id)
+                new.append(record)
+        if new or fresh.state in ("queued", "failed"):
+            update = {"photos": list(fresh.photos) + new}
+            if new or fresh.state == "failed":
+                update.update(state="queued", failure_reason=None)
+            fresh = svc.store.write_manifest(fresh.model_copy(update=update))
+    if new or fresh.state == "queued":
+        # Also when nothing is new but the concept is still queued: an earlier call may have
+        # stored its photos and then failed to enqueue. A duplicate task is harmless.
+        svc.task_queue.enqueue_mining(user_id, concept_id)
+    log.info("add_photos %s/%s: %d given, %d new", user_id, concept_id, len(records), len(new))
+    return fresh
+
+
+def get_concept(svc, user_id: str, concept_id: str) -> ConceptManifest:
+    """The concept's manifest; NotFound when it does not exist."""
+    return require_manifest(svc, user_id, concept_id)
+
+
+def list_concepts(svc, user_id: str) -> list[ConceptManifest]:
+    """Every concept of the user, by concept id."""
+    check_ids(user_id)
+    out = []
+    with dependencies("the object store"):
+        for concept_id in svc.store.list_concepts(user_id):
+            manifest = svc.store.read_manifest(user_id, concept_id)
+            if manifest is not None:  # deleted between the listing and the read
+                out.append(manifest)
+    return out
+
+
+def delete_concept(svc, user_id: str, concept_id: str) -> bool:
+    """Remove the concept everywhere (index, store, hot-chunk cache). Idempotent: returns
+    whether it existed. Raises Unavailable when a dependency is down; retry then."""
+    check_ids(user_id, concept_id)
+    with dependencies("the index or the object store"):
+        existed = svc.store.read_manifest(user_id, concept_id) is not None
+        svc.index.delete_concept(user_id, concept_id)
+        svc.store.delete_concept(user_id, concept_id)
+    svc.chunk_cache.invalidate(user_id, concept_id)
+    log.info("deleted concept %s/%s (existed: %s)", user_id, concept_id, existed)
+    return existed
+
+
+def delete_user(svc, user_id: str) -> int:
+    """Forget the user: every concept in the index, the store and the cache. Idempotent;
+    returns how many concepts existed."""
+    check_ids(user_id)
+    with dependencies("the index or the object store"):
+        concepts = svc.store.list_concepts(user_id)
+        svc.index.delete_user(user_id)
+        svc.store.delete_user(user_id)
+    svc.chunk_cache.invalidate(user_id)
+    log.info("deleted user %s (%d concepts)", user_id, len(concepts))
+    return len(concepts)

@@ -1,0 +1,56 @@
+"""Errors of the service layer: what went wrong, in words a user can act on.
+
+Raised by every use case in ``personalkv.service``; the gRPC servicers map each class to one
+status code (``InvalidArgument`` -> INVALID_ARGUMENT, ``AlreadyExists`` -> ALREADY_EXISTS (or
+INVALID_ARGUMENT, it is a subclass), ``NotFound`` -> NOT_FOUND, ``PermissionDenied`` ->
+PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``Unavailable`` -> UNAVAILABLE),
+and the Celery tasks retry on ``Unavailable`` only. ``str(error)`` is the human message.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class; ``message`` is safe to show to the caller (no internals, no other tenant)."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    code = "INVALID_ARGUMENT"
+
+
+class AlreadyExists(InvalidArgument):
+    """Creating something that exists (a concept id the user already has)."""
+
+    code = "ALREADY_EXISTS"
+
+
+class NotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class PermissionDenied(ServiceError):
+    code = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(ServiceError):
+    """A limit was hit: photo too large, too many pixels or photos, a budget."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServiceError):
+    """A dependency (object store, index, broker) is down; retrying later may succeed."""
+
+    code = "UNAVAILABLE"
+
+
+__all__ = [
+    "AlreadyExists", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
+    "ServiceError", "Unavailable",
+]

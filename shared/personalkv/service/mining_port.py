@@ -1,0 +1,69 @@
+"""The one place the pipeline calls patch mining (``pipeline.mine_concept`` -> ``mine``).
+
+The real miner (``personalkv.mining``) is written separately; until it exposes a usable
+function this port falls back to centre crops of every new photo and leaves the profile as the
+user's facts. Either way the pipeline sees the same result type, so switching miners changes
+nothing downstream (chunks are keyed by content, so re-mined patches get new chunks and
+unchanged ones keep theirs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from personalkv.manifest import ConceptManifest, ConceptProfile, PatchRecord
+
+log = logging.getLogger(__name__)
+
+#: Centre-crop side lengths of the fallback, as shares of the photo's shorter side.
+FALLBACK_SCALES = (0.6, 0.9, 0.4, 0.75)
+
+
+@dataclass
+class MiningOutput:
+    patches: list[PatchRecord]  # new patches, for the photos given
+    profile: ConceptProfile | None = None  # a richer profile, or None to keep the current one
+    miner: str = "centre_crops"
+    notes: dict = field(default_factory=dict)
+
+
+def centre_crops(photo_id: str, image: Image.Image, count: int) -> list[PatchRecord]:
+    """``count`` square crops around the centre: the object is usually in the middle of a
+    photo someone takes of their own thing."""
+    width, height = image.size
+    side = min(width, height)
+    patches = []
+    for i, scale in enumerate(FALLBACK_SCALES[:count]):
+        s = max(8, int(side * scale))
+        x0, y0 = (width - s) // 2, (height - s) // 2
+        patches.append(PatchRecord(photo_id=photo_id, box=(x0, y0, x0 + s, y0 + s),
+                                   score=round(1.0 - 0.1 * i, 3), scores={"centre_prior": 1.0}))
+    return patches
+
+
+def _real_miner():
+    """The real miner's entry point, when ``personalkv.mining`` offers one; else None."""
+    try:
+        import personalkv.mining as mining  # noqa: F401
+    except Exception:  # not there yet, or its optional deps (OpenCV) are missing
+        return None
+    return getattr(mining, "mine_for_service", None)
+
+
+def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *,
+         patches_per_photo: int = 2) -> MiningOutput:
+    """Patches for ``photos`` (photo id -> RGB image; the concept's photos not mined yet) and
+    maybe a new profile. ``manifest`` gives the concept's facts and its existing patches."""
+    real = _real_miner()
+    if real is not None:
+        try:
+            return real(manifest, photos, patches_per_photo=patches_per_photo)
+        except Exception:
+            log.exception("the miner failed on %s/%s; using centre crops",
+                          manifest.user_id, manifest.concept_id)
+    patches = [p for photo_id, image in photos.items()
+               for p in centre_crops(photo_id, image, patches_per_photo)]
+    return MiningOutput(patches=patches)

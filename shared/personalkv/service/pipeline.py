@@ -1,0 +1,205 @@
+"""The ingest pipeline behind the workers: mine a concept's patches, then cache its KV chunks.
+
+``mine_concept`` runs in the ``mining`` worker (task ``mining.mine_concept``), ``cache_concept``
+in the ``caching`` worker (``caching.cache_concept``); embedded mode runs both in-process.
+
+Both are idempotent and safe to redeliver (acks_late: a task whose worker died runs again):
+
+* mining only mines photos that have no patch yet, appending patches, so existing patch
+  indices (and the chunks pointing at them) never move;
+* caching derives every chunk id from content (sha256 over model, framing, owner, kind and the
+  exact text or crop pixels) *before* running the model, and encodes only chunks the store does
+  not hold yet - a redelivered task re-encodes nothing already stored, a new photo adds only its
+  own chunks, and an object key can never be written with two different contents;
+* the manifest is written after the blobs it names; index keys are written before the concept
+  turns ``ready``, so a ready concept is always findable.
+
+Failures: a dependency outage raises ``Unavailable`` (the task is retried, the manifest keeps
+its state); anything else marks the concept ``failed`` with a reason and re-raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+from personalkv.index.reindex import index_concept
+from personalkv.kv.chunk import chunk_content_hash
+from personalkv.kv.codec import encode_chunk, read_header
+from personalkv.kv.engine import encode_evidence
+from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.retrieval.encoders import to_pil
+from personalkv.retrieval.keys import profile_text
+from personalkv.service import mining_port
+from personalkv.service._common import check_ids, dependencies
+from personalkv.service.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+PROFILE_TEMPLATE = "My concept: {text}."
+PATCH_TEMPLATE = "A photo detail of my {name}:"
+
+
+def _write_state(svc, manifest: ConceptManifest, state: str, **update) -> ConceptManifest:
+    with dependencies("the object store"):
+        return svc.store.write_manifest(manifest.model_copy(update={"state": state, **update}))
+
+
+def _fail(svc, user_id: str, concept_id: str, exc: BaseException) -> None:
+    reason = f"{type(exc).__name__}: {exc}"[:500]
+    log.error("concept %s/%s failed: %s", user_id, concept_id, reason)
+    try:
+        current = svc.store.read_manifest(user_id, concept_id)
+        if current is not None:
+            svc.store.write_manifest(current.model_copy(
+                update={"state": "failed", "failure_reason": reason}), check_objects=False)
+    except Exception:  # the store may be what failed; the task's own error is what matters
+        log.exception("could not record the failure of %s/%s", user_id, concept_id)
+
+
+def _run(svc, user_id: str, concept_id: str, body):
+    check_ids(user_id, concept_id)
+    try:
+        with dependencies("a dependency"):
+            return body()
+    except Unavailable:
+        raise
+    except Exception as exc:
+        _fail(svc, user_id, concept_id, exc)
+        raise
+
+
+# -- mining --------------------------------------------------------------------------------
+def mine_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+    """Mine patches for the photos that have none yet, update the profile, enqueue caching.
+    Returns the manifest written, or None when the concept no longer exists."""
+    return _run(svc, user_id, concept_id, lambda: _mine(svc, user_id, concept_id))
+
+
+def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+    manifest = svc.store.read_manifest(user_id, concept_id)
+    if manifest is None:
+        log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)
+        return None
+    manifest = _write_state(svc, manifest, "mining", failure_reason=None)
+    mined = {p.photo_id for p in manifest.patches}
+    todo = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
+            for p in manifest.photos if p.photo_id not in mined}
+    out = mining_port.mine(manifest, todo, patches_per_photo=svc.settings.service.patches_per_photo)
+    # Merge into the freshest manifest: photos may have been added while we mined.
+    fresh = svc.store.read_manifest(user_id, concept_id)
+    if fresh is None:
+        return None
+    photo_ids = {p.photo_id for p in fresh.photos}
+    known = {(p.photo_id, p.box) for p in fresh.patches}
+    patches = list(fresh.patches) + [p for p in out.patches
+                                     if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
+    written = _write_state(svc, fresh, "caching", patches=patches,
+                           profile=out.profile or fresh.profile, failure_reason=None)
+    log.info("mined %s/%s: %d new photos -> %d patches (%s)", user_id, concept_id, len(todo),
+             len(patches) - len(fresh.patches), out.miner)
+    svc.task_queue.enqueue_caching(user_id, concept_id)
+    return written
+
+
+# -- caching -------------------------------------------------------------------------------
+def patch_content(name: str, crop) -> tuple[str, bytes]:
+    """The framing text of a patch chunk and the bytes its content hash covers (text, size and
+    raw RGB pixels: independent of any image encoder's output)."""
+    text = PATCH_TEMPLATE.format(name=name)
+    w, h = crop.size
+    return text, text.encode() + b"\0" + f"{w}x{h}".encode() + b"\0" + crop.tobytes()
+
+
+def cache_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+    """Encode and store the chunks the concept lacks, index its keys, mark it ready.
+    Returns the manifest written, or None when the concept no longer exists."""
+    return _run(svc, user_id, concept_id, lambda: _cache(svc, user_id, concept_id))
+
+
+def _record(chunk_id: str, kind: str, source: str, meta: dict, key: str) -> ChunkRecord:
+    return ChunkRecord(
+        chunk_id=chunk_id, kind=kind, object_key=key, token_count=int(meta["token_count"]),
+        position_extent=int(meta["position_extent"]) - int(meta["start_position"]),
+        model_fingerprint=meta["model_fingerprint"], source=source,
+    )
+
+
+def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+    manifest = svc.store.read_manifest(user_id, concept_id)
+    if manifest is None:
+        log.info("cache %s/%s: concept deleted, nothing to do", user_id, concept_id)
+        return None
+    adapter = svc.adapter
+    fingerprint = adapter.fingerprint()
+    framing = adapter.system_prefix().framing
+    quantization = svc.settings.model.chunk_quantization
+    store = svc.store
+    known = {c.chunk_id: c for c in manifest.chunks}
+    if manifest.state != "caching":
+        manifest = _write_state(svc, manifest, "caching", failure_reason=None)
+    encoded = reused = 0
+
+    def chunk_for(kind: str, source: str, parts_fn, content: bytes) -> ChunkRecord:
+        nonlocal encoded, reused
+        chunk_id = chunk_content_hash(model_fingerprint=fingerprint, framing=framing,
+                                      user_id=user_id, concept_id=concept_id, kind=kind,
+                                      content=content)
+        key = store.chunk_key(user_id, concept_id, chunk_id)
+        if chunk_id in known and known[chunk_id].kind == kind:
+            reused += 1
+            return known[chunk_id].model_copy(update={"source": source})
+        if store.has_chunk(user_id, concept_id, chunk_id):
+            # Stored by an earlier run that died before its manifest write: read, don't redo.
+            header = read_header(store.get_chunk(user_id, concept_id, chunk_id))
+            reused += 1
+            return _record(chunk_id, kind, source, json.loads(header["__metadata__"]["meta"]), key)
+        chunk = encode_evidence(adapter, parts_fn(), user_id=user_id, concept_id=concept_id,
+                                kind=kind, content=content, source=source)
+        assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
+        store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, quantization))
+        encoded += 1
+        return _record(chunk_id, kind, source, dataclasses.asdict(chunk.meta), key)
+
+    text = PROFILE_TEMPLATE.format(text=profile_text(manifest))
+    records = [chunk_for("profile_text", "profile", lambda: [text], text.encode())]
+    photos: dict = {}
+    seen = {records[0].chunk_id}
+    for i, patch in enumerate(manifest.patches):
+        if patch.photo_id not in photos:
+            photos[patch.photo_id] = to_pil(store.get_photo(user_id, concept_id, patch.photo_id))
+        crop = photos[patch.photo_id].crop(patch.box)
+        framing_text, content = patch_content(manifest.profile.name, crop)
+        record = chunk_for("image_patch", str(i),
+                           lambda: [framing_text, adapter.encode_image(crop)], content)
+        if record.chunk_id not in seen:  # two identical patches share one chunk
+            seen.add(record.chunk_id)
+            records.append(record)
+
+    fresh = store.read_manifest(user_id, concept_id)
+    if fresh is None:
+        return None
+    if fresh.patches != manifest.patches or fresh.profile != manifest.profile:
+        # Re-mined meanwhile: the caching task that mining enqueued will finish with the
+        # chunks stored here already in place. Nothing to publish from this run.
+        log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
+                 concept_id, encoded)
+        return fresh
+    staged = store.write_manifest(fresh.model_copy(update={
+        "chunks": records, "model_fingerprint": fingerprint, "state": "caching",
+        "failure_reason": None}))
+    index_concept(svc.index, svc.keys, staged,
+                  lambda photo_id: store.get_photo(user_id, concept_id, photo_id))
+    ready = store.write_manifest(staged.model_copy(update={"state": "ready"}))
+    # Chunks the previous manifest named and this one does not (new profile, new model).
+    current = {r.chunk_id for r in records}
+    for stale in set(known) - current:
+        try:
+            store.objects.delete(store.chunk_key(user_id, concept_id, stale))
+        except Exception:
+            log.warning("could not delete stale chunk %s of %s/%s", stale[:12], user_id, concept_id)
+    log.info("cached %s/%s: %d chunks (%d encoded, %d reused); ready", user_id, concept_id,
+             len(records), encoded, reused)
+    return ready
+

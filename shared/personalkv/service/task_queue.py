@@ -1,0 +1,120 @@
+"""The task queue port: how use cases hand work to the mining and caching workers.
+
+``concepts.add_photos`` calls ``enqueue_mining``; ``pipeline.mine_concept`` calls
+``enqueue_caching``. Two adapters, chosen in ``bootstrap``:
+
+* ``InProcessTaskQueue`` (embedded mode, tests, the demo): runs the same pipeline functions in
+  this process, on one background thread (``synchronous=True``: inline, in the caller's thread).
+  ``wait_idle()`` blocks until everything enqueued so far (and what it enqueued) is done.
+* ``CeleryTaskQueue`` (the stack): sends ``mining.mine_concept`` / ``caching.cache_concept`` to
+  the ``mining`` / ``caching`` queues on Redis; ``personalkv worker --queue ...`` consumes them.
+
+Tasks are idempotent by content, so enqueueing twice is harmless: callers enqueue whenever in
+doubt rather than risk a concept stuck in ``queued``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from personalkv.service.errors import Unavailable
+
+if TYPE_CHECKING:
+    from personalkv.service.bootstrap import Services
+
+log = logging.getLogger(__name__)
+
+TASK_MINE = "mining.mine_concept"
+TASK_CACHE = "caching.cache_concept"
+QUEUE_OF = {TASK_MINE: "mining", TASK_CACHE: "caching"}
+
+
+class TaskQueue(ABC):
+    @abstractmethod
+    def enqueue_mining(self, user_id: str, concept_id: str) -> None: ...
+
+    @abstractmethod
+    def enqueue_caching(self, user_id: str, concept_id: str) -> None: ...
+
+    def bind(self, services: "Services") -> None:
+        """Called once by ``bootstrap`` with the container the tasks run against."""
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Block until queued work is done (in-process only; True when idle)."""
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessTaskQueue(TaskQueue):
+    def __init__(self, synchronous: bool = False):
+        self.synchronous = synchronous
+        self._services: Services | None = None
+        self._executor = None if synchronous else ThreadPoolExecutor(1, thread_name_prefix="pkv-task")
+        self._pending = 0
+        self._idle = threading.Condition()
+
+    def bind(self, services: "Services") -> None:
+        self._services = services
+
+    def _submit(self, name: str, user_id: str, concept_id: str) -> None:
+        from personalkv.service import pipeline
+
+        func = {TASK_MINE: pipeline.mine_concept, TASK_CACHE: pipeline.cache_concept}[name]
+
+        def run() -> None:
+            try:
+                func(self._services, user_id, concept_id)
+            except Exception:  # recorded on the manifest by the pipeline; keep the thread alive
+                log.exception("task %s(%s, %s) failed", name, user_id, concept_id)
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+        with self._idle:
+            self._pending += 1
+        if self._executor is None:
+            run()
+        else:
+            self._executor.submit(run)
+
+    def enqueue_mining(self, user_id: str, concept_id: str) -> None:
+        self._submit(TASK_MINE, user_id, concept_id)
+
+    def enqueue_caching(self, user_id: str, concept_id: str) -> None:
+        self._submit(TASK_CACHE, user_id, concept_id)
+
+    def wait_idle(self, timeout_s: float | None = None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+class CeleryTaskQueue(TaskQueue):
+    def __init__(self, app):
+        self.app = app
+
+    def _send(self, name: str, user_id: str, concept_id: str) -> None:
+        try:
+            self.app.send_task(
+                name, args=(user_id, concept_id), queue=QUEUE_OF[name], retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                              "interval_max": 2.0},
+            )
+        except Exception as exc:  # kombu OperationalError, redis ConnectionError, ...
+            raise Unavailable(f"the task queue is unavailable ({type(exc).__name__}); retry later") from exc
+
+    def enqueue_mining(self, user_id: str, concept_id: str) -> None:
+        self._send(TASK_MINE, user_id, concept_id)
+
+    def enqueue_caching(self, user_id: str, concept_id: str) -> None:
+        self._send(TASK_CACHE, user_id, concept_id)
