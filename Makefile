@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-unit test-integration test-e2e bench demo clean
+.PHONY: install test test-unit test-integration test-e2e bench demo clean proto proto-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ test-e2e: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# gRPC stubs: generated from protos/personalkv/v1 into shared/personalkv/api/v1 and committed.
+proto: install
+	$(BIN)/python -m personalkv.api.protogen
+
+proto-check: install
+	$(BIN)/python -m personalkv.api.protogen --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -92,11 +92,11 @@ def mint_token(
 def verify_token(token: str, *, settings: AuthSettings | None = None, now: float | None = None) -> str:
     """The user id `token` was signed for; raises InvalidTokenError with the reason."""
     settings = settings or get_settings().auth
-    parts = token.split(".") if isinstance(token, str) else []
+    parts = token.split(".") if isinstance(token, str) and token.isascii() else []
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise InvalidTokenError("malformed token (expected pkv1.<payload>.<signature>)")
     expected = _sign(f"{parts[0]}.{parts[1]}", _secret(settings))
-    if not hmac.compare_digest(expected.encode("ascii"), parts[2].encode("ascii", "replace")):
+    if not hmac.compare_digest(expected.encode("ascii"), parts[2].encode("ascii")):
         raise InvalidTokenError("token signature does not verify")
     try:
         claims = json.loads(_b64d(parts[1]))

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
+    "personalkv.api.cli",  # serve ingestion|answering, token
     # "personalkv.mining.cli",      # mine, eval recognition (issue 5)
 ]
 

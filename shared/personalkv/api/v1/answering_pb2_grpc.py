@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AnsweringServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Questions answered over the caller's KV chunks.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class AnsweringServiceStub:
 
 
 class AnsweringServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Questions answered over the caller's KV chunks.
+    """
 
     def Ask(self, request, context):
         """Answer a question in one response.
@@ -86,7 +88,8 @@ def add_AnsweringServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AnsweringService:
-    """Missing associated documentation comment in .proto file."""
+    """Questions answered over the caller's KV chunks.
+    """
 
     @staticmethod
     def Ask(request,

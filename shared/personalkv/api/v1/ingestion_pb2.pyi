@@ -44,14 +44,12 @@ class UploadPhotosRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[PhotoChunk, _Mapping]] = ...) -> None: ...
 
 class UploadPhotosResponse(_message.Message):
-    __slots__ = ("concept", "photos_received", "photos_added")
+    __slots__ = ("concept", "photos_received")
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     PHOTOS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
-    PHOTOS_ADDED_FIELD_NUMBER: _ClassVar[int]
     concept: _common_pb2.Concept
     photos_received: int
-    photos_added: int
-    def __init__(self, concept: _Optional[_Union[_common_pb2.Concept, _Mapping]] = ..., photos_received: _Optional[int] = ..., photos_added: _Optional[int] = ...) -> None: ...
+    def __init__(self, concept: _Optional[_Union[_common_pb2.Concept, _Mapping]] = ..., photos_received: _Optional[int] = ...) -> None: ...
 
 class GetConceptRequest(_message.Message):
     __slots__ = ("user_id", "concept_id")

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class IngestionServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Concepts and their photos, per user (the token's user).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -68,7 +69,8 @@ class IngestionServiceStub:
 
 
 class IngestionServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Concepts and their photos, per user (the token's user).
+    """
 
     def CreateConcept(self, request, context):
         """Create an empty concept from the user's facts; it stays QUEUED until photos arrive.
@@ -158,7 +160,8 @@ def add_IngestionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class IngestionService:
-    """Missing associated documentation comment in .proto file."""
+    """Concepts and their photos, per user (the token's user).
+    """
 
     @staticmethod
     def CreateConcept(request,

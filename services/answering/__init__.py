@@ -1,0 +1,1 @@
+"""Answering gRPC server: Ask and AskStream."""

@@ -1,0 +1,153 @@
+"""Answering gRPC server: protobuf <-> personalkv.service.answering, nothing more.
+
+    python -m services.answering.server [--port P] [--metrics-port M] [--embedded]
+    personalkv serve answering ...
+
+Retrieval, the hot-chunk LRU, placement and generation live in the service layer. Both RPCs
+run the service's token stream and check the call between tokens, so a cancelled call or a
+passed deadline stops generation instead of finishing an answer nobody will read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import grpc
+
+from personalkv.api.cli import add_server_arguments
+from personalkv.api.errors import grpc_errors
+from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
+from personalkv.service import answering
+from services.grpc_common import GrpcServer, caller, deadline_passed
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = answering_pb2.DESCRIPTOR.services_by_name["AnsweringService"].full_name
+_OPTION_FIELDS = ("top_k", "recompute_ratio", "max_new_tokens", "temperature", "top_p", "seed")
+_KINDS = {"profile_text": common_pb2.CHUNK_KIND_PROFILE_TEXT,
+          "image_patch": common_pb2.CHUNK_KIND_IMAGE_PATCH}
+_STAGES = ("retrieve", "load", "place", "prefill", "decode", "total")
+
+
+def options_from_proto(options: answering_pb2.AskOptions):
+    """AskOptions with the fields the client set; unset ones keep the service defaults."""
+    return answering.AskOptions(
+        **{name: getattr(options, name) for name in _OPTION_FIELDS if options.HasField(name)}
+    )
+
+
+def _timings_ms(timings: dict) -> answering_pb2.Timings:
+    out = answering_pb2.Timings()
+    for stage in _STAGES:
+        if f"{stage}_ms" in timings:
+            setattr(out, f"{stage}_ms", float(timings[f"{stage}_ms"]))
+        elif stage in timings or f"{stage}_s" in timings:  # seconds
+            setattr(out, f"{stage}_ms", 1000.0 * float(timings.get(stage, timings.get(f"{stage}_s"))))
+    if not out.total_ms:
+        out.total_ms = sum(getattr(out, f"{s}_ms") for s in _STAGES[:-1])
+    return out
+
+
+def result_to_proto(result) -> answering_pb2.AskResponse:
+    return answering_pb2.AskResponse(
+        answer=result.answer,
+        concepts=[answering_pb2.UsedConcept(concept_id=c, score=float(s)) for c, s in result.concepts],
+        chunks=[
+            answering_pb2.UsedChunk(chunk_id=chunk_id, concept_id=concept_id, score=float(score),
+                                    kind=_KINDS.get(kind, common_pb2.CHUNK_KIND_UNSPECIFIED))
+            for chunk_id, concept_id, kind, score in result.chunks
+        ],
+        timings=_timings_ms(result.timings or {}),
+        personal_evidence_used=bool(result.personal_evidence_used),
+    )  # fmt: skip
+
+
+class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
+    def __init__(self, services) -> None:
+        self.svc = services
+
+    def _events(self, request, context):
+        """The service's stream: str deltas, then the final AskResult; stops when the call
+        is cancelled or past its deadline (closing the generator stops generation)."""
+        user_id = caller(request.user_id)
+        if deadline_passed(context):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
+        stream = answering.ask_stream(
+            self.svc, user_id, request.question, [p.data for p in request.photos],
+            options_from_proto(request.options),
+        )  # fmt: skip
+        try:
+            for item in stream:
+                if deadline_passed(context):
+                    log.info("ask stopped: client cancelled or deadline passed")
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "deadline passed or call cancelled during generation")
+                yield item
+        finally:
+            stream.close()
+
+    @grpc_errors
+    def Ask(self, request, context):
+        final = None
+        for item in self._events(request, context):
+            if not isinstance(item, str):
+                final = item
+        if final is None:
+            raise RuntimeError("ask_stream ended without a result")
+        return result_to_proto(final)
+
+    @grpc_errors
+    def AskStream(self, request, context):
+        for item in self._events(request, context):
+            if isinstance(item, str):
+                if item:
+                    yield answering_pb2.AskStreamResponse(text_delta=item)
+            else:
+                yield answering_pb2.AskStreamResponse(final=result_to_proto(item))
+
+
+def build_server(services, *, port: int, metrics_port: int = 0, settings=None) -> GrpcServer:
+    """The answering GrpcServer over a bootstrapped `Services` (not started)."""
+    servicer = AnsweringServicer(services)
+    return GrpcServer(
+        "answering",
+        lambda server: answering_pb2_grpc.add_AnsweringServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from personalkv.config import get_settings
+    from personalkv.observability import setup_logging
+    from personalkv.service.bootstrap import bootstrap
+
+    settings = get_settings()
+    setup_logging("answering")
+    services = bootstrap(settings, embedded=args.embedded)
+    if not args.no_warmup:  # readiness means ready: health turns SERVING after the model loads
+        services.adapter, services.retriever  # noqa: B018
+    server = build_server(
+        services,
+        port=settings.server.answering_port if args.port is None else args.port,
+        metrics_port=(settings.server.answering_metrics_port if args.metrics_port is None
+                      else args.metrics_port),
+    )  # fmt: skip
+    port = server.start()
+    print(f"answering listening on {settings.server.host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        services.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.answering.server")
+    add_server_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

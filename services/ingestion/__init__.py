@@ -1,0 +1,1 @@
+"""Ingestion gRPC server: concepts, photos, deletion."""

@@ -1,0 +1,166 @@
+"""Ingestion gRPC server: protobuf <-> personalkv.service.concepts, nothing more.
+
+    python -m services.ingestion.server [--port P] [--metrics-port M] [--embedded]
+    personalkv serve ingestion ...
+
+Photo validation, storage, manifests and enqueueing live in the service layer; this file only
+reassembles streamed photos (bounded by the service's byte and count limits, so a client cannot
+make the server buffer more than it will ever accept) and translates messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import grpc
+
+from personalkv.api.cli import add_server_arguments
+from personalkv.api.errors import grpc_errors
+from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
+from personalkv.manifest import ConceptManifest
+from personalkv.service import concepts
+from personalkv.service.errors import InvalidArgument, ResourceExhausted
+from services.grpc_common import GrpcServer, caller, deadline_passed
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ingestion_pb2.DESCRIPTOR.services_by_name["IngestionService"].full_name
+_STATES = {
+    "queued": common_pb2.CONCEPT_STATE_QUEUED, "mining": common_pb2.CONCEPT_STATE_MINING,
+    "caching": common_pb2.CONCEPT_STATE_CACHING, "ready": common_pb2.CONCEPT_STATE_READY,
+    "failed": common_pb2.CONCEPT_STATE_FAILED,
+}  # fmt: skip
+
+
+def concept_to_proto(m: ConceptManifest) -> common_pb2.Concept:
+    concept = common_pb2.Concept(
+        concept_id=m.concept_id,
+        facts=common_pb2.ConceptFacts(name=m.profile.name, category=m.profile.category,
+                                      info=m.profile.info),
+        state=_STATES.get(m.state, common_pb2.CONCEPT_STATE_UNSPECIFIED),
+        failure_reason=m.failure_reason or "", photo_count=len(m.photos),
+        patch_count=len(m.patches), chunk_count=len(m.chunks), caption=m.profile.caption,
+    )  # fmt: skip
+    concept.updated_at.FromDatetime(m.updated_at)
+    return concept
+
+
+class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
+    def __init__(self, services) -> None:
+        self.svc = services
+        self.limits = services.settings.service
+
+    @grpc_errors
+    def CreateConcept(self, request, context):
+        facts = request.facts
+        manifest = concepts.create_concept(
+            self.svc, caller(request.user_id), request.concept_id,
+            facts.name, facts.category, facts.info,
+        )  # fmt: skip
+        return concept_to_proto(manifest)
+
+    @grpc_errors
+    def UploadPhotos(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("item") != "header":
+            raise InvalidArgument("the first UploadPhotos message must be the header")
+        user_id = caller(first.header.user_id)
+        photos = self._read_photos(request_iterator, context)
+        manifest = concepts.add_photos(self.svc, user_id, first.header.concept_id, photos)
+        return ingestion_pb2.UploadPhotosResponse(
+            concept=concept_to_proto(manifest), photos_received=len(photos)
+        )
+
+    def _read_photos(self, request_iterator, context) -> list[bytes]:
+        max_bytes, max_count = self.limits.max_photo_bytes, self.limits.max_photos_per_request
+        photos: list[bytes] = []
+        current = bytearray()
+        for message in request_iterator:
+            if deadline_passed(context):
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during upload")
+            if message.WhichOneof("item") != "chunk":
+                raise InvalidArgument("only the first UploadPhotos message may be a header")
+            current += message.chunk.data
+            if len(current) > max_bytes:
+                name = f" {message.chunk.filename!r}" if message.chunk.filename else ""
+                raise ResourceExhausted(
+                    f"photo {len(photos) + 1}{name} is over {max_bytes} bytes, the size limit"
+                )
+            if message.chunk.end_of_photo:
+                photos.append(bytes(current))
+                current.clear()
+                if len(photos) > max_count:
+                    raise ResourceExhausted(f"more than {max_count} photos in one upload")
+        if current:
+            raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
+        if not photos:
+            raise InvalidArgument("the upload carries no photos")
+        return photos
+
+    @grpc_errors
+    def GetConcept(self, request, context):
+        return concept_to_proto(
+            concepts.get_concept(self.svc, caller(request.user_id), request.concept_id)
+        )
+
+    @grpc_errors
+    def ListConcepts(self, request, context):
+        manifests = concepts.list_concepts(self.svc, caller(request.user_id))
+        return ingestion_pb2.ListConceptsResponse(
+            concepts=[concept_to_proto(m) for m in sorted(manifests, key=lambda m: m.concept_id)]
+        )
+
+    @grpc_errors
+    def DeleteConcept(self, request, context):
+        concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
+        return ingestion_pb2.DeleteConceptResponse()
+
+    @grpc_errors
+    def DeleteUserData(self, request, context):
+        deleted = concepts.delete_user(self.svc, caller(request.user_id))
+        return ingestion_pb2.DeleteUserDataResponse(concepts_deleted=int(deleted or 0))
+
+
+def build_server(services, *, port: int, metrics_port: int = 0, settings=None) -> GrpcServer:
+    """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
+    servicer = IngestionServicer(services)
+    return GrpcServer(
+        "ingestion",
+        lambda server: ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from personalkv.config import get_settings
+    from personalkv.observability import setup_logging
+    from personalkv.service.bootstrap import bootstrap
+
+    settings = get_settings()
+    setup_logging("ingestion")
+    services = bootstrap(settings, embedded=args.embedded)
+    server = build_server(
+        services,
+        port=settings.server.ingestion_port if args.port is None else args.port,
+        metrics_port=(settings.server.ingestion_metrics_port if args.metrics_port is None
+                      else args.metrics_port),
+    )  # fmt: skip
+    port = server.start()
+    print(f"ingestion listening on {settings.server.host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        services.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.ingestion.server")
+    add_server_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
