@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.plugins.models",
     "tests.plugins.s3",
     "tests.plugins.milvus",
+    "tests.plugins.redis",
 ]

@@ -9,8 +9,8 @@ servicers, Celery tasks, the CLI, the demo) call it once per process.
 * ``embedded=False``: the configured object store (``PERSONALKV_STORAGE_URL``, S3 in the stack)
   and index (``PERSONALKV_INDEX_URI``, a Milvus server), and Celery on Redis for tasks.
 
-The model adapter and the retrieval encoders load lazily on first use, so processes that never
-encode or answer (the ingestion API, the mining worker) never load them. Tests pass their own
+The index, the model adapter and the retrieval encoders open lazily on first use, so processes
+that never encode or answer (the ingestion API, the mining worker) never load them. Tests pass their own
 ``adapter`` / ``task_queue`` (real implementations, e.g. the tiny model, synchronous tasks).
 """
 
@@ -38,16 +38,26 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     store: ChunkStore
-    index: KeyIndex
     chunk_cache: ChunkCache
     task_queue: TaskQueue
+    index_factory: Callable[[], KeyIndex]
     adapter_factory: Callable[[], ModelAdapter]
     keys_factory: Callable[[], KeyBuilder]
     embedded: bool = True
+    _index: KeyIndex | None = field(default=None, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
     _keys: KeyBuilder | None = field(default=None, repr=False)
     _retriever: Retriever | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def index(self) -> KeyIndex:
+        """The key index, opened on first use (a milvus-lite file is locked by its opener)."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = self.index_factory()
+        return self._index
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -77,7 +87,9 @@ class Services:
 
     def close(self) -> None:
         self.task_queue.close()
-        self.index.close()
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
 
 def default_adapter_factory(settings: Settings) -> Callable[[], ModelAdapter]:
@@ -123,12 +135,13 @@ def bootstrap(
         objects_dir, index_file = embedded_paths(settings)
         objects_dir.mkdir(parents=True, exist_ok=True)
         store = ChunkStore.open(f"file://{objects_dir}", settings.storage)
-        index = open_key_index(str(index_file), prefix=settings.index.collection_prefix)
+        index_factory = lambda: open_key_index(  # noqa: E731
+            str(index_file), prefix=settings.index.collection_prefix)
         queue = task_queue or InProcessTaskQueue(synchronous=synchronous_tasks)
     else:
         store = ChunkStore.open(settings.storage.url, settings.storage)
-        index = open_key_index(settings.index.uri, prefix=settings.index.collection_prefix,
-                               token=settings.index.token)
+        index_factory = lambda: open_key_index(  # noqa: E731
+            settings.index.uri, prefix=settings.index.collection_prefix, token=settings.index.token)
         if task_queue is None:
             from personalkv.service.celery_app import make_celery
 
@@ -140,7 +153,7 @@ def bootstrap(
     else:
         adapter_factory = adapter or default_adapter_factory(settings)
     services = Services(
-        settings=settings, store=store, index=index,
+        settings=settings, store=store, index_factory=index_factory,
         chunk_cache=ChunkCache(settings.service.chunk_cache_bytes), task_queue=queue,
         adapter_factory=adapter_factory, keys_factory=default_keys_factory(settings),
         embedded=embedded,

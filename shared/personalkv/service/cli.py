@@ -1,0 +1,170 @@
+"""``personalkv`` subcommands of the service layer (listed in personalkv.cli.COMMAND_MODULES).
+
+  worker --queue mining|caching   a Celery worker of that queue (comma-separate for both)
+  ingest DIR --user U --concept C [--name --category --info] [--stack]
+                                  create the concept (if new), add DIR's photos, wait for ready
+  ask --user U "question" [--photo P] [--stack] [--stream]
+  reindex [--user U]              rebuild the key index from the manifests
+  demo [--data-dir D]             the offline, embedded end-to-end demo (``make demo``)
+
+``--stack`` uses the configured S3 / Milvus server / Celery (``make up``); without it, the
+embedded store and index under PERSONALKV_SERVICE_DATA_DIR and in-process tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+
+
+def register(subparsers) -> None:
+    worker = subparsers.add_parser("worker", help="run a Celery worker (mining or caching)")
+    worker.add_argument("--queue", required=True,
+                        help="mining, caching, or both comma-separated")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="worker processes (default PERSONALKV_CELERY_WORKER_CONCURRENCY)")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    ingest = subparsers.add_parser("ingest", help="add a folder of photos as one concept")
+    ingest.add_argument("dir", type=Path)
+    ingest.add_argument("--user", required=True)
+    ingest.add_argument("--concept", required=True)
+    ingest.add_argument("--name", help="the concept's name (default: the concept id)")
+    ingest.add_argument("--category", default="")
+    ingest.add_argument("--info", default="", help="what you know about it, free text")
+    ingest.add_argument("--stack", action="store_true", help="use the running stack")
+    ingest.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
+    ingest.set_defaults(func=_ingest)
+
+    ask = subparsers.add_parser("ask", help="ask a question about your concepts")
+    ask.add_argument("question")
+    ask.add_argument("--user", required=True)
+    ask.add_argument("--photo", type=Path)
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--top-k", type=int, default=None)
+    ask.add_argument("--stream", action="store_true")
+    ask.add_argument("--stack", action="store_true", help="use the running stack")
+    ask.set_defaults(func=_ask)
+
+    if "reindex" not in subparsers.choices:  # personalkv.index.reindex may register it too
+        from personalkv.index.reindex import register as register_reindex
+
+        register_reindex(subparsers)
+
+    demo = subparsers.add_parser("demo", help="offline end-to-end demo (embedded, one process)")
+    demo.add_argument("--data-dir", type=Path, default=None,
+                      help="where the demo keeps its store and index (default: a temp dir)")
+    demo.add_argument("--model", default=None, help="VLM to try (default PERSONALKV_MODEL_NAME)")
+    demo.set_defaults(func=_demo)
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _worker(args) -> int:
+    from personalkv.service.celery_app import app
+
+    queues = [q.strip() for q in args.queue.split(",") if q.strip()]
+    unknown = set(queues) - {"mining", "caching"}
+    if unknown:
+        print(f"unknown queue(s) {sorted(unknown)}; known: mining, caching", file=sys.stderr)
+        return 2
+    argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
+            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
+            "--without-mingle"]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    app.worker_main(argv)
+    return 0
+
+
+def _services(stack: bool):
+    from personalkv.service.bootstrap import bootstrap
+
+    return bootstrap(embedded=not stack)
+
+
+def _ingest(args) -> int:
+    from personalkv.service import concepts
+    from personalkv.service.errors import NotFound, ServiceError
+
+    _logging("WARNING")
+    files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    if not files:
+        print(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {args.dir}", file=sys.stderr)
+        return 2
+    svc = _services(args.stack)
+    try:
+        try:
+            concepts.get_concept(svc, args.user, args.concept)
+        except NotFound:
+            concepts.create_concept(svc, args.user, args.concept, args.name or args.concept,
+                                    args.category, args.info)
+        concepts.add_photos(svc, args.user, args.concept, [p.read_bytes() for p in files])
+        deadline = time.monotonic() + args.timeout
+        svc.task_queue.wait_idle(args.timeout)
+        while True:
+            manifest = concepts.get_concept(svc, args.user, args.concept)
+            if manifest.state in ("ready", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    except ServiceError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        svc.close()
+    print(f"{args.user}/{args.concept}: {manifest.state}; {len(manifest.photos)} photos, "
+          f"{len(manifest.patches)} patches, {len(manifest.chunks)} chunks"
+          + (f"; {manifest.failure_reason}" if manifest.failure_reason else ""))
+    return 0 if manifest.state == "ready" else 1
+
+
+def _ask(args) -> int:
+    from personalkv.service import answering
+    from personalkv.service.errors import ServiceError
+
+    _logging("WARNING")
+    svc = _services(args.stack)
+    photos = [args.photo.read_bytes()] if args.photo else []
+    options = answering.AskOptions(top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    try:
+        if args.stream:
+            result = None
+            for piece in answering.ask_stream(svc, args.user, args.question, photos, options):
+                if isinstance(piece, answering.AskResult):
+                    result = piece
+                else:
+                    print(piece, end="", flush=True)
+            print()
+        else:
+            result = answering.ask(svc, args.user, args.question, photos, options)
+            print(result.answer)
+    except ServiceError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        svc.close()
+    print(format_evidence(result), file=sys.stderr)
+    return 0
+
+
+def format_evidence(result) -> str:
+    concepts = ", ".join(f"{c} ({s:.2f})" for c, s in result.concepts) or "none of yours"
+    timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in result.timings.items())
+    return (f"  concepts: {concepts}\n  chunks placed: {len(result.chunks)} "
+            f"(cache hits {result.cache_hits}, skipped {result.skipped_chunks})\n"
+            f"  timings: {timings}")
+
+
+def _demo(args) -> int:
+    from personalkv.service.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, model_name=args.model)

@@ -1,0 +1,168 @@
+"""A caching worker killed with SIGKILL mid-task: the task is redelivered to a new worker, the
+concept becomes ready, no chunk is stored twice, nothing is lost.
+
+Real Celery worker subprocesses (``personalkv worker``), a real redis-server, the local object
+store and a milvus-lite file (opened by one worker at a time, then by the test to check).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+USER, CONCEPT = "alice", "teapot"
+N_PHOTOS, PATCHES = 6, 2
+
+
+def _photo(k: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 240), (230 - 10 * k, 220, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((90 + 5 * k, 50, 230 + 5 * k, 190), fill=(40, 90, 170))
+    draw.rectangle((140 + 5 * k, 100, 180 + 5 * k, 140), fill=(200, 30, 30))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def stack_env(tmp_path, redis_server):
+    import redis
+
+    db = 7
+    broker = redis_server.rsplit("/", 1)[0] + f"/{db}"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        "PERSONALKV_STORAGE_URL": f"file://{tmp_path / 'objects'}",
+        "PERSONALKV_INDEX_URI": str(tmp_path / "index" / "milvus.db"),
+        "PERSONALKV_CELERY_BROKER_URL": broker,
+        "PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S": "3",
+        "PERSONALKV_MODEL_NAME": "tiny:qwen2_vl",
+        "PERSONALKV_RETRIEVAL_TEXT_ENCODER": "hashing",
+        "PERSONALKV_SERVICE_PATCHES_PER_PHOTO": str(PATCHES),
+    }
+    (tmp_path / "objects").mkdir()
+    return env
+
+
+def _settings(env):
+    from personalkv.config import Settings
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Settings()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _start_worker(env, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "personalkv.cli", "worker", "--queue", "mining,caching",
+         "--concurrency", "1", "--loglevel", "INFO"],
+        env={**os.environ, **env}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _chunk_files(objects: Path) -> dict[str, tuple[int, int]]:
+    folder = objects / "users" / USER / "concepts" / CONCEPT / "chunks"
+    if not folder.exists():
+        return {}
+    return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.kv")}
+
+
+def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
+    from personalkv.service import concepts
+    from personalkv.service.bootstrap import bootstrap
+
+    settings = _settings(stack_env)
+    svc = bootstrap(settings, embedded=False)  # Celery queue on the test's redis; index unused
+    concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot, red square")
+    concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(N_PHOTOS)])
+    expected_chunks = 1 + N_PHOTOS * PATCHES
+    objects = tmp_path / "objects"
+    log = tmp_path / "worker.log"
+
+    first = _start_worker(stack_env, log)
+    try:
+        deadline = time.monotonic() + 120
+        before: dict = {}
+        while time.monotonic() < deadline:
+            files = _chunk_files(objects)
+            if 1 <= len(files) < expected_chunks:
+                os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child, at once
+                first.wait(timeout=10)
+                before = _chunk_files(objects)
+                break
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.01)
+        else:
+            pytest.fail("caching never started:\n" + log.read_text()[-3000:])
+    finally:
+        _stop(first, signal.SIGKILL)
+    killed_state = concepts.get_concept(svc, USER, CONCEPT)
+    assert killed_state.state == "caching", killed_state.state
+    assert 1 <= len(before) < expected_chunks
+
+    second = _start_worker(stack_env, log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            manifest = concepts.get_concept(svc, USER, CONCEPT)
+            if manifest.state in ("ready", "failed"):
+                break
+            assert second.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        _stop(second)  # releases the milvus-lite file
+    assert manifest.state == "ready", (manifest.failure_reason, log.read_text()[-3000:])
+
+    # Nothing lost: every photo, a patch set per photo, a chunk per patch plus the profile.
+    assert len(manifest.photos) == N_PHOTOS
+    assert len(manifest.patches) == N_PHOTOS * PATCHES
+    ids = [c.chunk_id for c in manifest.chunks]
+    assert len(ids) == len(set(ids)) == expected_chunks
+    after = _chunk_files(objects)
+    assert set(after) == set(ids)  # no orphan, no missing blob
+    # No chunk stored twice: those written before the kill were not rewritten.
+    for chunk_id, stamp in before.items():
+        assert after[chunk_id] == stamp, f"chunk {chunk_id[:12]} was rewritten"
+
+    # Findable: the index holds one key per chunk, and the retriever returns the concept.
+    svc.close()
+    check = bootstrap(settings, embedded=False)
+    try:
+        space = check.keys.text_space, check.keys.image_space
+        fingerprint = manifest.model_fingerprint
+        hits = [h for s in space for h in check.index.entries_of(s, USER, fingerprint, [CONCEPT])]
+        with_chunks = [h.chunk_id for h in hits if h.chunk_id]
+        assert sorted(with_chunks) == sorted(ids)
+        result = check.retriever.retrieve(USER, "my teapot", _photo(0), model_fingerprint=fingerprint)
+        assert [c.concept_id for c in result.concepts] == [CONCEPT]
+    finally:
+        check.close()
