@@ -68,6 +68,10 @@ class MilvusServer:
     ports: dict[str, int] = field(default_factory=dict)
     web_port: int = 0
     process: subprocess.Popen | None = None
+    graceful_stop_s: int = 5
+    #: proxy time tick (Milvus default 200 ms): a "Strong" read, and the first "Session" read
+    #: after a write, wait for the next tick. Tests lower it; benchmarks keep the default.
+    time_tick_ms: int | None = None
 
     @property
     def uri(self) -> str:
@@ -82,6 +86,10 @@ class MilvusServer:
         self.ports = dict(zip(PORT_KEYS, ports))
         self.web_port, etcd_peer = ports[-2], ports[-1]
         config = milvus.MilvusServerConfig(data_dir=str(self.data_dir), **self.ports)
+        # The default graceful stop waits up to 30 min; a dev server's data is disposable.
+        config.set("common.gracefulStopTimeout", self.graceful_stop_s)
+        if self.time_tick_ms:
+            config.set("proxy.timeTickInterval", self.time_tick_ms)
         config.resolve()  # writes <data_dir>/configs/milvus.yaml
         self._point_embedded_etcd(etcd_peer)
         env = dict(os.environ)
@@ -156,9 +164,10 @@ class MilvusServer:
         self.stop()
 
 
-def start_milvus_server(data_dir: str | os.PathLike, timeout_s: float = 180.0) -> MilvusServer:
+def start_milvus_server(data_dir: str | os.PathLike, timeout_s: float = 180.0,
+                        time_tick_ms: int | None = None) -> MilvusServer:
     """Start a server on free ports with its data under ``data_dir``; call ``.stop()`` after."""
-    return MilvusServer(pathlib.Path(data_dir)).start(timeout_s)
+    return MilvusServer(pathlib.Path(data_dir), time_tick_ms=time_tick_ms).start(timeout_s)
 
 
 if __name__ == "__main__":  # `python -m personalkv.devstack.milvus DIR`: run until Ctrl-C

@@ -98,11 +98,15 @@ class MilvusKeyIndex(KeyIndex):
 
     # -- writes ------------------------------------------------------------------------------
     def upsert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
+        # Delete by primary key, then insert - what Milvus' own upsert does. Its upsert RPC is
+        # not used: Milvus 2.3.5 acknowledges pymilvus 3's upsert into a partition-key collection
+        # and the rows never become visible (measured; even to Strong reads).
         self.ensure_space(space)
         name = self.collection(space)
         for start in range(0, len(entries), _BATCH):
-            rows = [_row(e, space.dim) for e in entries[start:start + _BATCH]]
-            self.client.upsert(name, rows)
+            batch = entries[start:start + _BATCH]
+            self.client.delete(name, ids=[e.key_id for e in batch])
+            self.client.insert(name, [_row(e, space.dim) for e in batch])
 
     def insert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
         """Bulk load of new keys (reindex, benchmark): ``insert`` skips upsert's delete pass."""

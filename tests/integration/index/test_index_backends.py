@@ -1,0 +1,74 @@
+"""The KeyIndex contract on both backends: embedded milvus-lite and the real Milvus server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
+
+SPACE = VectorSpace("contract", 16)
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(16).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def entries(user: str, concept: str, n: int, seed0: int = 0) -> list[IndexEntry]:
+    return [IndexEntry(key_id=f"{user}.{concept}.{i}", user_id=user, concept_id=concept,
+                       kind="image_patch", model_fingerprint="fp", vector=unit(seed0 + i),
+                       chunk_id=f"{i:064x}", object_key=f"users/{user}/k{i}", token_count=i,
+                       position_extent=2 * i, source=str(i)) for i in range(n)]
+
+
+def search(index, user, vector, **kw):
+    return index.search(SearchRequest(SPACE, user, "fp", vector, **kw))
+
+
+def test_fresh_writes_are_searchable_without_make_searchable(key_index):
+    key_index.upsert(SPACE, entries("alice", "mug", 30))
+    hits = search(key_index, "alice", unit(7), limit=5)
+    assert hits[0].key_id == "alice.mug.7" and hits[0].score > 0.99
+    assert (hits[0].token_count, hits[0].position_extent, hits[0].source) == (7, 14, "7")
+
+
+def test_identical_vectors_of_two_users_stay_apart(key_index):
+    key_index.upsert(SPACE, entries("alice", "mug", 10) + entries("bob", "mug", 10))
+    for user in ("alice", "bob"):
+        hits = search(key_index, user, unit(3), limit=20)
+        assert len(hits) == 10 and {h.user_id for h in hits} == {user}
+        assert all(h.object_key.startswith(f"users/{user}/") for h in hits)
+
+
+def test_make_searchable_keeps_results(key_index):
+    key_index.upsert(SPACE, entries("alice", "mug", 200) + entries("bob", "dog", 200, 1000))
+    before = [h.key_id for h in search(key_index, "alice", unit(11), limit=10)]
+    key_index.make_searchable()
+    after = [h.key_id for h in search(key_index, "alice", unit(11), limit=10)]
+    assert before[0] == after[0] == "alice.mug.11" and set(before) == set(after)
+    assert key_index.count(SPACE) == 400
+
+
+def test_deletes_are_visible_at_once_and_idempotent(key_index):
+    key_index.upsert(SPACE, entries("alice", "mug", 5) + entries("alice", "dog", 5, 50)
+                     + entries("bob", "mug", 5))
+    for _ in range(2):
+        key_index.delete_concept("alice", "mug")
+        assert {h.concept_id for h in search(key_index, "alice", unit(1), limit=20)} == {"dog"}
+    for _ in range(2):
+        key_index.delete_user("alice")
+        assert search(key_index, "alice", unit(51), limit=20) == []
+        assert key_index.entries_of(SPACE, "alice", "fp") == []
+    assert key_index.count(SPACE, "bob") == 5
+
+
+def test_a_second_client_sees_a_delete_at_once(server_key_index):
+    other = open_key_index(server_key_index.uri, prefix=server_key_index.prefix)
+    try:
+        server_key_index.upsert(SPACE, entries("alice", "mug", 5))
+        assert other.count(SPACE, "alice") == 5
+        server_key_index.delete_user("alice")
+        assert search(other, "alice", unit(1)) == []
+    finally:
+        other.close()
