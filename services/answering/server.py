@@ -28,7 +28,7 @@ SERVICE_NAME = answering_pb2.DESCRIPTOR.services_by_name["AnsweringService"].ful
 _OPTION_FIELDS = ("top_k", "recompute_ratio", "max_new_tokens", "temperature", "top_p", "seed")
 _KINDS = {"profile_text": common_pb2.CHUNK_KIND_PROFILE_TEXT,
           "image_patch": common_pb2.CHUNK_KIND_IMAGE_PATCH}
-_STAGES = ("retrieve", "load", "place", "prefill", "decode", "total")
+_STAGES = ("retrieve", "load", "place", "prefill", "decode", "total", "recompute")
 
 
 def options_from_proto(options: answering_pb2.AskOptions):
@@ -46,7 +46,7 @@ def _timings_ms(timings: dict) -> answering_pb2.Timings:
         elif stage in timings or f"{stage}_s" in timings:  # seconds
             setattr(out, f"{stage}_ms", 1000.0 * float(timings.get(stage, timings.get(f"{stage}_s"))))
     if not out.total_ms:
-        out.total_ms = sum(getattr(out, f"{s}_ms") for s in _STAGES[:-1])
+        out.total_ms = sum(getattr(out, f"{s}_ms") for s in _STAGES if s != "total")
     return out
 
 
@@ -108,13 +108,14 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
                 yield answering_pb2.AskStreamResponse(final=result_to_proto(item))
 
 
-def build_server(services, *, port: int, metrics_port: int = 0, settings=None) -> GrpcServer:
+def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
+                 auth=None) -> GrpcServer:
     """The answering GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = AnsweringServicer(services)
     return GrpcServer(
         "answering",
         lambda server: answering_pb2_grpc.add_AnsweringServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings,
+        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings, auth=auth,
     )  # fmt: skip
 
 

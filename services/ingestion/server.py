@@ -21,7 +21,7 @@ from personalkv.api.errors import grpc_errors
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service import concepts
-from personalkv.service.errors import InvalidArgument, ResourceExhausted
+from personalkv.service.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.grpc_common import GrpcServer, caller, deadline_passed
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
     @grpc_errors
     def DeleteConcept(self, request, context):
-        concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
+        existed = concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
+        if not existed and not request.allow_missing:
+            raise NotFound(f"concept {request.concept_id!r} does not exist")
         return ingestion_pb2.DeleteConceptResponse()
 
     @grpc_errors
@@ -123,13 +125,14 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         return ingestion_pb2.DeleteUserDataResponse(concepts_deleted=int(deleted or 0))
 
 
-def build_server(services, *, port: int, metrics_port: int = 0, settings=None) -> GrpcServer:
+def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
+                 auth=None) -> GrpcServer:
     """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = IngestionServicer(services)
     return GrpcServer(
         "ingestion",
         lambda server: ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(servicer, server),
-        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings,
+        [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings, auth=auth,
     )  # fmt: skip
 
 

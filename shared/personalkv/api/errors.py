@@ -13,6 +13,7 @@ import inspect
 import logging
 
 import grpc
+from PIL.Image import DecompressionBombError
 
 from personalkv.ids import InvalidIdError
 from personalkv.service.errors import ServiceError
@@ -29,6 +30,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (code or grpc.StatusCode.UNKNOWN), exc.message
     if isinstance(exc, InvalidIdError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DecompressionBombError):  # Pillow's own guard, should a check miss it
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"the photo has too many pixels ({exc})"
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 

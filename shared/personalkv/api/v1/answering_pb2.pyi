@@ -56,20 +56,22 @@ class UsedChunk(_message.Message):
     def __init__(self, chunk_id: _Optional[str] = ..., concept_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ChunkKind, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("retrieve_ms", "load_ms", "place_ms", "prefill_ms", "decode_ms", "total_ms")
+    __slots__ = ("retrieve_ms", "load_ms", "place_ms", "prefill_ms", "decode_ms", "total_ms", "recompute_ms")
     RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     PLACE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     retrieve_ms: float
     load_ms: float
     place_ms: float
     prefill_ms: float
     decode_ms: float
     total_ms: float
-    def __init__(self, retrieve_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., place_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    recompute_ms: float
+    def __init__(self, retrieve_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., place_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., recompute_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answer", "concepts", "chunks", "timings", "personal_evidence_used")

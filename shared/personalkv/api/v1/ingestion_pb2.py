@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from personalkv.api.v1 import common_pb2 as personalkv_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpersonalkv/v1/ingestion.proto\x12\rpersonalkv.v1\x1a\x1apersonalkv/v1/common.proto\"g\n\x14\x43reateConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\x12*\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x1b.personalkv.v1.ConceptFacts\"3\n\x0cUploadHeader\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\"B\n\nPhotoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65nd_of_photo\x18\x02 \x01(\x08\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\"x\n\x13UploadPhotosRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.personalkv.v1.UploadHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.personalkv.v1.PhotoChunkH\x00\x42\x06\n\x04item\"X\n\x14UploadPhotosResponse\x12\'\n\x07\x63oncept\x18\x01 \x01(\x0b\x32\x16.personalkv.v1.Concept\x12\x17\n\x0fphotos_received\x18\x02 \x01(\x05\"8\n\x11GetConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\"&\n\x13ListConceptsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"@\n\x14ListConceptsResponse\x12(\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x16.personalkv.v1.Concept\";\n\x14\x44\x65leteConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteConceptResponse\"(\n\x15\x44\x65leteUserDataRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x16\x44\x65leteUserDataResponse\x12\x18\n\x10\x63oncepts_deleted\x18\x01 \x01(\x05\x32\x97\x04\n\x10IngestionService\x12L\n\rCreateConcept\x12#.personalkv.v1.CreateConceptRequest\x1a\x16.personalkv.v1.Concept\x12Y\n\x0cUploadPhotos\x12\".personalkv.v1.UploadPhotosRequest\x1a#.personalkv.v1.UploadPhotosResponse(\x01\x12\x46\n\nGetConcept\x12 .personalkv.v1.GetConceptRequest\x1a\x16.personalkv.v1.Concept\x12W\n\x0cListConcepts\x12\".personalkv.v1.ListConceptsRequest\x1a#.personalkv.v1.ListConceptsResponse\x12Z\n\rDeleteConcept\x12#.personalkv.v1.DeleteConceptRequest\x1a$.personalkv.v1.DeleteConceptResponse\x12]\n\x0e\x44\x65leteUserData\x12$.personalkv.v1.DeleteUserDataRequest\x1a%.personalkv.v1.DeleteUserDataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpersonalkv/v1/ingestion.proto\x12\rpersonalkv.v1\x1a\x1apersonalkv/v1/common.proto\"g\n\x14\x43reateConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\x12*\n\x05\x66\x61\x63ts\x18\x03 \x01(\x0b\x32\x1b.personalkv.v1.ConceptFacts\"3\n\x0cUploadHeader\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\"B\n\nPhotoChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65nd_of_photo\x18\x02 \x01(\x08\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\"x\n\x13UploadPhotosRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.personalkv.v1.UploadHeaderH\x00\x12*\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x19.personalkv.v1.PhotoChunkH\x00\x42\x06\n\x04item\"X\n\x14UploadPhotosResponse\x12\'\n\x07\x63oncept\x18\x01 \x01(\x0b\x32\x16.personalkv.v1.Concept\x12\x17\n\x0fphotos_received\x18\x02 \x01(\x05\"8\n\x11GetConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\"&\n\x13ListConceptsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"@\n\x14ListConceptsResponse\x12(\n\x08\x63oncepts\x18\x01 \x03(\x0b\x32\x16.personalkv.v1.Concept\"R\n\x14\x44\x65leteConceptRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65leteConceptResponse\"(\n\x15\x44\x65leteUserDataRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"2\n\x16\x44\x65leteUserDataResponse\x12\x18\n\x10\x63oncepts_deleted\x18\x01 \x01(\x05\x32\x97\x04\n\x10IngestionService\x12L\n\rCreateConcept\x12#.personalkv.v1.CreateConceptRequest\x1a\x16.personalkv.v1.Concept\x12Y\n\x0cUploadPhotos\x12\".personalkv.v1.UploadPhotosRequest\x1a#.personalkv.v1.UploadPhotosResponse(\x01\x12\x46\n\nGetConcept\x12 .personalkv.v1.GetConceptRequest\x1a\x16.personalkv.v1.Concept\x12W\n\x0cListConcepts\x12\".personalkv.v1.ListConceptsRequest\x1a#.personalkv.v1.ListConceptsResponse\x12Z\n\rDeleteConcept\x12#.personalkv.v1.DeleteConceptRequest\x1a$.personalkv.v1.DeleteConceptResponse\x12]\n\x0e\x44\x65leteUserData\x12$.personalkv.v1.DeleteUserDataRequest\x1a%.personalkv.v1.DeleteUserDataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,13 +49,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONCEPTSRESPONSE']._serialized_start=612
   _globals['_LISTCONCEPTSRESPONSE']._serialized_end=676
   _globals['_DELETECONCEPTREQUEST']._serialized_start=678
-  _globals['_DELETECONCEPTREQUEST']._serialized_end=737
-  _globals['_DELETECONCEPTRESPONSE']._serialized_start=739
-  _globals['_DELETECONCEPTRESPONSE']._serialized_end=762
-  _globals['_DELETEUSERDATAREQUEST']._serialized_start=764
-  _globals['_DELETEUSERDATAREQUEST']._serialized_end=804
-  _globals['_DELETEUSERDATARESPONSE']._serialized_start=806
-  _globals['_DELETEUSERDATARESPONSE']._serialized_end=856
-  _globals['_INGESTIONSERVICE']._serialized_start=859
-  _globals['_INGESTIONSERVICE']._serialized_end=1394
+  _globals['_DELETECONCEPTREQUEST']._serialized_end=760
+  _globals['_DELETECONCEPTRESPONSE']._serialized_start=762
+  _globals['_DELETECONCEPTRESPONSE']._serialized_end=785
+  _globals['_DELETEUSERDATAREQUEST']._serialized_start=787
+  _globals['_DELETEUSERDATAREQUEST']._serialized_end=827
+  _globals['_DELETEUSERDATARESPONSE']._serialized_start=829
+  _globals['_DELETEUSERDATARESPONSE']._serialized_end=879
+  _globals['_INGESTIONSERVICE']._serialized_start=882
+  _globals['_INGESTIONSERVICE']._serialized_end=1417
 # @@protoc_insertion_point(module_scope)

@@ -72,12 +72,14 @@ class ListConceptsResponse(_message.Message):
     def __init__(self, concepts: _Optional[_Iterable[_Union[_common_pb2.Concept, _Mapping]]] = ...) -> None: ...
 
 class DeleteConceptRequest(_message.Message):
-    __slots__ = ("user_id", "concept_id")
+    __slots__ = ("user_id", "concept_id", "allow_missing")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     concept_id: str
-    def __init__(self, user_id: _Optional[str] = ..., concept_id: _Optional[str] = ...) -> None: ...
+    allow_missing: bool
+    def __init__(self, user_id: _Optional[str] = ..., concept_id: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteConceptResponse(_message.Message):
     __slots__ = ()
