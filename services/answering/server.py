@@ -100,12 +100,19 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
 
     @grpc_errors
     def AskStream(self, request, context):
+        streamed = ""
         for item in self._events(request, context):
             if isinstance(item, str):
                 if item:
+                    streamed += item
                     yield answering_pb2.AskStreamResponse(text_delta=item)
-            else:
-                yield answering_pb2.AskStreamResponse(final=result_to_proto(item))
+                continue
+            # Text the token stream held back (a trailing partial character): send it, so the
+            # deltas always add up to the final answer (up to surrounding whitespace).
+            sent = streamed.strip()
+            if item.answer.startswith(sent) and len(item.answer) > len(sent):
+                yield answering_pb2.AskStreamResponse(text_delta=item.answer[len(sent):])
+            yield answering_pb2.AskStreamResponse(final=result_to_proto(item))
 
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,

@@ -80,7 +80,7 @@ def test_full_flow_embedded(api):
         events = list(carol.ask_stream("What does Bo like?", max_new_tokens=4))
         final = events[-1]
         assert final.WhichOneof("event") == "final"
-        assert "".join(e.text_delta for e in events[:-1]) == final.final.answer
+        assert "".join(e.text_delta for e in events[:-1]).strip() == final.final.answer
         assert all(e.WhichOneof("event") == "text_delta" for e in events[:-1])
 
         # Adding a photo computes only the new photo's chunks.

@@ -1,0 +1,210 @@
+"""End to end through the real multi-process stack.
+
+Processes: redis-server (broker), an S3 server (minio, or moto's server), a Milvus 2.3.5
+standalone server, a Celery mining worker and a Celery caching worker (`personalkv worker`),
+and the two gRPC servers (`python -m services.<name>.server`), all subprocesses on free
+loopback ports; the test talks gRPC only (plus read-only looks at S3, Milvus and /metrics to
+check what is stored). Tiny random-weight Qwen2-VL, so it runs on CPU in minutes.
+
+Scenario: create a concept and upload photos over gRPC, wait until ready, Ask without and
+with a photo (unary and streaming), add a photo (only its chunks are computed), delete the
+user (Ask then uses no personal evidence; S3 and Milvus hold nothing of theirs), SIGTERM the
+servers (graceful exit 0).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from personalkv.api.client import PersonalKVClient
+from personalkv.api.v1 import common_pb2
+from personalkv.auth import mint_token
+from personalkv.config import AuthSettings
+from personalkv.devstack.s3 import free_port
+
+pytestmark = pytest.mark.slow
+
+USER, CONCEPT = "erin", "bo"
+PATCHES = 2
+SECRET = "e2e-secret-" + os.urandom(16).hex()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def photo(seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray((rng.random((120, 160, 3)) * 255).astype("uint8"))
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: dict, logs: Path):
+        self.name, self.log = name, logs / f"{name}.log"
+        self.popen = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def tail(self, n: int = 3000) -> str:
+        return f"--- {self.name} ---\n" + self.log.read_text(errors="replace")[-n:]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        return self.popen.returncode
+
+
+@pytest.fixture
+def stack(tmp_path, redis_server, s3_server, milvus_server):
+    import redis
+
+    broker = redis_server.rsplit("/", 1)[0] + "/11"
+    redis.Redis.from_url(broker).flushdb()
+    bucket, prefix = f"e2e-{os.getpid()}", f"e2e{os.getpid()}"
+    ports = {k: free_port() for k in ("ing", "ans", "ing_m", "ans_m")}
+    env = {
+        **os.environ,
+        "PERSONALKV_STORAGE_URL": s3_server.store_url(bucket),
+        "PERSONALKV_STORAGE_ACCESS_KEY": s3_server.access_key,
+        "PERSONALKV_STORAGE_SECRET_KEY": s3_server.secret_key,
+        "PERSONALKV_INDEX_URI": milvus_server,
+        "PERSONALKV_INDEX_COLLECTION_PREFIX": prefix,
+        "PERSONALKV_CELERY_BROKER_URL": broker,
+        "PERSONALKV_MODEL_NAME": "tiny:qwen2_vl",
+        "PERSONALKV_SERVICE_PATCHES_PER_PHOTO": str(PATCHES),
+        "PERSONALKV_AUTH_SECRET": SECRET,
+        "PERSONALKV_SERVER_HOST": "127.0.0.1",
+        "PERSONALKV_SERVER_INGESTION_PORT": str(ports["ing"]),
+        "PERSONALKV_SERVER_ANSWERING_PORT": str(ports["ans"]),
+        "PERSONALKV_SERVER_INGESTION_METRICS_PORT": str(ports["ing_m"]),
+        "PERSONALKV_SERVER_ANSWERING_METRICS_PORT": str(ports["ans_m"]),
+        "PERSONALKV_SERVER_GRACE_S": "5",
+        "PERSONALKV_SERVER_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    py = sys.executable
+    procs = [
+        Proc("mining", [py, "-m", "personalkv.cli", "worker", "--queue", "mining",
+                        "--concurrency", "1"], env, tmp_path),
+        Proc("caching", [py, "-m", "personalkv.cli", "worker", "--queue", "caching",
+                         "--concurrency", "1"], env, tmp_path),
+        Proc("ingestion", [py, "-m", "services.ingestion.server"], env, tmp_path),
+        Proc("answering", [py, "-m", "services.answering.server"], env, tmp_path),
+    ]
+    try:
+        for name, port in (("ingestion", ports["ing"]), ("answering", ports["ans"])):
+            _wait_serving(f"127.0.0.1:{port}", procs)
+        yield {"procs": {p.name: p for p in procs}, "ports": ports, "s3": s3_server,
+               "bucket": bucket, "milvus": milvus_server, "prefix": prefix}
+    except BaseException:
+        print("\n".join(p.tail() for p in procs))
+        raise
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _wait_serving(addr: str, procs, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(addr) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            for p in procs:
+                assert p.popen.poll() is None, p.tail()
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise AssertionError(f"{addr} not SERVING after {timeout_s}s")
+
+
+def _metrics(port: int) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_full_stack(stack):
+    ports, procs = stack["ports"], stack["procs"]
+    token = mint_token(USER, settings=AuthSettings(secret=SECRET))
+    client = PersonalKVClient(f"127.0.0.1:{ports['ing']}", f"127.0.0.1:{ports['ans']}", token,
+                              timeout_s=60)
+    try:
+        # Upload photos of a new concept (one JPEG, one PNG) and wait until it is ready.
+        client.create_concept(CONCEPT, "Bo", "dog", "my corgi; loves the beach and carrots")
+        up = client.upload_photos(CONCEPT, [photo(1, "JPEG"), photo(2)], chunk_bytes=8192)
+        assert up.photos_received == 2 and up.concept.state == common_pb2.CONCEPT_STATE_QUEUED
+        ready = client.wait_ready(CONCEPT, timeout_s=150)
+        assert ready.photo_count == 2 and ready.patch_count == 2 * PATCHES
+        assert ready.chunk_count == 1 + 2 * PATCHES
+
+        # Ask without and with a photo; streaming gives the same kind of answer.
+        plain = client.ask("What does Bo love?", max_new_tokens=6)
+        assert plain.personal_evidence_used and plain.concepts[0].concept_id == CONCEPT
+        assert plain.timings.retrieve_ms > 0 and plain.timings.decode_ms > 0
+        with_photo = client.ask("Is this my dog?", [photo(1, "JPEG")], max_new_tokens=6)
+        assert with_photo.personal_evidence_used
+        assert any(c.kind == common_pb2.CHUNK_KIND_IMAGE_PATCH for c in with_photo.chunks)
+        events = list(client.ask_stream("What does Bo love?", max_new_tokens=6))
+        assert events[-1].final.personal_evidence_used
+        assert "".join(e.text_delta for e in events[:-1]).strip() == events[-1].final.answer
+
+        # Add a photo later: only the new photo's chunks are computed; old ones stay as they are.
+        before = {c.chunk_id for c in client.ask("What does Bo love?", max_new_tokens=1).chunks}
+        client.upload_photos(CONCEPT, [photo(3)])
+        again = client.wait_ready(CONCEPT, timeout_s=150)
+        assert again.photo_count == 3 and again.chunk_count == 1 + 3 * PATCHES
+        after = {c.chunk_id for c in client.ask("What does Bo love?", max_new_tokens=1).chunks}
+        assert before < after and len(after - before) == PATCHES
+
+        text = _metrics(ports["ans_m"])
+        assert 'personalkv_grpc_request_duration_seconds_count{code="OK",method="Ask",service="answering"}' in text
+        assert "personalkv_grpc_request_duration_seconds_bucket" in _metrics(ports["ing_m"])
+
+        # Delete the user: Ask uses no personal evidence; S3 and Milvus hold nothing of theirs.
+        assert client.delete_user_data().concepts_deleted == 1
+        gone = client.ask("What does Bo love?", max_new_tokens=4)
+        assert not gone.personal_evidence_used and not gone.concepts and not gone.chunks
+        assert client.list_concepts() == []
+        store = stack["s3"].open_store(stack["bucket"])
+        assert list(store.list(f"users/{USER}/")) == []
+        from personalkv.index import open_key_index
+        from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
+        from personalkv.retrieval.keys import KeyBuilder
+
+        index = open_key_index(stack["milvus"], prefix=stack["prefix"])
+        keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder("global"))
+        try:
+            assert sum(index.count(s, USER) for s in (keys.text_space, keys.image_space)) == 0
+        finally:
+            index.close()
+    finally:
+        client.close()
+
+    # Structured logs, then a graceful stop on SIGTERM.
+    lines = [ln for ln in procs["ingestion"].log.read_text().splitlines() if ln.startswith("{")]
+    assert any(json.loads(ln).get("msg") == "grpc server started" for ln in lines)
+    for name in ("ingestion", "answering"):
+        assert procs[name].stop(signal.SIGTERM, timeout=20) == 0, procs[name].tail()
+    assert "grpc server stopped" in procs["answering"].log.read_text()
