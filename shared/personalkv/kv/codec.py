@@ -87,8 +87,9 @@ def encode_chunk(chunk: KVChunk, quantization: str = "none") -> bytes:
                 tensors[f"{prefix}.{layer}.scale"] = scale
             else:
                 tensors[f"{prefix}.{layer}"] = tensor
-    tensors["positions"] = chunk.positions.detach().to("cpu", torch.int64).contiguous()
-    tensors["token_ids"] = chunk.token_ids.detach().to("cpu", torch.int64).contiguous()
+    # int32 on disk (positions and vocabularies are far below 2**31); int64 in memory.
+    tensors["positions"] = chunk.positions.detach().to("cpu", torch.int32).contiguous()
+    tensors["token_ids"] = chunk.token_ids.detach().to("cpu", torch.int32).contiguous()
     if chunk.image_embeds is not None:
         tensors["image_embeds"] = chunk.image_embeds.detach().to("cpu").contiguous()
     metadata = {
@@ -185,7 +186,7 @@ def decode_chunk(
         meta=meta,
         keys=keys,
         values=values,
-        positions=tensors["positions"].to(device),
-        token_ids=tensors["token_ids"].to(device),
+        positions=tensors["positions"].to(device, torch.int64),
+        token_ids=tensors["token_ids"].to(device, torch.int64),
         image_embeds=None if image_embeds is None else image_embeds.to(device, target),
     )
