@@ -85,6 +85,36 @@ def encode_evidence(
     )
 
 
+def encode_profile(adapter: ModelAdapter, profile_text: str, *, user_id: str, concept_id: str) -> KVChunk:
+    """A concept's text profile as a chunk (the text is the whole evidence and its content)."""
+    text = profile_text.rstrip("\n") + "\n"
+    return encode_evidence(
+        adapter, [text], user_id=user_id, concept_id=concept_id, kind="profile_text",
+        content=text.encode(), source="profile",
+    )
+
+
+def encode_patch(
+    adapter: ModelAdapter,
+    image: Image.Image,
+    *,
+    concept_name: str,
+    user_id: str,
+    concept_id: str,
+    image_bytes: bytes,
+    source: str = "",
+) -> KVChunk:
+    """One mined image patch as a chunk, framed by a short text naming the concept.
+
+    ``image_bytes``: the patch's encoded bytes (e.g. PNG of the crop), hashed with the framing.
+    """
+    framing = f"Photo detail of <{concept_name}>: "
+    return encode_evidence(
+        adapter, [framing, adapter.encode_image(image), "\n"], user_id=user_id, concept_id=concept_id,
+        kind="image_patch", content=framing.encode() + image_bytes, source=source,
+    )
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 64

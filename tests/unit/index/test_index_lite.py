@@ -105,3 +105,15 @@ def test_wrong_dimension_and_unknown_scheme_fail_clearly(lite_key_index):
 def test_quotes_in_ids_cannot_widen_a_filter(filled):
     # ids are validated upstream; this checks the index's own escaping as the second lock.
     assert search(filled, 'alice" or user_id != "', onehot(0)) == []
+
+
+def test_every_registered_backend_implements_the_whole_interface():
+    import importlib
+    import inspect
+
+    from personalkv.index import _BACKENDS, KeyIndex
+
+    for target in set(_BACKENDS.values()):
+        module, name = target.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, KeyIndex) and not inspect.isabstract(cls), target

@@ -157,3 +157,25 @@ def test_chunk_from_another_framing_refused(tiny, photo):
     chunk.meta = dataclasses.replace(chunk.meta, framing="0" * 64)
     with pytest.raises(ValueError, match="different system prefix"):
         place_chunks(adapter, [chunk])
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
+def test_recomputing_every_token_after_the_first_chunk_equals_full_prefill(tiny, photo, kind):
+    """Partial recompute is exact where it must be: the first chunk's KV is already what a full
+    prefill computes (it only ever sees the prefix), so recomputing exactly the tokens of the
+    later chunks, which see reused KV of the first one, must reproduce the full prefill."""
+    from personalkv.kv.engine import prefill
+    from personalkv.kv.recompute import _chunk_inputs, _recompute_selected
+
+    adapter = tiny(kind)
+    parts_list = evidence(adapter, photo)
+    chunks = stored_chunks(adapter, parts_list)
+    _, segments = block_reference(adapter, parts_list, QUESTION)
+    full = adapter.reference_forward(segments, logits_to_keep=1)[-1]
+    with torch.inference_mode():
+        ctx = place_chunks(adapter, chunks)
+        embeds, positions = _chunk_inputs(adapter, ctx)
+        first = chunks[0].meta.token_count
+        _recompute_selected(adapter, ctx, embeds, positions, torch.arange(first, embeds.shape[1]))
+        logits = prefill(adapter, ctx, segments[-1])
+    assert (logits - full).abs().max().item() <= LOGIT_TOL

@@ -94,3 +94,19 @@ def test_sampling_is_seeded(tiny):
     first = answer(adapter, [], "Tell me something.", options=options).token_ids
     second = answer(adapter, [], "Tell me something.", options=options).token_ids
     assert first == second
+
+
+def test_profile_and_patch_chunks_carry_owner_and_content_in_their_hash(tiny, photo):
+    from personalkv.kv.engine import encode_patch, encode_profile
+
+    adapter = tiny("qwen2_vl")
+    a = encode_profile(adapter, "Concept <bo>: dog", user_id="alice", concept_id="bo")
+    b = encode_profile(adapter, "Concept <bo>: dog", user_id="bob", concept_id="bo")
+    c = encode_profile(adapter, "Concept <bo>: cat", user_id="alice", concept_id="bo")
+    assert len({a.chunk_id, b.chunk_id, c.chunk_id}) == 3
+    assert torch.equal(a.keys[0], b.keys[0])  # same tensors, different owners, different ids
+    patch = encode_patch(
+        adapter, photo(4), concept_name="bo", user_id="alice", concept_id="bo", image_bytes=b"png", source="patch:0"
+    )
+    assert patch.meta.kind == "image_patch" and patch.image_embeds is not None
+    assert patch.meta.source == "patch:0"
