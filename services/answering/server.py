@@ -134,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     setup_logging("answering")
     services = bootstrap(settings, embedded=args.embedded)
+    from personalkv.observability import watch_chunk_cache
+
+    watch_chunk_cache(services.chunk_cache)
     if not args.no_warmup:  # readiness means ready: health turns SERVING after the model loads
         services.adapter, services.retriever  # noqa: B018
     server = build_server(

@@ -144,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     settings = get_settings()
     setup_logging("ingestion")
     services = bootstrap(settings, embedded=args.embedded)
+    if not args.embedded:
+        from personalkv.observability import track_celery_queues
+        from personalkv.service.task_queue import QUEUE_OF
+
+        track_celery_queues(settings.celery.broker_url, sorted(set(QUEUE_OF.values())))
     server = build_server(
         services,
         port=settings.server.ingestion_port if args.port is None else args.port,

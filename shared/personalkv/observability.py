@@ -1,10 +1,12 @@
 """Prometheus metrics, the /metrics endpoint and structured (JSON) logging of every service.
 
 Who calls what:
-    gRPC servers     setup_logging(), start_metrics_server(port), MetricsInterceptor(service)
-    Celery workers   setup_logging(), start_metrics_server(port), observe_task(name),
-                     track_queue_depth(queue, probe) / set_queue_depth(queue, n)
-    chunk cache      record_chunk_cache(hit=...), set_chunk_cache_bytes(n)
+    gRPC servers     setup_logging(), start_metrics_server(port), metrics_interceptor(service)
+    ingestion        track_celery_queues(broker_url, queues): queue depth = Redis LLEN per scrape
+    answering        watch_chunk_cache(cache): hits/misses/bytes read from ChunkCache.stats()
+    Celery workers   setup_logging(), instrument_celery(app) (task counts and durations from
+                     Celery's signals), start_metrics_server(port) in the process running tasks;
+                     or observe_task(name) around any unit of work
 
 All metrics live in REGISTRY (the prometheus_client default registry), named ``personalkv_*``.
 Label values are closed sets (method names, status code names, task names, queue names,
@@ -18,9 +20,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -38,11 +41,6 @@ TASK_DURATION = Histogram(
     ["task", "outcome"], buckets=_LATENCY_BUCKETS + (300, 600),
 )  # fmt: skip
 QUEUE_DEPTH = Gauge("personalkv_queue_depth", "Messages waiting in a task queue.", ["queue"])
-CHUNK_CACHE = Counter(
-    "personalkv_chunk_cache_requests_total", "Hot-chunk LRU lookups, by result (hit/miss).",
-    ["result"],
-)  # fmt: skip
-CHUNK_CACHE_BYTES = Gauge("personalkv_chunk_cache_bytes", "Bytes held by the hot-chunk LRU.")
 
 
 # -- helpers for workers and the chunk cache ------------------------------------------------
@@ -69,12 +67,80 @@ def track_queue_depth(queue: str, probe: Callable[[], float]) -> None:
     QUEUE_DEPTH.labels(queue).set_function(probe)
 
 
-def record_chunk_cache(hit: bool, count: int = 1) -> None:
-    CHUNK_CACHE.labels("hit" if hit else "miss").inc(count)
+def track_celery_queues(broker_url: str, queues: Sequence[str]) -> None:
+    """Queue depth of Celery's Redis queues (a Redis list per queue), read at every scrape;
+    -1 while Redis cannot be reached (so an outage shows instead of a stale number)."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1)
+
+    def probe(queue: str) -> Callable[[], float]:
+        def depth() -> float:
+            try:
+                return float(client.llen(queue))
+            except redis.RedisError:
+                return -1.0
+
+        return depth
+
+    for queue in queues:
+        track_queue_depth(queue, probe(queue))
 
 
-def set_chunk_cache_bytes(nbytes: int) -> None:
-    CHUNK_CACHE_BYTES.set(nbytes)
+class _ChunkCacheCollector:
+    """Exports a ChunkCache's own counters at scrape time (the cache needs no metrics code)."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        stats = self.cache.stats()
+        requests = CounterMetricFamily("personalkv_chunk_cache_requests",
+                                       "Hot-chunk LRU lookups, by result.", labels=["result"])
+        requests.add_metric(["hit"], stats.hits)
+        requests.add_metric(["miss"], stats.misses)
+        yield requests
+        yield CounterMetricFamily("personalkv_chunk_cache_evictions",
+                                  "Chunks evicted from the hot-chunk LRU.", value=stats.evictions)
+        yield GaugeMetricFamily("personalkv_chunk_cache_bytes",
+                                "Bytes held by the hot-chunk LRU.", value=stats.bytes)
+        yield GaugeMetricFamily("personalkv_chunk_cache_budget_bytes",
+                                "Byte budget of the hot-chunk LRU.", value=stats.budget_bytes)
+        yield GaugeMetricFamily("personalkv_chunk_cache_entries",
+                                "Chunks held by the hot-chunk LRU.", value=stats.entries)
+
+
+_watched_cache: _ChunkCacheCollector | None = None
+
+
+def watch_chunk_cache(cache) -> None:
+    """Export `cache` (personalkv.service.chunk_cache.ChunkCache) from this process; a second
+    call replaces the first cache."""
+    global _watched_cache
+    if _watched_cache is not None:
+        REGISTRY.unregister(_watched_cache)
+    _watched_cache = _ChunkCacheCollector(cache)
+    REGISTRY.register(_watched_cache)
+
+
+def instrument_celery(app) -> None:
+    """Count and time every task of `app` from Celery's signals (TASKS, TASK_DURATION)."""
+    from celery import signals
+
+    started: dict[str, float] = {}
+
+    @signals.task_prerun.connect(weak=False)
+    def _prerun(task_id=None, **_):
+        started[task_id] = time.perf_counter()
+
+    @signals.task_postrun.connect(weak=False)
+    def _postrun(task_id=None, task=None, state=None, **_):
+        start = started.pop(task_id, None)
+        outcome = {"SUCCESS": "ok", "RETRY": "retry"}.get(state or "", "error")
+        name = getattr(task, "name", "unknown")
+        TASKS.labels(name, outcome).inc()
+        if start is not None:
+            TASK_DURATION.labels(name, outcome).observe(time.perf_counter() - start)
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1"):

@@ -180,7 +180,11 @@ def test_full_stack(stack):
 
         text = _metrics(ports["ans_m"])
         assert 'personalkv_grpc_request_duration_seconds_count{code="OK",method="Ask",service="answering"}' in text
-        assert "personalkv_grpc_request_duration_seconds_bucket" in _metrics(ports["ing_m"])
+        assert 'personalkv_chunk_cache_requests_total{result="hit"}' in text
+        assert float(text.split('personalkv_chunk_cache_requests_total{result="hit"} ')[1].split()[0]) > 0
+        text = _metrics(ports["ing_m"])
+        assert "personalkv_grpc_request_duration_seconds_bucket" in text
+        assert 'personalkv_queue_depth{queue="caching"} 0.0' in text
 
         # Delete the user: Ask uses no personal evidence; S3 and Milvus hold nothing of theirs.
         assert client.delete_user_data().concepts_deleted == 1
