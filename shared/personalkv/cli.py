@@ -14,7 +14,7 @@ import sys
 COMMAND_MODULES = [
     "personalkv.api.cli",  # serve ingestion|answering, token
     "personalkv.service.cli",  # worker, ingest, ask, reindex, demo
-    # "personalkv.mining.cli",      # mine, eval recognition (issue 5)
+    "personalkv.mining.cli",  # mine, eval recognition
 ]
 
 

@@ -246,6 +246,14 @@ class MiningSettings(BaseSettings):
         2.3, description="Fused score under which a photo shows 'none of your concepts' "
         "(chosen on half of the myvlm concepts, see the mining README).",
     )
+    support_per_photo: int = Field(
+        3, ge=1, description="Best windows per photo that, with the patches, form the subject "
+        "region whose keypoints may vote in recognition (vote_region='subject').",
+    )
+    vote_region: Literal["all", "subject"] = Field(
+        "subject", description="Library keypoints that count as recognition evidence: all, or "
+        "only those in the mined subject region (not the shared home background).",
+    )
     negative_pool: str = Field(
         "", description="Folder of generic photos used as the negative pool (optional; the "
         "user's other concepts are always negatives).",

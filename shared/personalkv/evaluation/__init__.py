@@ -1,0 +1,1 @@
+"""Evaluation on datasets in the format of ../shared/data/README.md (dataset reader, recognition)."""

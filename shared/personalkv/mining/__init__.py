@@ -1,0 +1,14 @@
+"""Evidence mining: each concept's distinct patches, its profile, and a visual recognizer.
+
+  features    pluggable extractors (RootSIFT local features, colour windows; CLIP / SigLIP /
+              VLM vision tower plug in by registering a PatchEmbedder)
+  proposals   candidate boxes at several scales, NMS
+  saliency    subject prior (weights-free spectral residual; detectors plug in)
+  library     one user's photos + negative pool, keypoint index, the matching rule
+  scoring     per-window evidence: subject, consistency, distinctiveness, relevance
+  miner       top-k patches per concept -> manifest PatchRecords
+  recognizer  which concept (or none) a photo shows; usable as the retriever's re-ranker
+  profile     schema-validated concept profiles from user facts and the VLM's description
+  sheets      contact-sheet PNGs
+  cli         `personalkv mine`, `personalkv eval recognition`
+"""

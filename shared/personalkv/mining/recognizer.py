@@ -1,0 +1,127 @@
+"""Which of a user's concepts a photo shows, or none: the visual re-ranker of retrieval.
+
+Score of concept ``c`` for a query photo (all weights-free by default):
+
+    keypoints(c) = log1p(sum of verified inliers with the two best-matching photos of c)
+    colour(c)    = mean of the 3 best (max window similarity - pool similarity) of c's patches
+    fused(c)     = keypoints(c) + colour_weight * colour(c)
+
+The best concept is the answer when its fused score reaches ``threshold``; otherwise the photo
+shows "none of your concepts". Matching uses the library's rule (ratio test across owners, so
+features shared with the pool or with other concepts vote for nobody; RANSAC similarity).
+
+    rec = ConceptRecognizer(library, mined, settings)
+    result = rec.recognize(photo)          # Recognition(scores, best, accepted)
+    retriever = Retriever(..., visual_reranker=rec.as_reranker())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from personalkv.config import MiningSettings
+from personalkv.mining.library import PhotoLibrary
+from personalkv.mining.miner import MinedConcept
+from personalkv.mining.proposals import points_in_boxes, propose_boxes
+
+
+@dataclass(frozen=True)
+class Recognition:
+    scores: dict[str, float]  # fused score per concept
+    best: str | None  # best-scoring concept, or None when the library has none
+    accepted: bool  # best reaches the threshold; False means "none of your concepts"
+    keypoint_scores: dict[str, float]
+    colour_scores: dict[str, float]
+    #: log1p inliers counting every library keypoint / only those in the mined subject region
+    keypoint_all: dict[str, float] | None = None
+    keypoint_subject: dict[str, float] | None = None
+
+    @property
+    def concept(self) -> str | None:
+        return self.best if self.accepted else None
+
+
+class ConceptRecognizer:
+    def __init__(self, library: PhotoLibrary, mined: Mapping[str, MinedConcept],
+                 settings: MiningSettings | None = None):
+        self.library = library
+        self.settings = settings or MiningSettings()
+        self._patches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._subject: dict[int, np.ndarray] = {}  # library photo -> keypoint mask
+        for cid in library.concept_ids:
+            self._patches[cid] = self._patch_colours(cid, mined.get(cid))
+            self._subject_masks(cid, mined.get(cid))
+
+    def _subject_masks(self, cid: str, mined: MinedConcept | None) -> None:
+        """Keypoints inside the concept's support windows (patches and per-photo best windows)."""
+        photos = self.library.photos_of(self.library.concept_ids.index(cid))
+        for idx in photos:
+            self._subject[idx] = np.zeros(len(self.library.photos[idx].local), bool)
+        if mined is None:
+            return
+        boxes = list(mined.support) + [(p.photo_index, p.box) for p in mined.patches]
+        for local_i, box in boxes:
+            idx = photos[local_i]
+            xy = self.library.photos[idx].local.xy
+            self._subject[idx] |= points_in_boxes(xy, np.asarray([box], np.float32))[0]
+
+    def _patch_colours(self, cid: str, mined: MinedConcept | None) -> tuple[np.ndarray, np.ndarray]:
+        """Colour embedding of each mined patch and its pool similarity (consistency - margin)."""
+        if mined is None or not mined.patches:
+            return np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
+        owner = self.library.concept_ids.index(cid)
+        photos = self.library.photos_of(owner)
+        rows, negs = [], []
+        for p in mined.patches:
+            lp = self.library.photos[photos[p.photo_index]]
+            j = int(np.argmin(np.abs(lp.boxes - np.asarray(p.box, np.float32)).sum(1)))
+            rows.append(lp.colours[j])
+            negs.append(p.scores.get("colour_consistency", 1.0) - p.scores.get("colour_margin", 0.0))
+        return np.stack(rows), np.asarray(negs, np.float32)
+
+    def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None) -> Recognition:
+        lib = self.library
+        query = lib.extractor.extract(image)
+        inliers: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
+        subject: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
+        for m in lib.match(query):
+            if m.owner >= 0:
+                inliers[lib.concept_ids[m.owner]].append(m.inliers)
+                mask = self._subject.get(m.photo)
+                subject[lib.concept_ids[m.owner]].append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
+        boxes = propose_boxes(image.shape)
+        windows = lib.embedder.embed_boxes(image, boxes)
+        kp, col, fused, kp_all, kp_subj = {}, {}, {}, {}, {}
+        for cid in candidates if candidates is not None else lib.concept_ids:
+            kp_all[cid] = float(np.log1p(sum(sorted(inliers.get(cid, []))[-2:])))
+            kp_subj[cid] = float(np.log1p(sum(sorted(subject.get(cid, []))[-2:])))
+            kp[cid] = kp_subj[cid] if self.settings.vote_region == "subject" else kp_all[cid]
+            emb, neg = self._patches.get(cid, (np.zeros((0, 1)), np.zeros(0)))
+            if len(emb) and emb.shape[1] == windows.shape[1]:
+                s = np.sort((emb @ windows.T).max(1) - neg)[-3:]
+                col[cid] = float(s.mean())
+            else:
+                col[cid] = 0.0
+            fused[cid] = kp[cid] + self.settings.colour_weight * col[cid]
+        best = max(fused, key=fused.get) if fused else None
+        accepted = best is not None and fused[best] >= self.settings.threshold
+        return Recognition(fused, best, accepted, kp, col, kp_all, kp_subj)
+
+    def calibrated(self, score: float) -> float:
+        """Fused score -> [0, 1], 0.5 at the threshold."""
+        return float(1.0 / (1.0 + np.exp(-2.0 * (score - self.settings.threshold))))
+
+    def as_reranker(self):
+        """A ``personalkv.retrieval.retriever.VisualReranker`` for this user's library:
+        ``(user_id, PIL image, candidate ids) -> {concept_id: score in [0, 1]}``."""
+
+        def rerank(user_id: str, image, candidates: Sequence[str]) -> dict[str, float]:
+            known = [c for c in candidates if c in self.library.concept_ids]
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            result = self.recognize(rgb, known)
+            return {c: self.calibrated(s) for c, s in result.scores.items()}
+
+        return rerank
