@@ -4,8 +4,9 @@
     personalkv serve answering ...
 
 Retrieval, the hot-chunk LRU, placement and generation live in the service layer. Both RPCs
-run the service's token stream and check the call between tokens, so a cancelled call or a
-passed deadline stops generation instead of finishing an answer nobody will read.
+check the call between generated tokens (Ask through the service's token callback, AskStream
+between deltas), so a cancelled call or a passed deadline stops generation instead of
+finishing an answer nobody will read.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def result_to_proto(result) -> answering_pb2.AskResponse:
     )  # fmt: skip
 
 
+class _CallGone(Exception):
+    """Raised from the token callback to stop generation for a call nobody waits for."""
+
+
 class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
     def __init__(self, services) -> None:
         self.svc = services
@@ -90,13 +95,24 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
 
     @grpc_errors
     def Ask(self, request, context):
-        final = None
-        for item in self._events(request, context):
-            if not isinstance(item, str):
-                final = item
-        if final is None:
-            raise RuntimeError("ask_stream ended without a result")
-        return result_to_proto(final)
+        user_id = caller(request.user_id)
+        if deadline_passed(context):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
+
+        def on_token(_token_id: int) -> None:  # between tokens: stop when nobody waits
+            if deadline_passed(context):
+                raise _CallGone()
+
+        try:
+            result = answering.ask(
+                self.svc, user_id, request.question, [p.data for p in request.photos],
+                options_from_proto(request.options), on_token=on_token,
+            )  # fmt: skip
+        except _CallGone:
+            log.info("ask stopped: client cancelled or deadline passed")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          "deadline passed or call cancelled during generation")
+        return result_to_proto(result)
 
     @grpc_errors
     def AskStream(self, request, context):

@@ -146,7 +146,10 @@ def acting_as(user_id: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _current_user.reset(reset)
+        try:
+            _current_user.reset(reset)
+        except ValueError:  # a streaming RPC's generator closed by GC from another context
+            pass
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+_rpc_log = logging.getLogger("personalkv.rpc")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 GRPC_LATENCY = Histogram(
@@ -171,7 +172,10 @@ def metrics_interceptor(service: str):
             raise
         finally:
             code = code or context.code() or grpc.StatusCode.OK
-            GRPC_LATENCY.labels(service, method, code.name).observe(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            GRPC_LATENCY.labels(service, method, code.name).observe(elapsed)
+            _rpc_log.info("rpc", extra={"grpc_service": service, "method": method,
+                                        "code": code.name, "duration_ms": round(elapsed * 1e3, 2)})
 
     class MetricsInterceptor(grpc.ServerInterceptor):
         def intercept_service(self, continuation, handler_call_details):

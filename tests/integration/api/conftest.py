@@ -52,7 +52,7 @@ class ApiStack:
         return sum(self.services.index.count(s, user) for s in (keys.text_space, keys.image_space))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def api(tmp_path_factory):
     from personalkv.service.bootstrap import bootstrap
     from services.answering.server import build_server as build_answering

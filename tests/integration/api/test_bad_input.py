@@ -109,7 +109,7 @@ def test_user_id_like_dot_dot_slash(api, alice):
     with api.client(token=token) as bad:
         code, message = status_of(lambda: bad.list_concepts())
     assert code == C.UNAUTHENTICATED and "invalid user id" in message
-    assert list(api.services.store.objects.list("users/")) == list(api.services.store.objects.list("users/alice/"))
+    assert not [k for k in api.services.store.objects.list("") if ".." in k or k.startswith("users/x/")]
 
 
 @pytest.mark.parametrize(("question", "words"), [("", "empty"), ("   ", "empty"),

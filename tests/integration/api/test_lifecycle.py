@@ -1,0 +1,78 @@
+"""Graceful shutdown and transport limits, on servers of their own over the shared Services."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from personalkv.api.client import PersonalKVClient
+from personalkv.api.v1 import ingestion_pb2
+from personalkv.config import ServerSettings
+from services.answering.server import build_server as build_answering
+from services.ingestion.server import build_server as build_ingestion
+from tests.integration.api.conftest import AUTH, png, status_of
+
+
+def test_graceful_shutdown_lets_in_flight_calls_finish(api):
+    server = build_answering(api.services, port=0, settings=ServerSettings(grace_s=30), auth=AUTH)
+    port = server.start()
+    client = PersonalKVClient(api.ingestion_addr, f"127.0.0.1:{port}", api.token("gina"))
+    outcome: dict = {}
+
+    def long_ask():
+        try:
+            outcome["reply"] = client.ask("tell me a long story", max_new_tokens=120, timeout_s=60)
+        except grpc.RpcError as err:
+            outcome["error"] = err
+
+    caller = threading.Thread(target=long_ask)
+    caller.start()
+    time.sleep(0.5)  # the Ask is generating
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    caller.join(60)
+    stopper.join(60)
+    assert "reply" in outcome, outcome.get("error")
+    assert outcome["reply"].answer is not None
+    code, _ = status_of(lambda: client.ask("after the stop", max_new_tokens=1, timeout_s=5))
+    assert code == grpc.StatusCode.UNAVAILABLE
+    client.close()
+
+
+def test_health_turns_not_serving_on_stop(api):
+    server = build_ingestion(api.services, port=0, settings=ServerSettings(grace_s=2), auth=AUTH)
+    port = server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+        server.health.enter_graceful_shutdown()  # what stop() does first
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 2  # NOT_SERVING
+    server.stop(grace=0.5)
+
+
+def test_message_size_limit_is_resource_exhausted_and_server_keeps_serving(api):
+    limit = 64 * 1024
+    server = build_ingestion(api.services, port=0,
+                             settings=ServerSettings(max_message_bytes=limit), auth=AUTH)
+    port = server.start()
+    try:
+        with PersonalKVClient(f"127.0.0.1:{port}", api.answering_addr, api.token("hank")) as hank:
+            hank.create_concept("kite", "Kite")
+            code, message = status_of(lambda: hank.upload_photos("kite", [b"\0" * (2 * limit)],
+                                                                 chunk_bytes=2 * limit))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and message
+            reply = hank.upload_photos("kite", [png(20)], chunk_bytes=16 * 1024)
+            assert reply.photos_received == 1
+            hank.delete_user_data()
+    finally:
+        server.stop(grace=0.5)
+        api.services.task_queue.wait_idle(60)
+
+
+def test_metadata_user_id_must_be_the_tokens(api):
+    with api.client("ivy") as ivy:
+        req = ingestion_pb2.ListConceptsRequest(user_id="ivy")
+        assert list(ivy.ingestion.ListConcepts(req, metadata=ivy.metadata, timeout=5).concepts) == []
