@@ -78,13 +78,15 @@ def choose_threshold(rows: list[Scored]) -> float:
 
 
 def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
-                         sheets_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+                         sheets_dir: Path | None = None, log: Callable[[str], None] = print,
+                         cache: dict | None = None) -> dict:
+    """``cache`` (optional, photo path -> described photo) lets repeated runs skip extraction."""
     settings = settings or MiningSettings()
     negs = list(ds.negatives)
     folds = [negs[0::2], negs[1::2]] if negs else [[]]
     rows: list[Scored] = []
     seconds, n_photos, mine_s = 0.0, 0, 0.0
-    cache: dict = {}
+    cache = {} if cache is None else cache
     for f in range(len(folds)):
         t0 = time.perf_counter()
         rec, built = _build(ds, settings, folds[f], log, cache)

@@ -12,3 +12,10 @@
   sheets      contact-sheet PNGs
   cli         `personalkv mine`, `personalkv eval recognition`
 """
+
+
+def mine_for_service(manifest, photos, *, patches_per_photo: int = 2):
+    """See personalkv.mining.service (imported lazily: OpenCV loads only when mining runs)."""
+    from personalkv.mining.service import mine_for_service as run
+
+    return run(manifest, photos, patches_per_photo=patches_per_photo)

@@ -1,0 +1,65 @@
+"""Entry point for the service layer's mining port (personalkv.service.mining_port)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def mine_for_service(manifest, photos: dict, *, patches_per_photo: int = 2):
+    """Mines the ``photos`` (photo id -> PIL image) of ``manifest``'s concept: the top-k patches
+    of the concept plus, for a photo that holds none of them, its best ``patches_per_photo``
+    windows; the profile from the user's facts (``source`` records it). The generic negative
+    pool is ``PERSONALKV_MINING_NEGATIVE_POOL`` when set."""
+    from pathlib import Path
+
+    from personalkv.config import get_settings
+    from personalkv.mining.features import load_rgb
+    from personalkv.mining.miner import Miner, build_library
+    from personalkv.mining.profile import ProfileWriter
+    from personalkv.service.mining_port import MiningOutput
+
+    settings = get_settings().mining
+    ids = list(photos)
+    images = [_rgb(photos[i], settings.max_side) for i in ids]
+    pool = []
+    if settings.negative_pool:
+        pool = [load_rgb(p, settings.max_side) for p in sorted(Path(settings.negative_pool).glob("*.jpg"))]
+    cid = manifest.concept_id
+    library = build_library(settings, {cid: images}, pool, {cid: ids})
+    mined = Miner(library, settings).mine(cid, images, manifest.profile.info)
+    scale = {i: photos[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
+    records = mined.patch_records()
+    covered = {p.photo_index for p in mined.patches}
+    per_photo: dict[int, int] = {}
+    from personalkv.manifest import PatchRecord
+
+    for local_i, box in mined.support:
+        if local_i in covered or per_photo.get(local_i, 0) >= patches_per_photo:
+            continue
+        per_photo[local_i] = per_photo.get(local_i, 0) + 1
+        records.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
+    records = [_rescale(r, scale[r.photo_id]) for r in records]
+    p = manifest.profile
+    profile = ProfileWriter().write(p.name, p.category, p.info)
+    return MiningOutput(patches=records, profile=profile, miner="personalkv.mining",
+                        notes={"profile_source": profile.source,
+                               "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
+
+
+def _rgb(image, max_side: int) -> np.ndarray:
+    from PIL import Image
+
+    im = image.convert("RGB")
+    if max(im.size) > max_side:
+        im = im.copy()
+        im.thumbnail((max_side, max_side), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _rescale(record, factor: float):
+    if abs(factor - 1.0) < 1e-6:
+        return record
+    x0, y0, x1, y1 = (int(round(v * factor)) for v in record.box)
+    return record.model_copy(update={"box": (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1))})
