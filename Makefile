@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-unit test-integration test-e2e bench demo clean proto proto-check
+.PHONY: install test test-unit test-integration test-e2e bench demo up down status clean proto proto-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,21 @@ test-e2e: install
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all
+
+# Everything embedded in one process, offline (tiny model unless PERSONALKV_MODEL_NAME loads).
+demo: install
+	$(BIN)/python -m personalkv.service.demo
+
+# The stack as separate processes on loopback: redis, S3, Milvus, workers, gRPC servers.
+# Logs and pid files in var/stack; `make down` stops what `make up` started.
+up: install
+	$(BIN)/python -m personalkv.devstack.stack up
+
+down:
+	$(BIN)/python -m personalkv.devstack.stack down
+
+status:
+	$(BIN)/python -m personalkv.devstack.stack status
 
 # gRPC stubs: generated from protos/personalkv/v1 into shared/personalkv/api/v1 and committed.
 proto: install

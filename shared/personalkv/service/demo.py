@@ -1,0 +1,174 @@
+"""``make demo`` / ``personalkv demo``: PersonalKV end to end, embedded in one process, offline.
+
+Draws its own sample photos with PIL (licence-clean), creates a user with three concepts
+(ingest -> mining -> caching, through the same service layer the servers use), then asks
+questions with and without a photo and prints each answer, the evidence placed and the
+timings. Uses the configured VLM (PERSONALKV_MODEL_NAME) when its weights load; otherwise the
+tiny random-weight model, whose answers are noise (retrieval and the KV path are real).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+USER = "demo-user"
+TINY = "tiny:qwen2_vl"
+
+
+def _background(rng, size=(320, 240)) -> Image.Image:
+    """A plain, light table-top: the photos differ by their object, not by their backdrop."""
+    grey = int(rng.integers(205, 235))
+    image = Image.new("RGB", size, (grey, grey, grey - 8))
+    draw = ImageDraw.Draw(image)
+    edge = int(size[1] * rng.uniform(0.65, 0.85))  # the table's far edge
+    draw.rectangle((0, edge, size[0], size[1]), fill=(grey - 25, grey - 30, grey - 40))
+    return image
+
+
+def _mug(draw, x, y, s):
+    draw.rounded_rectangle((x, y, x + 70 * s, y + 90 * s), radius=8, fill=(25, 60, 190))
+    draw.ellipse((x + 62 * s, y + 20 * s, x + 100 * s, y + 65 * s), outline=(25, 60, 190),
+                 width=int(9 * s))
+    cx, cy, r = x + 35 * s, y + 45 * s, 18 * s  # a red star
+    pts = [(cx + r * np.cos(a) * (1 if i % 2 == 0 else 0.45),
+            cy - r * np.sin(a) * (1 if i % 2 == 0 else 0.45))
+           for i, a in enumerate(np.linspace(np.pi / 2, np.pi / 2 + 2 * np.pi, 11)[:-1])]
+    draw.polygon(pts, fill=(220, 30, 30))
+
+
+def _dog(draw, x, y, s):
+    brown, dark = (140, 85, 40), (60, 35, 15)
+    draw.ellipse((x, y + 30 * s, x + 110 * s, y + 95 * s), fill=brown)  # body
+    draw.ellipse((x + 75 * s, y, x + 130 * s, y + 50 * s), fill=brown)  # head
+    draw.ellipse((x + 72 * s, y + 5 * s, x + 88 * s, y + 45 * s), fill=dark)  # floppy ear
+    draw.rectangle((x + 78 * s, y + 45 * s, x + 125 * s, y + 52 * s), fill=(10, 10, 10))  # collar
+    for leg in (10, 35, 70, 92):
+        draw.rectangle((x + leg * s, y + 85 * s, x + (leg + 12) * s, y + 115 * s), fill=dark)
+
+
+def _plant(draw, x, y, s):
+    draw.polygon([(x + 15 * s, y + 70 * s), (x + 85 * s, y + 70 * s), (x + 72 * s, y + 120 * s),
+                  (x + 28 * s, y + 120 * s)], fill=(200, 110, 60))  # terracotta pot
+    for i, dx in enumerate((-30, -10, 10, 30)):
+        draw.ellipse((x + (38 + dx) * s, y + (5 + 8 * (i % 2)) * s, x + (62 + dx) * s,
+                      y + 72 * s), fill=(40, 150 + 15 * i, 60))
+
+
+CONCEPTS = {
+    # concept id: (name, category, info, drawing)
+    "bobo": ("Bobo", "mug", "My blue coffee mug with a red star on the side; a gift from Anna.", _mug),
+    "rex": ("Rex", "dog", "My brown dog Rex: floppy dark ears and a black collar; he loves the park.", _dog),
+    "fern": ("Fern", "plant", "My potted fern in a terracotta pot; water it every Sunday.", _plant),
+}
+
+
+def draw_photo(drawing, seed: int, size=(224, 192)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = _background(rng, size)
+    s = float(rng.uniform(1.45, 1.6))
+    x = int(rng.integers(5, max(6, size[0] - int(135 * s))))
+    y = int(rng.integers(5, max(6, size[1] - int(120 * s))))
+    drawing(ImageDraw.Draw(image), x, y, s)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG" if seed % 2 else "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def sample_photos(photos_per_concept: int = 3) -> dict[str, list[bytes]]:
+    return {cid: [draw_photo(spec[3], 100 * i + k) for k in range(photos_per_concept)]
+            for i, (cid, spec) in enumerate(CONCEPTS.items())}
+
+
+def _pick_model(requested: str | None, out) -> tuple[object, bool]:
+    """The adapter to use and whether it is the tiny stand-in."""
+    from personalkv.config import get_settings
+    from personalkv.models import load_adapter
+
+    m = get_settings().model
+    name = requested or m.name
+    if not name.startswith("tiny:"):
+        try:
+            out(f"loading {name} ...")
+            return load_adapter(name, m.device, m.dtype), False
+        except Exception as exc:  # no weights offline, no memory, unsupported
+            out(f"could not load {name} ({type(exc).__name__}: {str(exc)[:160]})")
+            name = TINY
+    return load_adapter(name, m.device, m.dtype), True
+
+
+def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
+    from personalkv.config import Settings, get_settings
+    from personalkv.service import answering, concepts
+    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service.cli import format_evidence
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("grpc", "milvus_lite", "pymilvus", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    started = time.perf_counter()
+    temp = data_dir is None
+    root = Path(tempfile.mkdtemp(prefix="pkv-demo-")) if temp else Path(data_dir)
+    adapter, tiny = _pick_model(model_name, out)
+    if tiny:
+        out("=" * 78)
+        out("  DEMO MODEL: tiny random-weight stand-in (no VLM weights configured or loadable).")
+        out("  Its answers are NOT meaningful text. Retrieval, KV chunk storage, placement and")
+        out("  timings are real. Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision")
+        out("  checkpoint (hub id or local path) for real answers.")
+        out("=" * 78)
+    base = get_settings()
+    settings = Settings(**{**{k: getattr(base, k) for k in type(base).model_fields},
+                           "service": base.service.model_copy(update={"data_dir": str(root)})})
+    svc = bootstrap(settings, embedded=True, adapter=adapter)
+    try:
+        out(f"data dir: {root}   model: {adapter.name} ({'tiny' if tiny else 'configured'})")
+        concepts.delete_user(svc, USER)  # a re-run starts clean
+        t0 = time.perf_counter()
+        photos = sample_photos()
+        for concept_id, (name, category, info, _) in CONCEPTS.items():
+            concepts.create_concept(svc, USER, concept_id, name, category, info)
+            concepts.add_photos(svc, USER, concept_id, photos[concept_id])
+        svc.task_queue.wait_idle()
+        out(f"\ningested {len(CONCEPTS)} concepts in {time.perf_counter() - t0:.1f}s:")
+        for m in concepts.list_concepts(svc, USER):
+            out(f"  {m.concept_id:6s} {m.state:7s} {m.profile.name} ({m.profile.category}): "
+                f"{len(m.photos)} photos, {len(m.patches)} patches, {len(m.chunks)} KV chunks"
+                + (f"  FAILED: {m.failure_reason}" if m.failure_reason else ""))
+        questions = [
+            ("What colour is my mug Bobo?", None),
+            ("Is this my dog? What is he wearing?", draw_photo(_dog, 777)),
+            ("When should I water it?", draw_photo(_plant, 778)),
+            ("What is the capital of France?", None),  # nothing of the user's
+            ("What colour is my mug Bobo?", None),  # again: its chunks now come from the cache
+        ]
+        options = answering.AskOptions(max_new_tokens=24, seed=0)
+        for question, photo in questions:
+            result = answering.ask(svc, USER, question, [photo] if photo else [], options)
+            out(f"\nQ: {question}" + ("   [with a photo]" if photo else ""))
+            out(f"A: {result.answer!r}")
+            out(f"  personal evidence used: {'yes' if result.personal_evidence_used else 'no'}")
+            out(format_evidence(result))
+        stats = svc.chunk_cache.stats()
+        out(f"\nhot-chunk cache: {stats.hits} hits, {stats.misses} misses, {stats.entries} "
+            f"entries, {stats.bytes / 1e6:.2f} MB of {stats.budget_bytes / 1e6:.0f} MB")
+        out(f"demo finished in {time.perf_counter() - started:.1f}s")
+        return 0
+    finally:
+        svc.close()
+        if temp:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo())
