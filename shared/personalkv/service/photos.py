@@ -49,6 +49,8 @@ def validate_photo(data: bytes, *, max_bytes: int, max_pixels: int) -> Validated
     try:
         # Header only: format and size, no pixel data decoded yet.
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own header check (> 2x its limit)
+        raise ResourceExhausted(f"the photo has too many pixels: {exc}") from None
     except UnidentifiedImageError:
         raise InvalidArgument(f"not a readable image; accepted formats: {', '.join(ACCEPTED)}") from None
     except (OSError, ValueError, SyntaxError) as exc:
