@@ -41,7 +41,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    def start(self, timeout_s: float = 20.0) -> "RedisServer":
+    def start(self, timeout_s: float = 20.0) -> RedisServer:
         self.data_dir = Path(self.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
@@ -82,7 +82,7 @@ class RedisServer:
             proc.kill()
             proc.wait(timeout=5)
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:

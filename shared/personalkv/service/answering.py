@@ -19,8 +19,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 from personalkv.kv.codec import ChunkFormatError, decode_chunk
 from personalkv.kv.engine import GenerationOptions, answer

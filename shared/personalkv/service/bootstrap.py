@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from personalkv.config import Settings, get_settings
 from personalkv.index.base import KeyIndex
@@ -135,12 +135,12 @@ def bootstrap(
         objects_dir, index_file = embedded_paths(settings)
         objects_dir.mkdir(parents=True, exist_ok=True)
         store = ChunkStore.open(f"file://{objects_dir}", settings.storage)
-        index_factory = lambda: open_key_index(  # noqa: E731
+        index_factory = lambda: open_key_index(
             str(index_file), prefix=settings.index.collection_prefix)
         queue = task_queue or InProcessTaskQueue(synchronous=synchronous_tasks)
     else:
         store = ChunkStore.open(settings.storage.url, settings.storage)
-        index_factory = lambda: open_key_index(  # noqa: E731
+        index_factory = lambda: open_key_index(
             settings.index.uri, prefix=settings.index.collection_prefix, token=settings.index.token)
         if task_queue is None:
             from personalkv.service.celery_app import make_celery
@@ -149,7 +149,7 @@ def bootstrap(
         queue = task_queue
     if isinstance(adapter, ModelAdapter):
         instance = adapter
-        adapter_factory = lambda: instance  # noqa: E731
+        adapter_factory = lambda: instance
     else:
         adapter_factory = adapter or default_adapter_factory(settings)
     services = Services(

@@ -13,7 +13,6 @@ embedded store and index under PERSONALKV_SERVICE_DATA_DIR and in-process tasks.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time

@@ -10,7 +10,7 @@ process's hot-chunk cache; a retry after a crash finishes the job.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import ValidationError
 

@@ -1,10 +1,11 @@
 """The one place the pipeline calls patch mining (``pipeline.mine_concept`` -> ``mine``).
 
-The real miner (``personalkv.mining``) is written separately; until it exposes a usable
-function this port falls back to centre crops of every new photo and leaves the profile as the
-user's facts. Either way the pipeline sees the same result type, so switching miners changes
-nothing downstream (chunks are keyed by content, so re-mined patches get new chunks and
-unchanged ones keep theirs).
+Calls ``personalkv.mining.mine_for_service`` (the real miner: patch proposals, subject prior,
+RootSIFT + colour consistency, profile from the user's facts) when it imports; if it cannot be
+imported (e.g. OpenCV missing) or raises on a concept, falls back to centre crops of every new
+photo and keeps the profile as is, so ingest never stalls on the miner. Either way the pipeline
+sees the same ``MiningOutput``; chunks are keyed by content, so switching miners only adds
+chunks for patches that changed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def centre_crops(photo_id: str, image: Image.Image, count: int) -> list[PatchRec
 def _real_miner():
     """The real miner's entry point, when ``personalkv.mining`` offers one; else None."""
     try:
-        import personalkv.mining as mining  # noqa: F401
+        from personalkv import mining
     except Exception:  # not there yet, or its optional deps (OpenCV) are missing
         return None
     return getattr(mining, "mine_for_service", None)

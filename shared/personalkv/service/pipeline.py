@@ -172,7 +172,7 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         crop = photos[patch.photo_id].crop(patch.box)
         framing_text, content = patch_content(manifest.profile.name, crop)
         record = chunk_for("image_patch", str(i),
-                           lambda: [framing_text, adapter.encode_image(crop)], content)
+                           lambda t=framing_text, c=crop: [t, adapter.encode_image(c)], content)
         if record.chunk_id not in seen:  # two identical patches share one chunk
             seen.add(record.chunk_id)
             records.append(record)

@@ -40,7 +40,7 @@ class TaskQueue(ABC):
     @abstractmethod
     def enqueue_caching(self, user_id: str, concept_id: str) -> None: ...
 
-    def bind(self, services: "Services") -> None:
+    def bind(self, services: Services) -> None:
         """Called once by ``bootstrap`` with the container the tasks run against."""
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
@@ -59,7 +59,7 @@ class InProcessTaskQueue(TaskQueue):
         self._pending = 0
         self._idle = threading.Condition()
 
-    def bind(self, services: "Services") -> None:
+    def bind(self, services: Services) -> None:
         self._services = services
 
     def _submit(self, name: str, user_id: str, concept_id: str) -> None:

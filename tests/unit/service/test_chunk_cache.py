@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from personalkv.kv.chunk import ChunkMeta, KVChunk
 from personalkv.service.chunk_cache import ChunkCache
 
@@ -34,7 +33,7 @@ def test_hits_misses_and_lru_eviction_by_bytes():
 def test_get_or_load_loads_once():
     cache = ChunkCache(budget_bytes=10**6)
     calls = []
-    load = lambda: calls.append(1) or chunk(5)  # noqa: E731
+    load = lambda: calls.append(1) or chunk(5)
     first, hit1 = cache.get_or_load(("u", "c", "x"), load)
     second, hit2 = cache.get_or_load(("u", "c", "x"), load)
     assert (hit1, hit2, len(calls)) == (False, True, 1) and first is second

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from personalkv.service import answering, concepts, pipeline
 from personalkv.service.answering import AskOptions, AskResult
 from personalkv.service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -192,7 +191,7 @@ def test_a_failing_task_marks_the_concept_failed_and_a_retry_recovers(svc, photo
     manifest = concepts.get_concept(svc, "alice", "mug")
     svc.store.write_manifest(manifest.model_copy(update={"photos": [record]}))
     svc.store.objects.put(record.object_key, b"corrupted bytes")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="image"):  # PIL's UnidentifiedImageError
         pipeline.mine_concept(svc, "alice", "mug")
     failed = concepts.get_concept(svc, "alice", "mug")
     assert failed.state == "failed" and "Image" in failed.failure_reason

@@ -1,0 +1,33 @@
+"""The mining port: the real miner when importable, centre crops as the fallback."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from personalkv.manifest import ConceptManifest, ConceptProfile
+from personalkv.service import mining_port
+
+PHOTO_ID = "a" * 64
+
+
+def test_centre_crops_are_square_inside_and_centred():
+    patches = mining_port.centre_crops(PHOTO_ID, Image.new("RGB", (200, 100)), 3)
+    assert len(patches) == 3
+    for p in patches:
+        x0, y0, x1, y1 = p.box
+        assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 100 and x1 - x0 == y1 - y0
+        assert abs((x0 + x1) / 2 - 100) <= 1 and abs((y0 + y1) / 2 - 50) <= 1
+
+
+def test_falls_back_to_centre_crops_when_the_miner_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("miner exploded")
+
+    monkeypatch.setattr(mining_port, "_real_miner", lambda: broken)
+    manifest = ConceptManifest(user_id="u", concept_id="c", profile=ConceptProfile(name="Bobo"))
+    out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, patches_per_photo=2)
+    assert out.miner == "centre_crops" and len(out.patches) == 2 and out.profile is None
+
+
+def test_uses_the_real_miner_when_it_is_there():
+    assert mining_port._real_miner() is not None  # personalkv.mining.mine_for_service
