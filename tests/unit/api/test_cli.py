@@ -1,0 +1,25 @@
+"""`personalkv token` and the `personalkv serve` parser."""
+
+from __future__ import annotations
+
+import pytest
+
+from personalkv.auth import verify_token
+from personalkv.cli import build_parser, main
+
+
+def test_token_command_prints_a_token_for_the_user(capsys):
+    assert main(["token", "--user", "alice", "--ttl", "60"]) == 0
+    assert verify_token(capsys.readouterr().out.strip()) == "alice"
+
+
+def test_token_command_refuses_bad_user_ids():
+    with pytest.raises(ValueError, match="user id"):
+        main(["token", "--user", "../x"])
+
+
+def test_serve_parser():
+    args = build_parser().parse_args(["serve", "answering", "--port", "0", "--embedded"])
+    assert (args.service, args.port, args.embedded, args.metrics_port) == ("answering", 0, True, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "mining"])
