@@ -106,3 +106,21 @@ def test_deadline_is_honoured(api):
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(dave.ask("hello", max_new_tokens=1), answering_pb2.AskResponse)
+
+
+def test_two_users_with_the_same_concept_id_see_only_their_own(api):
+    with api.client("kim") as kim, api.client("lee") as lee:
+        for client, seed, info in ((kim, 30, "kim's red kite"), (lee, 31, "lee's green kite")):
+            client.create_concept("kite", "Kite", "toy", info)
+            client.upload_photos("kite", [png(seed)])
+        kim_ready, lee_ready = kim.wait_ready("kite"), lee.wait_ready("kite")
+        assert kim_ready.facts.info == "kim's red kite" and lee_ready.facts.info == "lee's green kite"
+        kim_chunks = {c.chunk_id for c in api.services.store.read_manifest("kim", "kite").chunks}
+        lee_chunks = {c.chunk_id for c in api.services.store.read_manifest("lee", "kite").chunks}
+        assert not kim_chunks & lee_chunks  # chunk ids are per owner, even for equal content
+        for client, own in ((kim, kim_chunks), (lee, lee_chunks)):
+            used = {c.chunk_id for c in client.ask("Where is my kite?", [png(30)], max_new_tokens=2).chunks}
+            assert used and used <= own
+        kim.delete_user_data()
+        assert lee.get_concept("kite").state == common_pb2.CONCEPT_STATE_READY
+        lee.delete_user_data()
