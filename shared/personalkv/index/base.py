@@ -105,6 +105,11 @@ class KeyIndex(ABC):
     def upsert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
         """Insert or replace entries by ``key_id``."""
 
+    def insert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
+        """Bulk load of keys known to be new (``reindex``): a backend may skip the replace pass
+        that ``upsert`` pays. Same result as ``upsert`` for new keys."""
+        self.upsert(space, entries)
+
     @abstractmethod
     def make_searchable(self, space: VectorSpace | None = None) -> None:
         """Make everything written so far visible to ``search`` at full speed (flush, build the

@@ -30,7 +30,12 @@ class ReindexReport:
     skipped: int = 0
     text_keys: int = 0
     image_keys: int = 0
+    chunks: int = 0
     seconds: float = 0.0
+    #: dropping/creating collections and the final flush + index build: fixed costs that do
+    #: not grow with the number of concepts (seconds, included in ``seconds``)
+    setup_seconds: float = 0.0
+    finalize_seconds: float = 0.0
 
 
 def index_concept(index: KeyIndex, keys: KeyBuilder, manifest: ConceptManifest,
@@ -62,13 +67,13 @@ def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | 
             index.delete_user(user_id)
     for space in (keys.text_space, keys.image_space):
         index.ensure_space(space)
+    report.setup_seconds = time.perf_counter() - started
     text, image = [], []
 
     def flush() -> None:
         # ``insert``, not upsert: the collections are empty of these users, and insert skips
         # the per-row delete that upsert costs.
-        write = getattr(index, "insert", index.upsert)
-        write(keys.text_space, text), write(keys.image_space, image)
+        index.insert(keys.text_space, text), index.insert(keys.image_space, image)
         text.clear(), image.clear()
 
     for user_id in user_ids:
@@ -84,6 +89,7 @@ def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | 
             report.concepts += 1
             report.text_keys += len(built.text)
             report.image_keys += len(built.image)
+            report.chunks += len(manifest.chunks)
             if len(text) + len(image) >= batch:
                 flush()
             now = time.perf_counter()
@@ -93,8 +99,10 @@ def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | 
                          f"{report.text_keys + report.image_keys} keys, "
                          f"{report.concepts / (now - started):.1f} concepts/s")
     flush()
+    finalize = time.perf_counter()
     index.make_searchable()
     report.seconds = time.perf_counter() - started
+    report.finalize_seconds = report.seconds - (finalize - started)
     progress(f"reindex done: {report.users} users, {report.concepts} concepts "
              f"({report.skipped} not ready), {report.text_keys} text + {report.image_keys} "
              f"image keys in {report.seconds:.1f}s")
