@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                         help="worker processes (default PERSONALKV_CELERY_WORKER_CONCURRENCY)")
     worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus /metrics from the process running the tasks "
+                        "(the pool child with prefork: use with --concurrency 1)")
     worker.set_defaults(func=_worker)
 
     ingest = subparsers.add_parser("ingest", help="add a folder of photos as one concept")
@@ -69,6 +72,9 @@ def _logging(level: str = "INFO") -> None:
 
 
 def _worker(args) -> int:
+    from celery import signals
+
+    from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
     from personalkv.service.celery_app import app
 
     queues = [q.strip() for q in args.queue.split(",") if q.strip()]
@@ -76,6 +82,14 @@ def _worker(args) -> int:
     if unknown:
         print(f"unknown queue(s) {sorted(unknown)}; known: mining, caching", file=sys.stderr)
         return 2
+    setup_logging(f"worker-{'+'.join(queues)}", level=args.loglevel)
+    instrument_celery(app)
+    if args.metrics_port:
+        if args.pool == "prefork":
+            signals.worker_process_init.connect(
+                lambda **_: start_metrics_server(args.metrics_port), weak=False)
+        else:
+            start_metrics_server(args.metrics_port)
     argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle"]
