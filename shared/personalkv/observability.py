@@ -224,7 +224,8 @@ def setup_logging(service: str = "", level: str | None = None, fmt: str | None =
     if (fmt or settings.log_format) == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+        text_format = f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(text_format))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

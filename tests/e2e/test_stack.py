@@ -112,7 +112,7 @@ def stack(tmp_path, redis_server, s3_server, milvus_server):
         Proc("answering", [py, "-m", "services.answering.server"], env, tmp_path),
     ]
     try:
-        for name, port in (("ingestion", ports["ing"]), ("answering", ports["ans"])):
+        for port in (ports["ing"], ports["ans"]):
             _wait_serving(f"127.0.0.1:{port}", procs)
         yield {"procs": {p.name: p for p in procs}, "ports": ports, "s3": s3_server,
                "bucket": bucket, "milvus": milvus_server, "prefix": prefix}

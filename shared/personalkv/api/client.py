@@ -17,8 +17,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 
-from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2, ingestion_pb2
-from personalkv.api.v1 import ingestion_pb2_grpc
+from personalkv.api.v1 import (
+    answering_pb2,
+    answering_pb2_grpc,
+    common_pb2,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+)
 from personalkv.auth import bearer_metadata
 
 CHUNK_BYTES = 1 << 20
@@ -71,7 +76,8 @@ class PersonalKVClient:
             ingestion_pb2.GetConceptRequest(concept_id=concept_id), **self._kw())
 
     def list_concepts(self):
-        return list(self.ingestion.ListConcepts(ingestion_pb2.ListConceptsRequest(), **self._kw()).concepts)
+        reply = self.ingestion.ListConcepts(ingestion_pb2.ListConceptsRequest(), **self._kw())
+        return list(reply.concepts)
 
     def delete_concept(self, concept_id: str, allow_missing: bool = False):
         return self.ingestion.DeleteConcept(ingestion_pb2.DeleteConceptRequest(

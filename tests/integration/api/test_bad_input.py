@@ -40,7 +40,7 @@ def alice(api):
 
 def assert_serving(api, alice):
     channel = grpc.insecure_channel(api.ingestion_addr)
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert alice.get_concept("mug").concept_id == "mug"  # a real RPC still works
     channel.close()
@@ -102,7 +102,8 @@ def test_bad_concept_ids(api, alice, bad_id):
 def test_user_id_like_dot_dot_slash(api, alice):
     # In the request: validated first (INVALID_ARGUMENT), never compared or used as a path.
     req = ingestion_pb2.ListConceptsRequest(user_id="../x")
-    code, message = status_of(lambda: alice.ingestion.ListConcepts(req, metadata=alice.metadata, timeout=10))
+    code, message = status_of(
+        lambda: alice.ingestion.ListConcepts(req, metadata=alice.metadata, timeout=10))
     assert code == C.INVALID_ARGUMENT and "user id '../x'" in message
     # In a correctly signed token: the token is refused.
     token = sign_claims({"sub": "../x", "iat": 0, "exp": 2**40}, AUTH)
@@ -188,7 +189,7 @@ def test_upload_stream_framing(api, alice):
     unfinished = ingestion_pb2.UploadPhotosRequest(chunk=ingestion_pb2.PhotoChunk(data=png(8)))
     for messages, words in [([chunk], "first"), ([header, header], "only the first"),
                             ([header], "no photos"), ([header, unfinished], "inside a photo")]:
-        code, message = status_of(lambda: alice.ingestion.UploadPhotos(
-            iter(messages), metadata=alice.metadata, timeout=10))
+        code, message = status_of(lambda msgs=messages: alice.ingestion.UploadPhotos(
+            iter(msgs), metadata=alice.metadata, timeout=10))
         assert code == C.INVALID_ARGUMENT and words in message, message
     assert_no_photos_stored(api)

@@ -119,7 +119,8 @@ def test_two_users_with_the_same_concept_id_see_only_their_own(api):
         lee_chunks = {c.chunk_id for c in api.services.store.read_manifest("lee", "kite").chunks}
         assert not kim_chunks & lee_chunks  # chunk ids are per owner, even for equal content
         for client, own in ((kim, kim_chunks), (lee, lee_chunks)):
-            used = {c.chunk_id for c in client.ask("Where is my kite?", [png(30)], max_new_tokens=2).chunks}
+            reply = client.ask("Where is my kite?", [png(30)], max_new_tokens=2)
+            used = {c.chunk_id for c in reply.chunks}
             assert used and used <= own
         kim.delete_user_data()
         assert lee.get_concept("kite").state == common_pb2.CONCEPT_STATE_READY

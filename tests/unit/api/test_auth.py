@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from personalkv.auth import (
-    InvalidTokenError, acting_as, bearer_metadata, current_user_id, mint_token, sign_claims,
-    token_from_metadata, verify_token,
+    InvalidTokenError,
+    acting_as,
+    bearer_metadata,
+    current_user_id,
+    mint_token,
+    sign_claims,
+    token_from_metadata,
+    verify_token,
 )  # fmt: skip
 from personalkv.config import AuthSettings
 from personalkv.ids import InvalidIdError

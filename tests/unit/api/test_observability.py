@@ -10,7 +10,11 @@ import pytest
 from prometheus_client import REGISTRY
 
 from personalkv.observability import (
-    JsonFormatter, observe_task, set_queue_depth, start_metrics_server, track_queue_depth,
+    JsonFormatter,
+    observe_task,
+    set_queue_depth,
+    start_metrics_server,
+    track_queue_depth,
     watch_chunk_cache,
 )  # fmt: skip
 from personalkv.service.chunk_cache import ChunkCache
