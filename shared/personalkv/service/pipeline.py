@@ -34,6 +34,7 @@ from personalkv.retrieval.keys import profile_text
 from personalkv.service import mining_port
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
+from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,20 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
                  concept_id, encoded)
         return fresh
-    staged = store.write_manifest(fresh.model_copy(update={
-        "chunks": records, "model_fingerprint": fingerprint, "state": "caching",
-        "failure_reason": None}))
-    index_concept(svc.index, svc.keys, staged,
-                  lambda photo_id: store.get_photo(user_id, concept_id, photo_id))
-    ready = store.write_manifest(staged.model_copy(update={"state": "ready"}))
+    try:
+        staged = store.write_manifest(fresh.model_copy(update={
+            "chunks": records, "model_fingerprint": fingerprint, "state": "caching",
+            "failure_reason": None}))
+        index_concept(svc.index, svc.keys, staged,
+                      lambda photo_id: store.get_photo(user_id, concept_id, photo_id))
+        ready = store.write_manifest(staged.model_copy(update={"state": "ready"}))
+    except MissingObjectsError:
+        if store.read_manifest(user_id, concept_id) is None:
+            # Deleted while we published: take back any keys we wrote, then stop.
+            svc.index.delete_concept(user_id, concept_id)
+            log.info("cache %s/%s: concept deleted meanwhile", user_id, concept_id)
+            return None
+        raise
     # Chunks the previous manifest named and this one does not (new profile, new model).
     current = {r.chunk_id for r in records}
     for stale in set(known) - current:
