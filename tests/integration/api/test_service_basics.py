@@ -105,6 +105,11 @@ def test_deadline_is_honoured(api):
             raise AssertionError("an Ask of 200 tokens finished in 50 ms")
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        try:
+            list(dave.ask_stream("hello there", max_new_tokens=200, timeout_s=0.05))
+            raise AssertionError("an AskStream of 200 tokens finished in 50 ms")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert isinstance(dave.ask("hello", max_new_tokens=1), answering_pb2.AskResponse)
 
 
