@@ -1,8 +1,12 @@
-"""A caching worker killed with SIGKILL mid-task: the task is redelivered to a new worker, the
-concept becomes ready, no chunk is stored twice, nothing is lost.
+"""Real Celery workers (``personalkv worker`` subprocesses) on a real redis-server:
 
-Real Celery worker subprocesses (``personalkv worker``), a real redis-server, the local object
-store and a milvus-lite file (opened by one worker at a time, then by the test to check).
+* a caching worker killed with SIGKILL mid-task: the task is redelivered to a new worker, the
+  concept becomes ready, no chunk is stored twice, nothing is lost;
+* an object-store outage during a task: the task retries with backoff and completes once the
+  store is back, instead of failing the concept.
+
+The object store is a local directory (or the session's S3 server behind a cuttable proxy) and
+the index a milvus-lite file, opened by one worker at a time, then by the test to check.
 """
 
 from __future__ import annotations
@@ -167,3 +171,103 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
         assert [c.concept_id for c in result.concepts] == [CONCEPT]
     finally:
         check.close()
+
+
+class _CuttableProxy:
+    """A TCP proxy in front of the S3 server: ``cut()`` is an outage, ``restore()`` ends it."""
+
+    def __init__(self, upstream_port: int):
+        import threading
+
+        self.upstream, self.port, self._conns = ("127.0.0.1", upstream_port), 0, []
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self.port = self._listener.getsockname()[1]
+        self._listener.listen(16)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            with self._lock:
+                self._conns += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, tmp_path, s3_server):
+    """The worker meets an S3 outage: the task retries (Unavailable, exponential backoff)
+    instead of failing the concept, and completes once S3 is back."""
+    from personalkv.service import concepts
+    from personalkv.service.bootstrap import bootstrap
+
+    proxy = _CuttableProxy(s3_server.port)
+    bucket = f"retry-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    env = dict(stack_env, PERSONALKV_STORAGE_URL=(
+        f"s3://{bucket}?endpoint=127.0.0.1:{proxy.port}&secure=false"),
+        PERSONALKV_STORAGE_ACCESS_KEY=s3_server.access_key,
+        PERSONALKV_STORAGE_SECRET_KEY=s3_server.secret_key,
+        PERSONALKV_STORAGE_RETRIES="0", PERSONALKV_STORAGE_CONNECT_TIMEOUT_S="0.5",
+        PERSONALKV_CELERY_MAX_RETRIES="20", PERSONALKV_CELERY_RETRY_BACKOFF_MAX_S="2")
+    settings = _settings(env)
+    svc = bootstrap(settings, embedded=False)
+    concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot")
+    concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(2)])  # mining enqueued
+    proxy.cut()
+    log = tmp_path / "worker.log"
+    worker = _start_worker(env, log)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and log.read_text().count("Retry in") < 2:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert log.read_text().count("Retry in") >= 2, log.read_text()[-3000:]
+        proxy.restore()
+        while time.monotonic() < deadline:
+            manifest = concepts.get_concept(svc, USER, CONCEPT)
+            if manifest.state in ("ready", "failed"):
+                break
+            time.sleep(0.2)
+    finally:
+        _stop(worker)
+        proxy.cut()
+    assert manifest.state == "ready", (manifest.state, manifest.failure_reason)
+    assert "Unavailable" in log.read_text()
