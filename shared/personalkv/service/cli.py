@@ -55,10 +55,11 @@ def register(subparsers) -> None:
     ask.add_argument("--stack", action="store_true", help="use the running stack")
     ask.set_defaults(func=_ask)
 
-    if "reindex" not in subparsers.choices:  # personalkv.index.reindex may register it too
-        from personalkv.index.reindex import register as register_reindex
-
-        register_reindex(subparsers)
+    if "reindex" not in subparsers.choices:  # personalkv.index.reindex may register its own
+        reindex = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
+        reindex.add_argument("--user", action="append", help="only these users (repeatable)")
+        reindex.add_argument("--stack", action="store_true", help="use the running stack")
+        reindex.set_defaults(func=_reindex)
 
     demo = subparsers.add_parser("demo", help="offline end-to-end demo (embedded, one process)")
     demo.add_argument("--data-dir", type=Path, default=None,
@@ -175,6 +176,19 @@ def format_evidence(result) -> str:
     return (f"  concepts: {concepts}\n  chunks placed: {len(result.chunks)} "
             f"(cache hits {result.cache_hits}, skipped {result.skipped_chunks})\n"
             f"  timings: {timings}")
+
+
+def _reindex(args) -> int:
+    """``personalkv.index.reindex.reindex`` over the same store and index ``bootstrap`` wires
+    (embedded paths under PERSONALKV_SERVICE_DATA_DIR, or the stack's with ``--stack``)."""
+    from personalkv.index.reindex import reindex
+
+    svc = _services(args.stack)
+    try:
+        reindex(svc.store, svc.index, svc.keys, users=args.user)
+    finally:
+        svc.close()
+    return 0
 
 
 def _demo(args) -> int:

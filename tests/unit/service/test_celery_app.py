@@ -6,9 +6,10 @@ from personalkv.service.errors import Unavailable
 
 
 def test_tasks_are_registered_with_their_queue_and_delivery_guarantees():
-    import services.caching.tasks  # noqa: F401
-    import services.mining.tasks  # noqa: F401
     from personalkv.service.celery_app import app
+
+    import services.caching.tasks
+    import services.mining.tasks  # noqa: F401
 
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
@@ -24,7 +25,6 @@ def test_tasks_are_registered_with_their_queue_and_delivery_guarantees():
 
 def test_enqueue_with_the_broker_down_is_unavailable():
     import pytest
-
     from personalkv.config import CelerySettings
     from personalkv.devstack.s3 import free_port
     from personalkv.service.celery_app import make_celery

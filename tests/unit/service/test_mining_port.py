@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from PIL import Image
-
 from personalkv.manifest import ConceptManifest, ConceptProfile
 from personalkv.service import mining_port
+from PIL import Image
 
 PHOTO_ID = "a" * 64
 

@@ -219,3 +219,11 @@ def test_store_outage_is_unavailable(service_settings, tiny):
             concepts.create_concept(services, "alice", "mug", "Bobo")
     finally:
         services.close()
+
+
+def test_closing_a_stream_early_stops_generation(svc):
+    stream = answering.ask_stream(svc, "alice", "Tell me a long story", [],
+                                  AskOptions(max_new_tokens=200, temperature=1.0, seed=1))
+    first = next(stream)
+    assert isinstance(first, str)
+    stream.close()  # the generating thread stops at its next token
