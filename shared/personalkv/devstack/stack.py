@@ -176,25 +176,34 @@ def run_milvus(directory: Path) -> int:
     return 0
 
 
-def down(directory: Path, timeout_s: float = 30.0) -> int:
-    directory = directory.resolve()
-    for name in [*reversed(ORDER), "milvus-server"]:
-        pid = _pid(directory, name)
-        if pid is not None:
+def _stop_group(directory: Path, names: list[str], timeout_s: float) -> None:
+    """SIGTERM every named process group at once, wait for all, SIGKILL the stragglers."""
+    pids = {name: pid for name in names if (pid := _pid(directory, name)) is not None}
+    for pid in pids.values():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name, pid in pids.items():
+        if _alive(pid):
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + timeout_s
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            print(f"stopped {name} ({pid})")
+        print(f"stopped {name} ({pid})")
+    for name in names:
         (directory / f"{name}.pid").unlink(missing_ok=True)
+
+
+def down(directory: Path, timeout_s: float = 30.0) -> int:
+    """Services and workers first (together), then what they depend on (together)."""
+    directory = directory.resolve()
+    _stop_group(directory, ["answering", "ingestion", "worker-caching", "worker-mining"], timeout_s)
+    _stop_group(directory, ["milvus", "s3", "redis"], timeout_s)
+    _stop_group(directory, ["milvus-server"], timeout_s)  # only if its wrapper died first
     return 0
 
 
