@@ -4,7 +4,8 @@
   ingest DIR --user U --concept C [--name --category --info] [--stack]
                                   create the concept (if new), add DIR's photos, wait for ready
   ask --user U "question" [--photo P] [--stack] [--stream]
-  reindex [--user U]              rebuild the key index from the manifests
+  reindex [--user U] [--stack]    rebuild the key index from the manifests
+  recache [--user U] [--stack]    re-run caching for every concept (after a model change)
   demo [--data-dir D]             the offline, embedded end-to-end demo (``make demo``)
 
 ``--stack`` uses the configured S3 / Milvus server / Celery (``make up``); without it, the
@@ -60,6 +61,12 @@ def register(subparsers) -> None:
         reindex.add_argument("--user", action="append", help="only these users (repeatable)")
         reindex.add_argument("--stack", action="store_true", help="use the running stack")
         reindex.set_defaults(func=_reindex)
+
+    recache = subparsers.add_parser(
+        "recache", help="enqueue caching for every concept (after a model change)")
+    recache.add_argument("--user", action="append", help="only these users (repeatable)")
+    recache.add_argument("--stack", action="store_true", help="use the running stack")
+    recache.set_defaults(func=_recache)
 
     demo = subparsers.add_parser("demo", help="offline end-to-end demo (embedded, one process)")
     demo.add_argument("--data-dir", type=Path, default=None,
@@ -188,6 +195,23 @@ def _reindex(args) -> int:
         reindex(svc.store, svc.index, svc.keys, users=args.user)
     finally:
         svc.close()
+    return 0
+
+
+def _recache(args) -> int:
+    """Enqueue ``caching.cache_concept`` for every concept: with a new model (fingerprint) every
+    chunk is encoded again and the old ones deleted; with the same model it is a no-op."""
+    svc = _services(args.stack)
+    count = 0
+    try:
+        for user_id in args.user or svc.store.list_users():
+            for concept_id in svc.store.list_concepts(user_id):
+                svc.task_queue.enqueue_caching(user_id, concept_id)
+                count += 1
+        svc.task_queue.wait_idle()
+    finally:
+        svc.close()
+    print(f"enqueued caching for {count} concepts")
     return 0
 
 

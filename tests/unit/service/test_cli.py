@@ -27,6 +27,8 @@ def test_ingest_ask_reindex(embedded_env, photo_of, capsys):
                      "--name", "Bobo", "--category", "mug"]) == 0
     assert "bob/mug: ready; 2 photos" in capsys.readouterr().out
     assert cli.main(["reindex", "--user", "bob"]) == 0
+    assert cli.main(["recache"]) == 0
+    assert "enqueued caching for 1 concepts" in capsys.readouterr().out
     assert cli.main(["ask", "--user", "bob", "Where is Bobo?", "--max-new-tokens", "3",
                      "--stream"]) == 0
     err = capsys.readouterr().err
