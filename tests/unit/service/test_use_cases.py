@@ -227,3 +227,20 @@ def test_closing_a_stream_early_stops_generation(svc):
     first = next(stream)
     assert isinstance(first, str)
     stream.close()  # the generating thread stops at its next token
+
+
+def test_recaching_with_a_new_model_replaces_every_chunk(svc, photo_of):
+    from personalkv.models.tiny import tiny_model
+
+    make_ready(svc, photo_of)
+    old = concepts.get_concept(svc, "alice", "mug")
+    svc._adapter = tiny_model("qwen2_vl", seed=1)  # other weights: another fingerprint
+    assert svc.adapter.fingerprint() != old.model_fingerprint
+    pipeline.cache_concept(svc, "alice", "mug")
+    new = concepts.get_concept(svc, "alice", "mug")
+    assert new.state == "ready" and new.model_fingerprint == svc.adapter.fingerprint()
+    assert len(new.chunks) == len(old.chunks)
+    assert not {c.chunk_id for c in new.chunks} & {c.chunk_id for c in old.chunks}
+    assert chunk_files(svc, "alice", "mug") == sorted(c.object_key for c in new.chunks)
+    result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=2))
+    assert result.concepts[0][0] == "mug" and result.personal_evidence_used
