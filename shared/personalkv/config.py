@@ -243,12 +243,16 @@ class MiningSettings(BaseSettings):
         "log1p(inliers of the best two photos) + colour_weight * colour margin.",
     )
     threshold: float = Field(
-        2.3, description="Fused score under which a photo shows 'none of your concepts' "
+        1.45, description="Fused score under which a photo shows 'none of your concepts' "
         "(chosen on half of the myvlm concepts, see the mining README).",
     )
     support_per_photo: int = Field(
         3, ge=1, description="Best windows per photo that, with the patches, form the subject "
         "region whose keypoints may vote in recognition (vote_region='subject').",
+    )
+    support_grow: float = Field(
+        1.0, ge=1.0, description="Support windows are grown by this factor (about their centre) "
+        "before they delimit the subject region.",
     )
     vote_region: Literal["all", "subject"] = Field(
         "subject", description="Library keypoints that count as recognition evidence: all, or "

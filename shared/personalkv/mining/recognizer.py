@@ -63,10 +63,13 @@ class ConceptRecognizer:
         if mined is None:
             return
         boxes = list(mined.support) + [(p.photo_index, p.box) for p in mined.patches]
+        grow = self.settings.support_grow
         for local_i, box in boxes:
             idx = photos[local_i]
-            xy = self.library.photos[idx].local.xy
-            self._subject[idx] |= points_in_boxes(xy, np.asarray([box], np.float32))[0]
+            x0, y0, x1, y1 = box
+            cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
+            big = np.asarray([[cx - hw, cy - hh, cx + hw, cy + hh]], np.float32)
+            self._subject[idx] |= points_in_boxes(self.library.photos[idx].local.xy, big)[0]
 
     def _patch_colours(self, cid: str, mined: MinedConcept | None) -> tuple[np.ndarray, np.ndarray]:
         """Colour embedding of each mined patch and its pool similarity (consistency - margin)."""

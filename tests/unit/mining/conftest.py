@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-SIZE = 320
-MARK = 56
+SIZE = 256
+MARK = 48
 
 
 @dataclass
@@ -33,13 +33,13 @@ class SynthSet:
 
 def _background(rng: np.random.Generator) -> np.ndarray:
     img = np.full((SIZE, SIZE, 3), rng.integers(60, 200, 3), np.uint8)
-    for _ in range(60):
+    for _ in range(45):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         x, y = (int(v) for v in rng.integers(0, SIZE, 2))
         if rng.random() < 0.5:
-            cv2.rectangle(img, (x, y), (x + int(rng.integers(8, 50)), y + int(rng.integers(8, 50))), colour, -1)
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(6, 40)), y + int(rng.integers(6, 40))), colour, -1)
         else:
-            cv2.circle(img, (x, y), int(rng.integers(4, 25)), colour, -1)
+            cv2.circle(img, (x, y), int(rng.integers(3, 20)), colour, -1)
     return img
 
 
@@ -51,14 +51,14 @@ def _mark(rng: np.random.Generator) -> np.ndarray:
     mark[big == 1] = a
     mark[big == 0] = b
     for _ in range(3):
-        cv2.circle(mark, tuple(int(v) for v in rng.integers(8, MARK - 8, 2)), 6,
+        cv2.circle(mark, tuple(int(v) for v in rng.integers(8, MARK - 8, 2)), 5,
                    tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
     return mark
 
 
 def _place(bg: np.ndarray, colour, mark: np.ndarray, rng: np.random.Generator) -> SynthPhoto:
     img = bg.copy()
-    ow, oh = int(rng.integers(110, 140)), int(rng.integers(130, 160))
+    ow, oh = int(rng.integers(90, 112)), int(rng.integers(104, 128))
     x0, y0 = int(rng.integers(10, SIZE - ow - 10)), int(rng.integers(10, SIZE - oh - 10))
     cv2.rectangle(img, (x0, y0), (x0 + ow, y0 + oh), colour, -1)
     mx, my = x0 + (ow - MARK) // 2, y0 + (oh - MARK) // 2
@@ -75,7 +75,7 @@ def make_set(n_concepts: int = 10, photos: int = 3, n_backgrounds: int = 8, seed
         mark = _mark(rng)
         picks = rng.choice(n_backgrounds, photos, replace=False)
         concepts[f"c{c}"] = [_place(backgrounds[i], colour, mark, rng) for i in picks]
-    negatives = [np.roll(bg, int(rng.integers(-20, 20)), axis=1) for bg in backgrounds]
+    negatives = [np.roll(bg, int(rng.integers(-16, 16)), axis=1) for bg in backgrounds]
     return SynthSet(concepts, negatives)
 
 

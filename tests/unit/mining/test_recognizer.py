@@ -15,7 +15,8 @@ from personalkv.mining.recognizer import ConceptRecognizer
 @pytest.fixture(scope="module")
 def setup(synth_factory):
     data = synth_factory(n_concepts=5, photos=4, n_backgrounds=8, seed=3)
-    settings = MiningSettings(top_k=6)
+    # The default threshold is calibrated on real photos; these synthetic matches are sharper.
+    settings = MiningSettings(top_k=6, threshold=3.0)
     train = {cid: [p.image for p in ps[:3]] for cid, ps in data.concepts.items()}
     held = {cid: ps[3].image for cid, ps in data.concepts.items()}
     library = build_library(settings, train, data.negatives[:4])
@@ -31,8 +32,13 @@ def test_held_out_photos_are_recognised(setup):
 
 
 def test_negatives_are_rejected(setup):
-    rec, _, negatives = setup
-    assert sum(rec.recognize(img).concept is None for img in negatives) >= 3
+    """The negatives are the very backgrounds of training photos (not in the pool): only the
+    mined subject region may vote, so they stay far below every held-out positive."""
+    rec, held, negatives = setup
+    assert all(rec.recognize(img).concept is None for img in negatives)
+    worst_pos = min(max(rec.recognize(img).scores.values()) for img in held.values())
+    best_neg = max(max(rec.recognize(img).scores.values()) for img in negatives)
+    assert worst_pos > best_neg + 1.0
 
 
 def test_reranker_scores_candidates_in_unit_interval(setup):
