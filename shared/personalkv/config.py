@@ -71,8 +71,9 @@ class IndexSettings(BaseSettings):
 
     uri: str = Field(
         "./var/index/milvus.db",
-        description="A file path opens embedded milvus-lite (one process only; up to ~100k "
-        "keys); 'http://HOST:PORT' a Milvus server or cluster.",
+        description="A file path opens embedded milvus-lite (one process only; up to ~20k "
+        "keys, beyond that search slows past 30 ms); 'http://HOST:PORT' a Milvus server or "
+        "cluster.",
     )
     token: str = Field("", description="Milvus token 'user:password' (servers with auth only).")
     collection_prefix: str = Field("pkv", description="Prefix of the index's collection names.")

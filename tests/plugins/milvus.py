@@ -34,7 +34,7 @@ def milvus_server(tmp_path_factory) -> str:
     # write wait less; nothing else changes.
     server = start_milvus_server(tmp_path_factory.mktemp("milvus-server"), time_tick_ms=50)
     yield server.uri
-    server.stop(timeout_s=10)
+    server.stop(timeout_s=7)  # disposable data: kill rather than wait
 
 
 @pytest.fixture
