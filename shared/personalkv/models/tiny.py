@@ -90,6 +90,10 @@ def tiny_model(kind: str, seed: int = 0, dims: dict | None = None, dtype: torch.
     vocab = len(tokenizer)
     token = tokenizer.convert_tokens_to_ids
     text = _text_dims(vocab, dims)
+    special_ids = dict(
+        bos_token_id=token("<|endoftext|>"), eos_token_id=token("<|im_end|>"), pad_token_id=token("<|endoftext|>")
+    )
+    text.update(special_ids)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     torch.manual_seed(seed)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
@@ -115,7 +119,7 @@ def tiny_model(kind: str, seed: int = 0, dims: dict | None = None, dtype: torch.
             from personalkv.models.qwen2_vl import Qwen2VLAdapter as adapter_cls
 
             vision = dict(depth=1, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2)
-            config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids, **special_ids)
             model = Qwen2VLForConditionalGeneration(config)
         else:
             from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -126,7 +130,7 @@ def tiny_model(kind: str, seed: int = 0, dims: dict | None = None, dtype: torch.
                 depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                 out_hidden_size=text["hidden_size"], window_size=56, fullatt_block_indexes=[1],
             )
-            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids, **special_ids)
             model = Qwen2_5_VLForConditionalGeneration(config)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
