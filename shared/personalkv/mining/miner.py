@@ -22,6 +22,10 @@ from personalkv.mining.saliency import SubjectPrior, get_subject_prior
 from personalkv.mining.scoring import RelevanceScorer, combine, pool_colours, score_windows
 
 
+#: combined scores at or below this are the subject prior's tie-break alone (see scoring.combine)
+EVIDENCE_FLOOR = 0.05
+
+
 @dataclass
 class MinedPatch:
     photo_index: int  # index among the concept's photos
@@ -94,8 +98,21 @@ class Miner:
             support.extend((local_i, tuple(int(round(v)) for v in w.boxes[j]))
                            for j in keep[: self.settings.support_per_photo])
         candidates.sort(key=lambda c: -c[0])
+        # At most twice a photo's fair share of the k patches, so that the evidence (and the
+        # KV chunks made from it) covers several views, not only the sharpest close-up.
+        # Windows without real evidence (score at the subject tie-break level) never displace
+        # an evidenced one; they only fill up to k when nothing better is left.
+        cap = max(2, -(-2 * self.settings.top_k // max(1, len(windows))))
+        chosen, per_photo = [], {}
+        for cand in candidates:
+            if cand[0] > EVIDENCE_FLOOR and per_photo.get(cand[1], 0) < cap:
+                chosen.append(cand)
+                per_photo[cand[1]] = per_photo.get(cand[1], 0) + 1
+        rest = [c for c in candidates if not any(c is x for x in chosen)]
+        chosen = sorted(chosen, key=lambda c: -c[0])[: self.settings.top_k]
+        chosen = sorted(chosen + rest[: self.settings.top_k - len(chosen)], key=lambda c: -c[0])
         patches = []
-        for score, local_i, w, j in candidates[: self.settings.top_k]:
+        for score, local_i, w, j in chosen:
             x0, y0, x1, y1 = (int(round(v)) for v in w.boxes[j])
             lp = self.library.photos[w.photo]
             h, wd = lp.shape

@@ -95,13 +95,14 @@ def score_windows(library: PhotoLibrary, photo: int, prior: np.ndarray, pool: np
 def combine(parts: dict[str, np.ndarray], consistency_scale: float) -> np.ndarray:
     """score = (keypoint consistency / concept max) * distinct * (0.5 + 0.5 * subject)
              + 0.5 * clip(colour margin + 0.1, 0, 0.3) / 0.3 * (0.5 + 0.5 * subject)
+             + 0.05 * subject (tie-break where there is no other evidence)
              + 0.25 * relevance (when present).
     The keypoint term dominates where the concept has texture; the colour and subject terms
     rank windows of texture-poor concepts and break ties."""
     subj = 0.5 + 0.5 * parts["subject"]
     kp = parts["consistency"] / max(consistency_scale, 1e-6) * parts["distinct"] * subj
     col = 0.5 * np.clip(parts["colour_margin"] + 0.1, 0, 0.3) / 0.3 * subj
-    score = kp + col
+    score = kp + col + 0.05 * parts["subject"]  # tie-break: the salient window, not a corner
     if "relevance" in parts:
         score = score + 0.25 * parts["relevance"]
     return score
