@@ -37,8 +37,9 @@ class ModelSettings(BaseSettings):
     )
     recompute_strategy: Literal["deviation", "first"] = Field(
         "deviation",
-        description="Which tokens to recompute: 'deviation' (CacheBlend: largest key deviation "
-        "at an early layer) or 'first' (EPIC: the first tokens of each chunk).",
+        description="Which tokens to recompute: 'deviation' (CacheBlend-style: largest change of "
+        "layer-0 attention output once other chunks are visible) or 'first' (EPIC: the first "
+        "tokens of each chunk).",
     )
 
 
@@ -283,3 +284,22 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table (the README's configuration section is this output)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for section in Settings.model_fields.values():
+        cls = section.default_factory
+        prefix = cls.model_config.get("env_prefix", "")
+        for name, field in cls.model_fields.items():
+            default = field.default
+            if isinstance(default, SecretStr):
+                default = "(secret)" if default.get_secret_value() else ""
+            text = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name.upper()}` | `{default}` | {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
