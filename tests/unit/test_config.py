@@ -1,0 +1,29 @@
+"""Settings: every field is documented, and the README's table is the generated one."""
+
+from __future__ import annotations
+
+import pathlib
+
+from personalkv.config import Settings, markdown_table
+
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_setting_has_a_description():
+    for section in Settings.model_fields.values():
+        for name, field in section.default_factory.model_fields.items():
+            assert field.description, f"{section.default_factory.__name__}.{name} has no description"
+
+
+def test_readme_configuration_table_is_current():
+    text = README.read_text()
+    start = text.index("<!-- config-table:start -->") + len("<!-- config-table:start -->")
+    end = text.index("<!-- config-table:end -->")
+    assert text[start:end].strip() == markdown_table().strip(), (
+        "README configuration table is stale: regenerate with `python -m personalkv.config`"
+    )
+
+
+def test_env_prefix_reaches_a_field(monkeypatch):
+    monkeypatch.setenv("PERSONALKV_MODEL_DTYPE", "bfloat16")
+    assert Settings().model.dtype == "bfloat16"
