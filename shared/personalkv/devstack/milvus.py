@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from personalkv.devstack.process import terminate
 
 #: The ports of one standalone server; every one must be free (the web port serves /healthz).
 PORT_KEYS = (
@@ -148,14 +149,7 @@ class MilvusServer:
         """SIGTERM, wait up to ``timeout_s`` (a loaded server flushes slowly), then SIGKILL.
         Idempotent."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        terminate(proc, timeout_s)
 
     def __enter__(self) -> "MilvusServer":
         return self.start() if self.process is None else self

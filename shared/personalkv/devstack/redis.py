@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from personalkv.devstack.process import terminate
 from personalkv.devstack.s3 import _die_with_parent, free_port
 
 
@@ -73,14 +74,7 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        terminate(proc, timeout_s, kill_wait_s=5)
 
     def __enter__(self) -> RedisServer:
         return self.start() if self.process is None else self

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from personalkv.config import StorageSettings
+from personalkv.devstack.process import terminate
 
 ServerKind = Literal["auto", "minio", "moto"]
 # Loopback: an http_proxy from the environment must not intercept the health check.
@@ -164,14 +165,7 @@ class S3Server:
 
     def _terminate(self, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=timeout_s)
+        terminate(proc, timeout_s, kill_wait_s=timeout_s)
 
     @property
     def running(self) -> bool:

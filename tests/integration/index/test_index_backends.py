@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
 

@@ -5,7 +5,6 @@ back through transformers' Auto classes, and check it answers exactly like the o
 from __future__ import annotations
 
 import pytest
-import torch
 
 from personalkv.kv.engine import GenerationOptions, answer, encode_profile
 from personalkv.models import load_adapter
