@@ -98,6 +98,18 @@ class GrpcServer:
         self.stop()
 
 
+def serve(name: str, server: GrpcServer, services, host: str) -> int:
+    """Start ``server``, block until SIGTERM/SIGINT, then close the services: the tail of
+    every gRPC entry point."""
+    port = server.start()
+    print(f"{name} listening on {host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        services.close()
+    return 0
+
+
 # -- translation helpers shared by the servicers --------------------------------------------
 def caller(request_user_id: str = "") -> str:
     """The user an RPC acts for: the token's. A request may name a user explicitly; it must

@@ -21,7 +21,7 @@ from personalkv.api.cli import add_server_arguments
 from personalkv.api.errors import grpc_errors
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
 from personalkv.service import answering
-from services.grpc_common import GrpcServer, caller, deadline_passed
+from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=(settings.server.answering_metrics_port if args.metrics_port is None
                       else args.metrics_port),
     )  # fmt: skip
-    port = server.start()
-    print(f"answering listening on {settings.server.host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        services.close()
-    return 0
+    return serve("answering", server, services, settings.server.host)
 
 
 def main(argv: list[str] | None = None) -> int:

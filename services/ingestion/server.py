@@ -22,7 +22,7 @@ from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service import concepts
 from personalkv.service.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.grpc_common import GrpcServer, caller, deadline_passed
+from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=(settings.server.ingestion_metrics_port if args.metrics_port is None
                       else args.metrics_port),
     )  # fmt: skip
-    port = server.start()
-    print(f"ingestion listening on {settings.server.host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        services.close()
-    return 0
+    return serve("ingestion", server, services, settings.server.host)
 
 
 def main(argv: list[str] | None = None) -> int:
