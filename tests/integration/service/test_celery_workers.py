@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.tcp_proxy import CuttableProxy
+
 pytestmark = pytest.mark.slow
 
 USER, CONCEPT = "alice", "teapot"
@@ -173,73 +175,13 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
         check.close()
 
 
-class _CuttableProxy:
-    """A TCP proxy in front of the S3 server: ``cut()`` is an outage, ``restore()`` ends it."""
-
-    def __init__(self, upstream_port: int):
-        import threading
-
-        self.upstream, self.port, self._conns = ("127.0.0.1", upstream_port), 0, []
-        self._lock = threading.Lock()
-        self.restore()
-
-    def restore(self) -> None:
-        import socket
-        import threading
-
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", self.port))
-        self.port = self._listener.getsockname()[1]
-        self._listener.listen(16)
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
-
-    def _accept(self, listener) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = listener.accept()
-                server = socket.create_connection(self.upstream)
-            except OSError:
-                return
-            with self._lock:
-                self._conns += [client, server]
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst) -> None:
-        import socket
-
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, tmp_path, s3_server):
     """The worker meets an S3 outage: the task retries (Unavailable, exponential backoff)
     instead of failing the concept, and completes once S3 is back."""
     from personalkv.service import concepts
     from personalkv.service.bootstrap import bootstrap
 
-    proxy = _CuttableProxy(s3_server.port)
+    proxy = CuttableProxy(s3_server.port)
     bucket = f"retry-{os.getpid()}-{int(time.time() * 1000) % 100000}"
     env = dict(stack_env, PERSONALKV_STORAGE_URL=(
         f"s3://{bucket}?endpoint=127.0.0.1:{proxy.port}&secure=false"),
