@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -43,10 +43,11 @@ def encode_evidence(
     """
     prefix = adapter.system_prefix()
     segment = adapter.build_segment(parts)
+    image_embeds = segment.image_embeds()
     with torch.inference_mode():
         positions, extent = adapter.segment_positions(segment, prefix.extent)
         cache = adapter.new_cache(list(zip(prefix.keys, prefix.values)))
-        adapter.run_decoder(adapter.embed(segment.token_ids, segment.image_embeds()), positions, cache)
+        adapter.run_decoder(adapter.embed(segment.token_ids, image_embeds), positions, cache)
         start = prefix.num_tokens
         kv = [adapter.cache_kv(cache, layer) for layer in range(adapter.num_layers)]
         keys = [k[0, :, start:, :].clone() for k, _ in kv]
@@ -57,14 +58,7 @@ def encode_evidence(
         user_id=user_id,
         concept_id=concept_id,
         kind=kind,
-        content_hash=chunk_content_hash(
-            model_fingerprint=fingerprint,
-            framing=prefix.framing,
-            user_id=user_id,
-            concept_id=concept_id,
-            kind=kind,
-            content=content,
-        ),
+        content_hash=_chunk_id(adapter, user_id, concept_id, kind, content),
         token_count=segment.num_tokens,
         start_position=prefix.extent,
         position_extent=extent,
@@ -74,7 +68,6 @@ def encode_evidence(
         framing=prefix.framing,
         source=source,
     )
-    image_embeds = segment.image_embeds()
     return KVChunk(
         meta=meta,
         keys=keys,
@@ -85,33 +78,53 @@ def encode_evidence(
     )
 
 
-def encode_profile(adapter: ModelAdapter, profile_text: str, *, user_id: str, concept_id: str) -> KVChunk:
-    """A concept's text profile as a chunk (the text is the whole evidence and its content)."""
-    text = profile_text.rstrip("\n") + "\n"
-    return encode_evidence(
-        adapter, [text], user_id=user_id, concept_id=concept_id, kind="profile_text",
-        content=text.encode(), source="profile",
+@dataclass(frozen=True)
+class Evidence:
+    """One piece of evidence before encoding: what the chunk is *of* (``content``, hashed into
+    the chunk id) and how to build what the model reads (``parts``, called only when the chunk
+    is really encoded, so a caller can skip the vision tower for chunks it already stores)."""
+
+    kind: ChunkKind
+    content: bytes
+    source: str
+    parts: Callable[[ModelAdapter], list]
+
+
+def profile_evidence(text: str) -> Evidence:
+    """A concept's text profile: the text is the whole evidence and its content."""
+    text = text.rstrip("\n") + "\n"
+    return Evidence(kind="profile_text", content=text.encode(), source="profile", parts=lambda _: [text])
+
+
+def patch_evidence(image: Image.Image, concept_name: str, source: str = "") -> Evidence:
+    """One mined image patch, framed by a short text naming the concept. Its content is the
+    framing, the size and the raw RGB pixels: independent of any image encoder's output."""
+    framing = f"A photo detail of my {concept_name}: "
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    content = framing.encode() + b"\0" + f"{width}x{height}".encode() + b"\0" + rgb.tobytes()
+    return Evidence(
+        kind="image_patch", content=content, source=source,
+        parts=lambda adapter: [framing, adapter.encode_image(rgb), "\n"],
     )
 
 
-def encode_patch(
-    adapter: ModelAdapter,
-    image: Image.Image,
-    *,
-    concept_name: str,
-    user_id: str,
-    concept_id: str,
-    image_bytes: bytes,
-    source: str = "",
-) -> KVChunk:
-    """One mined image patch as a chunk, framed by a short text naming the concept.
+def evidence_chunk_id(adapter: ModelAdapter, evidence: Evidence, *, user_id: str, concept_id: str) -> str:
+    """The id the chunk will have, known without running the model."""
+    return _chunk_id(adapter, user_id, concept_id, evidence.kind, evidence.content)
 
-    ``image_bytes``: the patch's encoded bytes (e.g. PNG of the crop), hashed with the framing.
-    """
-    framing = f"Photo detail of <{concept_name}>: "
+
+def encode(adapter: ModelAdapter, evidence: Evidence, *, user_id: str, concept_id: str) -> KVChunk:
     return encode_evidence(
-        adapter, [framing, adapter.encode_image(image), "\n"], user_id=user_id, concept_id=concept_id,
-        kind="image_patch", content=framing.encode() + image_bytes, source=source,
+        adapter, evidence.parts(adapter), user_id=user_id, concept_id=concept_id,
+        kind=evidence.kind, content=evidence.content, source=evidence.source,
+    )
+
+
+def _chunk_id(adapter: ModelAdapter, user_id: str, concept_id: str, kind: str, content: bytes) -> str:
+    return chunk_content_hash(
+        model_fingerprint=adapter.fingerprint(), framing=adapter.system_prefix().framing,
+        user_id=user_id, concept_id=concept_id, kind=kind, content=content,
     )
 
 
@@ -188,7 +201,7 @@ def answer(
         t0 = time.perf_counter()
         ctx = place_chunks(adapter, list(chunks))
         t1 = time.perf_counter()
-        recomputed = recompute(adapter, ctx, options.recompute_ratio, options.recompute_strategy) if chunks else 0
+        recomputed = recompute(adapter, ctx, options.recompute_ratio, options.recompute_strategy)
         t2 = time.perf_counter()
         photo = adapter.encode_image(image) if image is not None else None
         logits = prefill(adapter, ctx, adapter.build_segment(adapter.question_parts(question, photo)))

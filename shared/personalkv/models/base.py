@@ -18,6 +18,7 @@ two concurrent requests corrupt each other's positions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -119,8 +120,9 @@ class ModelAdapter(ABC):
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 
-    @property
+    @functools.cached_property
     def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies (fp32, CPU), read once: every placement rotates with them."""
         rotary = self.language_model.rotary_emb
         if getattr(rotary, "attention_scaling", 1.0) != 1.0:
             # Scaled RoPE variants multiply cos/sin by a constant; a delta rotation must not

@@ -25,9 +25,8 @@ import json
 import logging
 
 from personalkv.index.reindex import index_concept
-from personalkv.kv.chunk import chunk_content_hash
 from personalkv.kv.codec import encode_chunk, read_header
-from personalkv.kv.engine import encode_evidence
+from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 from personalkv.manifest import ChunkRecord, ConceptManifest
 from personalkv.retrieval.encoders import to_pil
 from personalkv.retrieval.keys import profile_text
@@ -39,7 +38,6 @@ from personalkv.storage.chunk_store import MissingObjectsError
 log = logging.getLogger(__name__)
 
 PROFILE_TEMPLATE = "My concept: {text}."
-PATCH_TEMPLATE = "A photo detail of my {name}:"
 
 
 def _write_state(svc, manifest: ConceptManifest, state: str, **update) -> ConceptManifest:
@@ -105,14 +103,6 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
 
 
 # -- caching -------------------------------------------------------------------------------
-def patch_content(name: str, crop) -> tuple[str, bytes]:
-    """The framing text of a patch chunk and the bytes its content hash covers (text, size and
-    raw RGB pixels: independent of any image encoder's output)."""
-    text = PATCH_TEMPLATE.format(name=name)
-    w, h = crop.size
-    return text, text.encode() + b"\0" + f"{w}x{h}".encode() + b"\0" + crop.tobytes()
-
-
 def cache_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Encode and store the chunks the concept lacks, index its keys, mark it ready.
     Returns the manifest written, or None when the concept no longer exists."""
@@ -134,7 +124,6 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         return None
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
-    framing = adapter.system_prefix().framing
     quantization = svc.settings.model.chunk_quantization
     store = svc.store
     known = {c.chunk_id: c for c in manifest.chunks}
@@ -142,11 +131,10 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         manifest = _write_state(svc, manifest, "caching", failure_reason=None)
     encoded = reused = 0
 
-    def chunk_for(kind: str, source: str, parts_fn, content: bytes) -> ChunkRecord:
+    def chunk_for(evidence) -> ChunkRecord:
         nonlocal encoded, reused
-        chunk_id = chunk_content_hash(model_fingerprint=fingerprint, framing=framing,
-                                      user_id=user_id, concept_id=concept_id, kind=kind,
-                                      content=content)
+        kind, source = evidence.kind, evidence.source
+        chunk_id = evidence_chunk_id(adapter, evidence, user_id=user_id, concept_id=concept_id)
         key = store.chunk_key(user_id, concept_id, chunk_id)
         if chunk_id in known and known[chunk_id].kind == kind:
             reused += 1
@@ -156,24 +144,20 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
             header = read_header(store.get_chunk(user_id, concept_id, chunk_id))
             reused += 1
             return _record(chunk_id, kind, source, json.loads(header["__metadata__"]["meta"]), key)
-        chunk = encode_evidence(adapter, parts_fn(), user_id=user_id, concept_id=concept_id,
-                                kind=kind, content=content, source=source)
+        chunk = encode(adapter, evidence, user_id=user_id, concept_id=concept_id)
         assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
         store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, quantization))
         encoded += 1
         return _record(chunk_id, kind, source, dataclasses.asdict(chunk.meta), key)
 
-    text = PROFILE_TEMPLATE.format(text=profile_text(manifest))
-    records = [chunk_for("profile_text", "profile", lambda: [text], text.encode())]
+    records = [chunk_for(profile_evidence(PROFILE_TEMPLATE.format(text=profile_text(manifest))))]
     photos: dict = {}
     seen = {records[0].chunk_id}
     for i, patch in enumerate(manifest.patches):
         if patch.photo_id not in photos:
             photos[patch.photo_id] = to_pil(store.get_photo(user_id, concept_id, patch.photo_id))
         crop = photos[patch.photo_id].crop(patch.box)
-        framing_text, content = patch_content(manifest.profile.name, crop)
-        record = chunk_for("image_patch", str(i),
-                           lambda t=framing_text, c=crop: [t, adapter.encode_image(c)], content)
+        record = chunk_for(patch_evidence(crop, manifest.profile.name, source=str(i)))
         if record.chunk_id not in seen:  # two identical patches share one chunk
             seen.add(record.chunk_id)
             records.append(record)

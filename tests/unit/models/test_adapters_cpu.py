@@ -97,16 +97,17 @@ def test_sampling_is_seeded(tiny):
 
 
 def test_profile_and_patch_chunks_carry_owner_and_content_in_their_hash(tiny, photo):
-    from personalkv.kv.engine import encode_patch, encode_profile
+    from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 
     adapter = tiny("qwen2_vl")
-    a = encode_profile(adapter, "Concept <bo>: dog", user_id="alice", concept_id="bo")
-    b = encode_profile(adapter, "Concept <bo>: dog", user_id="bob", concept_id="bo")
-    c = encode_profile(adapter, "Concept <bo>: cat", user_id="alice", concept_id="bo")
+    a = encode(adapter, profile_evidence("Concept <bo>: dog"), user_id="alice", concept_id="bo")
+    b = encode(adapter, profile_evidence("Concept <bo>: dog"), user_id="bob", concept_id="bo")
+    c = encode(adapter, profile_evidence("Concept <bo>: cat"), user_id="alice", concept_id="bo")
     assert len({a.chunk_id, b.chunk_id, c.chunk_id}) == 3
     assert torch.equal(a.keys[0], b.keys[0])  # same tensors, different owners, different ids
-    patch = encode_patch(
-        adapter, photo(4), concept_name="bo", user_id="alice", concept_id="bo", image_bytes=b"png", source="patch:0"
-    )
+    evidence = patch_evidence(photo(4), "bo", source="patch:0")
+    patch = encode(adapter, evidence, user_id="alice", concept_id="bo")
     assert patch.meta.kind == "image_patch" and patch.image_embeds is not None
     assert patch.meta.source == "patch:0"
+    # The id is known before the model runs (the pipeline skips chunks it already stores).
+    assert evidence_chunk_id(adapter, evidence, user_id="alice", concept_id="bo") == patch.chunk_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from personalkv.kv.engine import GenerationOptions, answer, encode_profile
+from personalkv.kv.engine import GenerationOptions, answer, encode, profile_evidence
 from personalkv.models import load_adapter
 from personalkv.models.tiny import tiny_model
 
@@ -21,7 +21,7 @@ def test_load_adapter_from_local_directory(tmp_path, kind):
 
     loaded = load_adapter(str(tmp_path), device="cpu", dtype="float32")
     assert type(loaded) is type(original)
-    chunk = encode_profile(original, "Concept <bo>: a small brown dog.", user_id="alice", concept_id="bo")
+    chunk = encode(original, profile_evidence("Concept <bo>: a small brown dog."), user_id="alice", concept_id="bo")
     options = GenerationOptions(max_new_tokens=5)
     expected = answer(original, [chunk], "Is this my dog?", options=options)
     got = answer(loaded, [chunk], "Is this my dog?", options=options)
