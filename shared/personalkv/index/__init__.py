@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from personalkv.index.base import (
-    IndexEntry, IndexStats, KeyIndex, SearchHit, SearchRequest, VectorSpace,
+    IndexEntry, IndexStats, KeyIndex, KeysNotVisible, SearchHit, SearchRequest, VectorSpace,
 )
 
 # scheme -> "module:class"; "" is a local file path (milvus-lite, embedded).
@@ -42,6 +42,6 @@ def open_key_index(uri: str | None = None, **options) -> KeyIndex:
 
 
 __all__ = [
-    "IndexEntry", "IndexStats", "KeyIndex", "SearchHit", "SearchRequest", "VectorSpace",
+    "IndexEntry", "IndexStats", "KeyIndex", "KeysNotVisible", "SearchHit", "SearchRequest", "VectorSpace",
     "open_key_index",
 ]

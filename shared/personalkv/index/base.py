@@ -4,7 +4,8 @@ Who calls what, and when:
 
 * ``personalkv.index.reindex`` and the concept-ingest path call ``ensure_space`` once per
   vector space, then ``upsert`` with the entries ``personalkv.retrieval.keys`` built from a
-  concept manifest, then ``make_searchable`` before reporting the concept as ready.
+  concept manifest, then ``wait_visible`` with their key ids before reporting the concept as
+  ready: a user may Ask (in another process, with another connection) right after.
 * ``personalkv.retrieval.Retriever`` calls ``search`` (one per modality per question) and
   ``entries_of`` for the chunks of the concepts it picked. Both always carry the user id and
   the model fingerprint: no code path can search across users.
@@ -88,6 +89,11 @@ class SearchRequest:
     concept_ids: Sequence[str] | None = None
 
 
+class KeysNotVisible(TimeoutError):
+    """``KeyIndex.wait_visible`` timed out: written keys are not visible to every reader yet.
+    A ``TimeoutError``, so the service layer treats it as a dependency outage and retries."""
+
+
 @dataclass
 class IndexStats:
     entries: int = 0
@@ -114,6 +120,13 @@ class KeyIndex(ABC):
     def make_searchable(self, space: VectorSpace | None = None) -> None:
         """Make everything written so far visible to ``search`` at full speed (flush, build the
         index, load). Call after a bulk write; single upserts are already visible."""
+
+    @abstractmethod
+    def wait_visible(self, user_id: str, key_ids: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Return once every later ``search``/``entries_of`` of *any* client (another process,
+        another connection) sees all of ``key_ids`` of ``user_id``. A write is only sure to be
+        visible to the writing client; call this before telling anyone the keys exist. Raises
+        ``KeysNotVisible`` (a ``TimeoutError``: the caller retries) after ``timeout_s``."""
 
     @abstractmethod
     def search(self, request: SearchRequest) -> list[SearchHit]:

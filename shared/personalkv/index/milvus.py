@@ -16,9 +16,13 @@
 One collection per ``VectorSpace``; ``user_id`` is the partition key, so a user's search touches
 one partition, and every search and query filters by user and model fingerprint.
 
-Freshness: the collection uses "Session" consistency (a writer reads its own writes without the
-up-to-200 ms wait of "Strong" on every search). Deletes are confirmed with a "Strong" query before
-they return, so afterwards no client sees the deleted entries. ``make_searchable`` flushes (seals
+Freshness: the collection uses "Session" consistency, so searches never pay the up-to-one-time-
+tick (200 ms) wait of "Strong". pymilvus implements "Session" with the last write timestamp *of
+its own process*: the writer reads its own writes, but another process (the answering server
+after a Celery worker wrote) searches "Eventually" and may miss a write for up to a time tick.
+So writers confirm before they tell anyone: ``wait_visible`` after an insert, and deletes inside
+``delete_*``, run a "Strong" query (the server waits until its query nodes have consumed every
+write before it); once it sees the new state, every later search of any client sees it too. ``make_searchable`` flushes (seals
 growing segments, which triggers the index build), waits for the build and loads: without it a
 fresh milvus-lite collection is brute-force scanned (~0.9 s per search at 20k keys vs ~13 ms).
 """
@@ -31,7 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from personalkv.index.base import IndexEntry, KeyIndex, SearchHit, SearchRequest, VectorSpace
+from personalkv.index.base import (
+    IndexEntry, KeyIndex, KeysNotVisible, SearchHit, SearchRequest, VectorSpace,
+)
 
 _FIELDS = ("key_id", "user_id", "concept_id", "kind", "model_fingerprint", "chunk_id",
            "object_key", "token_count", "position_extent", "source")
@@ -164,6 +170,36 @@ class MilvusKeyIndex(KeyIndex):
                 time.sleep(0.1)
             else:
                 raise RuntimeError(f"delete not visible in {name}: {expr}")
+
+    def wait_visible(self, user_id: str, key_ids: Sequence[str], timeout_s: float = 30.0,
+                     poll_s: float = 0.1) -> None:
+        wanted = set(key_ids)
+        if not wanted:
+            return
+        deadline = time.monotonic() + timeout_s
+        names = [n for n in self._owned() if self._ready(n)]
+        seen: set[str] = set()
+        while True:
+            for name in names:  # one Strong read per collection: each has its own channels
+                pending = sorted(wanted - seen)
+                for start in range(0, len(pending), _BATCH):
+                    todo = pending[start:start + _BATCH]
+                    expr = (f"user_id == {_quote(user_id)} and "
+                            f"key_id in [{', '.join(_quote(k) for k in todo)}]")
+                    rows = self.client.query(name, filter=expr, output_fields=["key_id"],
+                                             limit=len(todo), consistency_level="Strong")
+                    seen.update(r["key_id"] for r in rows)
+            missing = wanted - seen
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise KeysNotVisible(
+                    f"{len(missing)} of {len(wanted)} index keys of user {user_id!r} not visible "
+                    f"to search after {timeout_s:g}s in {names or 'no collection'} "
+                    f"(e.g. {sorted(missing)[:3]}); the index server may be overloaded or "
+                    f"the write was lost - retry the write")
+            time.sleep(poll_s)
+            names = [n for n in self._owned() if self._ready(n)]
 
     def drop_all(self) -> None:
         for name in self._owned():

@@ -39,14 +39,19 @@ class ReindexReport:
 
 
 def index_concept(index: KeyIndex, keys: KeyBuilder, manifest: ConceptManifest,
-                  load_photo: Callable[[str], bytes]) -> ConceptKeys:
+                  load_photo: Callable[[str], bytes], visible_timeout_s: float = 30.0,
+                  ) -> ConceptKeys:
     """(Re)index one concept: drop its old keys (a re-mined concept may have fewer patches),
-    then upsert the new ones; searchable at once (growing segments are searched too). A crash
-    between the two leaves the concept unfindable until the retry. Idempotent."""
+    then upsert the new ones, and return only once every client (the answering server is
+    another process) sees them (``KeyIndex.wait_visible``), so the caller may then publish the
+    concept as ready. A crash between the steps leaves the concept unfindable until the retry;
+    ``KeysNotVisible`` after ``visible_timeout_s`` is a ``TimeoutError`` (retried). Idempotent."""
     built = keys.build(manifest, load_photo)
     index.delete_concept(manifest.user_id, manifest.concept_id)
     for space, entries in ((keys.text_space, built.text), (keys.image_space, built.image)):
         index.upsert(space, entries)
+    index.wait_visible(manifest.user_id, [e.key_id for e in built.text + built.image],
+                       timeout_s=visible_timeout_s)
     return built
 
 

@@ -11,8 +11,9 @@ Both are idempotent and safe to redeliver (acks_late: a task whose worker died r
   exact text or crop pixels) *before* running the model, and encodes only chunks the store does
   not hold yet - a redelivered task re-encodes nothing already stored, a new photo adds only its
   own chunks, and an object key can never be written with two different contents;
-* the manifest is written after the blobs it names; index keys are written before the concept
-  turns ``ready``, so a ready concept is always findable.
+* the manifest is written after the blobs it names; index keys are written, and confirmed
+  visible to every reader (``index_concept`` waits for it), before the concept turns
+  ``ready``, so a ready concept is always findable, by an Ask in another process too.
 
 Failures: a dependency outage raises ``Unavailable`` (the task is retried, the manifest keeps
 its state); anything else marks the concept ``failed`` with a reason and re-raises.
