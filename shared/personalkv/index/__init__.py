@@ -42,6 +42,6 @@ def open_key_index(uri: str | None = None, **options) -> KeyIndex:
 
 
 __all__ = [
-    "IndexEntry", "IndexStats", "KeyIndex", "KeysNotVisible", "SearchHit", "SearchRequest", "VectorSpace",
-    "open_key_index",
+    "IndexEntry", "IndexStats", "KeyIndex", "KeysNotVisible", "SearchHit", "SearchRequest",
+    "VectorSpace", "open_key_index",
 ]

@@ -22,9 +22,11 @@ its own process*: the writer reads its own writes, but another process (the answ
 after a Celery worker wrote) searches "Eventually" and may miss a write for up to a time tick.
 So writers confirm before they tell anyone: ``wait_visible`` after an insert, and deletes inside
 ``delete_*``, run a "Strong" query (the server waits until its query nodes have consumed every
-write before it); once it sees the new state, every later search of any client sees it too. ``make_searchable`` flushes (seals
-growing segments, which triggers the index build), waits for the build and loads: without it a
-fresh milvus-lite collection is brute-force scanned (~0.9 s per search at 20k keys vs ~13 ms).
+write before it); once it sees the new state, every later search of any client sees it too.
+
+``make_searchable`` flushes (seals growing segments, which triggers the index build), waits for
+the build and loads: without it a fresh milvus-lite collection is brute-force scanned (~0.9 s per
+search at 20k keys vs ~13 ms).
 """
 
 from __future__ import annotations
