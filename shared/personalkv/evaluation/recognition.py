@@ -37,7 +37,7 @@ class Scored:
     best: int
     score: float
     path: str
-    #: per concept (dataset order): keypoint scores (all / subject region) and colour score
+    #: per concept (dataset order): keypoint scores (all / subject region), appearance scores
     detail: dict | None = None
 
 
@@ -48,7 +48,7 @@ def _build(ds: Dataset, settings: MiningSettings, pool: list[Path], log, cache: 
     negatives = [load_rgb(p, settings.max_side) for p in pool]
     library = build_library(settings, photos, negatives,
                             {c.concept_id: [str(p) for p in c.train] for c in ds.concepts},
-                            [str(p) for p in pool], cache)
+                            [str(p) for p in pool], cache, progress=log)
     miner = Miner(library, settings)
     mined: dict[str, MinedConcept] = {}
     for c in ds.concepts:
@@ -112,7 +112,8 @@ def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
             best = [c.concept_id for c in ds.concepts].index(res.best) if res.best else -1
             ids = [c.concept_id for c in ds.concepts]
             detail = {"kp_all": [res.keypoint_all[c] for c in ids], "kp_subject": [res.keypoint_subject[c] for c in ids],
-                      "colour": [res.colour_scores[c] for c in ids]}
+                      "appearance": [res.appearance_scores[c] for c in ids],
+                      "appearance_raw": [res.appearance_raw[c] for c in ids]}
             rows.append(Scored(kind, ci, half, best, res.scores.get(res.best, 0.0), str(path), detail))
         log(f"fold {f}: scored {len(todo)} photos")
     halves = {}

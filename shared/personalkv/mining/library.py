@@ -1,7 +1,7 @@
 """The photos a miner or recognizer compares against, with their features and one keypoint index.
 
 A ``PhotoLibrary`` holds every photo of one user's concepts plus a negative pool (generic
-photos), each photo's local features and colour windows. ``build()`` makes one approximate
+photos), each photo's local features and the appearance embedding of its candidate windows. ``build()`` makes one approximate
 nearest-neighbour index (FLANN kd-trees) over all keypoints, labelled by owner (concept index,
 or -1 for the negative pool). ``match()`` is the one matching rule used by both mining and
 recognition: a query keypoint is a match for owner ``o`` when its nearest neighbour belongs
@@ -31,7 +31,7 @@ class LibraryPhoto:
     shape: tuple[int, int]
     local: LocalFeatures
     boxes: np.ndarray  # candidate windows (n, 4)
-    colours: np.ndarray  # their colour embeddings (n, d)
+    appearance: np.ndarray  # their embeddings by the library's PatchEmbedder (n, d)
 
 
 @dataclass
@@ -63,13 +63,14 @@ class PhotoLibrary:
 
     def describe(self, image: np.ndarray, owner: int, photo_id: str) -> LibraryPhoto:
         if self.cache is not None and photo_id in self.cache:
-            shape, local, boxes, colours = self.cache[photo_id]
+            shape, local, boxes, appearance = self.cache[photo_id]
         else:
-            boxes = propose_boxes(image.shape)
-            shape, local, colours = image.shape[:2], self.extractor.extract(image), self.embedder.embed_boxes(image, boxes)
+            boxes = propose_boxes(image.shape, self.embedder.window_fractions)
+            shape, local = image.shape[:2], self.extractor.extract(image)
+            appearance = self.embedder.embed_boxes(image, boxes)
             if self.cache is not None:
-                self.cache[photo_id] = (shape, local, boxes, colours)
-        return LibraryPhoto(owner, photo_id, shape, local, boxes, colours)
+                self.cache[photo_id] = (shape, local, boxes, appearance)
+        return LibraryPhoto(owner, photo_id, shape, local, boxes, appearance)
 
     def add_concept(self, concept_id: str, images, photo_ids=None) -> int:
         owner = len(self.concept_ids)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from personalkv.mining.features import get_local_extractor, get_patch_embedder
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.proposals import nms
 from personalkv.mining.saliency import SubjectPrior, get_subject_prior
-from personalkv.mining.scoring import RelevanceScorer, combine, pool_colours, score_windows
+from personalkv.mining.scoring import RelevanceScorer, combine, pool_appearance, score_windows
 
 
 #: combined scores at or below this are the subject prior's tie-break alone (see scoring.combine)
@@ -54,15 +54,21 @@ class MinedConcept:
 def build_library(settings: MiningSettings, concepts: Mapping[str, Sequence[np.ndarray]],
                   negatives: Sequence[np.ndarray] = (),
                   photo_ids: Mapping[str, Sequence[str]] | None = None,
-                  negative_ids: Sequence[str] | None = None, cache: dict | None = None) -> PhotoLibrary:
-    """Describes every photo (features, colour windows) and builds the keypoint index. With a
-    ``cache`` dict, photos already described under the same id are not described again."""
+                  negative_ids: Sequence[str] | None = None, cache: dict | None = None,
+                  progress: Callable[[str], None] | None = None) -> PhotoLibrary:
+    """Describes every photo (local features, window embeddings) and builds the keypoint index. With a
+    ``cache`` dict, photos already described under the same id are not described again.
+    ``progress`` receives a line per concept described (describing is the slow part)."""
     library = PhotoLibrary(get_local_extractor(settings.extractor), get_patch_embedder(settings.embedder),
                            ratio=settings.ratio, ransac_px=settings.ransac_px,
                            min_inliers=settings.min_inliers, cache=cache)
-    for cid, photos in concepts.items():
+    for i, (cid, photos) in enumerate(concepts.items()):
         library.add_concept(cid, photos, None if photo_ids is None else photo_ids.get(cid))
+        if progress is not None:
+            progress(f"described {cid} ({i + 1}/{len(concepts)} concepts, {len(photos)} photos)")
     library.add_negatives(negatives, negative_ids)
+    if progress is not None and len(negatives):
+        progress(f"described {len(negatives)} negative-pool photos")
     library.build()
     return library
 
@@ -73,6 +79,8 @@ class Miner:
         self.library = library
         self.settings = settings or MiningSettings()
         self.prior = prior or get_subject_prior(self.settings.subject_prior)
+        if relevance is None and self.settings.relevance:
+            relevance = get_relevance_scorer(self.settings.relevance)
         self.relevance = relevance
 
     def mine(self, concept_id: str, images: Sequence[np.ndarray], profile_text: str = "") -> MinedConcept:
@@ -80,7 +88,7 @@ class Miner:
         (the library keeps features only, the prior and the sheets need pixels)."""
         owner = self.library.concept_ids.index(concept_id)
         photos = self.library.photos_of(owner)
-        pool = pool_colours(self.library, owner)
+        pool = pool_appearance(self.library, owner)
         windows = []
         for idx, image in zip(photos, images):
             rel = None
@@ -120,6 +128,15 @@ class Miner:
             patches.append(MinedPatch(local_i, lp.photo_id, box, round(score, 4),
                                       {k: round(float(v[j]), 4) for k, v in w.parts.items()}))
         return MinedConcept(concept_id, patches, support)
+
+
+def get_relevance_scorer(name: str) -> RelevanceScorer:
+    """``clip:<hub id or path>`` -> a CLIP / SigLIP text-image relevance scorer."""
+    if not name.startswith("clip:"):
+        raise ValueError(f"unknown relevance scorer {name!r}; expected 'clip:<hub id or path>'")
+    from personalkv.mining.clip import make_clip_relevance
+
+    return make_clip_relevance(name.removeprefix("clip:"))
 
 
 def mine_concept(concept_id: str, photos: Sequence[np.ndarray],

@@ -1,10 +1,12 @@
 """Which of a user's concepts a photo shows, or none: the visual re-ranker of retrieval.
 
-Score of concept ``c`` for a query photo (all weights-free by default):
+Score of concept ``c`` for a query photo:
 
-    keypoints(c) = log1p(sum of verified inliers with the two best-matching photos of c)
-    colour(c)    = mean of the 3 best (max window similarity - pool similarity) of c's patches
-    fused(c)     = keypoints(c) + colour_weight * colour(c)
+    keypoints(c)  = log1p(sum of verified inliers with the two best-matching photos of c)
+    appearance(c) = mean of the 3 best (max window similarity - pool similarity) of c's patches,
+                    windows embedded by the library's PatchEmbedder (EfficientNet-Lite crops
+                    by default, colour histograms weights-free)
+    fused(c)      = keypoints(c) + appearance_weight * appearance(c)
 
 The best concept is the answer when its fused score reaches ``threshold``; otherwise the photo
 shows "none of your concepts". Matching uses the library's rule (ratio test across owners, so
@@ -34,10 +36,11 @@ class Recognition:
     best: str | None  # best-scoring concept, or None when the library has none
     accepted: bool  # best reaches the threshold; False means "none of your concepts"
     keypoint_scores: dict[str, float]
-    colour_scores: dict[str, float]
+    appearance_scores: dict[str, float]
     #: log1p inliers counting every library keypoint / only those in the mined subject region
     keypoint_all: dict[str, float] | None = None
     keypoint_subject: dict[str, float] | None = None
+    appearance_raw: dict[str, float] | None = None
 
     @property
     def concept(self) -> str | None:
@@ -52,7 +55,7 @@ class ConceptRecognizer:
         self._patches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._subject: dict[int, np.ndarray] = {}  # library photo -> keypoint mask
         for cid in library.concept_ids:
-            self._patches[cid] = self._patch_colours(cid, mined.get(cid))
+            self._patches[cid] = self._patch_appearance(cid, mined.get(cid))
             self._subject_masks(cid, mined.get(cid))
 
     def _subject_masks(self, cid: str, mined: MinedConcept | None) -> None:
@@ -71,8 +74,8 @@ class ConceptRecognizer:
             big = np.asarray([[cx - hw, cy - hh, cx + hw, cy + hh]], np.float32)
             self._subject[idx] |= points_in_boxes(self.library.photos[idx].local.xy, big)[0]
 
-    def _patch_colours(self, cid: str, mined: MinedConcept | None) -> tuple[np.ndarray, np.ndarray]:
-        """Colour embedding of each mined patch and its pool similarity (consistency - margin)."""
+    def _patch_appearance(self, cid: str, mined: MinedConcept | None) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding of each mined patch and its pool similarity (consistency - margin)."""
         if mined is None or not mined.patches:
             return np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
         owner = self.library.concept_ids.index(cid)
@@ -81,8 +84,8 @@ class ConceptRecognizer:
         for p in mined.patches:
             lp = self.library.photos[photos[p.photo_index]]
             j = int(np.argmin(np.abs(lp.boxes - np.asarray(p.box, np.float32)).sum(1)))
-            rows.append(lp.colours[j])
-            negs.append(p.scores.get("colour_consistency", 1.0) - p.scores.get("colour_margin", 0.0))
+            rows.append(lp.appearance[j])
+            negs.append(p.scores.get("appearance_consistency", 1.0) - p.scores.get("appearance_margin", 0.0))
         return np.stack(rows), np.asarray(negs, np.float32)
 
     def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None) -> Recognition:
@@ -95,23 +98,24 @@ class ConceptRecognizer:
                 inliers[lib.concept_ids[m.owner]].append(m.inliers)
                 mask = self._subject.get(m.photo)
                 subject[lib.concept_ids[m.owner]].append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
-        boxes = propose_boxes(image.shape)
+        boxes = propose_boxes(image.shape, lib.embedder.window_fractions)
         windows = lib.embedder.embed_boxes(image, boxes)
-        kp, col, fused, kp_all, kp_subj = {}, {}, {}, {}, {}
+        kp, app, fused, kp_all, kp_subj, app_raw = {}, {}, {}, {}, {}, {}
         for cid in candidates if candidates is not None else lib.concept_ids:
             kp_all[cid] = float(np.log1p(sum(sorted(inliers.get(cid, []))[-2:])))
             kp_subj[cid] = float(np.log1p(sum(sorted(subject.get(cid, []))[-2:])))
             kp[cid] = kp_subj[cid] if self.settings.vote_region == "subject" else kp_all[cid]
             emb, neg = self._patches.get(cid, (np.zeros((0, 1)), np.zeros(0)))
             if len(emb) and emb.shape[1] == windows.shape[1]:
-                s = np.sort((emb @ windows.T).max(1) - neg)[-3:]
-                col[cid] = float(s.mean())
+                best_sim = (emb @ windows.T).max(1)
+                app[cid] = float(np.sort(best_sim - neg)[-3:].mean())
+                app_raw[cid] = float(np.sort(best_sim)[-3:].mean())
             else:
-                col[cid] = 0.0
-            fused[cid] = kp[cid] + self.settings.colour_weight * col[cid]
+                app[cid] = app_raw[cid] = 0.0
+            fused[cid] = kp[cid] + self.settings.appearance_weight * app[cid]
         best = max(fused, key=fused.get) if fused else None
         accepted = best is not None and fused[best] >= self.settings.threshold
-        return Recognition(fused, best, accepted, kp, col, kp_all, kp_subj)
+        return Recognition(fused, best, accepted, kp, app, kp_all, kp_subj, app_raw)
 
     def calibrated(self, score: float) -> float:
         """Fused score -> [0, 1], 0.5 at the threshold."""

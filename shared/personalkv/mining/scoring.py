@@ -6,9 +6,10 @@ For every candidate window of photo ``i`` of concept ``c``:
   after dividing by 2), so that the background does not carry the identity;
 * ``consistency``: keypoints in the window that match another photo of ``c`` (ratio test across
   owners, RANSAC-verified), as log1p(count) normalised by the concept's best window; plus the
-  colour consistency (mean over the other photos of the best window similarity);
+  appearance consistency (mean over the other photos of the best window similarity, by the
+  library's PatchEmbedder: CNN features by default, colour histograms weights-free);
 * ``distinct``: share of the window's keypoints *not* claimed by the negative pool or by the
-  user's other concepts, and the colour margin over the pool's most similar windows;
+  user's other concepts, and the appearance margin over the pool's most similar windows;
 * ``relevance``: similarity to the profile text, only when a text-image scorer is configured.
 
 ``combine`` turns them into one score; the weights are documented there.
@@ -51,17 +52,17 @@ def keypoint_evidence(library: PhotoLibrary, photo: int) -> tuple[np.ndarray, np
     return consistent, claimed & ~consistent
 
 
-def colour_evidence(library: PhotoLibrary, photo: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(consistency, margin) of every window's colour: mean best similarity in the concept's
+def appearance_evidence(library: PhotoLibrary, photo: int, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(consistency, margin) of every window's appearance: mean best similarity in the concept's
     other photos, and that minus the mean of the 3 most similar pool windows."""
     lp = library.photos[photo]
     others = [p for p in library.photos_of(lp.owner) if p != photo]
     if others:
-        cons = np.mean([(lp.colours @ library.photos[o].colours.T).max(1) for o in others], axis=0)
+        cons = np.mean([(lp.appearance @ library.photos[o].appearance.T).max(1) for o in others], axis=0)
     else:
         cons = np.ones(len(lp.boxes), np.float32)
     if pool.size:
-        sims = lp.colours @ pool.T
+        sims = lp.appearance @ pool.T
         k = min(3, sims.shape[1])
         neg = np.partition(sims, -k, axis=1)[:, -k:].mean(1)
     else:
@@ -79,13 +80,13 @@ def score_windows(library: PhotoLibrary, photo: int, prior: np.ndarray, pool: np
     n_claim = (inside & claimed).sum(1)
     n_all = inside.sum(1)
     subject = np.clip(box_means(prior, boxes) / max(float(prior.mean()), 1e-6) / 2.0, 0, 1)
-    col_cons, col_margin = colour_evidence(library, photo, pool)
+    app_cons, app_margin = appearance_evidence(library, photo, pool)
     parts = {
         "subject": subject.astype(np.float32),
         "consistency": np.log1p(n_cons).astype(np.float32),
         "distinct": (1.0 - n_claim / (n_all + 1.0)).astype(np.float32),
-        "colour_consistency": col_cons,
-        "colour_margin": col_margin,
+        "appearance_consistency": app_cons,
+        "appearance_margin": app_margin,
     }
     if relevance is not None:
         parts["relevance"] = relevance.astype(np.float32)
@@ -94,24 +95,24 @@ def score_windows(library: PhotoLibrary, photo: int, prior: np.ndarray, pool: np
 
 def combine(parts: dict[str, np.ndarray], consistency_scale: float) -> np.ndarray:
     """score = (keypoint consistency / concept max) * distinct * (0.5 + 0.5 * subject)
-             + 0.5 * clip(colour margin + 0.1, 0, 0.3) / 0.3 * (0.5 + 0.5 * subject)
+             + 0.5 * clip(appearance margin + 0.1, 0, 0.3) / 0.3 * (0.5 + 0.5 * subject)
              + 0.05 * subject (tie-break where there is no other evidence)
              + 0.25 * relevance (when present).
-    The keypoint term dominates where the concept has texture; the colour and subject terms
+    The keypoint term dominates where the concept has texture; the appearance and subject terms
     rank windows of texture-poor concepts and break ties."""
     subj = 0.5 + 0.5 * parts["subject"]
     kp = parts["consistency"] / max(consistency_scale, 1e-6) * parts["distinct"] * subj
-    col = 0.5 * np.clip(parts["colour_margin"] + 0.1, 0, 0.3) / 0.3 * subj
-    score = kp + col + 0.05 * parts["subject"]  # tie-break: the salient window, not a corner
+    app = 0.5 * np.clip(parts["appearance_margin"] + 0.1, 0, 0.3) / 0.3 * subj
+    score = kp + app + 0.05 * parts["subject"]  # tie-break: the salient window, not a corner
     if "relevance" in parts:
         score = score + 0.25 * parts["relevance"]
     return score
 
 
-def pool_colours(library: PhotoLibrary, owner: int) -> np.ndarray:
-    """Colour windows of every photo not owned by ``owner`` (pool and other concepts)."""
-    rows = [p.colours for p in library.photos if p.owner != owner]
+def pool_appearance(library: PhotoLibrary, owner: int) -> np.ndarray:
+    """Window embeddings of every photo not owned by ``owner`` (pool and other concepts)."""
+    rows = [p.appearance for p in library.photos if p.owner != owner]
     return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
 
 
-__all__ = ["NEGATIVE", "RelevanceScorer", "WindowScores", "combine", "score_windows", "pool_colours"]
+__all__ = ["NEGATIVE", "RelevanceScorer", "WindowScores", "combine", "score_windows", "pool_appearance"]

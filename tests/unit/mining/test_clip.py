@@ -193,3 +193,23 @@ def test_embed_boxes_on_an_image(ckpt):
     manual = emb.embed([image[0:32, 0:32], image[6:60, 10:70]])
     np.testing.assert_allclose(out[:2], manual, atol=1e-5)
     np.testing.assert_allclose(out[2], emb.embed([np.zeros((SIDE, SIDE, 3), np.uint8)])[0], atol=1e-5)
+
+
+def test_settings_route_clip_names_into_the_miner(ckpt, synth_factory):
+    """``PERSONALKV_MINING_EMBEDDER=clip:<path>`` and ``..._RELEVANCE=clip:<path>`` reach the
+    library and the miner: window embeddings come from the checkpoint and every mined patch
+    carries a relevance score in [0, 1]."""
+    from personalkv.config import MiningSettings
+    from personalkv.mining.clip import ClipEmbedder
+    from personalkv.mining.miner import Miner, build_library
+
+    _, path = ckpt
+    data = synth_factory(n_concepts=2, photos=3, n_backgrounds=3, seed=5)
+    settings = MiningSettings(embedder=f"clip:{path}", relevance=f"clip:{path}", top_k=3)
+    photos = {cid: [p.image for p in ps] for cid, ps in data.concepts.items()}
+    library = build_library(settings, photos, data.negatives)
+    assert isinstance(library.embedder, ClipEmbedder)
+    cid = next(iter(photos))
+    mined = Miner(library, settings).mine(cid, photos[cid], "a small toy with a red mark")
+    assert len(mined.patches) == 3
+    assert all(0.0 <= p.scores["relevance"] <= 1.0 for p in mined.patches)

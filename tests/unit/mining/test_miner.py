@@ -8,10 +8,10 @@ from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
 
 
-
-@pytest.fixture(scope="module")
-def mined(synth_set):
-    settings = MiningSettings(top_k=8)
+@pytest.fixture(scope="module", params=["efficientnet-lite0", "colour"])
+def mined(request, synth_set):
+    """Both offline embedders: the default CNN and the weights-free colour windows."""
+    settings = MiningSettings(top_k=8, embedder=request.param)
     photos = {cid: [p.image for p in ps] for cid, ps in synth_set.concepts.items()}
     library = build_library(settings, photos, synth_set.negatives)
     miner = Miner(library, settings)
@@ -52,7 +52,7 @@ def test_patches_are_ranked_and_scored(mined):
         assert scores == sorted(scores, reverse=True)
         assert len(concept.patches) == 8
         for p in concept.patches:
-            assert {"subject", "consistency", "distinct", "colour_margin"} <= set(p.scores)
+            assert {"subject", "consistency", "distinct", "appearance_margin"} <= set(p.scores)
             x0, y0, x1, y1 = p.box
             assert 0 <= x0 < x1 and 0 <= y0 < y1
 
