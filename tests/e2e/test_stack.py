@@ -220,7 +220,7 @@ def test_full_stack(stack):
         from personalkv.retrieval.keys import KeyBuilder
 
         index = open_key_index(stack["milvus"], prefix=stack["prefix"])
-        keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder("global"))
+        keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder())
         try:
             assert sum(index.count(s, USER) for s in (keys.text_space, keys.image_space)) == 0
         finally:
