@@ -274,6 +274,10 @@ class MiningSettings(BaseSettings):
         "user's other concepts are always negatives).",
     )
     max_side: int = Field(640, ge=64, description="Photos are downscaled to this longer side.")
+    user_negatives: int = Field(
+        24, ge=0, description="Photos of the user's other concepts (taken round-robin across "
+        "concepts) that the service's miner uses as negatives for a concept's distinctiveness.",
+    )
 
 
 class Settings(BaseSettings):

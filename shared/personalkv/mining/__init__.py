@@ -14,8 +14,8 @@
 """
 
 
-def mine_for_service(manifest, photos, *, patches_per_photo: int = 2):
-    """See personalkv.mining.service (imported lazily: OpenCV loads only when mining runs)."""
+def mine_for_service(manifest, photos, **options):
+    """See personalkv.mining.service (imported lazily: OpenCV and torch load only when mining runs)."""
     from personalkv.mining.service import mine_for_service as run
 
-    return run(manifest, photos, patches_per_photo=patches_per_photo)
+    return run(manifest, photos, **options)

@@ -7,11 +7,17 @@ import hashlib
 import numpy as np
 
 
-def mine_for_service(manifest, photos: dict, *, patches_per_photo: int = 2):
+def mine_for_service(manifest, photos: dict, *, context: dict | None = None, negatives=(),
+                     patches_per_photo: int = 2):
     """Mines the ``photos`` (photo id -> PIL image) of ``manifest``'s concept: the top-k patches
     of the concept plus, for a photo that holds none of them, its best ``patches_per_photo``
-    windows; the profile from the user's facts (``source`` records it). The generic negative
-    pool is ``PERSONALKV_MINING_NEGATIVE_POOL`` when set."""
+    windows; the profile from the user's facts (``source`` records it).
+
+    ``context``: the concept's photos mined before (photo id -> PIL). They count as evidence of
+    consistency (a window is the concept's when it recurs in its other photos) but get no new
+    patches, so adding a photo re-mines nothing. ``negatives``: the user's other concepts'
+    photos (PIL), added to the generic pool ``PERSONALKV_MINING_NEGATIVE_POOL`` (when set): a
+    window that matches them is not distinctive of this concept."""
     from pathlib import Path
 
     from personalkv.config import get_settings
@@ -21,22 +27,25 @@ def mine_for_service(manifest, photos: dict, *, patches_per_photo: int = 2):
     from personalkv.service.mining_port import MiningOutput
 
     settings = get_settings().mining
-    ids = list(photos)
-    images = [_rgb(photos[i], settings.max_side) for i in ids]
-    pool = []
+    context = {k: v for k, v in (context or {}).items() if k not in photos}
+    ids = list(photos) + list(context)
+    originals = {**photos, **context}
+    images = [_rgb(originals[i], settings.max_side) for i in ids]
+    pool = [_rgb(im, settings.max_side) for im in negatives]
     if settings.negative_pool:
-        pool = [load_rgb(p, settings.max_side) for p in sorted(Path(settings.negative_pool).glob("*.jpg"))]
+        pool += [load_rgb(p, settings.max_side) for p in sorted(Path(settings.negative_pool).glob("*.jpg"))]
     cid = manifest.concept_id
     library = build_library(settings, {cid: images}, pool, {cid: ids})
     mined = Miner(library, settings).mine(cid, images, manifest.profile.info)
-    scale = {i: photos[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
-    records = mined.patch_records()
-    covered = {p.photo_index for p in mined.patches}
+    scale = {i: originals[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
+    new = set(photos)
+    records = [r for r in mined.patch_records() if r.photo_id in new]
+    covered = {p.photo_index for p in mined.patches if ids[p.photo_index] in new}
     per_photo: dict[int, int] = {}
     from personalkv.manifest import PatchRecord
 
     for local_i, box in mined.support:
-        if local_i in covered or per_photo.get(local_i, 0) >= patches_per_photo:
+        if ids[local_i] not in new or local_i in covered or per_photo.get(local_i, 0) >= patches_per_photo:
             continue
         per_photo[local_i] = per_photo.get(local_i, 0) + 1
         records.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
@@ -44,7 +53,8 @@ def mine_for_service(manifest, photos: dict, *, patches_per_photo: int = 2):
     p = manifest.profile
     profile = ProfileWriter().write(p.name, p.category, p.info)
     return MiningOutput(patches=records, profile=profile, miner="personalkv.mining",
-                        notes={"profile_source": profile.source,
+                        notes={"profile_source": profile.source, "context_photos": len(context),
+                               "negative_photos": len(pool),
                                "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
 
 

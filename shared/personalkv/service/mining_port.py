@@ -1,7 +1,7 @@
 """The one place the pipeline calls patch mining (``pipeline.mine_concept`` -> ``mine``).
 
 Calls ``personalkv.mining.mine_for_service`` (the real miner: patch proposals, subject prior,
-RootSIFT + colour consistency, profile from the user's facts) when it imports; if it cannot be
+window appearance + RootSIFT consistency and distinctiveness, profile from the user's facts) when it imports; if it cannot be
 imported (e.g. OpenCV missing) or raises on a concept, falls back to centre crops of every new
 photo and keeps the profile as is, so ingest never stalls on the miner. Either way the pipeline
 sees the same ``MiningOutput``; chunks are keyed by content, so switching miners only adds
@@ -55,13 +55,17 @@ def _real_miner():
 
 
 def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *,
+         context: dict[str, Image.Image] | None = None, negatives: list[Image.Image] = (),
          patches_per_photo: int = 2) -> MiningOutput:
     """Patches for ``photos`` (photo id -> RGB image; the concept's photos not mined yet) and
-    maybe a new profile. ``manifest`` gives the concept's facts and its existing patches."""
+    maybe a new profile. ``manifest`` gives the concept's facts and its existing patches;
+    ``context`` the concept's photos mined before (consistency evidence, no new patches);
+    ``negatives`` photos of the user's other concepts (distinctiveness)."""
     real = _real_miner()
     if real is not None:
         try:
-            return real(manifest, photos, patches_per_photo=patches_per_photo)
+            return real(manifest, photos, context=context or {}, negatives=list(negatives),
+                        patches_per_photo=patches_per_photo)
         except Exception:
             log.exception("the miner failed on %s/%s; using centre crops",
                           manifest.user_id, manifest.concept_id)

@@ -34,6 +34,7 @@ from personalkv.retrieval.keys import profile_text
 from personalkv.service import mining_port
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
+from personalkv.storage.base import ObjectNotFound
 from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,13 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         return None
     manifest = _write_state(svc, manifest, "mining", failure_reason=None)
     mined = {p.photo_id for p in manifest.patches}
-    todo = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
-            for p in manifest.photos if p.photo_id not in mined}
-    out = mining_port.mine(manifest, todo, patches_per_photo=svc.settings.service.patches_per_photo)
+    photos = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
+              for p in manifest.photos}
+    todo = {k: v for k, v in photos.items() if k not in mined}
+    context = {k: v for k, v in photos.items() if k in mined}
+    out = mining_port.mine(manifest, todo, context=context,
+                           negatives=_other_concepts_photos(svc, user_id, concept_id),
+                           patches_per_photo=svc.settings.service.patches_per_photo)
     # Merge into the freshest manifest: photos may have been added while we mined.
     fresh = svc.store.read_manifest(user_id, concept_id)
     if fresh is None:
@@ -101,6 +106,30 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
              len(patches) - len(fresh.patches), out.miner)
     svc.task_queue.enqueue_caching(user_id, concept_id)
     return written
+
+
+def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
+    """Up to ``mining.user_negatives`` photos of the user's other concepts, round-robin across
+    concepts so that each one counts: what this concept's patches must not look like. Only this
+    user's objects are read."""
+    limit = svc.settings.mining.user_negatives
+    queues = []
+    for other in sorted(svc.store.list_concepts(user_id)):
+        if other == concept_id:
+            continue
+        m = svc.store.read_manifest(user_id, other)
+        if m is not None and m.photos:
+            queues.append((other, [p.photo_id for p in m.photos]))
+    picked: list[tuple[str, str]] = []
+    for depth in range(max((len(q) for _, q in queues), default=0)):
+        picked += [(other, ids[depth]) for other, ids in queues if depth < len(ids)]
+    out = []
+    for other, photo_id in picked[:limit]:
+        try:
+            out.append(to_pil(svc.store.get_photo(user_id, other, photo_id)))
+        except ObjectNotFound:  # deleted meanwhile: a negative less, nothing lost
+            continue
+    return out
 
 
 # -- caching -------------------------------------------------------------------------------

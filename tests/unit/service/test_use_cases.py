@@ -244,3 +244,27 @@ def test_recaching_with_a_new_model_replaces_every_chunk(svc, photo_of):
     assert chunk_files(svc, "alice", "mug") == sorted(c.object_key for c in new.chunks)
     result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=2))
     assert result.concepts[0][0] == "mug" and result.personal_evidence_used
+
+
+def test_mining_uses_only_the_same_users_other_concepts_as_negatives(svc, photo_of, monkeypatch):
+    """Distinctiveness evidence: the user's other concepts' photos, round-robin and capped by
+    ``mining.user_negatives``; never another user's, never the concept's own."""
+    make_ready(svc, photo_of, concept="ball", name="Redball", colour=RED, n=3)
+    make_ready(svc, photo_of, user="bob", concept="cup", name="Bobs", colour=(20, 160, 40), n=2)
+    seen = {}
+    real_mine = pipeline.mining_port.mine
+
+    def spy(manifest, photos, **kw):
+        seen[manifest.concept_id] = kw
+        return real_mine(manifest, photos, **kw)
+
+    monkeypatch.setattr(pipeline.mining_port, "mine", spy)
+    monkeypatch.setattr(svc.settings.mining, "user_negatives", 2)
+    make_ready(svc, photo_of, concept="mug", n=2)
+    kw = seen["mug"]
+    assert kw["context"] == {}  # a first mining has no earlier photos
+    # ball's first two photos only (cap 2); bob's cup is another user's: never read
+    assert [im.tobytes() for im in kw["negatives"]] == [
+        pipeline.to_pil(photo_of(RED, k)).tobytes() for k in range(2)]
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 3)])
+    assert len(seen["mug"]["context"]) == 2  # the two photos mined before: evidence, not re-mined
