@@ -274,6 +274,12 @@ class MiningSettings(BaseSettings):
         "user's other concepts are always negatives).",
     )
     max_side: int = Field(640, ge=64, description="Photos are downscaled to this longer side.")
+    profile_from_vlm: bool = Field(
+        True, description="The service's miner asks the VLM (PERSONALKV_MODEL_*) to describe the "
+        "concept's first photo as profile JSON; output failing the schema falls back to the "
+        "user's facts (the profile's source records which). False: facts only, and the mining "
+        "worker never loads the VLM.",
+    )
     user_negatives: int = Field(
         24, ge=0, description="Photos of the user's other concepts (taken round-robin across "
         "concepts) that the service's miner uses as negatives for a concept's distinctiveness.",

@@ -73,6 +73,19 @@ def attributes_from_facts(info: str) -> list[str]:
     return [s for s in items if ATTRIBUTE_RE.match(s)][:MAX_ATTRIBUTES]
 
 
+def vlm_generate(adapter, max_new_tokens: int = 160) -> Generate:
+    """``generate(prompt, images)`` by the answering VLM itself (greedy, no personal chunks):
+    the first photo goes in as the question's image. Nothing leaves the machine."""
+
+    def generate(prompt: str, images: Sequence) -> str:
+        from personalkv.kv.engine import GenerationOptions, answer
+
+        image = images[0] if images else None
+        return answer(adapter, [], prompt, image, GenerationOptions(max_new_tokens=max_new_tokens)).text
+
+    return generate
+
+
 @dataclass
 class ProfileWriter:
     generate: Generate | None = None

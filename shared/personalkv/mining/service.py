@@ -11,7 +11,8 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None, neg
                      patches_per_photo: int = 2):
     """Mines the ``photos`` (photo id -> PIL image) of ``manifest``'s concept: the top-k patches
     of the concept plus, for a photo that holds none of them, its best ``patches_per_photo``
-    windows; the profile from the user's facts (``source`` records it).
+    windows; the profile from the VLM's description of the first photo when it passes the
+    schema, else from the user's facts (``source`` records which).
 
     ``context``: the concept's photos mined before (photo id -> PIL). They count as evidence of
     consistency (a window is the concept's when it recurs in its other photos) but get no new
@@ -51,7 +52,13 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None, neg
         records.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
     records = [_rescale(r, scale[r.photo_id]) for r in records]
     p = manifest.profile
-    profile = ProfileWriter().write(p.name, p.category, p.info)
+    generate = None
+    if settings.profile_from_vlm:
+        from personalkv.mining.profile import vlm_generate
+        from personalkv.models import configured_adapter
+
+        generate = vlm_generate(configured_adapter())
+    profile = ProfileWriter(generate).write(p.name, p.category, p.info, [originals[i] for i in ids[:1]])
     return MiningOutput(patches=records, profile=profile, miner="personalkv.mining",
                         notes={"profile_source": profile.source, "context_photos": len(context),
                                "negative_photos": len(pool),

@@ -13,7 +13,6 @@ with real weights, which this project's offline CI cannot fetch. Re-run
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Sequence
 
@@ -46,15 +45,7 @@ class VisionTowerEmbedder(PatchEmbedder):
         return torch.nn.functional.normalize(torch.stack(rows), dim=1).cpu().numpy().astype(np.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def configured_adapter():
-    """The VLM of ``PERSONALKV_MODEL_*``, loaded once per (mining) process."""
-    from personalkv.config import get_settings
-    from personalkv.models import load_adapter
-
-    model = get_settings().model
-    return load_adapter(model.name, model.device, model.dtype)
-
-
 def make_vision_tower_embedder() -> VisionTowerEmbedder:
+    from personalkv.models import configured_adapter
+
     return VisionTowerEmbedder(configured_adapter())

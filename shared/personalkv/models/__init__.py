@@ -7,6 +7,7 @@ module is imported; an unsupported architecture fails listing the supported ones
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -41,6 +42,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _import(dotted: str):
     module, _, attr = dotted.rpartition(".")
     return getattr(importlib.import_module(module), attr)
+
+
+@functools.lru_cache(maxsize=1)
+def configured_adapter() -> ModelAdapter:
+    """The VLM of ``PERSONALKV_MODEL_*``, loaded once per process: for code that needs the model
+    outside the service container (the miner's vision-tower embedder and profile writer)."""
+    from personalkv.config import get_settings
+
+    model = get_settings().model
+    return load_adapter(model.name, model.device, model.dtype)
 
 
 def load_adapter(name: str, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:

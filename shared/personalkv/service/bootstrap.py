@@ -10,7 +10,8 @@ servicers, Celery tasks, the CLI, the demo) call it once per process.
   and index (``PERSONALKV_INDEX_URI``, a Milvus server), and Celery on Redis for tasks.
 
 The index, the model adapter and the retrieval encoders open lazily on first use, so processes
-that never encode or answer (the ingestion API, the mining worker) never load them. Tests pass their own
+that never encode or answer (the ingestion API) never load them; the miner loads the VLM by
+itself (``personalkv.models.configured_adapter``) only to write profiles. Tests pass their own
 ``adapter`` / ``task_queue`` (real implementations, e.g. the tiny model, synchronous tasks).
 """
 

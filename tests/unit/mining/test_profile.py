@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from personalkv.mining.profile import ProfileValidationError, ProfileWriter, validate_profile_json
+from personalkv.mining.profile import (PROMPT, ProfileValidationError, ProfileWriter, validate_profile_json,
+                                       vlm_generate)
 
 GOOD = {"caption": "A small red ceramic piggy bank with a white snout.",
         "attributes": ["snout: white ceramic", "ears: painted gold"]}
@@ -48,3 +49,22 @@ def test_facts_alone_give_caption_and_attributes():
     long = ProfileWriter().write("bo", "", "word " * 40)
     assert len(long.caption.split()) == 25
     assert ProfileWriter().write("bo", "", "").caption == "bo, a personal item"
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision"])
+def test_the_vlm_describes_the_photo_and_random_weights_fall_back_to_facts(tiny, photo, kind):
+    """The real path: the adapter generates from the prompt and the first photo; a random-weight
+    model's text never passes the schema, so the facts are used and the profile says so."""
+    adapter = tiny(kind)
+    generate = vlm_generate(adapter, max_new_tokens=12)
+    replies = []
+
+    def recording(prompt, images):
+        replies.append(generate(prompt, images))
+        return replies[-1]
+
+    info = "collar: black leather; ears: floppy"
+    profile = ProfileWriter(recording).write("Bo", "dog", info, [photo(1), photo(2)])
+    assert len(replies) == 1 and isinstance(replies[0], str)
+    assert replies[0] == generate(PROMPT.format(name="Bo", category="dog", info=info), [photo(1)])  # deterministic
+    assert profile.source == "user_facts" and profile.attributes == ["collar: black leather", "ears: floppy"]
