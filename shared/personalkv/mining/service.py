@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def mine_for_service(manifest, photos: dict, *, context: dict | None = None, negatives=(),
@@ -52,15 +55,22 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None, neg
         records.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
     records = [_rescale(r, scale[r.photo_id]) for r in records]
     p = manifest.profile
-    generate = None
-    if settings.profile_from_vlm:
-        from personalkv.mining.profile import vlm_generate
-        from personalkv.models import configured_adapter
+    notes = {}
+    try:
+        generate = None
+        if settings.profile_from_vlm:
+            from personalkv.mining.profile import vlm_generate
+            from personalkv.models import configured_adapter
 
-        generate = vlm_generate(configured_adapter())
-    profile = ProfileWriter(generate).write(p.name, p.category, p.info, [originals[i] for i in ids[:1]])
+            generate = vlm_generate(configured_adapter())
+        profile = ProfileWriter(generate).write(p.name, p.category, p.info, [originals[i] for i in ids[:1]])
+    except Exception as exc:  # the VLM cannot load or run here: the patches still count
+        log.warning("profile of %s/%s from the user's facts: the VLM failed (%s)",
+                    manifest.user_id, cid, exc)
+        notes["profile_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        profile = ProfileWriter().write(p.name, p.category, p.info)
     return MiningOutput(patches=records, profile=profile, miner="personalkv.mining",
-                        notes={"profile_source": profile.source, "context_photos": len(context),
+                        notes={**notes, "profile_source": profile.source, "context_photos": len(context),
                                "negative_photos": len(pool),
                                "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
 

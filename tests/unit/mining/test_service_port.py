@@ -58,3 +58,22 @@ def test_a_new_photo_is_mined_against_the_concepts_earlier_photos_and_other_conc
     x0, y0, x1, y1 = top.box
     ox0, oy0, ox1, oy1 = shots[-1].object_box
     assert min(x1, ox1) > max(x0, ox0) and min(y1, oy1) > max(y0, oy0)
+
+
+def test_a_vlm_that_cannot_load_leaves_the_patches_and_falls_back_to_facts(synth_factory, monkeypatch):
+    """E.g. PERSONALKV_MODEL_DEVICE=cuda on a CPU-only mining node: patches are still mined,
+    the profile comes from the facts and the notes say why (not the centre-crop fallback)."""
+    import personalkv.models
+
+    def no_gpu():
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(personalkv.models, "configured_adapter", no_gpu)
+    data = synth_factory(n_concepts=1, photos=2, n_backgrounds=3, seed=2)
+    ids = [hashlib.sha256(bytes([i])).hexdigest() for i in range(2)]
+    photos = {i: Image.fromarray(s.image) for i, s in zip(ids, data.concepts["c0"])}
+    manifest = ConceptManifest(user_id="u1", concept_id="c0", profile=ConceptProfile(name="Toy", info="ears: floppy"))
+    out = mining_port.mine(manifest, photos, patches_per_photo=1)
+    assert out.miner == "personalkv.mining" and {p.photo_id for p in out.patches} == set(ids)
+    assert out.profile.source == "user_facts" and out.profile.attributes == ["ears: floppy"]
+    assert "NVIDIA" in out.notes["profile_error"]
