@@ -8,9 +8,9 @@ from a hub id or a local directory):
   the model's projected image features (``get_image_features``), L2-normalised. Use it instead
   of the default EfficientNet-Lite embedder when a CLIP-family checkpoint is available locally
   (or in the HF cache): its features are more semantic (object identity over texture), at the
-  cost of a bigger model. Configure it with ``PERSONALKV_MINING_EMBEDDER=clip`` and
-  ``PERSONALKV_MINING_EMBEDDER_MODEL=<hub id or path>``, e.g. ``openai/clip-vit-base-patch32``
-  or ``google/siglip-base-patch16-224``.
+  cost of a bigger model. Configure it with ``PERSONALKV_MINING_EMBEDDER=clip:<hub id or
+  path>``, e.g. ``clip:openai/clip-vit-base-patch32`` or ``clip:google/siglip-base-patch16-224``
+  (and ``PERSONALKV_MINING_RELEVANCE=clip:<...>`` for the scorer below).
 * :class:`ClipRelevance` — a :data:`~personalkv.mining.scoring.RelevanceScorer`: ``(crops,
   profile text) -> relevance in [0, 1]`` per crop, the ``relevance`` part of the miner's window
   score. The rescaling of the cosine ``c`` between the crop's and the text's features is:
