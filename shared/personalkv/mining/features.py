@@ -191,7 +191,7 @@ def register_local_extractor(name: str, factory: Callable[[], LocalFeatureExtrac
 
 
 def register_patch_embedder(name: str, factory: Callable[[], PatchEmbedder]) -> None:
-    """E.g. ``register_patch_embedder("vlm", lambda: VisionTowerEmbedder(model))``."""
+    """E.g. ``register_patch_embedder("dinov2", lambda: MyDinoEmbedder(path))``."""
     _EMBEDDERS[name] = factory
 
 
