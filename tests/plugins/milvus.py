@@ -4,9 +4,10 @@
                      loopback ports with its own data dir; stopped with a timeout at the end.
                      Skips when the `stack` extra is not installed. Set PERSONALKV_TEST_MILVUS_URI
                      to use a server that is already running instead.
+  memory_key_index   the in-memory reference KeyIndex (personalkv.index.memory)
   lite_key_index     a MilvusKeyIndex on a fresh milvus-lite file in tmp_path
   server_key_index   a MilvusKeyIndex on `milvus_server` with a collection prefix of its own
-  key_index          parametrized over ["lite", "server"]: the same test runs on both; the
+  key_index          parametrized over ["memory", "lite", "server"]: the same test runs on all; the
                      server only starts when a "server" case actually runs
 """
 
@@ -17,7 +18,7 @@ import os
 
 import pytest
 
-INDEX_BACKENDS = ["lite", "server"]
+INDEX_BACKENDS = ["memory", "lite", "server"]
 _prefixes = itertools.count()
 
 
@@ -35,6 +36,15 @@ def milvus_server(tmp_path_factory) -> str:
     server = start_milvus_server(tmp_path_factory.mktemp("milvus-server"), time_tick_ms=50)
     yield server.uri
     server.stop(timeout_s=7)  # disposable data: kill rather than wait
+
+
+@pytest.fixture
+def memory_key_index():
+    from personalkv.index import open_key_index
+
+    index = open_key_index("memory://")
+    yield index
+    index.close()
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Retrieval keys in a vector index (Milvus). Open one with :func:`open_key_index`.
 
 Backends are chosen by URI scheme and imported lazily, so importing this package needs neither
-pymilvus nor milvus-lite. Every URI form is served by the MilvusClient backend today; a new
-backend adds one line to ``_BACKENDS``.
+pymilvus nor milvus-lite. Files and ``http(s)://`` are served by the MilvusClient backend;
+``memory://`` by the in-memory reference index (tests); a new backend adds one line to
+``_BACKENDS``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import importlib
 
 from personalkv.index.base import (
-    IndexEntry, IndexStats, KeyIndex, KeysNotVisible, SearchHit, SearchRequest, VectorSpace,
+    IndexEntry, IndexRequestError, IndexStats, IndexUnavailable, KeyIndex, KeysNotVisible,
+    SearchHit, SearchRequest, VectorSpace,
 )
 
 # scheme -> "module:class"; "" is a local file path (milvus-lite, embedded).
@@ -18,12 +20,14 @@ _BACKENDS = {
     "": "personalkv.index.milvus:MilvusKeyIndex",
     "http": "personalkv.index.milvus:MilvusKeyIndex",
     "https": "personalkv.index.milvus:MilvusKeyIndex",
+    "memory": "personalkv.index.memory:InMemoryKeyIndex",
 }
 
 
 def open_key_index(uri: str | None = None, **options) -> KeyIndex:
-    """``uri``: a file path (milvus-lite, one process only) or ``http(s)://host:port`` (a Milvus
-    server or cluster); default ``IndexSettings.uri``. ``options`` go to the backend."""
+    """``uri``: a file path (milvus-lite, one process only), ``http(s)://host:port`` (a Milvus
+    server or cluster) or ``memory://`` (in-process, tests); default ``IndexSettings.uri``.
+    ``options`` go to the backend."""
     if uri is None:
         from personalkv.config import get_settings
 
@@ -42,6 +46,6 @@ def open_key_index(uri: str | None = None, **options) -> KeyIndex:
 
 
 __all__ = [
-    "IndexEntry", "IndexStats", "KeyIndex", "KeysNotVisible", "SearchHit", "SearchRequest",
-    "VectorSpace", "open_key_index",
+    "IndexEntry", "IndexRequestError", "IndexStats", "IndexUnavailable", "KeyIndex",
+    "KeysNotVisible", "SearchHit", "SearchRequest", "VectorSpace", "open_key_index",
 ]

@@ -89,9 +89,20 @@ class SearchRequest:
     concept_ids: Sequence[str] | None = None
 
 
-class KeysNotVisible(TimeoutError):
+class IndexUnavailable(Exception):
+    """The index cannot answer now (server down, overloaded, timed out): safe to retry later.
+    Backends translate their client's errors into this or ``IndexRequestError`` themselves, so
+    callers never need to know the client library's exception types."""
+
+
+class IndexRequestError(Exception):
+    """The index refused the request itself (bad schema, wrong dimension, bad filter): retrying
+    the same request cannot help, so the service layer reports it instead of retrying."""
+
+
+class KeysNotVisible(IndexUnavailable, TimeoutError):
     """``KeyIndex.wait_visible`` timed out: written keys are not visible to every reader yet.
-    A ``TimeoutError``, so the service layer treats it as a dependency outage and retries."""
+    Transient (``IndexUnavailable``): the service layer retries."""
 
 
 @dataclass

@@ -27,10 +27,16 @@ write before it); once it sees the new state, every later search of any client s
 ``make_searchable`` flushes (seals growing segments, which triggers the index build), waits for
 the build and loads: without it a fresh milvus-lite collection is brute-force scanned (~0.9 s per
 search at 20k keys vs ~13 ms).
+
+Errors: every public method translates pymilvus and gRPC errors into ``IndexUnavailable``
+(the server is down, overloaded or timed out: retry) or ``IndexRequestError`` (Milvus refused
+the request itself: retrying cannot help), so no caller handles pymilvus' exception types and
+a permanent error (bad schema, wrong dimension) is never retried for minutes as an outage.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Sequence
@@ -38,12 +44,68 @@ from typing import Sequence
 import numpy as np
 
 from personalkv.index.base import (
-    IndexEntry, KeyIndex, KeysNotVisible, SearchHit, SearchRequest, VectorSpace,
+    IndexEntry, IndexRequestError, IndexUnavailable, KeyIndex, KeysNotVisible, SearchHit,
+    SearchRequest, VectorSpace,
 )
 
 _FIELDS = ("key_id", "user_id", "concept_id", "kind", "model_fingerprint", "chunk_id",
            "object_key", "token_count", "position_extent", "source")
 _BATCH = 2000  # rows per insert RPC: well under the 64 MB gRPC message limit at dim 1024
+
+
+# gRPC codes that mean "not now" rather than "never": pymilvus' retry decorator gives up with a
+# MilvusException whose code is the last RpcError's StatusCode.
+_TRANSIENT_GRPC = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"})
+_CONNECT_FAILED = 2  # pymilvus.client.types.Status.CONNECT_FAILED: no channel / cannot connect
+_RATE_LIMIT = 8  # pymilvus.exceptions.ErrorCode.RATE_LIMIT: the server sheds load
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) means the index is unavailable now.
+    Unknown errors are permanent: retrying them would only hide the cause."""
+    import grpc
+    from pymilvus.exceptions import (
+        ConnectError, ConnectionNotExistException, MilvusException, MilvusUnavailableException,
+    )
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (IndexUnavailable, MilvusUnavailableException, ConnectError,
+                                ConnectionNotExistException, ConnectionError, TimeoutError,
+                                grpc.FutureTimeoutError)):
+            return True
+        if isinstance(current, grpc.RpcError) and callable(getattr(current, "code", None)) \
+                and getattr(current.code(), "name", "") in _TRANSIENT_GRPC:
+            return True
+        if isinstance(current, MilvusException):
+            code = current.code
+            if isinstance(code, grpc.StatusCode):
+                return code.name in _TRANSIENT_GRPC
+            if code in (_CONNECT_FAILED, _RATE_LIMIT):
+                return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _translated(method):
+    """Run ``method``; re-raise client errors as ``IndexUnavailable`` / ``IndexRequestError``.
+    The index's own errors (``KeysNotVisible``, ``ValueError`` of bad input) pass unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (IndexUnavailable, IndexRequestError, ValueError):
+            raise
+        except Exception as exc:
+            what = f"Milvus {method.__name__} on {self.uri_for_errors}"
+            if is_transient(exc):
+                raise IndexUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise IndexRequestError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    return wrapper
 
 
 def _quote(value: str) -> str:
@@ -62,7 +124,13 @@ class MilvusKeyIndex(KeyIndex):
 
         self.uri = uri
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
-        self.client = MilvusClient(uri=uri, token=token)
+        # Errors name the deployment kind, not the endpoint: messages may reach clients.
+        self.uri_for_errors = "milvus-lite" if self.is_lite else "the Milvus server"
+        try:
+            self.client = MilvusClient(uri=uri, token=token)
+        except Exception as exc:
+            error = IndexUnavailable if is_transient(exc) else IndexRequestError
+            raise error(f"cannot open {self.uri_for_errors}: {type(exc).__name__}: {exc}") from exc
         self.prefix = prefix
         self.hnsw = {"M": hnsw_m, "efConstruction": ef_construction}
         self.ef_search = ef_search
@@ -88,6 +156,7 @@ class MilvusKeyIndex(KeyIndex):
         self._known.add(name)
         return True
 
+    @_translated
     def ensure_space(self, space: VectorSpace) -> None:
         from pymilvus import DataType, MilvusClient
 
@@ -114,6 +183,7 @@ class MilvusKeyIndex(KeyIndex):
         self._known.add(name)
 
     # -- writes ------------------------------------------------------------------------------
+    @_translated
     def upsert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
         # Delete by primary key, then insert - what Milvus' own upsert does. Its upsert RPC is
         # not used: Milvus 2.3.5 acknowledges pymilvus 3's upsert into a partition-key collection
@@ -130,6 +200,7 @@ class MilvusKeyIndex(KeyIndex):
             # searches growing segments through an interim index and seals them itself.
             self.client.flush(name)
 
+    @_translated
     def insert(self, space: VectorSpace, entries: Sequence[IndexEntry]) -> None:
         # Bulk load (reindex, benchmark): no delete pass before the insert.
         self.ensure_space(space)
@@ -137,6 +208,7 @@ class MilvusKeyIndex(KeyIndex):
         for start in range(0, len(entries), _BATCH):
             self.client.insert(name, [_row(e, space.dim) for e in entries[start:start + _BATCH]])
 
+    @_translated
     def make_searchable(self, space: VectorSpace | None = None, timeout_s: float = 3600) -> None:
         names = [self.collection(space)] if space else self._owned()
         for name in names:
@@ -152,9 +224,11 @@ class MilvusKeyIndex(KeyIndex):
             # indexed sealed ones; a no-op when already loaded with everything.
             self.client.load_collection(name)
 
+    @_translated
     def delete_concept(self, user_id: str, concept_id: str) -> None:
         self._delete(f"user_id == {_quote(user_id)} and concept_id == {_quote(concept_id)}")
 
+    @_translated
     def delete_user(self, user_id: str) -> None:
         self._delete(f"user_id == {_quote(user_id)}")
 
@@ -171,8 +245,9 @@ class MilvusKeyIndex(KeyIndex):
                 self.client.delete(name, filter=expr)
                 time.sleep(0.1)
             else:
-                raise RuntimeError(f"delete not visible in {name}: {expr}")
+                raise IndexUnavailable(f"delete not yet visible in {name}; retry")
 
+    @_translated
     def wait_visible(self, user_id: str, key_ids: Sequence[str], timeout_s: float = 30.0,
                      poll_s: float = 0.1) -> None:
         wanted = set(key_ids)
@@ -203,6 +278,7 @@ class MilvusKeyIndex(KeyIndex):
             time.sleep(poll_s)
             names = [n for n in self._owned() if self._ready(n)]
 
+    @_translated
     def drop_all(self) -> None:
         for name in self._owned():
             self.client.drop_collection(name)
@@ -218,6 +294,7 @@ class MilvusKeyIndex(KeyIndex):
             expr += f" and kind in [{', '.join(_quote(k) for k in kinds)}]"
         return expr
 
+    @_translated
     def search(self, request: SearchRequest) -> list[SearchHit]:
         name = self.collection(request.space)
         if not self._ready(name):
@@ -236,6 +313,7 @@ class MilvusKeyIndex(KeyIndex):
                     best[hit.key_id] = hit
         return sorted(best.values(), key=lambda h: -h.score)[: request.limit]
 
+    @_translated
     def entries_of(self, space: VectorSpace, user_id: str, model_fingerprint: str,
                    concept_ids: Sequence[str] | None = None,
                    kinds: Sequence[str] | None = None) -> list[SearchHit]:
@@ -246,6 +324,7 @@ class MilvusKeyIndex(KeyIndex):
         rows = self.client.query(name, filter=expr, output_fields=list(_FIELDS), limit=16384)
         return [_hit(r, 0.0) for r in rows]
 
+    @_translated
     def count(self, space: VectorSpace, user_id: str | None = None) -> int:
         name = self.collection(space)
         if not self._ready(name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from personalkv.ids import InvalidIdError, validate_concept_id, validate_user_id
+from personalkv.index.base import IndexUnavailable
 from personalkv.manifest import ConceptManifest
 from personalkv.service.errors import InvalidArgument, NotFound, Unavailable
 from personalkv.storage.base import StorageUnavailable
@@ -20,15 +21,10 @@ def check_ids(user_id: str, concept_id: str | None = None) -> None:
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "a dependency is down": mapped to Unavailable and retried."""
-    errors: list[type[BaseException]] = [StorageUnavailable, ConnectionError, TimeoutError]
-    try:
-        from pymilvus.exceptions import MilvusException, MilvusUnavailableException
-
-        errors += [MilvusUnavailableException, MilvusException]
-    except ImportError:  # pragma: no cover - pymilvus is a core dependency
-        pass
-    return tuple(errors)
+    """Exceptions that mean "a dependency is down": mapped to Unavailable and retried. Each
+    adapter translates its client library's errors into its own transient type (the index:
+    ``IndexUnavailable``; a permanent ``IndexRequestError`` is not retried)."""
+    return (StorageUnavailable, IndexUnavailable, ConnectionError, TimeoutError)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""KeyIndex on embedded milvus-lite: the contract pieces that need no server."""
+"""The KeyIndex contract pieces that need no server, on the in-memory reference index and on
+embedded milvus-lite (the same assertions on both: the fake cannot drift from Milvus)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,14 @@ def search(index, user, vector, fp="fp", **kw):
     return index.search(SearchRequest(SPACE, user, fp, np.asarray(vector, np.float32), **kw))
 
 
+@pytest.fixture(params=["memory", "lite"])
+def local_key_index(request):
+    return request.getfixturevalue(f"{request.param}_key_index")
+
+
 @pytest.fixture
-def filled(lite_key_index):
-    index = lite_key_index
+def filled(local_key_index):
+    index = local_key_index
     index.upsert(SPACE, [entry("alice", "mug", "a1", onehot(0), chunk="c1"),
                          entry("alice", "dog", "a2", onehot(1)),
                          entry("bob", "mug", "b1", onehot(0)),
@@ -95,9 +101,9 @@ def test_make_searchable_and_reopen(tmp_path):
     index.close()
 
 
-def test_wrong_dimension_and_unknown_scheme_fail_clearly(lite_key_index):
+def test_wrong_dimension_and_unknown_scheme_fail_clearly(local_key_index):
     with pytest.raises(ValueError, match="dim"):
-        lite_key_index.upsert(SPACE, [entry("u", "c", "k", np.ones(4))])
+        local_key_index.upsert(SPACE, [entry("u", "c", "k", np.ones(4))])
     with pytest.raises(ValueError, match="known"):
         open_key_index("redis://localhost:1")
 
