@@ -239,6 +239,11 @@ class CelerySettings(BaseSettings):
     worker_concurrency: int = Field(
         1, ge=1, description="Worker processes per `personalkv worker` (each loads the model)."
     )
+    soft_shutdown_timeout_s: float = Field(
+        10.0, ge=0, description="On SIGTERM a worker lets its running task finish for this long, "
+        "then hands it back to the queue for another worker (not left to the visibility "
+        "timeout); keep it below the pod's terminationGracePeriodSeconds. 0: hand back at once.",
+    )
 
 
 class MiningSettings(BaseSettings):

@@ -15,6 +15,7 @@ embedded store and index under PERSONALKV_SERVICE_DATA_DIR and in-process tasks.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ def _logging(level: str = "INFO") -> None:
 
 
 def _worker(args) -> int:
+    # SIGTERM -> cold shutdown with the soft-shutdown window (celery_app): the running task goes
+    # back to the queue. Read by billiard when the worker starts, so set before that.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from celery import signals
 
     from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
