@@ -209,3 +209,25 @@ def test_max_connection_age_makes_the_client_reconnect():
     # Without a max age the connection stays READY over the same kind of wait (3 s here).
     kept = _states_after_one_call(0.0, watch_s=3)
     assert kept[-1] == grpc.ChannelConnectivity.READY, kept
+
+
+def test_health_probe_command_checks_tls_and_plaintext_servers(ca, tmp_path):
+    from services.grpc_common import _health_main
+
+    cert, key = issue(ca, tmp_path / "tls")
+    (tmp_path / "ca.crt").write_bytes(ca_pem(ca))
+    tls = start_server(tls_cert_file=cert, tls_key_file=key)
+    plain = start_server()
+    try:
+        address = f"localhost:{tls.port}"
+        assert _health_main(["--address", address, "--service", SERVICE,
+                             "--ca", str(tmp_path / "ca.crt")]) == 0
+        assert _health_main(["--address", address, "--service", SERVICE, "--timeout", "3"]) == 1
+        assert _health_main(["--address", f"127.0.0.1:{plain.port}", "--service", SERVICE]) == 0
+        assert _health_main(["--address", f"127.0.0.1:{plain.port}",
+                             "--service", "personalkv.v1.Unknown"]) == 1  # NOT_FOUND
+        plain.stop(grace=0)  # NOT_SERVING, then gone
+        assert _health_main(["--address", f"127.0.0.1:{plain.port}", "--timeout", "3"]) == 1
+    finally:
+        tls.stop(grace=0)
+        plain.stop(grace=0)
