@@ -86,6 +86,7 @@ def _worker(args) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from celery import signals
 
+    from personalkv.config import get_settings
     from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
     from personalkv.service.celery_app import app
 
@@ -97,11 +98,12 @@ def _worker(args) -> int:
     setup_logging(f"worker-{'+'.join(queues)}", level=args.loglevel)
     instrument_celery(app)
     if args.metrics_port:
+        host = get_settings().server.host  # 0.0.0.0 in a pod: the kubelet probes it
         if args.pool == "prefork":
             signals.worker_process_init.connect(
-                lambda **_: start_metrics_server(args.metrics_port), weak=False)
+                lambda **_: start_metrics_server(args.metrics_port, host), weak=False)
         else:
-            start_metrics_server(args.metrics_port)
+            start_metrics_server(args.metrics_port, host)
     argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle"]
