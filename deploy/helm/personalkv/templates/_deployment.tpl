@@ -43,7 +43,8 @@ spec:
   progressDeadlineSeconds: {{ $v.progressDeadlineSeconds }}
   {{- with $v.strategy }}
   strategy:
-    {{- toYaml . | nindent 4 }}
+    {{- /* Values merge over the defaults: Recreate must not keep the default rollingUpdate. */}}
+    {{- toYaml (eq .type "Recreate" | ternary (omit . "rollingUpdate") .) | nindent 4 }}
   {{- end }}
   selector:
     matchLabels:
