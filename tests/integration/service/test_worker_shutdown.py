@@ -102,62 +102,64 @@ def _send_hold(broker: str, markers: Path, seconds: float) -> None:
     app.close()
 
 
-def test_sigterm_hands_the_running_task_to_another_worker_at_once(broker, tmp_path):
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
-    first = _start_worker(broker, "a", log_a)
-    second = None
-    try:
-        _wait_ready(first, log_a)
-        _send_hold(broker, markers, seconds=600)  # far longer than the test: never finishes
-        _wait_for(lambda: _markers(markers, "start"), 60, "the task did not start", log_a)
-        second = _start_worker(broker, "b", log_b)
-        _wait_ready(second, log_b)
-        assert [tag for tag, _ in _markers(markers, "start")] == ["a"]  # b was idle so far
+@pytest.fixture
+def markers(tmp_path) -> Path:
+    folder = tmp_path / "markers"
+    folder.mkdir()
+    return folder
 
-        sigterm_at = time.time()
-        os.kill(first.pid, signal.SIGTERM)  # the main process only, like the kubelet
-        on_b = _wait_for(lambda: [m for m in _markers(markers, "start") if m[0] == "b"],
-                         60, "the task was not handed to the second worker", log_b)
-        handed_over_s = on_b[0][1] - sigterm_at
-        first.wait(timeout=60)
-        print(f"\nSIGTERM to the task running on the other worker: {handed_over_s:.2f} s "
-              f"(soft-shutdown window {SOFT_SHUTDOWN_S} s, visibility timeout "
-              f"{VISIBILITY_TIMEOUT_S} s); first worker exited with {first.returncode}")
-    finally:
-        _kill(first)
-        if second is not None:
-            _kill(second)
+
+@pytest.fixture
+def start_worker(broker, tmp_path):
+    """start_worker(tag) -> (process, log), once the worker is ready; all killed at the end."""
+    started = []
+
+    def start(tag: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"worker-{tag}.log"
+        proc = _start_worker(broker, tag, log)
+        started.append(proc)
+        _wait_ready(proc, log)
+        return proc, log
+
+    yield start
+    for proc in started:
+        _kill(proc)
+
+
+def test_sigterm_hands_the_running_task_to_another_worker_at_once(broker, markers, start_worker):
+    first, log_a = start_worker("a")
+    _send_hold(broker, markers, seconds=600)  # far longer than the test: never finishes
+    _wait_for(lambda: _markers(markers, "start"), 60, "the task did not start", log_a)
+    second, log_b = start_worker("b")
+    assert [tag for tag, _ in _markers(markers, "start")] == ["a"]  # b was idle so far
+
+    sigterm_at = time.time()
+    os.kill(first.pid, signal.SIGTERM)  # the main process only, like the kubelet
+    on_b = _wait_for(lambda: [m for m in _markers(markers, "start") if m[0] == "b"],
+                     60, "the task was not handed to the second worker", log_b)
+    handed_over_s = on_b[0][1] - sigterm_at
+    first.wait(timeout=60)
+    print(f"\nSIGTERM to the task running on the other worker: {handed_over_s:.2f} s "
+          f"(soft-shutdown window {SOFT_SHUTDOWN_S} s, visibility timeout "
+          f"{VISIBILITY_TIMEOUT_S} s); first worker exited with {first.returncode}")
     text_a = log_a.read_text(errors="replace")
     assert "Soft Shutdown" in text_a, text_a[-3000:]  # the soft window ran, then the cancel
     # It waited the window first (minus timer granularity), then handed over well before the
-    # visibility timeout: 60 s bounds start-up-free hand-over with a 10x margin here.
+    # visibility timeout: 60 s bounds the hand-over with a 10x margin here.
     assert SOFT_SHUTDOWN_S - 0.5 <= handed_over_s < 60, handed_over_s
     # Run once by each worker, finished by neither (it holds 600 s): no extra copy.
     assert [tag for tag, _ in _markers(markers, "start")] == ["a", "b"]
     assert _markers(markers, "done") == []
 
 
-def test_a_task_finishing_within_the_soft_window_is_not_run_again(broker, tmp_path):
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
-    first = _start_worker(broker, "a", log_a)
-    second = None
-    try:
-        _wait_ready(first, log_a)
-        # Holds half the soft window: SIGTERM lets it finish and acknowledges it.
-        _send_hold(broker, markers, seconds=SOFT_SHUTDOWN_S / 2)
-        _wait_for(lambda: _markers(markers, "start"), 60, "the task did not start", log_a)
-        os.kill(first.pid, signal.SIGTERM)
-        first.wait(timeout=60)
-        second = _start_worker(broker, "b", log_b)
-        _wait_ready(second, log_b)
-        time.sleep(3)  # b had the chance to receive a redelivered copy
-    finally:
-        _kill(first)
-        if second is not None:
-            _kill(second)
+def test_a_task_finishing_within_the_soft_window_is_not_run_again(broker, markers, start_worker):
+    first, log_a = start_worker("a")
+    # Holds half the soft window: SIGTERM lets it finish and acknowledges it.
+    _send_hold(broker, markers, seconds=SOFT_SHUTDOWN_S / 2)
+    _wait_for(lambda: _markers(markers, "start"), 60, "the task did not start", log_a)
+    os.kill(first.pid, signal.SIGTERM)
+    first.wait(timeout=60)
+    start_worker("b")
+    time.sleep(3)  # b had the chance to receive a redelivered copy
     assert [tag for tag, _ in _markers(markers, "done")] == ["a"]
     assert [tag for tag, _ in _markers(markers, "start")] == ["a"]
