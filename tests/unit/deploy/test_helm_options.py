@@ -218,6 +218,8 @@ def test_autoscaling_keda_on_queue_lengths_and_cpu_hpa():
         assert trigger["metadata"]["databaseIndex"] == "4"
         assert trigger["authenticationRef"]["name"] == "r-personalkv-redis"
         assert obj["spec"]["scaleTargetRef"]["name"] == f"r-personalkv-{queue}"
+        behavior = obj["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == obj["spec"]["cooldownPeriod"]
     (auth,) = by_kind(docs, "TriggerAuthentication").values()
     assert auth["spec"]["secretTargetRef"][0]["name"] == "redis-auth"
     (hpa,) = by_kind(docs, "HorizontalPodAutoscaler").values()
