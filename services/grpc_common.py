@@ -9,11 +9,18 @@ Every server gets, in this order around the servicer: the metrics interceptor (l
 method and status, unauthenticated calls included), the auth interceptor (every RPC but health
 and reflection needs a bearer token), message size limits from ServerSettings, the standard
 health service (one status per service name plus "") and server reflection.
+
+Transport (ServerSettings): TLS when ``tls_cert_file`` / ``tls_key_file`` are set (the files
+are re-read on the first handshake after they change, so a rotated cert-manager Secret needs no
+restart), then a plaintext ``health_port`` serving grpc.health.v1 only may carry Kubernetes'
+gRPC probes, which cannot speak TLS; ``max_connection_age_s`` sends GOAWAY to aged connections so
+that clients re-resolve and spread over new replicas; keepalive pings free dead clients.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -49,6 +56,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *connection_options(self.settings),
             ],
         )  # fmt: skip
         register(self.server)
@@ -57,22 +65,45 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
+        self.credentials = server_credentials(self.settings)
+        self.health_server: grpc.Server | None = None
+        self.health_port = 0
         self._metrics_http = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
         """Bind, start and mark every service SERVING; returns the bound port."""
         address = f"{self.settings.host}:{self.port}"
-        bound = self.server.add_insecure_port(address)
+        if self.credentials is None:
+            bound = self.server.add_insecure_port(address)
+        else:
+            bound = self.server.add_secure_port(address, self.credentials)
         if not bound:
             raise RuntimeError(f"{self.name}: cannot bind {address}")
         self.port = bound
+        if self.credentials is not None and self.settings.health_port:
+            self._start_health_server()
         self.server.start()
         for service in ["", *self.service_names]:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._metrics_http = start_metrics_server(self.metrics_port, self.settings.host)
-        log.info("grpc server started", extra={"server": self.name, "port": bound})
+        log.info("grpc server started", extra={
+            "server": self.name, "port": bound, "tls": self.credentials is not None,
+            "health_port": self.health_port})
         return bound
+
+    def _start_health_server(self) -> None:
+        """Plaintext grpc.health.v1 (same statuses, nothing else) for probes that cannot TLS."""
+        self.health_server = grpc.server(
+            futures.ThreadPoolExecutor(2, thread_name_prefix=f"{self.name}-health"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        address = f"{self.settings.host}:{self.settings.health_port}"
+        self.health_port = self.health_server.add_insecure_port(address)
+        if not self.health_port:
+            raise RuntimeError(f"{self.name}: cannot bind the health port {address}")
+        self.health_server.start()
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: health NOT_SERVING at once, no new RPCs, in-flight ones get `grace` s."""
@@ -83,6 +114,8 @@ class GrpcServer:
         log.info("grpc server stopping", extra={"server": self.name, "grace_s": grace})
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("grpc server stopped", extra={"server": self.name})
@@ -96,6 +129,57 @@ class GrpcServer:
         while not done.wait(0.5) and not self._stopped.is_set():
             pass
         self.stop()
+
+
+def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core options for connection lifetime: max age (GOAWAY, then a grace for in-flight
+    RPCs) and keepalive pings; clients may ping as often as the server does."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    options = [
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(min(settings.keepalive_time_s, 30))),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ]
+    return options
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files in ``settings`` (None: plaintext). gRPC asks the
+    fetcher before each handshake; it returns a new configuration only when a file changed."""
+    cert_file, key_file = settings.tls_cert_file, settings.tls_key_file
+    if not cert_file and not key_file:
+        return None
+    if not (cert_file and key_file):
+        raise ValueError("TLS needs both PERSONALKV_SERVER_TLS_CERT_FILE and _TLS_KEY_FILE")
+
+    def load() -> tuple[tuple[float, float], grpc.ServerCertificateConfiguration]:
+        stamp = (os.stat(cert_file).st_mtime, os.stat(key_file).st_mtime)
+        with open(key_file, "rb") as key, open(cert_file, "rb") as cert:
+            pair = (key.read(), cert.read())
+        return stamp, grpc.ssl_server_certificate_configuration([pair])
+
+    loaded, initial = load()  # fails at start-up, not at the first client, when unreadable
+    state = {"stamp": loaded}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = (os.stat(cert_file).st_mtime, os.stat(key_file).st_mtime)
+            if stamp == state["stamp"]:
+                return None
+            state["stamp"], config = load()
+            log.info("tls certificate reloaded", extra={"cert_file": cert_file})
+            return config
+        except (OSError, ValueError):  # mid-rotation: keep serving with the last good pair
+            log.warning("tls certificate reload failed; keeping the previous one", exc_info=True)
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(initial, fetch)
 
 
 def serve(name: str, server: GrpcServer, services, host: str) -> int:
@@ -130,3 +214,69 @@ def deadline_passed(context: grpc.ServicerContext) -> bool:
     """Whether the client is gone (cancelled) or its deadline has passed."""
     remaining = context.time_remaining()
     return not context.is_active() or (remaining is not None and remaining <= 0)
+
+
+# -- health probe (Docker HEALTHCHECK, `helm test`, compose) --------------------------------
+def check_health(address: str, service: str = "", *, ca_file: str = "", server_name: str = "",
+                 timeout_s: float = 5.0) -> bool:
+    """Whether grpc.health.v1 at ``address`` reports ``service`` SERVING; TLS when ``ca_file``
+    names the CA to trust (``server_name``: the name the certificate carries, if not the host)."""
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = grpc.secure_channel(address, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            print(f"{address} {service or '(server)'}: {exc.code().name} {exc.details()}")
+            return False
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{address} {service or '(server)'}: {status}")
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _health_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m services.grpc_common health``: exit 0 when SERVING, 1 otherwise.
+
+    ``--server ingestion|answering`` probes this container's own server on 127.0.0.1 from the
+    settings: its plaintext health port when TLS is on and one is set, else its gRPC port (over
+    TLS with ``--ca``, or trusting its own certificate). ``--address`` probes any server."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m services.grpc_common health")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--server", choices=["ingestion", "answering"])
+    target.add_argument("--address", help="HOST:PORT")
+    parser.add_argument("--service", default=None,
+                        help="health service name (default with --server: its API service)")
+    parser.add_argument("--ca", default="", help="PEM CA to trust: connect with TLS")
+    parser.add_argument("--server-name", default="", help="name in the server certificate")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    address, service, ca = args.address, args.service or "", args.ca
+    if args.server:
+        settings = get_settings().server
+        service = args.service if args.service is not None else (
+            f"personalkv.v1.{args.server.capitalize()}Service")
+        port = getattr(settings, f"{args.server}_port")
+        tls = bool(settings.tls_cert_file)
+        if tls and settings.health_port:
+            port, ca = settings.health_port, ""
+        elif tls and not ca:
+            ca = settings.tls_cert_file
+        address = f"127.0.0.1:{port}"
+    return 0 if check_health(address, service, ca_file=ca, server_name=args.server_name,
+                             timeout_s=args.timeout) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["health"]:
+        sys.exit("usage: python -m services.grpc_common health (--server NAME | --address A) ...")
+    sys.exit(_health_main(sys.argv[2:]))

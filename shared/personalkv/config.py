@@ -158,6 +158,27 @@ class ServerSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="'json': one JSON object per line; 'text': human-readable."
     )
+    # TLS and connection lifetime (services/grpc_common.py; the chart mounts a cert Secret).
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain of the gRPC port; with tls_key_file it turns "
+        "TLS on (plaintext when empty). Re-read when the file changes (cert-manager rotation).",
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    health_port: int = Field(
+        0, ge=0, le=65535, description="With TLS, a plaintext port serving grpc.health.v1 only "
+        "(Kubernetes' gRPC probes cannot speak TLS); 0: none.",
+    )
+    max_connection_age_s: float = Field(
+        300.0, ge=0, description="Clients are asked to reconnect (GOAWAY) after a connection "
+        "lived this long (+-10% jitter), so new replicas get traffic; 0: never.",
+    )
+    max_connection_age_grace_s: float = Field(
+        60.0, ge=0, description="RPCs in flight on an aged connection get this long to finish.",
+    )
+    keepalive_time_s: float = Field(
+        60.0, gt=0, description="Idle connections are pinged this often, so dead clients "
+        "(vanished node, NAT drop) free their connection.",
+    )
 
 
 class ServiceSettings(BaseSettings):
@@ -217,6 +238,11 @@ class CelerySettings(BaseSettings):
     )
     worker_concurrency: int = Field(
         1, ge=1, description="Worker processes per `personalkv worker` (each loads the model)."
+    )
+    soft_shutdown_timeout_s: float = Field(
+        10.0, ge=0, description="On SIGTERM a worker lets its running task finish for this long, "
+        "then hands it back to the queue for another worker (not left to the visibility "
+        "timeout); keep it below the pod's terminationGracePeriodSeconds. 0: hand back at once.",
     )
 
 

@@ -48,6 +48,16 @@ def make_celery(settings: CelerySettings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         task_serializer="json", accept_content=["json"],
     )
+    # -- Worker shutdown (issue 13): SIGTERM (a rollout) hands the running task back. --------
+    # `personalkv worker` maps SIGTERM to Celery's cold shutdown (REMAP_SIGTERM=SIGQUIT), which
+    # first waits this soft-shutdown window for the task to finish, then cancels it; the Redis
+    # transport puts every unacknowledged (acks_late) message back on its queue as the worker's
+    # channel closes, so another worker starts it at once, not after the visibility timeout.
+    # "On idle" too: a worker holding a retry's countdown (ETA) task hands that back as well.
+    app.conf.update(
+        worker_soft_shutdown_timeout=settings.soft_shutdown_timeout_s,
+        worker_enable_soft_shutdown_on_idle=True,
+    )
     return app
 
 

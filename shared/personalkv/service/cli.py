@@ -15,6 +15,7 @@ embedded store and index under PERSONALKV_SERVICE_DATA_DIR and in-process tasks.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,12 @@ def _logging(level: str = "INFO") -> None:
 
 
 def _worker(args) -> int:
+    # SIGTERM -> cold shutdown with the soft-shutdown window (celery_app): the running task goes
+    # back to the queue. Read by billiard when the worker starts, so set before that.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from celery import signals
 
+    from personalkv.config import get_settings
     from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
     from personalkv.service.celery_app import app
 
@@ -93,11 +98,12 @@ def _worker(args) -> int:
     setup_logging(f"worker-{'+'.join(queues)}", level=args.loglevel)
     instrument_celery(app)
     if args.metrics_port:
+        host = get_settings().server.host  # 0.0.0.0 in a pod: the kubelet probes it
         if args.pool == "prefork":
             signals.worker_process_init.connect(
-                lambda **_: start_metrics_server(args.metrics_port), weak=False)
+                lambda **_: start_metrics_server(args.metrics_port, host), weak=False)
         else:
-            start_metrics_server(args.metrics_port)
+            start_metrics_server(args.metrics_port, host)
     argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle"]

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import certifi
 import urllib3
 from minio import Minio
+from minio.credentials import IamAwsProvider
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.util import Retry, Timeout
@@ -77,6 +78,8 @@ class S3ObjectStore(ObjectStore):
             endpoint,
             access_key=access_key,
             secret_key=secret_key,
+            # No static keys: the pod's identity (IRSA web-identity token, ECS/EC2 role).
+            credentials=None if access_key else IamAwsProvider(),
             secure=secure,
             region=region,
             http_client=http,

@@ -1,6 +1,8 @@
 """The Helm chart in deploy/helm/personalkv: values vs schema, docs, env names, rendering.
 
-The helm tests run when a `helm` binary is found ($HELM or PATH) and are skipped otherwise.
+The helm tests need a `helm` binary: $HELM, else the one `make deploy-tools` installs into
+.tools/bin (`make deploy-check` and `make test` install it and run these), else PATH; they are
+skipped only when there is none.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pydantic_settings import BaseSettings
 
 from personalkv import config
 
-CHART = Path(__file__).resolve().parents[3] / "deploy" / "helm" / "personalkv"
+ROOT = Path(__file__).resolve().parents[3]
+CHART = ROOT / "deploy" / "helm" / "personalkv"
 VALUES_TEXT = (CHART / "values.yaml").read_text()
 VALUES = yaml.safe_load(VALUES_TEXT)
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 # Env vars the templates may set that are not PersonalKV settings.
-FOREIGN_ENV = {"HF_HOME"}
+FOREIGN_ENV = {"HF_HOME", "HF_TOKEN"}
 SERVICES = ["ingestion", "answering", "mining", "caching"]
 
 
@@ -75,6 +78,14 @@ def _set(values, path, value):
         ("external.milvus.uri", "./var/index/milvus.db"),  # milvus-lite is one process only
         ("extraConfig", {"HF_TOKEN": "x"}),  # not a PersonalKV setting
         ("server.answeringPort", 0),
+        ("image.digest", "latest"),  # a digest is sha256:<64 hex>
+        ("tls.healthPort", 0),
+        ("services.answering.strategy", {"type": "BlueGreen"}),
+        ("services.mining.autoscaling.listLength", 0),
+        ("services.ingestion.autoscaling.minReplicas", 0),
+        ("serviceAccount.automountToken", "no"),
+        ("keda.redisAddress", "redis://redis:6379"),  # HOST:PORT, not a URL
+        ("secrets.hfToken", "hf_abc"),  # a value where a reference belongs
     ],
 )
 def test_schema_rejects_bad_values(path, value):
@@ -114,7 +125,9 @@ def test_each_service_block_has_the_scheduling_keys():
     for name in SERVICES:
         block = VALUES["services"][name]
         for key in ["replicas", "resources", "nodeSelector", "tolerations", "affinity",
-                    "terminationGracePeriodSeconds"]:
+                    "terminationGracePeriodSeconds", "topologySpreadConstraints",
+                    "priorityClassName", "runtimeClassName", "strategy",
+                    "progressDeadlineSeconds", "autoscaling", "probes"]:
             assert key in block, (name, key)
     for name in ["answering", "caching"]:
         assert VALUES["services"][name]["gpu"] == {"resourceName": "nvidia.com/gpu", "count": 1}
@@ -124,7 +137,7 @@ def test_each_service_block_has_the_scheduling_keys():
 
 
 def test_env_names_in_templates_are_settings_fields():
-    text = "\n".join(p.read_text() for p in sorted((CHART / "templates").iterdir()))
+    text = "\n".join(p.read_text() for p in sorted((CHART / "templates").rglob("*")) if p.is_file())
     used = set(re.findall(r"\bPERSONALKV_[A-Z0-9_]+\b", text))
     assert len(used) > 20  # the ConfigMap and the secret env entries
     assert used - settings_env_names() == set()
@@ -134,7 +147,8 @@ def test_env_names_in_templates_are_settings_fields():
 
 # --- helm lint / helm template (when a helm binary is available) ---------------------------
 
-HELM = os.environ.get("HELM") or shutil.which("helm")
+_TOOLS_HELM = ROOT / ".tools" / "bin" / "helm"
+HELM = os.environ.get("HELM") or (str(_TOOLS_HELM) if _TOOLS_HELM.exists() else None) or shutil.which("helm")
 needs_helm = pytest.mark.skipif(not HELM, reason="no helm binary ($HELM or PATH)")
 
 
@@ -145,9 +159,10 @@ def helm(*args, check=True):
     return result
 
 
-def render(*sets: str, strings: tuple[str, ...] = ()) -> list[dict]:
+def render(*sets: str, strings: tuple[str, ...] = (), values: Path | None = None) -> list[dict]:
     flags = [f for s in sets for f in ("--set", s)]
     flags += [f for s in strings for f in ("--set-string", s)]
+    flags += ["-f", str(values)] if values else []
     out = helm("template", "r", str(CHART), "--kube-version", "1.29.0", *flags).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -177,8 +192,10 @@ def test_default_render_runs_each_service_with_its_command_probes_and_gpus(monke
             for n, d in deployments.items()}
     assert args["ingestion"] == ["serve", "ingestion"]
     assert args["answering"] == ["serve", "answering"]
-    assert args["mining"] == ["worker", "--queue", "mining", "--concurrency", "2"]
-    assert args["caching"] == ["worker", "--queue", "caching", "--concurrency", "1"]
+    assert args["mining"] == ["worker", "--queue", "mining", "--concurrency", "1",
+                              "--metrics-port", "9460"]
+    assert args["caching"] == ["worker", "--queue", "caching", "--concurrency", "1",
+                               "--metrics-port", "9460"]
     for name, dep in deployments.items():
         pod = dep["spec"]["template"]["spec"]
         container = pod["containers"][0]

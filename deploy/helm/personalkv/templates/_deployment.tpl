@@ -2,39 +2,50 @@
 One Deployment. Called by deployment-<name>.yaml with
   (dict "root" $ "name" "answering" "args" (list "serve" "answering")
         "grpcPort" 50052 "metricsPort" 9452 "healthService" "personalkv.v1.AnsweringService")
-grpcPort set: a gRPC server (ports, native grpc probes, the auth secret);
-values.services.<name>.gpu set: a VLM service (GPU limit, HF model cache at HF_HOME).
+grpcPort set: a gRPC server (ports, native grpc probes, the auth secret, TLS);
+no grpcPort: a Celery worker (metrics port probed over HTTP, soft-shutdown window);
+values.services.<name>.gpu.count > 0: a VLM service on GPU (CUDA image, GPU limit, HF cache).
 */}}
 {{- define "personalkv.deployment" -}}
 {{- $root := .root }}
 {{- $v := index $root.Values.services .name }}
-{{- $gpu := $v.gpu }}
-{{- $secrets := $root.Values.secrets }}
-{{- /* Env from Secret references only; workers do not get the token HMAC key. */}}
-{{- $secretEnv := dict "PERSONALKV_STORAGE_ACCESS_KEY" $secrets.s3AccessKey
-      "PERSONALKV_STORAGE_SECRET_KEY" $secrets.s3SecretKey }}
-{{- if $secrets.milvusToken.name }}
-{{- $_ := set $secretEnv "PERSONALKV_INDEX_TOKEN" $secrets.milvusToken }}
-{{- end }}
-{{- if $secrets.redisUrl.name }}
-{{- $_ := set $secretEnv "PERSONALKV_CELERY_BROKER_URL" $secrets.redisUrl }}
-{{- end }}
-{{- if .grpcPort }}
-{{- $_ := set $secretEnv "PERSONALKV_AUTH_SECRET" $secrets.authSecret }}
-{{- end }}
-{{- $grace := float64 $root.Values.server.graceS }}
-{{- if and .grpcPort (ge $grace (float64 $v.terminationGracePeriodSeconds)) }}
+{{- $loadsModel := hasKey $v "gpu" }}
+{{- $gpu := and $loadsModel (gt (int $v.gpu.count) 0) }}
+{{- $server := not (empty .grpcPort) }}
+{{- $tls := and $server $root.Values.tls.enabled }}
+{{- $metricsPort := .metricsPort | default $root.Values.metrics.workerPort }}
+{{- if and $server (ge (float64 $root.Values.server.graceS) (float64 $v.terminationGracePeriodSeconds)) }}
 {{- fail (printf "server.graceS must be below services.%s.terminationGracePeriodSeconds" .name) }}
 {{- end }}
+{{- if and (not $server) (ge (float64 $v.softShutdownS) (float64 $v.terminationGracePeriodSeconds)) }}
+{{- fail (printf "services.%s.softShutdownS must be below its terminationGracePeriodSeconds" .name) }}
+{{- end }}
+{{- if and (not $server) (gt (int $v.concurrency) 1) }}
+{{- fail (printf "services.%s.concurrency must be 1 (one pool process per pod serves the probed metrics endpoint); scale with replicas or autoscaling" .name) }}
+{{- end }}
+{{- $probePort := .grpcPort }}
+{{- if $tls }}{{ $probePort = $root.Values.tls.healthPort }}{{ end }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
   name: {{ include "personalkv.fullname" $root }}-{{ .name }}
+  {{- include "personalkv.namespace" $root | nindent 2 }}
   labels:
     {{- include "personalkv.labels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ .name }}
+  annotations:
+    # Justified in deploy/README.md ("checkov"): settings are read from the environment only.
+    checkov.io/skip1: CKV_K8S_35=PersonalKV reads settings from env; secretKeyRef keeps the values out of the manifest
 spec:
+  {{- if not $v.autoscaling.enabled }}
   replicas: {{ $v.replicas }}
+  {{- end }}
+  progressDeadlineSeconds: {{ $v.progressDeadlineSeconds }}
+  {{- with $v.strategy }}
+  strategy:
+    {{- /* Values merge over the defaults: Recreate must not keep the default rollingUpdate. */}}
+    {{- toYaml (eq .type "Recreate" | ternary (omit . "rollingUpdate") .) | nindent 4 }}
+  {{- end }}
   selector:
     matchLabels:
       {{- include "personalkv.selectorLabels" (dict "root" $root "component" .name) | nindent 6 }}
@@ -49,71 +60,155 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
     spec:
+      {{- include "personalkv.podCommon" $root | nindent 6 }}
       terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
-      {{- with $root.Values.imagePullSecrets }}
-      imagePullSecrets:
-        {{- range . }}
-        - name: {{ . }}
-        {{- end }}
+      {{- with $v.priorityClassName }}
+      priorityClassName: {{ . }}
       {{- end }}
-      securityContext:
-        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
-      containers:
-        - name: {{ .name }}
-          {{- $image := $root.Values.image }}
-          image: "{{ $image.repository }}:{{ $image.tag | default $root.Chart.AppVersion }}"
-          imagePullPolicy: {{ $image.pullPolicy }}
-          command: ["personalkv"]
-          args: {{ toJson .args }}
+      {{- with $v.runtimeClassName }}
+      runtimeClassName: {{ . }}
+      {{- end }}
+      {{- if or (and $loadsModel $root.Values.modelCache.prefetch.enabled) $root.Values.initContainers }}
+      initContainers:
+        {{- if and $loadsModel $root.Values.modelCache.prefetch.enabled }}
+        # Downloads the weights into the cache volume, so that the main container's startup
+        # probe times only the model load; skips tiny:* models and local paths.
+        - name: prefetch-weights
+          image: {{ include "personalkv.image" (dict "root" $root "gpu" $gpu) | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: ["python", "-c"]
+          args:
+            - |
+              import os
+              from huggingface_hub import snapshot_download
+              name = os.environ["PERSONALKV_MODEL_NAME"]
+              if not (name.startswith("tiny:") or os.path.exists(name)):
+                  print("cached at", snapshot_download(name))
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           envFrom:
             - configMapRef:
                 name: {{ include "personalkv.fullname" $root }}
           env:
-            {{- range $env, $ref := $secretEnv }}
-            - name: {{ $env }}
-              valueFrom: {secretKeyRef: {name: {{ $ref.name | quote }}, key: {{ $ref.key | quote }}}}
+            - name: HF_HOME
+              value: {{ $root.Values.modelCache.mountPath | quote }}
+            {{- with $root.Values.secrets.hfToken }}
+            {{- if .name }}
+            - name: HF_TOKEN
+              valueFrom: {secretKeyRef: {name: {{ .name | quote }}, key: {{ .key | quote }}}}
             {{- end }}
-            {{- if $gpu }}
+            {{- end }}
+          resources:
+            {{- toYaml $root.Values.modelCache.prefetch.resources | nindent 12 }}
+          volumeMounts:
+            {{- include "personalkv.scratchMounts" $root | nindent 12 }}
+            - {name: model-cache, mountPath: {{ $root.Values.modelCache.mountPath }}}
+        {{- end }}
+        {{- with $root.Values.initContainers }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      containers:
+        - name: {{ .name }}
+          image: {{ include "personalkv.image" (dict "root" $root "gpu" $gpu) | quote }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: ["personalkv"]
+          {{- $args := .args }}
+          {{- if not $server }}
+          {{- $args = concat $args (list "--metrics-port" ($metricsPort | toString)) }}
+          {{- end }}
+          args: {{ toJson $args }}
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          envFrom:
+            - configMapRef:
+                name: {{ include "personalkv.fullname" $root }}
+            {{- with $root.Values.extraEnvFrom }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          env:
+            {{- with include "personalkv.secretEnv" (dict "root" $root "server" $server "gpu" $loadsModel) }}{{ . | trim | nindent 12 }}{{- end }}
+            {{- with include "personalkv.noStaticS3Keys" $root }}{{ . | trim | nindent 12 }}{{- end }}
+            {{- if $loadsModel }}
             - name: HF_HOME
               value: {{ $root.Values.modelCache.mountPath | quote }}
             {{- end }}
-          {{- if .grpcPort }}
+            {{- if not $server }}
+            - name: PERSONALKV_CELERY_SOFT_SHUTDOWN_TIMEOUT_S
+              value: {{ $v.softShutdownS | toString | quote }}
+            {{- end }}
+            {{- if $tls }}
+            - {name: PERSONALKV_SERVER_TLS_CERT_FILE, value: /etc/personalkv/tls/tls.crt}
+            - {name: PERSONALKV_SERVER_TLS_KEY_FILE, value: /etc/personalkv/tls/tls.key}
+            - name: PERSONALKV_SERVER_HEALTH_PORT
+              value: {{ $root.Values.tls.healthPort | toString | quote }}
+            {{- end }}
+            {{- with $root.Values.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           ports:
+            {{- if $server }}
             - {name: grpc, containerPort: {{ .grpcPort }}, protocol: TCP}
-            - {name: metrics, containerPort: {{ .metricsPort }}, protocol: TCP}
-          # Native gRPC probes against grpc.health.v1: the service turns SERVING once it is
-          # ready (answering: after the model loaded) and NOT_SERVING on SIGTERM.
+            {{- if $tls }}
+            - {name: health, containerPort: {{ $root.Values.tls.healthPort }}, protocol: TCP}
+            {{- end }}
+            {{- end }}
+            - {name: metrics, containerPort: {{ $metricsPort }}, protocol: TCP}
+          {{- if $server }}
+          # Native gRPC probes against grpc.health.v1 (on the plaintext health-only port when
+          # the API port speaks TLS): SERVING once ready (answering: after the model loaded),
+          # NOT_SERVING on SIGTERM.
           startupProbe:
-            grpc: {port: {{ .grpcPort }}, service: {{ .healthService }}}
+            grpc: {port: {{ $probePort }}, service: {{ .healthService }}}
             periodSeconds: {{ $v.probes.periodSeconds }}
             failureThreshold: {{ $v.probes.startupFailureThreshold }}
           readinessProbe:
-            grpc: {port: {{ .grpcPort }}, service: {{ .healthService }}}
+            grpc: {port: {{ $probePort }}, service: {{ .healthService }}}
             periodSeconds: {{ $v.probes.periodSeconds }}
             failureThreshold: 2
           livenessProbe:
-            grpc: {port: {{ .grpcPort }}}
+            grpc: {port: {{ $probePort }}}
             periodSeconds: {{ $v.probes.periodSeconds }}
             timeoutSeconds: 5
+            failureThreshold: 6
+          {{- else }}
+          # The worker's pool process serves /metrics: it answers while the process that runs
+          # the tasks is alive (Celery restarts a crashed pool process; a hung one stops answering).
+          startupProbe:
+            httpGet: {path: /metrics, port: metrics}
+            periodSeconds: {{ $v.probes.periodSeconds }}
+            failureThreshold: {{ $v.probes.startupFailureThreshold }}
+          readinessProbe:
+            httpGet: {path: /metrics, port: metrics}
+            periodSeconds: {{ $v.probes.periodSeconds }}
+            timeoutSeconds: 5
+          livenessProbe:
+            httpGet: {path: /metrics, port: metrics}
+            periodSeconds: {{ $v.probes.periodSeconds }}
+            timeoutSeconds: 10
             failureThreshold: 6
           {{- end }}
           resources:
             {{- $res := deepCopy ($v.resources | default dict) }}
-            {{- if and $gpu (gt (int $gpu.count) 0) }}
-            {{- $limits := merge (dict $gpu.resourceName $gpu.count) ($res.limits | default dict) }}
+            {{- if $gpu }}
+            {{- $limits := merge (dict $v.gpu.resourceName $v.gpu.count) ($res.limits | default dict) }}
             {{- $_ := set $res "limits" $limits }}
             {{- end }}
             {{- toYaml $res | nindent 12 }}
           volumeMounts:
-            - {name: tmp, mountPath: /tmp}
-            {{- if $gpu }}
+            {{- include "personalkv.scratchMounts" $root | nindent 12 }}
+            {{- if $loadsModel }}
             - {name: model-cache, mountPath: {{ $root.Values.modelCache.mountPath }}}
             {{- end }}
+            {{- if $tls }}
+            - {name: tls, mountPath: /etc/personalkv/tls, readOnly: true}
+            {{- end }}
+            {{- with $root.Values.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
       volumes:
-        - {name: tmp, emptyDir: {}}
-        {{- if $gpu }}
+        {{- include "personalkv.scratchVolumes" $root | nindent 8 }}
+        {{- if $loadsModel }}
         {{- with $root.Values.modelCache }}
         {{- if eq .type "pvc" }}
         - name: model-cache
@@ -126,6 +221,15 @@ spec:
         {{- end }}
         {{- end }}
         {{- end }}
+        {{- if $tls }}
+        - name: tls
+          secret:
+            secretName: {{ include "personalkv.tlsSecretName" $root }}
+            defaultMode: 0440
+        {{- end }}
+        {{- with $root.Values.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- with $v.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -137,5 +241,15 @@ spec:
       {{- with $v.affinity }}
       affinity:
         {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- range . }}
+        {{- $c := deepCopy . }}
+        {{- if not (hasKey $c "labelSelector") }}
+        {{- $_ := set $c "labelSelector" (dict "matchLabels" (include "personalkv.selectorLabels" (dict "root" $root "component" $.name) | fromYaml)) }}
+        {{- end }}
+        - {{- toYaml $c | nindent 10 }}
+        {{- end }}
       {{- end }}
 {{- end }}
