@@ -30,9 +30,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from personalkv.auth import AuthInterceptor
+from personalkv.api.interceptors import AuthInterceptor, MetricsInterceptor
 from personalkv.config import AuthSettings, ServerSettings, get_settings
-from personalkv.observability import metrics_interceptor, start_metrics_server
+from personalkv.observability import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class GrpcServer:
         limit = self.settings.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix=f"{name}-rpc"),
-            interceptors=[metrics_interceptor(name), AuthInterceptor(auth)],
+            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth or get_settings().auth)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -1,4 +1,5 @@
-"""Bearer tokens for one user, and the gRPC interceptor that checks them on every RPC.
+"""Bearer tokens for one user; ``personalkv.api.interceptors.AuthInterceptor`` checks them on
+every RPC.
 
 A token is ``pkv1.<payload>.<signature>``: payload is base64url JSON ``{"sub": user_id,
 "iat": issued, "exp": expires}`` (unix seconds), signature is base64url HMAC-SHA256 over
@@ -22,8 +23,6 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
-
-import grpc
 
 from personalkv.config import AuthSettings, get_settings
 from personalkv.ids import InvalidIdError, validate_user_id
@@ -55,7 +54,7 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _secret(settings: AuthSettings | None) -> bytes:
+def check_secret(settings: AuthSettings | None) -> bytes:
     settings = settings or get_settings().auth
     secret = settings.secret.get_secret_value().encode()
     if settings.require_secret and (secret == DEV_SECRET.encode() or len(secret) < MIN_SECRET_BYTES):
@@ -74,7 +73,7 @@ def sign_claims(claims: dict, settings: AuthSettings | None = None) -> str:
     """Sign arbitrary claims without validating them (tests use it to build bad tokens)."""
     payload = _b64e(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     signing_input = f"{TOKEN_PREFIX}.{payload}"
-    return f"{signing_input}.{_sign(signing_input, _secret(settings))}"
+    return f"{signing_input}.{_sign(signing_input, check_secret(settings))}"
 
 
 def mint_token(
@@ -95,7 +94,7 @@ def verify_token(token: str, *, settings: AuthSettings | None = None, now: float
     parts = token.split(".") if isinstance(token, str) and token.isascii() else []
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise InvalidTokenError("malformed token (expected pkv1.<payload>.<signature>)")
-    expected = _sign(f"{parts[0]}.{parts[1]}", _secret(settings))
+    expected = _sign(f"{parts[0]}.{parts[1]}", check_secret(settings))
     if not hmac.compare_digest(expected.encode("ascii"), parts[2].encode("ascii")):
         raise InvalidTokenError("token signature does not verify")
     try:
@@ -150,25 +149,3 @@ def acting_as(user_id: str) -> Iterator[None]:
             _current_user.reset(reset)
         except ValueError:  # a streaming RPC's generator closed by GC from another context
             pass
-
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticates every RPC except health and reflection: UNAUTHENTICATED on a missing,
-    malformed, forged or expired token; otherwise the servicer runs with current_user_id()."""
-
-    def __init__(self, settings: AuthSettings | None = None) -> None:
-        self.settings = settings or get_settings().auth
-        _secret(self.settings)  # fail at startup, not on the first RPC, if misconfigured
-
-    def intercept_service(self, continuation, handler_call_details):
-        from personalkv.api.handlers import rejecting_handler, wrap_handler
-
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES):
-            return handler
-        try:
-            token = token_from_metadata(handler_call_details.invocation_metadata)
-            user_id = verify_token(token, settings=self.settings)
-        except InvalidTokenError as exc:
-            return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        return wrap_handler(handler, lambda _context: acting_as(user_id))

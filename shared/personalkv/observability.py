@@ -1,7 +1,8 @@
 """Prometheus metrics, the /metrics endpoint and structured (JSON) logging of every service.
 
 Who calls what:
-    gRPC servers     setup_logging(), start_metrics_server(port), metrics_interceptor(service)
+    gRPC servers     setup_logging(), start_metrics_server(port); GRPC_LATENCY and rpc_log
+                     are written by personalkv.api.interceptors.MetricsInterceptor
     ingestion        track_celery_queues(broker_url, queues): queue depth = Redis LLEN per scrape
     answering        watch_chunk_cache(cache): hits/misses/bytes read from ChunkCache.stats()
     Celery workers   setup_logging(), instrument_celery(app) (task counts and durations from
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-_rpc_log = logging.getLogger("personalkv.rpc")
+rpc_log = logging.getLogger("personalkv.rpc")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 GRPC_LATENCY = Histogram(
@@ -152,38 +153,6 @@ def start_metrics_server(port: int, host: str = "127.0.0.1"):
     server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
     logging.getLogger(__name__).info("metrics endpoint up", extra={"port": server.server_port})
     return server
-
-
-# -- gRPC ----------------------------------------------------------------------------------
-def metrics_interceptor(service: str):
-    """A grpc.ServerInterceptor recording GRPC_LATENCY for every RPC (health included)."""
-    import grpc
-
-    from personalkv.api.handlers import wrap_handler
-
-    @contextlib.contextmanager
-    def timed(method: str, context) -> Iterator[None]:
-        start = time.perf_counter()
-        code = None
-        try:
-            yield
-        except Exception:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        finally:
-            code = code or context.code() or grpc.StatusCode.OK
-            elapsed = time.perf_counter() - start
-            GRPC_LATENCY.labels(service, method, code.name).observe(elapsed)
-            _rpc_log.info("rpc", extra={"grpc_service": service, "method": method,
-                                        "code": code.name, "duration_ms": round(elapsed * 1e3, 2)})
-
-    class MetricsInterceptor(grpc.ServerInterceptor):
-        def intercept_service(self, continuation, handler_call_details):
-            method = handler_call_details.method.rsplit("/", 1)[-1]
-            return wrap_handler(continuation(handler_call_details),
-                                lambda context: timed(method, context))
-
-    return MetricsInterceptor()
 
 
 # -- logging -------------------------------------------------------------------------------
