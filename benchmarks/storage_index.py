@@ -254,7 +254,7 @@ def _write_concepts(store, n: int) -> int:
 def bench_reindex(endpoint, concepts: int) -> dict:
     from personalkv.devstack.milvus import start_milvus_server
     from personalkv.index import open_key_index
-    from personalkv.index.reindex import reindex
+    from personalkv.retrieval.indexing import reindex
     from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
     from personalkv.retrieval.keys import KeyBuilder
     from personalkv.storage.chunk_store import ChunkStore

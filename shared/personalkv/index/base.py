@@ -2,7 +2,7 @@
 
 Who calls what, and when:
 
-* ``personalkv.index.reindex`` and the concept-ingest path call ``ensure_space`` once per
+* ``personalkv.retrieval.indexing`` and the concept-ingest path call ``ensure_space`` once per
   vector space, then ``upsert`` with the entries ``personalkv.retrieval.keys`` built from a
   concept manifest, then ``wait_visible`` with their key ids before reporting the concept as
   ready: a user may Ask (in another process, with another connection) right after.

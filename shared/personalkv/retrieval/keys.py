@@ -1,6 +1,6 @@
 """How one concept manifest becomes retrieval keys (``IndexEntry`` rows in two vector spaces).
 
-Called by ``personalkv.index.reindex`` (every manifest) and by the ingest path when a concept
+Called by ``personalkv.retrieval.indexing`` (every manifest) and by the ingest path when a concept
 turns ready; the retriever embeds its queries with the same encoders via ``KeyBuilder``.
 
 Keys of a concept (all carry user, concept and model fingerprint):

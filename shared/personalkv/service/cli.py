@@ -57,11 +57,10 @@ def register(subparsers) -> None:
     ask.add_argument("--stack", action="store_true", help="use the running stack")
     ask.set_defaults(func=_ask)
 
-    if "reindex" not in subparsers.choices:  # personalkv.index.reindex may register its own
-        reindex = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
-        reindex.add_argument("--user", action="append", help="only these users (repeatable)")
-        reindex.add_argument("--stack", action="store_true", help="use the running stack")
-        reindex.set_defaults(func=_reindex)
+    reindex = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
+    reindex.add_argument("--user", action="append", help="only these users (repeatable)")
+    reindex.add_argument("--stack", action="store_true", help="use the running stack")
+    reindex.set_defaults(func=_reindex)
 
     recache = subparsers.add_parser(
         "recache", help="enqueue caching for every concept (after a model change)")
@@ -192,9 +191,9 @@ def format_evidence(result) -> str:
 
 
 def _reindex(args) -> int:
-    """``personalkv.index.reindex.reindex`` over the same store and index ``bootstrap`` wires
+    """``personalkv.retrieval.indexing.reindex`` over the same store and index ``bootstrap`` wires
     (embedded paths under PERSONALKV_SERVICE_DATA_DIR, or the stack's with ``--stack``)."""
-    from personalkv.index.reindex import reindex
+    from personalkv.retrieval.indexing import reindex
 
     svc = _services(args.stack)
     try:

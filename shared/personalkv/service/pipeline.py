@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 
-from personalkv.index.reindex import index_concept
+from personalkv.retrieval.indexing import index_concept
 from personalkv.kv.codec import encode_chunk, read_header
 from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 from personalkv.manifest import ChunkRecord, ConceptManifest

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from personalkv.index.reindex import index_concept, reindex
+from personalkv.retrieval.indexing import index_concept, reindex
 from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever

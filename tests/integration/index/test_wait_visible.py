@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from personalkv.index import IndexEntry, KeysNotVisible, VectorSpace
-from personalkv.index.reindex import index_concept
+from personalkv.retrieval.indexing import index_concept
 
 TEXT, IMAGE = VectorSpace("vis_text", 8), VectorSpace("vis_image", 16)
 

@@ -6,7 +6,7 @@ import pytest
 
 from personalkv.config import RetrievalSettings
 from personalkv.index import open_key_index
-from personalkv.index.reindex import index_concept
+from personalkv.retrieval.indexing import index_concept
 from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever, names_in, query_crops

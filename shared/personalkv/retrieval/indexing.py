@@ -1,8 +1,12 @@
-"""Rebuild the key index from the manifests alone - the index is derived data.
+"""Writing a concept's retrieval keys into the index: one concept (``index_concept``, the ingest
+path when a concept turns ready) or every concept again from the manifests alone (``reindex``:
+the index is derived data).
 
-Callers: ``personalkv reindex`` (``register`` below; operators after an encoder change, a lost
-Milvus volume or a migration), the ingest path (``index_concept`` when a concept turns ready)
-and the tests that prove a rebuilt index answers like the one it replaced.
+Callers: the caching pipeline (``index_concept``), ``personalkv reindex`` (operators after an
+encoder change, a lost Milvus volume or a migration) and the tests that prove a rebuilt index
+answers like the one it replaced. It lives in ``retrieval`` because it builds keys
+(``retrieval.keys``) and only writes them through the ``KeyIndex`` interface; ``index`` knows
+nothing of concepts.
 
 ``reindex`` drops this index's collections and inserts every key again, so searches see an
 empty or partial index while it runs; run it in a maintenance window, or into a fresh
@@ -112,28 +116,3 @@ def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | 
              f"({report.skipped} not ready), {report.text_keys} text + {report.image_keys} "
              f"image keys in {report.seconds:.1f}s")
     return report
-
-
-def register(subparsers) -> None:
-    """``personalkv reindex [--user U ...]`` (listed in personalkv.cli.COMMAND_MODULES)."""
-    parser = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
-    parser.add_argument("--user", action="append", help="only these users (repeatable)")
-    parser.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    from personalkv.config import get_settings
-    from personalkv.index import open_key_index
-    from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
-    from personalkv.storage.chunk_store import ChunkStore
-    from personalkv.storage.factory import open_object_store
-
-    settings = get_settings().retrieval
-    keys = KeyBuilder(get_text_encoder(settings.text_encoder),
-                      get_image_encoder(settings.image_encoder))
-    index = open_key_index()
-    try:
-        reindex(ChunkStore(open_object_store()), index, keys, users=args.user)
-    finally:
-        index.close()
-    return 0
