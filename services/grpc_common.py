@@ -221,14 +221,14 @@ def check_health(address: str, service: str = "", *, ca_file: str = "", server_n
                  timeout_s: float = 5.0) -> bool:
     """Whether grpc.health.v1 at ``address`` reports ``service`` SERVING; TLS when ``ca_file``
     names the CA to trust (``server_name``: the name the certificate carries, if not the host)."""
+    from personalkv.api.client import open_channel
+
+    root_certificates = None
     if ca_file:
         with open(ca_file, "rb") as f:
-            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        channel = grpc.secure_channel(address, credentials, options=options)
-    else:
-        channel = grpc.insecure_channel(address)
-    with channel:
+            root_certificates = f.read()
+    with open_channel(address, root_certificates=root_certificates, server_name=server_name) \
+            as channel:
         request = health_pb2.HealthCheckRequest(service=service)
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)

@@ -7,7 +7,8 @@
         print(client.ask("what is Bo doing?").answer)
 
 Every call sends the bearer token and a deadline (`timeout_s`); errors surface as
-grpc.RpcError with the server's status code and message.
+grpc.RpcError with the server's status code and message. Against servers with TLS on
+(PERSONALKV_SERVER_TLS_CERT_FILE) pass the CA to trust: ``root_certificates=open(ca, "rb").read()``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ from personalkv.auth import bearer_metadata
 
 CHUNK_BYTES = 1 << 20
 TERMINAL = (common_pb2.CONCEPT_STATE_READY, common_pb2.CONCEPT_STATE_FAILED)
+
+
+def open_channel(address: str, *, root_certificates: bytes | None = None, server_name: str = "",
+                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    """A channel to ``address``: TLS trusting ``root_certificates`` (PEM) when given, else
+    plaintext. ``server_name``: the name the server's certificate carries, if not the host."""
+    options = list(options)
+    if root_certificates is None:
+        return grpc.insecure_channel(address, options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.secure_channel(address, credentials, options)
 
 
 def upload_messages(concept_id: str, photos: Sequence[bytes], *, user_id: str = "",
@@ -51,10 +65,13 @@ def ask_request(question: str, photos: Iterable[bytes] = (), **options) -> answe
 
 class PersonalKVClient:
     def __init__(self, ingestion: str, answering: str, token: str, *, timeout_s: float = 60.0,
-                 max_message_bytes: int = 64 << 20) -> None:
+                 max_message_bytes: int = 64 << 20, root_certificates: bytes | None = None,
+                 server_name: str = "") -> None:
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channels = [grpc.insecure_channel(ingestion, opts), grpc.insecure_channel(answering, opts)]
+        self._channels = [open_channel(address, root_certificates=root_certificates,
+                                       server_name=server_name, options=opts)
+                          for address in (ingestion, answering)]
         self.ingestion = ingestion_pb2_grpc.IngestionServiceStub(self._channels[0])
         self.answering = answering_pb2_grpc.AnsweringServiceStub(self._channels[1])
         self.metadata = bearer_metadata(token)

@@ -119,6 +119,30 @@ def test_tls_server_serves_a_client_with_the_ca_and_refuses_plaintext(ca, tmp_pa
         server.stop(grace=0)
 
 
+def test_the_python_client_speaks_tls_when_given_the_ca(ca, tmp_path):
+    from personalkv.api.client import PersonalKVClient
+    from personalkv.auth import mint_token
+
+    cert, key = issue(ca, tmp_path / "tls")
+    server = start_server(tls_cert_file=cert, tls_key_file=key)
+    address = f"localhost:{server.port}"
+    token = mint_token("tina", settings=AUTH)
+    try:
+        # The server registers no API service: a call that arrives (handshake done, token
+        # checked) is UNIMPLEMENTED; one that cannot connect is UNAVAILABLE.
+        with PersonalKVClient(address, address, token, timeout_s=10,
+                              root_certificates=ca_pem(ca)) as client, \
+                pytest.raises(grpc.RpcError) as arrived:
+            client.list_concepts()
+        assert arrived.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with PersonalKVClient(address, address, token, timeout_s=5) as plain, \
+                pytest.raises(grpc.RpcError) as refused:
+            plain.list_concepts()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=0)
+
+
 def test_plaintext_health_port_carries_health_only(ca, tmp_path):
     cert, key = issue(ca, tmp_path / "tls")
     # Port 0 is "off" in the settings, so ask for a concrete free port.
