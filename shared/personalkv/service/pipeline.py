@@ -22,11 +22,10 @@ its state); anything else marks the concept ``failed`` with a reason and re-rais
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 from personalkv.index.reindex import index_concept
-from personalkv.kv.codec import encode_chunk, read_header
+from personalkv.kv.codec import ChunkFormatError, decode_chunk, encode_chunk
 from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 from personalkv.manifest import ChunkRecord, ConceptManifest
 from personalkv.retrieval.encoders import to_pil
@@ -170,10 +169,17 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
             reused += 1
             return known[chunk_id].model_copy(update={"source": source})
         if store.has_chunk(user_id, concept_id, chunk_id):
-            # Stored by an earlier run that died before its manifest write: read, don't redo.
-            header = read_header(store.get_chunk(user_id, concept_id, chunk_id))
-            reused += 1
-            return _record(chunk_id, kind, source, json.loads(header["__metadata__"]["meta"]), key)
+            # Stored by an earlier run that died before its manifest write: verify, don't redo
+            # (a blob that fails verification is encoded again and overwritten).
+            try:
+                meta = decode_chunk(store.get_chunk(user_id, concept_id, chunk_id),
+                                    expected_model=fingerprint, expected_user=user_id,
+                                    expected_chunk_id=chunk_id).meta
+                reused += 1
+                return _record(chunk_id, kind, source, dataclasses.asdict(meta), key)
+            except ChunkFormatError as exc:
+                log.warning("stored chunk %s of %s/%s is unusable (%s); encoding it again",
+                            chunk_id[:12], user_id, concept_id, exc)
         chunk = encode(adapter, evidence, user_id=user_id, concept_id=concept_id)
         assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
         store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, quantization))
