@@ -218,6 +218,24 @@ class CelerySettings(BaseSettings):
     worker_concurrency: int = Field(
         1, ge=1, description="Worker processes per `personalkv worker` (each loads the model)."
     )
+    lease_s: float = Field(
+        90.0, gt=0, description="Lease of a concept's mining / caching work: a worker renews it "
+        "every lease_s/3 while it works; a concept in mining or caching whose lease ran out (its "
+        "worker died) is enqueued again by the reconciler.",
+    )
+    queued_lease_s: float = Field(
+        600.0, gt=0, description="How long a queued concept may wait for a worker before the "
+        "reconciler enqueues it again (a publish that failed or a lost message); a concept whose "
+        "enqueue failed is due at once.",
+    )
+    reconcile_interval_s: float = Field(
+        20.0, ge=0, description="How often the reconciler (in every worker and the ingestion "
+        "server) looks for concepts whose lease ran out; 0 turns it off.",
+    )
+    publish_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one task publish to the broker (socket timeouts and "
+        "the one retry included); an upload then answers UNAVAILABLE instead of hanging.",
+    )
 
 
 class MiningSettings(BaseSettings):
