@@ -61,8 +61,12 @@ class StorageSettings(BaseSettings):
     connect_timeout_s: float = Field(
         2.0, gt=0, description="S3 TCP connect timeout; a dead endpoint fails after this."
     )
-    read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout per request.")
-    retries: int = Field(2, ge=0, le=10, description="S3 retries on connect errors and 5xx.")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="S3 read timeout per request (a socket read, not the whole "
+        "transfer); with the retries it bounds how long a hung S3 holds an RPC.",
+    )
+    retries: int = Field(1, ge=0, le=10, description="S3 retries on connect errors, read "
+                         "timeouts and 5xx.")
 
 
 class IndexSettings(BaseSettings):

@@ -60,8 +60,8 @@ class S3ObjectStore(ObjectStore):
         secure: bool = False,
         region: str = "us-east-1",
         connect_timeout_s: float = 2.0,
-        read_timeout_s: float = 30.0,
-        retries: int = 2,
+        read_timeout_s: float = 10.0,
+        retries: int = 1,
         cert_check: bool = True,
     ) -> None:
         if _BUCKET_RE.fullmatch(bucket) is None:

@@ -16,8 +16,22 @@ from tests.unit.service.conftest import drawn_photo
 UPLOADS = 10
 
 
+@pytest.fixture
+def cheap_mining(monkeypatch):
+    """The real miner, weights-free and without the VLM profile (it reads the process's
+    settings): this test is about the manifest, not about the miner's quality."""
+    from personalkv.config import get_settings
+
+    monkeypatch.setenv("PERSONALKV_MINING_EMBEDDER", "colour")
+    monkeypatch.setenv("PERSONALKV_MINING_PROFILE_FROM_VLM", "0")
+    monkeypatch.setenv("PERSONALKV_MINING_USER_NEGATIVES", "0")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 @pytest.fixture(params=["local", "s3"])
-def services(request, tmp_path, tiny):
+def services(request, tmp_path, tiny, cheap_mining):
     from personalkv.config import (
         IndexSettings,
         MiningSettings,
@@ -38,7 +52,6 @@ def services(request, tmp_path, tiny):
         storage=storage, index=IndexSettings(uri=str(tmp_path / "index.db")),
         service=ServiceSettings(data_dir=str(tmp_path), patches_per_photo=1),
         retrieval=RetrievalSettings(text_encoder="hashing", image_encoder="global"),
-        # Weights-free mining, no VLM profile: this test is about the manifest, not the miner.
         mining=MiningSettings(embedder="colour", profile_from_vlm=False, user_negatives=0),
     )
     svc = bootstrap(settings, embedded=False, adapter=tiny("qwen2_vl"),
