@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import grpc
 
 from personalkv.api.cli import add_server_arguments
-from personalkv.api.errors import grpc_errors
+from personalkv.api.errors import abort_cancelled, client_cancelled, grpc_errors
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service import concepts
@@ -110,6 +110,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 current.clear()
                 if len(photos) > max_count:
                     raise ResourceExhausted(f"more than {max_count} photos in one upload")
+        if current and client_cancelled(context, wait_s=0.5):
+            abort_cancelled(context, "IngestionServicer.UploadPhotos")
         if current:
             raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
         if not photos:

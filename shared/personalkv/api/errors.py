@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 import secrets
+import threading
 
 import grpc
 from PIL.Image import DecompressionBombError
@@ -50,12 +51,30 @@ def new_request_id() -> str:
     return secrets.token_hex(6)
 
 
+def client_cancelled(context: grpc.ServicerContext, wait_s: float = 0.0) -> bool:
+    """Whether the client cancelled (or its deadline passed). A cancelled request stream can
+    look like a normal end of stream to the servicer for a moment; `wait_s` gives the
+    cancellation that long to arrive (for a stream that ended where no client would end it)."""
+    if not context.is_active():
+        return True
+    if wait_s > 0:
+        done = threading.Event()
+        context.add_callback(done.set)  # runs when the RPC terminates (cancelled here)
+        return done.wait(wait_s) or not context.is_active()
+    return False
+
+
+def abort_cancelled(context: grpc.ServicerContext, method: str) -> None:
+    """Log the cancelled call at INFO and record it as CANCELLED (raises, like abort)."""
+    log.info("rpc cancelled by the client", extra={"method": method, "code": "CANCELLED"})
+    context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if context.code() is not None:  # the servicer already aborted (context.abort raised)
         raise exc
-    if not context.is_active():  # the client cancelled or its deadline passed: nobody listens
-        log.info("rpc cancelled by the client", extra={"method": method, "code": "CANCELLED"})
-        context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
+    if client_cancelled(context):  # the client cancelled or its deadline passed
+        abort_cancelled(context, method)
     code, message = status_for(exc)
     if code in _SERVER_SIDE:
         request_id = new_request_id()

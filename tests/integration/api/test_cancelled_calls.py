@@ -21,7 +21,7 @@ def _count(method: str, code: str) -> float:
 
 
 def test_cancelled_upload_is_logged_as_cancelled_not_as_an_error(api, caplog):
-    client = api.client("carol")
+    client = api.client("cancelling-client")
     client.create_concept("kite", "Kite")
     stub = ingestion_pb2_grpc.IngestionServiceStub(grpc.insecure_channel(api.ingestion_addr))
     sent_first = threading.Event()
@@ -46,7 +46,8 @@ def test_cancelled_upload_is_logged_as_cancelled_not_as_an_error(api, caplog):
                 time.sleep(0.05)
         finally:
             release.set()
-    assert _count("UploadPhotos", "CANCELLED") == before + 1
+    assert _count("UploadPhotos", "CANCELLED") == before + 1, [
+        (r.getMessage(), getattr(r, "code", None), getattr(r, "reason", None)) for r in caplog.records]
     assert any("cancelled by the client" in r.getMessage() and r.levelno == logging.INFO
                for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
