@@ -24,8 +24,8 @@ from personalkv.service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from personalkv.storage.base import PreconditionFailed
 from personalkv.service.photos import validate_photo
+from personalkv.storage.base import PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,12 @@ def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> C
         except (InvalidArgument, ResourceExhausted) as exc:
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
     new: list = []
+    changed = False  # whether the stored manifest is our change (then we enqueue its work)
     lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
 
     def add(fresh: ConceptManifest) -> ConceptManifest | None:
-        nonlocal new
+        nonlocal new, changed
+        changed = True
         have = {p.photo_id for p in fresh.photos}
         new = []
         for record in records:
@@ -92,6 +94,7 @@ def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> C
                                             "failure_reason": None, "lease_until": lease})
         if reconciler.lease_lapsed(fresh):  # stuck: take the lease, enqueue its work again
             return fresh.model_copy(update={"lease_until": lease})
+        changed = False
         return None  # nothing new, and the concept's work is in hand (or done)
 
     with dependencies("the object store"):
@@ -99,7 +102,7 @@ def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> C
         fresh = svc.store.update_manifest(user_id, concept_id, add)
     if fresh is None:
         raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")
-    if fresh.lease_until == lease:  # we changed the concept's work: enqueue it
+    if changed:  # new photos, or a stuck concept taken over: enqueue its work
         try:
             reconciler.enqueue_for(svc, fresh)
         except Unavailable:
