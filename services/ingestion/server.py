@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+from contextlib import contextmanager
 
 import grpc
 
 from personalkv.api.cli import add_server_arguments
-from personalkv.api.errors import grpc_errors
+from personalkv.api.errors import abort_cancelled, client_cancelled, grpc_errors
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service import concepts
-from personalkv.service.errors import InvalidArgument, NotFound, ResourceExhausted
+from personalkv.service.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
@@ -48,17 +50,31 @@ def concept_to_proto(m: ConceptManifest) -> common_pb2.Concept:
 
 
 class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
-    def __init__(self, services) -> None:
+    def __init__(self, services, max_workers: int | None = None) -> None:
         self.svc = services
         self.limits = services.settings.service
+        # Writes wait on the object store and the broker; they may hold all but two of the
+        # server's threads, so that health and reads still answer while a dependency hangs.
+        workers = max_workers or services.settings.server.max_workers
+        self._writes = threading.BoundedSemaphore(max(1, workers - 2))
+
+    @contextmanager
+    def _write_slot(self):
+        if not self._writes.acquire(blocking=False):
+            raise Unavailable("the server is busy with other writes; retry in a moment")
+        try:
+            yield
+        finally:
+            self._writes.release()
 
     @grpc_errors
     def CreateConcept(self, request, context):
         facts = request.facts
-        manifest = concepts.create_concept(
-            self.svc, caller(request.user_id), request.concept_id,
-            facts.name, facts.category, facts.info,
-        )  # fmt: skip
+        with self._write_slot():
+            manifest = concepts.create_concept(
+                self.svc, caller(request.user_id), request.concept_id,
+                facts.name, facts.category, facts.info,
+            )  # fmt: skip
         return concept_to_proto(manifest)
 
     @grpc_errors
@@ -68,7 +84,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             raise InvalidArgument("the first UploadPhotos message must be the header")
         user_id = caller(first.header.user_id)
         photos = self._read_photos(request_iterator, context)
-        manifest = concepts.add_photos(self.svc, user_id, first.header.concept_id, photos)
+        with self._write_slot():
+            manifest = concepts.add_photos(self.svc, user_id, first.header.concept_id, photos)
         return ingestion_pb2.UploadPhotosResponse(
             concept=concept_to_proto(manifest), photos_received=len(photos)
         )
@@ -93,6 +110,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 current.clear()
                 if len(photos) > max_count:
                     raise ResourceExhausted(f"more than {max_count} photos in one upload")
+        if current and client_cancelled(context, wait_s=0.5):
+            abort_cancelled(context, "IngestionServicer.UploadPhotos")
         if current:
             raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
         if not photos:
@@ -114,21 +133,23 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
     @grpc_errors
     def DeleteConcept(self, request, context):
-        existed = concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
+        with self._write_slot():
+            existed = concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
         if not existed and not request.allow_missing:
             raise NotFound(f"concept {request.concept_id!r} does not exist")
         return ingestion_pb2.DeleteConceptResponse()
 
     @grpc_errors
     def DeleteUserData(self, request, context):
-        deleted = concepts.delete_user(self.svc, caller(request.user_id))
+        with self._write_slot():
+            deleted = concepts.delete_user(self.svc, caller(request.user_id))
         return ingestion_pb2.DeleteUserDataResponse(concepts_deleted=int(deleted or 0))
 
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
     """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
-    servicer = IngestionServicer(services)
+    servicer = IngestionServicer(services, (settings or services.settings.server).max_workers)
     return GrpcServer(
         "ingestion",
         lambda server: ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(servicer, server),
@@ -140,10 +161,13 @@ def run(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.observability import setup_logging
     from personalkv.service.bootstrap import bootstrap
+    from personalkv.service.reconciler import Reconciler
 
     settings = get_settings()
     setup_logging("ingestion")
     services = bootstrap(settings, embedded=args.embedded)
+    # Concepts left queued / mining / caching by a dead worker or a failed enqueue: re-enqueued.
+    Reconciler(services).start()
     if not args.embedded:
         from personalkv.observability import track_celery_queues
         from personalkv.service.task_queue import QUEUE_OF

@@ -61,8 +61,12 @@ class StorageSettings(BaseSettings):
     connect_timeout_s: float = Field(
         2.0, gt=0, description="S3 TCP connect timeout; a dead endpoint fails after this."
     )
-    read_timeout_s: float = Field(30.0, gt=0, description="S3 read timeout per request.")
-    retries: int = Field(2, ge=0, le=10, description="S3 retries on connect errors and 5xx.")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="S3 read timeout per request (a socket read, not the whole "
+        "transfer); with the retries it bounds how long a hung S3 holds an RPC.",
+    )
+    retries: int = Field(1, ge=0, le=10, description="S3 retries on connect errors, read "
+                         "timeouts and 5xx.")
 
 
 class IndexSettings(BaseSettings):
@@ -243,6 +247,24 @@ class CelerySettings(BaseSettings):
         10.0, ge=0, description="On SIGTERM a worker lets its running task finish for this long, "
         "then hands it back to the queue for another worker (not left to the visibility "
         "timeout); keep it below the pod's terminationGracePeriodSeconds. 0: hand back at once.",
+    )
+    lease_s: float = Field(
+        90.0, gt=0, description="Lease of a concept's mining / caching work: a worker renews it "
+        "every lease_s/3 while it works; a concept in mining or caching whose lease ran out (its "
+        "worker died) is enqueued again by the reconciler.",
+    )
+    queued_lease_s: float = Field(
+        600.0, gt=0, description="How long a queued concept may wait for a worker before the "
+        "reconciler enqueues it again (a publish that failed or a lost message); a concept whose "
+        "enqueue failed is due at once.",
+    )
+    reconcile_interval_s: float = Field(
+        20.0, ge=0, description="How often the reconciler (in every worker and the ingestion "
+        "server) looks for concepts whose lease ran out; 0 turns it off.",
+    )
+    publish_timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one task publish to the broker (socket timeouts and "
+        "the one retry included); an upload then answers UNAVAILABLE instead of hanging.",
     )
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from personalkv.ids import validate_concept_id, validate_hex_digest, validate_user_id
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: lease_until
 
 ConceptState = Literal["queued", "mining", "caching", "ready", "failed"]
 
@@ -95,6 +95,11 @@ class ConceptManifest(_Model):
     patches: list[PatchRecord] = Field(default_factory=list)
     chunks: list[ChunkRecord] = Field(default_factory=list)
     model_fingerprint: str | None = None
+    lease_until: datetime | None = Field(
+        None, description="While queued, mining or caching: until when the work is known to be "
+        "in hand (waiting in the broker, or a worker renewing it). Past it the reconciler "
+        "enqueues the concept again (personalkv.service.reconciler).",
+    )
     updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     _check_user = field_validator("user_id")(lambda v: validate_user_id(v))

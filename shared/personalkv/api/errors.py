@@ -4,6 +4,11 @@ Every servicer method is wrapped by `grpc_errors`; nothing else in the API layer
 status code for a failure. ServiceError subclasses carry the code name and a message safe to
 show the caller; an invalid id (personalkv.ids) is INVALID_ARGUMENT; anything unexpected is
 logged with its traceback and answered INTERNAL with a message that reveals nothing.
+
+Server-side failures (UNAVAILABLE, INTERNAL, ...) get a request id: the log line holds the
+details (exception chain: endpoint, library error) under it, the caller's message only says
+what failed, whether to retry, and the id to quote. A call the client cancelled (or whose
+deadline passed) is logged as such at INFO and recorded as CANCELLED, not as an error.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import secrets
+import threading
 
 import grpc
 from PIL.Image import DecompressionBombError
@@ -35,12 +42,50 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+#: Codes whose cause is on the server's side: the message gets a request id, the log details.
+_SERVER_SIDE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(6)
+
+
+def client_cancelled(context: grpc.ServicerContext, wait_s: float = 0.0) -> bool:
+    """Whether the client cancelled (or its deadline passed). A cancelled request stream can
+    look like a normal end of stream to the servicer for a moment; `wait_s` gives the
+    cancellation that long to arrive (for a stream that ended where no client would end it)."""
+    if not context.is_active():
+        return True
+    if wait_s > 0:
+        done = threading.Event()
+        context.add_callback(done.set)  # runs when the RPC terminates (cancelled here)
+        return done.wait(wait_s) or not context.is_active()
+    return False
+
+
+def abort_cancelled(context: grpc.ServicerContext, method: str) -> None:
+    """Log the cancelled call at INFO and record it as CANCELLED (raises, like abort)."""
+    log.info("rpc cancelled by the client", extra={"method": method, "code": "CANCELLED"})
+    context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if context.code() is not None:  # the servicer already aborted (context.abort raised)
         raise exc
+    if client_cancelled(context):  # the client cancelled or its deadline passed
+        abort_cancelled(context, method)
     code, message = status_for(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        log.exception("unexpected error in %s", method)
+    if code in _SERVER_SIDE:
+        request_id = new_request_id()
+        extra = {"method": method, "code": code.name, "request_id": request_id}
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("unexpected error in %s", method, extra=extra)
+        else:
+            cause = exc.__cause__ or exc.__context__
+            log.warning("rpc failed: %s%s", message,
+                        f" ({type(cause).__name__}: {cause})" if cause else "", extra=extra)
+        message = f"{message} (request id {request_id})"
     else:
         log.info("rpc refused", extra={"method": method, "code": code.name, "reason": message})
     context.abort(code, message)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -139,8 +140,17 @@ def up(directory: Path, milvus_timeout_s: float = 300.0) -> int:
     if access:
         settings_env.update(PERSONALKV_STORAGE_ACCESS_KEY=access.group(1),
                             PERSONALKV_STORAGE_SECRET_KEY=access.group(2))
+    # A token secret of this stack's own (unless one is given): with the public development
+    # default, anyone who read the source could mint tokens for it.
+    settings_env["PERSONALKV_AUTH_SECRET"] = (os.environ.get("PERSONALKV_AUTH_SECRET")
+                                              or secrets.token_urlsafe(32))
+    settings_env["PERSONALKV_AUTH_REQUIRE_SECRET"] = "1"
     # Quoted: an S3 URL holds '&', which a shell sourcing the file would take as a command end.
-    (directory / "env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in settings_env.items()))
+    # Owner-only: it holds the token secret.
+    env_file = directory / "env"
+    env_file.touch(mode=0o600)
+    env_file.chmod(0o600)
+    env_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in settings_env.items()))
     env.update(settings_env)
 
     for queue in ("mining", "caching"):

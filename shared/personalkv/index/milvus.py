@@ -119,10 +119,14 @@ class MilvusKeyIndex(KeyIndex):
     prefix may be another's prefix plus "_" (``drop_all`` drops by name prefix)."""
 
     def __init__(self, uri: str, prefix: str = "pkv", token: str = "", hnsw_m: int = 16,
-                 ef_construction: int = 100, ef_search: int = 64, num_partitions: int = 64):
+                 ef_construction: int = 100, ef_search: int = 64, num_partitions: int = 64,
+                 request_timeout_s: float = 10.0):
         from pymilvus import MilvusClient
 
         self.uri = uri
+        # Deadline of the calls on a request path (search, delete): a hung Milvus costs an Ask
+        # or a DeleteConcept this long, then UNAVAILABLE, not the RPC's whole deadline.
+        self.request_timeout_s = request_timeout_s
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         # Errors name the deployment kind, not the endpoint: messages may reach clients.
         self.uri_for_errors = "milvus-lite" if self.is_lite else "the Milvus server"
@@ -235,14 +239,15 @@ class MilvusKeyIndex(KeyIndex):
     def _delete(self, expr: str) -> None:
         for name in self._owned():
             self._ready(name)
-            self.client.delete(name, filter=expr)
+            self.client.delete(name, filter=expr, timeout=self.request_timeout_s)
             # Confirm with a Strong read: once it sees nothing, every later search of any
             # client is past the delete's timestamp. Retrying covers lagging tombstones.
             for _ in range(50):
                 if not self.client.query(name, filter=expr, output_fields=["key_id"], limit=1,
-                                         consistency_level="Strong"):
+                                         consistency_level="Strong",
+                                         timeout=self.request_timeout_s):
                     break
-                self.client.delete(name, filter=expr)
+                self.client.delete(name, filter=expr, timeout=self.request_timeout_s)
                 time.sleep(0.1)
             else:
                 raise IndexUnavailable(f"delete not yet visible in {name}; retry")
@@ -304,6 +309,7 @@ class MilvusKeyIndex(KeyIndex):
             name, data=vectors.tolist(), limit=request.limit, output_fields=list(_FIELDS),
             filter=self._scope(request.user_id, request.model_fingerprint, request.concept_ids),
             search_params={"metric_type": "IP", "params": {"ef": max(self.ef_search, request.limit)}},
+            timeout=self.request_timeout_s,
         )
         best: dict[str, SearchHit] = {}
         for per_query in result:

@@ -22,6 +22,11 @@ import torch
 ChunkKind = Literal["profile_text", "image_patch"]
 CHUNK_KINDS: tuple[str, ...] = ("profile_text", "image_patch")
 
+#: Version of the chunk's byte format (``personalkv.kv.codec``). It is part of every chunk id
+#: (``chunk_content_hash``), so after a format change ``personalkv recache`` gives every chunk a
+#: new id and key, encodes it in the new format and deletes the old blob.
+CHUNK_FORMAT_VERSION = 2
+
 
 @dataclass(frozen=True)
 class ChunkMeta:
@@ -96,9 +101,11 @@ def chunk_content_hash(
     """sha256 over everything that determines the chunk's tensors and its owner.
 
     The user and concept are part of the hash so that two users (or two concepts) with identical
-    photos never share a chunk id, an object key or an index entry.
+    photos never share a chunk id, an object key or an index entry; the format version is, so
+    that a chunk in an older byte format is never taken for the current one.
     """
     digest = hashlib.sha256()
+    digest.update(f"personalkv.kvchunk.v{CHUNK_FORMAT_VERSION}".encode())
     for part in (model_fingerprint, framing, user_id, concept_id, kind):
         encoded = part.encode()
         digest.update(len(encoded).to_bytes(8, "little"))

@@ -3,8 +3,18 @@
 Layout: one safetensors file. Tensors ``k.<layer>`` / ``v.<layer>`` (or, quantized, ``k.<layer>.q``
 int8 plus ``k.<layer>.scale`` float32 per channel), ``positions``, ``token_ids`` and optionally
 ``image_embeds``. The safetensors string metadata holds ``format`` (``personalkv.kvchunk``),
-``version``, ``quantization``, ``meta`` (the ChunkMeta as JSON) and ``checksum`` (sha256 of all
-tensor bytes in name order), so a flipped bit anywhere in the payload is caught.
+``version``, ``quantization``, ``meta`` (the ChunkMeta as JSON) and ``checksum``: sha256 over
+every other metadata entry *and* all tensor bytes (name, dtype, shape, data, in name order), so a
+changed bit anywhere - a tensor, the start position, the owner, the layer count - is caught.
+It is a checksum, not a signature: whoever can write the bucket can write a consistent blob,
+which is why decoding also checks every invariant the placement code relies on.
+
+Decoding refuses, always with a ``ChunkFormatError`` subclass: truncated or trailing bytes,
+a header that is not the format's, another format version (version 1 blobs predate the header
+checksum: ``personalkv recache`` re-encodes them), a checksum mismatch, metadata of the wrong
+type or out of range (kind, axes, dtype and quantization names), tensors missing or extra for
+the layer count, shapes that disagree with the token count or with each other, and positions
+whose first value is not ``start_position`` or whose last + 1 is not ``position_extent``.
 
 int8 quantization is symmetric per channel: for every layer, kv head and head-dim channel, the
 scale is max|x| over the chunk's tokens / 127, so each element's error is at most scale / 2
@@ -17,17 +27,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import struct
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from personalkv.kv.chunk import ChunkMeta, KVChunk
+from personalkv.ids import InvalidIdError, validate_concept_id, validate_user_id
+from personalkv.kv.chunk import CHUNK_FORMAT_VERSION, CHUNK_KINDS, ChunkMeta, KVChunk
 
 FORMAT_NAME = "personalkv.kvchunk"
-FORMAT_VERSION = 1
+FORMAT_VERSION = CHUNK_FORMAT_VERSION
 QUANTIZATIONS = ("none", "int8")
+#: dtype names a chunk may be computed in (``ChunkMeta.dtype``), as torch spells them.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_HEADER_BYTES = 100_000_000
 
 
 class ChunkFormatError(ValueError):
@@ -50,8 +66,11 @@ class ChunkModelMismatchError(ChunkFormatError):
     pass
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+def _checksum(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata (all but the checksum itself) and every tensor."""
     digest = hashlib.sha256()
+    signed = {k: v for k, v in metadata.items() if k != "checksum"}
+    digest.update(json.dumps(signed, sort_keys=True).encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(name.encode())
@@ -97,8 +116,8 @@ def encode_chunk(chunk: KVChunk, quantization: str = "none") -> bytes:
         "version": str(FORMAT_VERSION),
         "quantization": quantization,
         "meta": json.dumps(dataclasses.asdict(chunk.meta), sort_keys=True),
-        "checksum": _checksum(tensors),
     }
+    metadata["checksum"] = _checksum(metadata, tensors)
     return st_save(tensors, metadata=metadata)
 
 
@@ -107,7 +126,7 @@ def read_header(blob: bytes) -> dict:
     if len(blob) < 8:
         raise TruncatedChunkError(f"truncated chunk: {len(blob)} bytes, not even a header length")
     (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > 100_000_000:
+    if header_len > _MAX_HEADER_BYTES:
         raise CorruptChunkError(f"corrupt chunk: implausible header length {header_len}")
     if len(blob) < 8 + header_len:
         raise TruncatedChunkError(
@@ -119,10 +138,17 @@ def read_header(blob: bytes) -> dict:
         raise CorruptChunkError(f"corrupt chunk: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptChunkError("corrupt chunk: header is not a JSON object")
-    data_end = max(
-        (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
-        default=0,
-    )
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptChunkError("corrupt chunk: metadata is not a map of strings")
+    try:
+        data_end = max(
+            (int(entry["data_offsets"][1]) for name, entry in header.items()
+             if name != "__metadata__"),
+            default=0,
+        )
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CorruptChunkError("corrupt chunk: a tensor entry has no valid data_offsets") from None
     expected = 8 + header_len + data_end
     if len(blob) < expected:
         raise TruncatedChunkError(f"truncated chunk: expected {expected} bytes, got {len(blob)}")
@@ -131,46 +157,151 @@ def read_header(blob: bytes) -> dict:
     return header
 
 
-def decode_chunk(
-    blob: bytes,
-    *,
-    expected_model: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> KVChunk:
-    """Bytes -> KVChunk, refusing (with a specific error) anything not exactly right.
-
-    ``expected_model``: the fingerprint of the model that will consume the chunk; a chunk computed
-    by any other model (or config, weights, dtype) is refused, since its KV would be meaningless.
-    ``dtype``: cast keys/values (e.g. int8 chunks dequantize to the model's dtype).
-    """
-    header = read_header(blob)
-    metadata = header.get("__metadata__") or {}
+def _check_version(metadata: dict) -> None:
     if metadata.get("format") != FORMAT_NAME:
         raise CorruptChunkError(f"not a KV chunk: format is {metadata.get('format')!r}")
     if metadata.get("version") != str(FORMAT_VERSION):
         raise ChunkVersionError(
-            f"unsupported chunk format version {metadata.get('version')!r}; this build reads {FORMAT_VERSION}"
+            f"unsupported chunk format version {metadata.get('version')!r}; this build reads "
+            f"{FORMAT_VERSION}. Run `personalkv recache` to re-encode the concept's chunks"
         )
+
+
+_META_TYPES = {f.name: f.type for f in dataclasses.fields(ChunkMeta)}
+
+
+def _parse_meta(metadata: dict) -> ChunkMeta:
+    """The ChunkMeta of a checksummed header, every field checked for type and range."""
     try:
-        meta = ChunkMeta(**json.loads(metadata["meta"]))
+        fields = json.loads(metadata["meta"])
+        meta = ChunkMeta(**fields)
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CorruptChunkError(f"corrupt chunk: bad metadata ({exc})") from None
+    for name, kind in _META_TYPES.items():
+        value = getattr(meta, name)
+        want = int if kind in ("int", int) else str
+        if type(value) is not want:  # bool is an int subclass; refuse it too
+            raise CorruptChunkError(f"corrupt chunk: meta.{name} is {value!r}, not an {want.__name__}")
+    problems = []
+    for name in ("model_fingerprint", "content_hash", "framing"):
+        if _HEX64.fullmatch(getattr(meta, name)) is None:
+            problems.append(f"{name} is not a sha256 hex digest")
+    try:
+        validate_user_id(meta.user_id)
+        validate_concept_id(meta.concept_id)
+    except InvalidIdError as exc:
+        problems.append(str(exc))
+    if meta.kind not in CHUNK_KINDS:
+        problems.append(f"kind {meta.kind!r} is not one of {CHUNK_KINDS}")
+    if meta.dtype not in DTYPES:
+        problems.append(f"dtype {meta.dtype!r} is not one of {sorted(DTYPES)}")
+    if meta.position_axes not in (1, 3):
+        problems.append(f"position_axes {meta.position_axes} is not 1 or 3")
+    if meta.num_layers < 1 or meta.token_count < 1 or meta.start_position < 0:
+        problems.append("num_layers, token_count must be >= 1 and start_position >= 0")
+    if meta.position_extent <= meta.start_position:
+        problems.append(f"position_extent {meta.position_extent} <= start_position {meta.start_position}")
+    if problems:
+        raise CorruptChunkError(f"corrupt chunk: {'; '.join(problems)}")
+    return meta
+
+
+def _check_tensors(meta: ChunkMeta, quantization: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Names, dtypes and shapes agree with the metadata; positions with start and extent."""
+    layers = range(meta.num_layers)
+    if quantization == "int8":
+        kv_names = {f"{p}.{i}.{part}" for p in "kv" for i in layers for part in ("q", "scale")}
+    else:
+        kv_names = {f"{p}.{i}" for p in "kv" for i in layers}
+    expected = kv_names | {"positions", "token_ids"}
+    names = set(tensors)
+    if not expected <= names or names - expected - {"image_embeds"}:
+        missing, extra = sorted(expected - names), sorted(names - expected - {"image_embeds"})
+        raise CorruptChunkError(
+            f"corrupt chunk: tensors do not match {meta.num_layers} layers / {quantization} "
+            f"(missing {missing[:4]}, unexpected {extra[:4]})"
+        )
+    tokens, dtype = meta.token_count, DTYPES[meta.dtype]
+
+    def fail(what: str) -> None:
+        raise CorruptChunkError(f"corrupt chunk: {what}")
+
+    positions, token_ids = tensors["positions"], tensors["token_ids"]
+    if positions.dtype != torch.int32 or tuple(positions.shape) != (meta.position_axes, tokens):
+        fail(f"positions {positions.dtype} {tuple(positions.shape)}, expected int32 "
+             f"({meta.position_axes}, {tokens})")
+    if token_ids.dtype != torch.int32 or tuple(token_ids.shape) != (tokens,):
+        fail(f"token_ids {token_ids.dtype} {tuple(token_ids.shape)}, expected int32 ({tokens},)")
+    first, last = int(positions.min()), int(positions.max())
+    if first != meta.start_position or last + 1 != meta.position_extent:
+        fail(f"positions span [{first}, {last + 1}) but the header says "
+             f"[{meta.start_position}, {meta.position_extent})")
+    shape = None
+    for name in sorted(kv_names):
+        tensor = tensors[name]
+        if name.endswith(".scale"):
+            want_dtype = torch.float32
+        else:
+            want_dtype = torch.int8 if quantization == "int8" else dtype
+        if tensor.dtype != want_dtype or tensor.dim() != 3:
+            fail(f"{name} is {tensor.dtype} with {tensor.dim()} dims, expected 3-d {want_dtype}")
+        heads, length, head_dim = tensor.shape
+        if length != (1 if name.endswith(".scale") else tokens):
+            fail(f"{name} has {length} tokens; the header says {tokens}")
+        if shape is None:
+            shape = (heads, head_dim)
+        elif (heads, head_dim) != shape:
+            fail(f"{name} has (heads, head_dim) {(heads, head_dim)}, others {shape}")
+    embeds = tensors.get("image_embeds")
+    if embeds is not None and (embeds.dim() != 2 or embeds.dtype != dtype or embeds.shape[0] > tokens):
+        fail(f"image_embeds {embeds.dtype} {tuple(embeds.shape)}: expected 2-d {dtype} with at "
+             f"most {tokens} rows")
+
+
+def decode_chunk(
+    blob: bytes,
+    *,
+    expected_model: str | None = None,
+    expected_user: str | None = None,
+    expected_chunk_id: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> KVChunk:
+    """Bytes -> KVChunk, refusing (with a ChunkFormatError subclass) anything not exactly right.
+
+    ``expected_model``: the fingerprint of the model that will consume the chunk; a chunk computed
+    by any other model (or config, weights, dtype) is refused, since its KV would be meaningless.
+    ``expected_user`` / ``expected_chunk_id``: the owner and id the caller found the blob under;
+    a blob of another user or stored under another chunk's key is refused.
+    ``dtype``: cast keys/values (e.g. int8 chunks dequantize to the model's dtype).
+    """
+    header = read_header(blob)
+    metadata = header.get("__metadata__", {})
+    _check_version(metadata)
+    meta = _parse_meta(metadata)
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CorruptChunkError(f"corrupt chunk: {exc}") from None
+    if _checksum(metadata, tensors) != metadata.get("checksum"):
+        raise CorruptChunkError("corrupt chunk: checksum mismatch (header or payload changed)")
     if expected_model is not None and meta.model_fingerprint != expected_model:
         raise ChunkModelMismatchError(
             f"chunk was computed by model {meta.model_fingerprint[:16]}, not by the serving model "
             f"{expected_model[:16]}"
         )
-    try:
-        tensors = st_load(blob)
-    except Exception as exc:  # safetensors raises its own error types
-        raise CorruptChunkError(f"corrupt chunk: {exc}") from None
-    if _checksum(tensors) != metadata.get("checksum"):
-        raise CorruptChunkError("corrupt chunk: checksum mismatch (payload bytes changed)")
+    if expected_user is not None and meta.user_id != expected_user:
+        raise CorruptChunkError("corrupt chunk: it belongs to another user")
+    if expected_chunk_id is not None and meta.content_hash != expected_chunk_id:
+        raise CorruptChunkError(
+            f"corrupt chunk: stored as {expected_chunk_id[:12]} but its id is {meta.content_hash[:12]}"
+        )
+    quantization = metadata.get("quantization")
+    if quantization not in QUANTIZATIONS:
+        raise CorruptChunkError(f"corrupt chunk: unknown quantization {quantization!r}")
+    _check_tensors(meta, quantization, tensors)
 
-    quantization = metadata.get("quantization", "none")
-    stored_dtype = getattr(torch, meta.dtype)
-    target = dtype or stored_dtype
+    target = dtype or DTYPES[meta.dtype]
     keys, values = [], []
     for layer in range(meta.num_layers):
         for prefix, out in (("k", keys), ("v", values)):

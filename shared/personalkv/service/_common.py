@@ -35,7 +35,9 @@ def dependencies(what: str):
     except Unavailable:
         raise
     except transient_errors() as exc:
-        raise Unavailable(f"{what} is unavailable: {type(exc).__name__}: {exc}") from exc
+        # The caller's message names the dependency only; endpoint and library text stay in
+        # the chained exception, which the API layer logs under the request id.
+        raise Unavailable(f"{what} is unavailable; retry later") from exc
 
 
 def require_manifest(svc, user_id: str, concept_id: str) -> ConceptManifest:

@@ -109,7 +109,8 @@ def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
 
             def load(record=record):
                 blob = svc.store.get_chunk_by_key(user_id, record.object_key)
-                return decode_chunk(blob, expected_model=fingerprint, dtype=adapter.dtype)
+                return decode_chunk(blob, expected_model=fingerprint, dtype=adapter.dtype,
+                                    expected_user=user_id, expected_chunk_id=record.chunk_id)
 
             try:
                 with dependencies("the object store"):

@@ -7,9 +7,11 @@ Conventions (STYLE.md): one queue per worker kind (``mining``, ``caching``), tas
 the pipeline is idempotent by content), soft and hard time limits, and retries with exponential
 backoff and jitter on ``Unavailable`` (a dependency is down) only.
 
-Redelivery after a whole worker (or node) dies relies on Redis' visibility timeout
-(``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``): keep it above the longest task, or a slow task is
-delivered twice (harmless, but wasted work).
+Redelivery after a whole worker (or node) dies does not wait for Redis' visibility timeout
+(``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``, keep it above the longest task, or a slow task is
+delivered twice): a task renews its concept's lease while it runs, and the reconciler
+(``personalkv.service.reconciler``), running in every worker process, enqueues a concept whose
+lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
 
 Run a worker with ``personalkv worker --queue caching`` (or ``celery -A
 personalkv.service.celery_app worker -Q caching``).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import threading
 
-from celery import Celery
+from celery import Celery, signals
 
 from personalkv.config import CelerySettings, get_settings
 from personalkv.service.errors import Unavailable
@@ -43,7 +45,13 @@ def make_celery(settings: CelerySettings | None = None) -> Celery:
         task_ignore_result=settings.result_backend is None,
         task_routes={name: {"queue": queue} for name, queue in QUEUE_OF.items()},
         task_default_queue="mining",
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Socket timeouts: without them a publish to a hung Redis waits forever (issue 12).
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": settings.publish_timeout_s,
+            "socket_connect_timeout": settings.publish_timeout_s,
+        },
+        broker_connection_timeout=settings.publish_timeout_s,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         task_serializer="json", accept_content=["json"],
@@ -76,6 +84,30 @@ TASK_OPTIONS = dict(
 
 _services = None
 _services_lock = threading.Lock()
+_reconciler = None
+
+
+@signals.worker_process_init.connect(weak=False)
+def _reconcile_in_pool_process(**_):
+    """Prefork: the reconciler runs in the pool process (a thread in the forking parent would
+    be copied, mid-whatever, into every child it forks)."""
+    _start_reconciler()
+
+
+@signals.worker_ready.connect(weak=False)
+def _reconcile_in_worker(sender=None, **_):
+    pool = getattr(sender, "pool", None)
+    if pool is not None and type(pool).__module__.endswith("prefork"):
+        return  # started in the pool processes instead
+    _start_reconciler()
+
+
+def _start_reconciler() -> None:
+    global _reconciler
+    if _reconciler is None:
+        from personalkv.service.reconciler import Reconciler
+
+        _reconciler = Reconciler(worker_services()).start()
 
 
 def worker_services():

@@ -15,9 +15,17 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from personalkv.manifest import ConceptManifest, ConceptProfile
+from personalkv.service import reconciler
 from personalkv.service._common import check_ids, dependencies, require_manifest
-from personalkv.service.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from personalkv.service.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from personalkv.service.photos import validate_photo
+from personalkv.storage.base import PreconditionFailed
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +44,24 @@ def create_concept(svc, user_id: str, concept_id: str, name: str, category: str 
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidArgument(f"invalid concept: {problems}") from None
     with dependencies("the object store"):
-        if svc.store.read_manifest(user_id, concept_id) is not None:
-            raise AlreadyExists(f"concept {concept_id!r} already exists")
-        return svc.store.write_manifest(manifest)
+        try:
+            return svc.store.create_manifest(manifest)  # only if absent: no race between two
+        except PreconditionFailed:
+            raise AlreadyExists(f"concept {concept_id!r} already exists") from None
 
 
 def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> ConceptManifest:
     """Validate and store reference photos, then enqueue mining. All or nothing on validation:
     one bad photo refuses the call before anything is stored. Re-sending a photo is a no-op
     (photo ids are content hashes); for a ready concept only the new photos are mined and
-    cached later, and it stays answerable meanwhile."""
+    cached later, and it stays answerable meanwhile.
+
+    The manifest update is a compare-and-set, so concurrent uploads to one concept all land.
+    Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
+    enqueue failed) enqueues that work again. When the broker cannot take the task, the photos
+    stay recorded, the lease is cleared so that the reconciler enqueues the work as soon as the
+    broker is back, and the caller gets Unavailable saying so: nothing is left that no task
+    will pick up, and sending the same photos again is harmless."""
     manifest = require_manifest(svc, user_id, concept_id)
     limits = svc.settings.service
     if not photos:
@@ -60,24 +76,40 @@ def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> C
                                             max_pixels=limits.max_photo_pixels))
         except (InvalidArgument, ResourceExhausted) as exc:
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
-    with dependencies("the object store"):
-        records = [svc.store.put_photo(user_id, concept_id, v.data, v.media_type) for v in validated]
-        fresh = svc.store.read_manifest(user_id, concept_id) or manifest
+    new: list = []
+    changed = False  # whether the stored manifest is our change (then we enqueue its work)
+    lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
+
+    def add(fresh: ConceptManifest) -> ConceptManifest | None:
+        nonlocal new, changed
+        changed = True
         have = {p.photo_id for p in fresh.photos}
         new = []
         for record in records:
             if record.photo_id not in have:
                 have.add(record.photo_id)
                 new.append(record)
-        if new or fresh.state in ("queued", "failed"):
-            update = {"photos": list(fresh.photos) + new}
-            if new or fresh.state == "failed":
-                update.update(state="queued", failure_reason=None)
-            fresh = svc.store.write_manifest(fresh.model_copy(update=update))
-    if new or fresh.state == "queued":
-        # Also when nothing is new but the concept is still queued: an earlier call may have
-        # stored its photos and then failed to enqueue. A duplicate task is harmless.
-        svc.task_queue.enqueue_mining(user_id, concept_id)
+        if new or fresh.state == "failed":
+            return fresh.model_copy(update={"photos": list(fresh.photos) + new, "state": "queued",
+                                            "failure_reason": None, "lease_until": lease})
+        if reconciler.lease_lapsed(fresh):  # stuck: take the lease, enqueue its work again
+            return fresh.model_copy(update={"lease_until": lease})
+        changed = False
+        return None  # nothing new, and the concept's work is in hand (or done)
+
+    with dependencies("the object store"):
+        records = [svc.store.put_photo(user_id, concept_id, v.data, v.media_type) for v in validated]
+        fresh = svc.store.update_manifest(user_id, concept_id, add)
+    if fresh is None:
+        raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")
+    if changed:  # new photos, or a stuck concept taken over: enqueue its work
+        try:
+            reconciler.enqueue_for(svc, fresh)
+        except Unavailable:
+            reconciler.release_lease(svc, user_id, concept_id)
+            raise Unavailable("the photos are stored, but the task queue is unavailable: "
+                              "processing starts by itself once it is back (sending them "
+                              "again is harmless)") from None
     log.info("add_photos %s/%s: %d given, %d new", user_id, concept_id, len(records), len(new))
     return fresh
 

@@ -22,16 +22,15 @@ its state); anything else marks the concept ``failed`` with a reason and re-rais
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
-from personalkv.retrieval.indexing import index_concept
-from personalkv.kv.codec import encode_chunk, read_header
+from personalkv.kv.codec import ChunkFormatError, decode_chunk, encode_chunk
 from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 from personalkv.manifest import ChunkRecord, ConceptManifest
 from personalkv.retrieval.encoders import to_pil
+from personalkv.retrieval.indexing import index_concept
 from personalkv.retrieval.keys import profile_text
-from personalkv.service import mining_port
+from personalkv.service import mining_port, reconciler
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
 from personalkv.storage.base import ObjectNotFound
@@ -42,19 +41,21 @@ log = logging.getLogger(__name__)
 PROFILE_TEMPLATE = "My concept: {text}."
 
 
-def _write_state(svc, manifest: ConceptManifest, state: str, **update) -> ConceptManifest:
+def _write_state(svc, user_id: str, concept_id: str, state: str, **update) -> ConceptManifest | None:
+    """Move the concept to ``state`` (compare-and-set on the freshest manifest) with a fresh
+    lease; None when the concept no longer exists."""
+    lease = reconciler.lease_from_now(svc.settings.celery.lease_s)
     with dependencies("the object store"):
-        return svc.store.write_manifest(manifest.model_copy(update={"state": state, **update}))
+        return svc.store.update_manifest(user_id, concept_id, lambda m: m.model_copy(
+            update={"state": state, "lease_until": lease, **update}))
 
 
 def _fail(svc, user_id: str, concept_id: str, exc: BaseException) -> None:
     reason = f"{type(exc).__name__}: {exc}"[:500]
     log.error("concept %s/%s failed: %s", user_id, concept_id, reason)
     try:
-        current = svc.store.read_manifest(user_id, concept_id)
-        if current is not None:
-            svc.store.write_manifest(current.model_copy(
-                update={"state": "failed", "failure_reason": reason}), check_objects=False)
+        svc.store.update_manifest(user_id, concept_id, lambda m: m.model_copy(update={
+            "state": "failed", "failure_reason": reason, "lease_until": None}), check_objects=False)
     except Exception:  # the store may be what failed; the task's own error is what matters
         log.exception("could not record the failure of %s/%s", user_id, concept_id)
 
@@ -62,7 +63,9 @@ def _fail(svc, user_id: str, concept_id: str, exc: BaseException) -> None:
 def _run(svc, user_id: str, concept_id: str, body):
     check_ids(user_id, concept_id)
     try:
-        with dependencies("a dependency"):
+        # The lease keeper renews the concept's lease while the task works: should this
+        # process die, the reconciler sees the lease lapse and enqueues the work again.
+        with dependencies("a dependency"), reconciler.LeaseKeeper(svc, user_id, concept_id):
             return body()
     except Unavailable:
         raise
@@ -79,11 +82,10 @@ def mine_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
 
 
 def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
-    manifest = svc.store.read_manifest(user_id, concept_id)
+    manifest = _write_state(svc, user_id, concept_id, "mining", failure_reason=None)
     if manifest is None:
         log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)
         return None
-    manifest = _write_state(svc, manifest, "mining", failure_reason=None)
     mined = {p.photo_id for p in manifest.patches}
     photos = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
               for p in manifest.photos}
@@ -92,19 +94,34 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     out = mining_port.mine(manifest, todo, context=context,
                            negatives=_other_concepts_photos(svc, user_id, concept_id),
                            patches_per_photo=svc.settings.service.patches_per_photo)
-    # Merge into the freshest manifest: photos may have been added while we mined.
-    fresh = svc.store.read_manifest(user_id, concept_id)
-    if fresh is None:
+    lease = reconciler.lease_from_now(svc.settings.celery.lease_s)
+    added = 0
+    arrived: set[str] = set()
+
+    def merge(fresh: ConceptManifest) -> ConceptManifest:
+        # Into the freshest manifest: photos may have been added while we mined. If so, they
+        # need mining too: the concept stays queued (their upload enqueued mining; should that
+        # have failed, the reconciler does) rather than moving on to caching without them.
+        nonlocal added, arrived
+        photo_ids = {p.photo_id for p in fresh.photos}
+        arrived = photo_ids - set(photos)
+        known = {(p.photo_id, p.box) for p in fresh.patches}
+        new = [p for p in out.patches if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
+        added = len(new)
+        state = "queued" if arrived and fresh.state == "queued" else "caching"
+        return fresh.model_copy(update={
+            "patches": list(fresh.patches) + new, "profile": out.profile or fresh.profile,
+            "state": state, "failure_reason": None,
+            "lease_until": fresh.lease_until if state == "queued" else lease})
+
+    with dependencies("the object store"):
+        written = svc.store.update_manifest(user_id, concept_id, merge)
+    if written is None:
         return None
-    photo_ids = {p.photo_id for p in fresh.photos}
-    known = {(p.photo_id, p.box) for p in fresh.patches}
-    patches = list(fresh.patches) + [p for p in out.patches
-                                     if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
-    written = _write_state(svc, fresh, "caching", patches=patches,
-                           profile=out.profile or fresh.profile, failure_reason=None)
-    log.info("mined %s/%s: %d new photos -> %d patches (%s)", user_id, concept_id, len(todo),
-             len(patches) - len(fresh.patches), out.miner)
-    svc.task_queue.enqueue_caching(user_id, concept_id)
+    log.info("mined %s/%s: %d new photos -> %d patches (%s)%s", user_id, concept_id, len(todo),
+             added, out.miner, f"; {len(arrived)} photos arrived meanwhile" if arrived else "")
+    if written.state == "caching":
+        svc.task_queue.enqueue_caching(user_id, concept_id)
     return written
 
 
@@ -157,8 +174,12 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     quantization = svc.settings.model.chunk_quantization
     store = svc.store
     known = {c.chunk_id: c for c in manifest.chunks}
-    if manifest.state != "caching":
-        manifest = _write_state(svc, manifest, "caching", failure_reason=None)
+    if manifest.state not in ("caching", "queued", "mining"):
+        # (queued / mining: photos are waiting for mining, which enqueues caching after it;
+        # that state stays so that a lapsed lease sends the concept back to mining.)
+        manifest = _write_state(svc, user_id, concept_id, "caching", failure_reason=None)
+        if manifest is None:
+            return None
     encoded = reused = 0
 
     def chunk_for(evidence) -> ChunkRecord:
@@ -170,10 +191,17 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
             reused += 1
             return known[chunk_id].model_copy(update={"source": source})
         if store.has_chunk(user_id, concept_id, chunk_id):
-            # Stored by an earlier run that died before its manifest write: read, don't redo.
-            header = read_header(store.get_chunk(user_id, concept_id, chunk_id))
-            reused += 1
-            return _record(chunk_id, kind, source, json.loads(header["__metadata__"]["meta"]), key)
+            # Stored by an earlier run that died before its manifest write: verify, don't redo
+            # (a blob that fails verification is encoded again and overwritten).
+            try:
+                meta = decode_chunk(store.get_chunk(user_id, concept_id, chunk_id),
+                                    expected_model=fingerprint, expected_user=user_id,
+                                    expected_chunk_id=chunk_id).meta
+                reused += 1
+                return _record(chunk_id, kind, source, dataclasses.asdict(meta), key)
+            except ChunkFormatError as exc:
+                log.warning("stored chunk %s of %s/%s is unusable (%s); encoding it again",
+                            chunk_id[:12], user_id, concept_id, exc)
         chunk = encode(adapter, evidence, user_id=user_id, concept_id=concept_id)
         assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
         store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, quantization))
@@ -192,22 +220,37 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
             seen.add(record.chunk_id)
             records.append(record)
 
-    fresh = store.read_manifest(user_id, concept_id)
-    if fresh is None:
-        return None
-    if fresh.patches != manifest.patches or fresh.profile != manifest.profile:
-        # Re-mined meanwhile: the caching task that mining enqueued will finish with the
-        # chunks stored here already in place. Nothing to publish from this run.
-        log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
-                 concept_id, encoded)
-        return fresh
+    superseded = False
+
+    def unchanged(fresh: ConceptManifest) -> bool:
+        nonlocal superseded
+        superseded = fresh.patches != manifest.patches or fresh.profile != manifest.profile
+        return not superseded
+
+    def keep_state(fresh: ConceptManifest) -> str:
+        # Photos uploaded meanwhile (queued) or being mined: that state, not ours, is current.
+        return fresh.state if fresh.state in ("queued", "mining") else "caching"
+
     try:
-        staged = store.write_manifest(fresh.model_copy(update={
-            "chunks": records, "model_fingerprint": fingerprint, "state": "caching",
-            "failure_reason": None}))
+        with dependencies("the object store"):
+            staged = store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
+                update={"chunks": records, "model_fingerprint": fingerprint,
+                        "state": keep_state(fresh), "failure_reason": None})
+                if unchanged(fresh) else None)
+        if staged is None:
+            return None
+        if superseded:
+            # Re-mined meanwhile: the caching task that mining enqueued will finish with the
+            # chunks stored here already in place. Nothing to publish from this run.
+            log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
+                     concept_id, encoded)
+            return staged
         index_concept(svc.index, svc.keys, staged,
                       lambda photo_id: store.get_photo(user_id, concept_id, photo_id))
-        ready = store.write_manifest(staged.model_copy(update={"state": "ready"}))
+        with dependencies("the object store"):
+            ready = store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
+                update={"state": "ready", "lease_until": None})
+                if fresh.state == "caching" and fresh.chunks == records else None)
     except MissingObjectsError:
         if store.read_manifest(user_id, concept_id) is None:
             # Deleted while we published: take back any keys we wrote, then stop.
@@ -215,6 +258,9 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
             log.info("cache %s/%s: concept deleted meanwhile", user_id, concept_id)
             return None
         raise
+    if ready is None:  # deleted after the index write
+        svc.index.delete_concept(user_id, concept_id)
+        return None
     # Chunks the previous manifest named and this one does not (new profile, new model).
     current = {r.chunk_id for r in records}
     for stale in set(known) - current:

@@ -19,6 +19,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 from personalkv.service.errors import Unavailable
@@ -100,21 +101,59 @@ class InProcessTaskQueue(TaskQueue):
 
 
 class CeleryTaskQueue(TaskQueue):
-    def __init__(self, app):
+    """Publishes with a hard deadline (``celery.publish_timeout_s``): the broker's sockets time
+    out after it (``make_celery``) and the publish itself runs on a small pool this thread waits
+    on for at most that long, so a hung Redis (SIGSTOP, a half-open connection) costs an upload
+    a bounded wait and an ``Unavailable``, never an RPC thread for minutes. A publish that
+    timed out may still reach Redis later: tasks are idempotent, so that is harmless."""
+
+    def __init__(self, app, publish_timeout_s: float | None = None):
+        from personalkv.config import get_settings
+
         self.app = app
+        self.publish_timeout_s = publish_timeout_s or get_settings().celery.publish_timeout_s
+        self._publisher = ThreadPoolExecutor(4, thread_name_prefix="pkv-publish")
+        # After a failed publish the broker is suspect: one caller at a time probes it (and
+        # waits up to the deadline), the others fail at once instead of each waiting too.
+        self._suspect = False
+        self._probe = threading.Lock()
+
+    def _publish(self, name: str, user_id: str, concept_id: str) -> None:
+        self.app.send_task(
+            name, args=(user_id, concept_id), queue=QUEUE_OF[name], retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                          "interval_max": 0.1},
+        )
 
     def _send(self, name: str, user_id: str, concept_id: str) -> None:
+        probing = self._suspect
+        if probing and not self._probe.acquire(blocking=False):
+            raise Unavailable("the task queue is unavailable; retry later")
         try:
-            self.app.send_task(
-                name, args=(user_id, concept_id), queue=QUEUE_OF[name], retry=True,
-                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
-                              "interval_max": 2.0},
-            )
-        except Exception as exc:  # kombu OperationalError, redis ConnectionError, ...
-            raise Unavailable(f"the task queue is unavailable ({type(exc).__name__}); retry later") from exc
+            future = self._publisher.submit(self._publish, name, user_id, concept_id)
+            try:
+                future.result(timeout=self.publish_timeout_s)
+            except FutureTimeout:
+                future.cancel()
+                self._suspect = True
+                log.warning("publishing %s(%s, %s) took over %.1fs; the broker is not answering",
+                            name, user_id, concept_id, self.publish_timeout_s)
+                raise Unavailable("the task queue is not answering; retry later") from None
+            except Exception as exc:  # kombu OperationalError, redis ConnectionError, ...
+                self._suspect = True
+                log.warning("publishing %s(%s, %s) failed: %s: %s", name, user_id, concept_id,
+                            type(exc).__name__, exc)
+                raise Unavailable("the task queue is unavailable; retry later") from exc
+            self._suspect = False
+        finally:
+            if probing:
+                self._probe.release()
 
     def enqueue_mining(self, user_id: str, concept_id: str) -> None:
         self._send(TASK_MINE, user_id, concept_id)
 
     def enqueue_caching(self, user_id: str, concept_id: str) -> None:
         self._send(TASK_CACHE, user_id, concept_id)
+
+    def close(self) -> None:
+        self._publisher.shutdown(wait=False, cancel_futures=True)

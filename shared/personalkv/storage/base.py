@@ -10,6 +10,10 @@ Guarantees every backend gives:
   * `delete` and `delete_prefix` are idempotent (deleting what is gone is not an error).
   * `list` yields keys in lexicographic order.
   * An unreachable backend raises `StorageUnavailable` quickly, never hangs.
+  * `put_if` is a compare-and-set: it replaces the object only if it is still the version
+    `get_versioned` returned (or, with version None, only if there is none), else raises
+    `PreconditionFailed`; two writers that read the same version never both succeed. S3: a
+    conditional PUT (If-Match on the ETag / If-None-Match: *); local: a per-key lock file.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class ObjectNotFound(StorageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the args
         return str(self.args[0]) if self.args else "object not found"
+
+
+class PreconditionFailed(StorageError):
+    """`put_if` lost a race: the object changed (or appeared, or vanished) since it was read."""
 
 
 class StorageUnavailable(StorageError):
@@ -75,6 +83,17 @@ class ObjectStore(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes:
         """Return the bytes under `key`; raise `ObjectNotFound` if there are none."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """(bytes, version) of `key`; the version is opaque, for `put_if`. ObjectNotFound if
+        there is no object."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, version: str | None,
+               content_type: str = "application/octet-stream") -> None:
+        """Store `data` under `key` only if its current version is `version` (None: only if
+        there is no object yet); else raise PreconditionFailed. Atomic like `put`."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:

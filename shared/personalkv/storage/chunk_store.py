@@ -14,13 +14,21 @@ A concept exists exactly when its manifest exists. The manifest is written last,
 object it names (write_manifest checks they are there), and a put is atomic in every backend,
 so a reader never sees a half-written concept. Deletion removes the manifest first, so the
 concept vanishes at once, then its prefix; retrying after a crash finishes the job.
+
+Concurrent writers (uploads to one concept, its mining and caching tasks, lease renewals) go
+through `update_manifest`: read with a version, apply a change, write back with a
+compare-and-set (`ObjectStore.put_if`), and on a lost race read again and re-apply. No writer
+ever overwrites a manifest it has not seen, so no update is lost. `create_manifest` writes only
+if there is no manifest yet.
 """
 
 from __future__ import annotations
 
 import io
+import random
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from PIL import Image, UnidentifiedImageError
@@ -35,7 +43,7 @@ from personalkv.ids import (
     validate_user_id,
 )
 from personalkv.manifest import ConceptManifest, PhotoRecord
-from personalkv.storage.base import ObjectNotFound, ObjectStore, StorageError
+from personalkv.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
 from personalkv.storage.factory import open_object_store
 
 # PIL format -> (media type, file extension) of the photos we accept.
@@ -46,6 +54,7 @@ PHOTO_FORMATS = {
 }
 _EXT_BY_MEDIA_TYPE = dict(PHOTO_FORMATS.values())
 _CHUNK_KEY_RE = re.compile(r"users/([^/]+)/concepts/([^/]+)/chunks/([0-9a-f]{64})\.kv")
+_UNCONDITIONAL = object()
 
 
 class InvalidPhotoError(ValueError):
@@ -153,12 +162,49 @@ class ChunkStore:
     def write_manifest(
         self, manifest: ConceptManifest, *, check_objects: bool = True
     ) -> ConceptManifest:
-        """Publish (atomically replace) a concept's manifest; return what was stored.
+        """Publish (atomically replace) a concept's manifest unconditionally; return what was
+        stored. Only for a single writer (tools, tests): services use `update_manifest`.
 
         Refuses object keys that are not this concept's own photo/chunk keys and, with
         check_objects, keys whose objects are not stored yet (MissingObjectsError): the
         manifest must be the last thing written.
         """
+        return self._publish(manifest, check_objects, _UNCONDITIONAL)
+
+    def create_manifest(self, manifest: ConceptManifest) -> ConceptManifest:
+        """Publish a new concept's manifest; PreconditionFailed when the concept exists."""
+        return self._publish(manifest, True, None)
+
+    def update_manifest(
+        self, user_id: str, concept_id: str,
+        change: Callable[[ConceptManifest], ConceptManifest | None], *,
+        check_objects: bool = True, attempts: int = 100,
+    ) -> ConceptManifest | None:
+        """Compare-and-set read-modify-write of a concept's manifest (see module doc).
+
+        `change(current)` returns the manifest to store, or None to leave `current` as it is
+        (then `current` is returned). It may be called several times, always with the latest
+        manifest, so it must be a pure function of its argument. Returns what is stored, or
+        None when the concept does not exist (or is deleted meanwhile).
+        """
+        for attempt in range(attempts):
+            current, version = self.read_manifest_versioned(user_id, concept_id)
+            if current is None:
+                return None
+            wanted = change(current)
+            if wanted is None:
+                return current
+            try:
+                return self._publish(wanted, check_objects, version)
+            except ObjectNotFound:  # deleted between our read and write
+                return None
+            except PreconditionFailed:
+                # Another writer won; back off a little (jittered, growing) and re-apply.
+                time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** min(attempt, 6))))
+        raise StorageError(f"manifest {user_id}/{concept_id}: {attempts} concurrent updates "
+                           "in a row lost the race; giving up")
+
+    def _publish(self, manifest: ConceptManifest, check_objects: bool, version) -> ConceptManifest:
         user, concept = manifest.user_id, manifest.concept_id
         photos, chunks = manifest.photos, manifest.chunks
         expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in photos]
@@ -176,18 +222,28 @@ class ChunkStore:
                     f"e.g. {missing[0]}; write blobs before the manifest"
                 )
         stored = manifest.model_copy(update={"updated_at": datetime.now(timezone.utc)})
-        self.objects.put(self.manifest_key(user, concept), stored.to_json(), "application/json")
+        key = self.manifest_key(user, concept)
+        if version is _UNCONDITIONAL:
+            self.objects.put(key, stored.to_json(), "application/json")
+        else:
+            self.objects.put_if(key, stored.to_json(), version, "application/json")
         return stored
 
     def read_manifest(self, user_id: str, concept_id: str) -> ConceptManifest | None:
+        return self.read_manifest_versioned(user_id, concept_id)[0]
+
+    def read_manifest_versioned(
+        self, user_id: str, concept_id: str
+    ) -> tuple[ConceptManifest | None, str | None]:
+        """(manifest, its version for a compare-and-set), or (None, None) when none exists."""
         try:
-            data = self.objects.get(self.manifest_key(user_id, concept_id))
+            data, version = self.objects.get_versioned(self.manifest_key(user_id, concept_id))
         except ObjectNotFound:
-            return None
+            return None, None
         manifest = ConceptManifest.from_json(data)
         if (manifest.user_id, manifest.concept_id) != (user_id, concept_id):
             raise StorageError(f"manifest at {user_id}/{concept_id} belongs to another concept")
-        return manifest
+        return manifest, version
 
     def list_concepts(self, user_id: str) -> list[str]:
         """Concepts of `user_id` that have a manifest (i.e. exist), sorted."""

@@ -5,13 +5,22 @@ is the file `<root>/a/b/c`. Writes go to a hidden temp file in the same director
 fsynced, then `os.replace`d over the target, so readers see old or new bytes, never a torn
 file. Keys are validated by `check_key` and the resolved path is re-checked to lie inside the
 root, so neither `..` nor a symlink planted in the tree can make a key escape it.
+
+Compare-and-set (`put_if`): the version of an object is the sha256 of its bytes; a conditional
+write holds an exclusive `flock` on a lock file for the key (under `<root>/.locks/`, outside
+every listing) while it compares and replaces, so writers in any process on this machine are
+serialized. (flock is advisory and local: the directory must not be shared over NFS by
+several machines; use S3 for that.)
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import secrets
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,12 +28,18 @@ from personalkv.ids import InvalidIdError
 from personalkv.storage.base import (
     ObjectNotFound,
     ObjectStore,
+    PreconditionFailed,
     StorageError,
     check_key,
     check_prefix,
 )
 
 _TMP_PREFIX = ".tmp-"  # check_key refuses segments starting with ".", so never a key
+_LOCK_DIR = ".locks"  # likewise never a key, and list() skips dot directories
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalObjectStore(ObjectStore):
@@ -69,6 +84,37 @@ class LocalObjectStore(ObjectStore):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    @contextmanager
+    def _locked(self, key: str):
+        locks = self.root / _LOCK_DIR
+        locks.mkdir(exist_ok=True)
+        # One lock file per key, named by its hash: keys may be longer than a file name.
+        with open(locks / hashlib.sha256(key.encode()).hexdigest()[:40], "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get(key)
+        return data, _version(data)
+
+    def put_if(self, key: str, data: bytes, version: str | None,
+               content_type: str = "application/octet-stream") -> None:
+        self._path(key)  # validate before taking the lock
+        with self._locked(key):
+            try:
+                current = _version(self.get(key))
+            except ObjectNotFound:
+                current = None
+            if current is None and version is not None:  # as S3 answers If-Match on no object
+                raise ObjectNotFound(f"no object {key!r} in {self.url}")
+            if current != version:
+                state = "exists" if version is None else "changed since it was read"
+                raise PreconditionFailed(f"object {key!r} {state}")
+            self.put(key, data, content_type)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

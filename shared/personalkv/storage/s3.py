@@ -9,6 +9,11 @@ a dead endpoint holds a worker and the caller's deadline. So the urllib3 pool ge
 connect timeout and few retries, and every transport error becomes `StorageUnavailable`
 naming the endpoint. The bucket is created on first use, not in the constructor, so building
 a store (e.g. at service start) never touches the network.
+
+Compare-and-set (`put_if`) is S3's conditional write: PUT with `If-Match: <ETag>` (or
+`If-None-Match: *` to create), answered 412 PreconditionFailed (409 ConditionalRequestConflict
+while another conditional write to the key is in flight) when another writer got there first.
+AWS S3, MinIO (>= 2024) and moto support it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from personalkv.ids import InvalidIdError
 from personalkv.storage.base import (
     ObjectNotFound,
     ObjectStore,
+    PreconditionFailed,
     StorageError,
     StorageUnavailable,
     check_key,
@@ -40,6 +46,7 @@ from personalkv.storage.base import (
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "ResourceNotFound"}
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _DELETE_BATCH = 1000  # S3 DeleteObjects limit
 
 
@@ -54,8 +61,8 @@ class S3ObjectStore(ObjectStore):
         secure: bool = False,
         region: str = "us-east-1",
         connect_timeout_s: float = 2.0,
-        read_timeout_s: float = 30.0,
-        retries: int = 2,
+        read_timeout_s: float = 10.0,
+        retries: int = 1,
         cert_check: bool = True,
     ) -> None:
         if _BUCKET_RE.fullmatch(bucket) is None:
@@ -97,6 +104,8 @@ class S3ObjectStore(ObjectStore):
         except S3Error as exc:
             if exc.code in _NOT_FOUND_CODES:
                 raise ObjectNotFound(f"{what}: not found in {self.url}") from None
+            if exc.code in _CONFLICT_CODES:
+                raise PreconditionFailed(f"{what}: {exc.code}") from None
             raise StorageError(f"{what} failed on {self.url}: {exc.code}: {exc.message}") from exc
         except ServerError as exc:
             raise StorageUnavailable(f"{what}: S3 server error on {self.url}: {exc}") from exc
@@ -140,6 +149,28 @@ class S3ObjectStore(ObjectStore):
             finally:
                 response.close()
                 response.release_conn()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        check_key(key)
+        self._ensure_bucket()
+        with self._errors(f"get {key}"):
+            response = self._client.get_object(self.bucket, key)
+            try:
+                return response.read(), response.headers.get("ETag", "").strip('"')
+            finally:
+                response.close()
+                response.release_conn()
+
+    def put_if(self, key: str, data: bytes, version: str | None,
+               content_type: str = "application/octet-stream") -> None:
+        check_key(key)
+        self._ensure_bucket()
+        condition = {"If-None-Match": "*"} if version is None else {"If-Match": f'"{version}"'}
+        with self._errors(f"conditional put {key}"):
+            # minio's public put_object takes no request headers; _put_object is the single
+            # PUT it wraps (the same call, plus our precondition).
+            self._client._put_object(self.bucket, key, data,
+                                     headers={"Content-Type": content_type, **condition})
 
     def exists(self, key: str) -> bool:
         check_key(key)

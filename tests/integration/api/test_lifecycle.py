@@ -25,18 +25,26 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(api):
     def long_ask():
         try:
             outcome["reply"] = client.ask("tell me a long story", max_new_tokens=120, timeout_s=60)
+            outcome["replied_at"] = time.monotonic()
         except grpc.RpcError as err:
             outcome["error"] = err
+
+    def stop():
+        outcome["stop_at"] = time.monotonic()
+        server.stop()
 
     caller = threading.Thread(target=long_ask)
     caller.start()
     time.sleep(0.5)  # the Ask is generating
-    stopper = threading.Thread(target=server.stop)
+    stopper = threading.Thread(target=stop)
     stopper.start()
     caller.join(60)
     stopper.join(60)
     assert "reply" in outcome, outcome.get("error")
-    assert outcome["reply"].answer is not None
+    # The call was still in flight when the stop began, and it ran to its end.
+    assert outcome["replied_at"] > outcome["stop_at"]
+    timings = outcome["reply"].timings
+    assert timings.decode_ms > 0 and timings.total_ms >= timings.decode_ms
     code, _ = status_of(lambda: client.ask("after the stop", max_new_tokens=1, timeout_s=5))
     assert code == grpc.StatusCode.UNAVAILABLE
     client.close()

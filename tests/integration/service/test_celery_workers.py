@@ -102,6 +102,29 @@ def _chunk_files(objects: Path) -> dict[str, tuple[int, int]]:
     return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.kv")}
 
 
+def kill_worker_mid_caching(svc, env, objects: Path, log: Path, timeout_s: float = 180) -> dict:
+    """Start a worker on the concept's enqueued work and SIGKILL its whole process group (the
+    worker and its pool child, at once) when caching has stored some but not all chunks;
+    returns the chunk files there at the kill."""
+    from personalkv.service import concepts
+
+    first = _start_worker(env, log)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            files = _chunk_files(objects)
+            mined = concepts.get_concept(svc, USER, CONCEPT)
+            if mined.state == "caching" and 1 <= len(files) < 1 + len(mined.patches):
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(timeout=10)
+                return _chunk_files(objects)
+            assert first.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.01)
+        pytest.fail("caching never started:\n" + log.read_text()[-3000:])
+    finally:
+        _stop(first, signal.SIGKILL)
+
+
 def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
     from personalkv.service import concepts
     from personalkv.service.bootstrap import bootstrap
@@ -113,27 +136,10 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
     objects = tmp_path / "objects"
     log = tmp_path / "worker.log"
 
-    first = _start_worker(stack_env, log)
-    try:
-        deadline = time.monotonic() + 120
-        before: dict = {}
-        while time.monotonic() < deadline:
-            files = _chunk_files(objects)
-            mined = concepts.get_concept(svc, USER, CONCEPT)
-            expected_chunks = 1 + len(mined.patches)
-            if mined.state == "caching" and 1 <= len(files) < expected_chunks:
-                os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool child, at once
-                first.wait(timeout=10)
-                before = _chunk_files(objects)
-                break
-            assert first.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.01)
-        else:
-            pytest.fail("caching never started:\n" + log.read_text()[-3000:])
-    finally:
-        _stop(first, signal.SIGKILL)
+    before = kill_worker_mid_caching(svc, stack_env, objects, log)
     killed_state = concepts.get_concept(svc, USER, CONCEPT)
     assert killed_state.state == "caching", killed_state.state
+    expected_chunks = 1 + len(killed_state.patches)
     assert 1 <= len(before) < expected_chunks
 
     second = _start_worker(stack_env, log)

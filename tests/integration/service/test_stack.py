@@ -39,6 +39,12 @@ def test_up_ingest_ask_down(tmp_path, photo_of_stack):
         assert {"redis", "s3", "milvus", "milvus-server", "worker-mining", "worker-caching",
                 "ingestion", "answering"} <= set(pids)
         env = {**base, **_env_file(stack_dir / "env")}
+        # A token secret of this stack's own, not the public development default, owner-only.
+        from personalkv.config import AuthSettings
+
+        secret = env["PERSONALKV_AUTH_SECRET"]
+        assert secret != AuthSettings().secret.get_secret_value() and len(secret) >= 32
+        assert (stack_dir / "env").stat().st_mode & 0o077 == 0
         photos = tmp_path / "photos"
         photos.mkdir()
         for k in range(2):

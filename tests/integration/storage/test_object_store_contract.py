@@ -117,3 +117,47 @@ def test_concurrent_readers_never_see_a_torn_object(object_store):
     stop.set()
     reader.join()
     assert seen <= {old, new}
+
+
+# -- compare-and-set ---------------------------------------------------------------------------
+def test_put_if_is_compare_and_set(object_store):
+    from personalkv.storage.base import PreconditionFailed
+
+    object_store.put_if("m/x", b"v1", None)  # create-only
+    with pytest.raises(PreconditionFailed):
+        object_store.put_if("m/x", b"again", None)
+    data, version = object_store.get_versioned("m/x")
+    assert data == b"v1"
+    object_store.put_if("m/x", b"v2", version)
+    with pytest.raises(PreconditionFailed):  # a writer that read v1 cannot overwrite v2
+        object_store.put_if("m/x", b"stale", version)
+    assert object_store.get("m/x") == b"v2"
+    with pytest.raises(ObjectNotFound):  # the object it read is gone
+        object_store.put_if("m/none", b"x", version)
+    assert list(object_store.list("")) == ["m/x"]  # no lock or temp file became a key
+
+
+def test_concurrent_compare_and_set_loses_no_update(object_store):
+    """12 threads x 5 read-increment-write cycles on one object: every increment lands."""
+    from personalkv.storage.base import PreconditionFailed
+
+    object_store.put("counter/n", b"0")
+    start = threading.Barrier(12)
+
+    def bump():
+        start.wait()
+        for _ in range(5):
+            while True:
+                data, version = object_store.get_versioned("counter/n")
+                try:
+                    object_store.put_if("counter/n", str(int(data) + 1).encode(), version)
+                    break
+                except PreconditionFailed:
+                    continue
+
+    threads = [threading.Thread(target=bump) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert object_store.get("counter/n") == b"60"

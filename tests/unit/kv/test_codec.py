@@ -1,4 +1,6 @@
-"""KV chunk codec: bit-exact round trip, int8 error bound, and every kind of bad blob refused."""
+"""KV chunk codec: bit-exact round trip, int8 error bound, and every kind of bad blob refused:
+each header field edited (checksum mismatch), and each invariant broken in a blob whose
+checksum was recomputed (as a forger would), raises a ChunkFormatError."""
 
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ def synthetic_chunk(dtype=torch.float32, tokens=7, layers=3, with_image=True, se
     gen = torch.Generator().manual_seed(seed)
     meta = ChunkMeta(
         model_fingerprint="f" * 64, user_id="alice", concept_id="bo", kind="image_patch",
-        content_hash="a" * 64, token_count=tokens, start_position=20, position_extent=25,
+        content_hash="a" * 64, token_count=tokens, start_position=20,
+        position_extent=min(20 + tokens, 25),
         num_layers=layers, dtype=str(dtype).removeprefix("torch."), position_axes=3,
         framing="b" * 64, source="patch:0",
     )
     keys = [(torch.randn(2, tokens, 16, generator=gen) * 3).to(dtype) for _ in range(layers)]
     values = [torch.randn(2, tokens, 16, generator=gen).to(dtype) for _ in range(layers)]
-    positions = torch.arange(20, 20 + tokens).expand(3, -1).clone()
+    # M-RoPE-like: the last tokens share a position, so the extent (25) < start + tokens (27).
+    positions = torch.tensor([min(20 + i, 24) for i in range(tokens)]).expand(3, -1).clone()
     return KVChunk(
         meta=meta, keys=keys, values=values, positions=positions,
         token_ids=torch.arange(tokens), image_embeds=torch.randn(4, 32, generator=gen).to(dtype) if with_image else None,
@@ -140,3 +144,147 @@ def test_error_classes_are_distinct():
     kinds = {TruncatedChunkError, CorruptChunkError, ChunkVersionError, ChunkModelMismatchError}
     assert all(issubclass(k, codec.ChunkFormatError) for k in kinds)
     assert len(kinds) == 4
+
+
+# -- tamper evidence: every header field is covered by the checksum --------------------------
+def _header(blob: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
+
+
+def _with_metadata(blob: bytes, metadata: dict, *, resign: bool) -> bytes:
+    """`blob` with its safetensors metadata replaced; `resign` recomputes the checksum the way
+    a forger with the codec would, so that only the decode invariants can catch the edit."""
+    header, data = _header(blob)
+    metadata = dict(metadata)
+    if resign:
+        from safetensors.torch import load as st_load
+
+        metadata["checksum"] = codec._checksum(metadata, st_load(blob))
+    header["__metadata__"] = metadata
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((8 - len(encoded) % 8) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+def _edit_meta(blob: bytes, resign: bool, **changes) -> bytes:
+    metadata = _header(blob)[0]["__metadata__"]
+    meta = json.loads(metadata["meta"])
+    meta.update(changes)
+    return _with_metadata(blob, {**metadata, "meta": json.dumps(meta, sort_keys=True)}, resign=resign)
+
+
+_META_EDITS = {
+    "model_fingerprint": "e" * 64, "user_id": "mallory", "concept_id": "other",
+    "kind": "profile_text", "content_hash": "c" * 64, "token_count": 6, "start_position": 21,
+    "position_extent": 26, "num_layers": 2, "dtype": "float16", "position_axes": 1,
+    "framing": "d" * 64, "source": "patch:1",
+}
+
+
+def test_every_meta_field_is_edited_in_the_test():
+    assert set(_META_EDITS) == {f.name for f in dataclasses.fields(ChunkMeta)}
+
+
+@pytest.mark.parametrize("field", sorted(_META_EDITS))
+def test_editing_any_meta_field_breaks_the_checksum(field):
+    blob = encode_chunk(synthetic_chunk())
+    with pytest.raises(CorruptChunkError, match="checksum mismatch"):
+        decode_chunk(_edit_meta(blob, False, **{field: _META_EDITS[field]}))
+
+
+@pytest.mark.parametrize("key,value", [("quantization", "int8"), ("quantization", "int4"),
+                                       ("format", "personalkv.kvchunk "), ("extra", "x")])
+def test_editing_any_other_metadata_entry_is_refused(key, value):
+    blob = encode_chunk(synthetic_chunk())
+    metadata = {**_header(blob)[0]["__metadata__"], key: value}
+    with pytest.raises(codec.ChunkFormatError):
+        decode_chunk(_with_metadata(blob, metadata, resign=False))
+
+
+# A forger who recomputes the checksum still meets the invariants placement relies on.
+@pytest.mark.parametrize("changes,message", [
+    ({"start_position": 21}, "positions span"),
+    ({"position_extent": 30}, "positions span"),
+    ({"position_extent": 19}, "position_extent 19 <= start_position"),
+    ({"token_count": 6}, r"expected int32 \(3, 6\)"),
+    ({"num_layers": 4}, "tensors do not match 4 layers"),
+    ({"num_layers": 2}, "tensors do not match 2 layers"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"dtype": "float16"}, "expected 3-d torch.float16"),
+    ({"dtype": "complex64"}, "dtype 'complex64'"),
+    ({"kind": "video"}, "kind 'video'"),
+    ({"position_axes": 1}, "positions"),
+    ({"position_axes": 2}, "position_axes 2"),
+    ({"token_count": "7"}, "not an int"),
+    ({"start_position": True}, "not an int"),
+    ({"user_id": "../bob"}, "user id"),
+    ({"content_hash": "xyz"}, "content_hash is not a sha256"),
+])
+def test_resigned_header_that_breaks_an_invariant_is_refused(changes, message):
+    blob = _edit_meta(encode_chunk(synthetic_chunk()), True, **changes)
+    with pytest.raises(CorruptChunkError, match=message):
+        decode_chunk(blob)
+
+
+def test_resigned_unknown_quantization_is_refused_not_read_as_none():
+    blob = encode_chunk(synthetic_chunk())
+    metadata = {**_header(blob)[0]["__metadata__"], "quantization": "int4"}
+    with pytest.raises(CorruptChunkError, match="unknown quantization 'int4'"):
+        decode_chunk(_with_metadata(blob, metadata, resign=True))
+
+
+def test_resigned_int8_label_on_float_tensors_is_refused():
+    blob = encode_chunk(synthetic_chunk())
+    metadata = {**_header(blob)[0]["__metadata__"], "quantization": "int8"}
+    with pytest.raises(CorruptChunkError, match="tensors do not match"):
+        decode_chunk(_with_metadata(blob, metadata, resign=True))
+
+
+def test_owner_and_id_are_checked_against_where_the_blob_was_found():
+    blob = encode_chunk(synthetic_chunk())
+    assert decode_chunk(blob, expected_user="alice", expected_chunk_id="a" * 64).meta.user_id == "alice"
+    with pytest.raises(CorruptChunkError, match="another user"):
+        decode_chunk(blob, expected_user="bob")
+    with pytest.raises(CorruptChunkError, match="stored as"):
+        decode_chunk(blob, expected_chunk_id="b" * 64)
+    forged = _edit_meta(blob, True, user_id="bob")  # re-signed, but found under alice's key
+    with pytest.raises(CorruptChunkError, match="another user"):
+        decode_chunk(forged, expected_user="alice")
+
+
+def test_version_1_blob_is_refused_with_a_recache_hint():
+    blob = encode_chunk(synthetic_chunk())
+    metadata = {**_header(blob)[0]["__metadata__"], "version": "1"}
+    with pytest.raises(ChunkVersionError, match="personalkv recache"):
+        decode_chunk(_with_metadata(blob, metadata, resign=True))
+
+
+def test_format_version_is_part_of_the_chunk_id():
+    from personalkv.kv import chunk as chunk_module
+
+    args = dict(model_fingerprint="f" * 64, framing="b" * 64, user_id="alice",
+                concept_id="bo", kind="profile_text", content=b"x")
+    now = chunk_module.chunk_content_hash(**args)
+    saved = chunk_module.CHUNK_FORMAT_VERSION
+    try:
+        chunk_module.CHUNK_FORMAT_VERSION = saved - 1
+        assert chunk_module.chunk_content_hash(**args) != now
+    finally:
+        chunk_module.CHUNK_FORMAT_VERSION = saved
+
+
+@pytest.mark.parametrize("mutate", ["swap_tensor_shape", "bad_offsets", "non_string_metadata"])
+def test_structurally_broken_headers_raise_chunk_format_errors(mutate):
+    blob = encode_chunk(synthetic_chunk())
+    header, data = _header(blob)
+    if mutate == "swap_tensor_shape":
+        header["k.0"]["shape"] = list(reversed(header["k.0"]["shape"]))
+    elif mutate == "bad_offsets":
+        header["k.0"].pop("data_offsets")
+    else:
+        header["__metadata__"]["version"] = 2
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((8 - len(encoded) % 8) % 8)
+    with pytest.raises(codec.ChunkFormatError):
+        decode_chunk(struct.pack("<Q", len(encoded)) + encoded + data)

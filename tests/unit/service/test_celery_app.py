@@ -34,3 +34,43 @@ def test_enqueue_with_the_broker_down_is_unavailable():
     app.conf.broker_connection_timeout = 0.5
     with pytest.raises(Unavailable, match="task queue"):
         CeleryTaskQueue(app).enqueue_mining("alice", "mug")
+
+
+def test_enqueue_to_a_broker_that_never_answers_fails_within_the_publish_deadline():
+    """A listening socket that never replies (as a SIGSTOPped redis-server: the kernel accepts
+    the connection, nobody reads): the publish gives up after publish_timeout_s, and while the
+    broker is suspect, other callers fail at once instead of each waiting too."""
+    import socket
+    import threading
+    import time
+
+    import pytest
+    from personalkv.config import CelerySettings
+    from personalkv.service.celery_app import make_celery
+    from personalkv.service.task_queue import CeleryTaskQueue
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        settings = CelerySettings(broker_url=f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+                                  publish_timeout_s=1.0)
+        queue = CeleryTaskQueue(make_celery(settings), publish_timeout_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="not answering"):
+            queue.enqueue_mining("alice", "mug")
+        first = time.monotonic() - start
+        assert 0.9 <= first < 3.0  # the deadline, with room for a busy machine
+        # A probe is in flight in another thread: this caller does not wait for it.
+        probe = threading.Thread(target=lambda: pytest.raises(Unavailable, queue.enqueue_mining,
+                                                              "alice", "mug"))
+        probe.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        with pytest.raises(Unavailable):
+            queue.enqueue_caching("alice", "mug")
+        assert time.monotonic() - start < 0.5
+        probe.join(10)
+        queue.close()
+    finally:
+        silent.close()

@@ -11,7 +11,8 @@ BACKEND_CLASSES = {
     "file": "personalkv.storage.local:LocalObjectStore",
     "s3": "personalkv.storage.s3:S3ObjectStore",
 }
-INTERFACE = ["put", "get", "exists", "delete", "list", "list_children", "delete_prefix", "close"]
+INTERFACE = ["put", "get", "exists", "delete", "list", "list_children", "delete_prefix", "close",
+             "get_versioned", "put_if"]
 
 
 def load(path: str) -> type:

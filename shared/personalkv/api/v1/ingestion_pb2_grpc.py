@@ -84,7 +84,9 @@ class IngestionServiceServicer:
         the header naming the concept; then each photo is sent as one or more PhotoChunk
         messages, the last with end_of_photo set. All photos are validated before any is stored;
         one bad photo refuses the whole upload. On success the concept is queued for mining and
-        caching; adding photos to a READY concept only computes the chunks that are new.
+        caching; adding photos to a READY concept only computes the chunks that are new. Sending
+        photos (even known ones) to a concept whose processing stalled (its worker died) starts
+        it again; the server also does so by itself within minutes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

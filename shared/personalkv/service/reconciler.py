@@ -1,0 +1,180 @@
+"""Leases on a concept's background work, and the reconciler that re-enqueues lapsed ones.
+
+A concept in ``queued``, ``mining`` or ``caching`` carries ``lease_until`` in its manifest: until
+then its work is known to be in hand. Who sets it:
+
+* ``concepts.add_photos`` (and the reconciler) when they enqueue: ``queued_lease_s`` ahead, the
+  time a message may wait in the broker; if the publish fails, the lease is cleared so that the
+  work is due at once;
+* the pipeline when a worker starts mining or caching (``lease_s`` ahead), and a ``LeaseKeeper``
+  thread that renews it every ``lease_s / 3`` while the task runs.
+
+A worker that dies (SIGKILL, node loss, OOM) stops renewing; ``lease_s`` later the concept is
+due. ``reconcile`` finds due concepts, claims each one with a compare-and-set manifest update
+(the lease moves ``queued_lease_s`` ahead, so of several reconcilers exactly one enqueues it) and
+enqueues the task its state needs (queued, mining -> mining; caching -> caching). Tasks are
+idempotent by content, so a duplicate (the broker redelivering the dead worker's message after
+its visibility timeout) costs time, not data. A ``Reconciler`` thread runs a pass on start and
+every ``reconcile_interval_s`` in every worker process and in the ingestion server, so a stuck
+concept finishes within about lease_s + reconcile_interval_s + the task's own time, however
+long the broker's visibility timeout is.
+
+A pass lists every user's manifests: one LIST per user and a GET per concept. That is fine for
+thousands of concepts per interval; beyond that, keep a work ledger instead of scanning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta, timezone
+
+from personalkv.manifest import ConceptManifest
+from personalkv.service.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("queued", "mining", "caching")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def lease_lapsed(manifest: ConceptManifest, now: datetime | None = None) -> bool:
+    """Whether the concept waits for work that nobody has in hand (no lease, or lease past)."""
+    if manifest.state not in ACTIVE_STATES:
+        return False
+    return manifest.lease_until is None or manifest.lease_until <= (now or utcnow())
+
+
+def lease_from_now(seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def enqueue_for(svc, manifest: ConceptManifest) -> str:
+    """Enqueue the task the concept's state needs; returns its queue name."""
+    if manifest.state == "caching":
+        svc.task_queue.enqueue_caching(manifest.user_id, manifest.concept_id)
+        return "caching"
+    svc.task_queue.enqueue_mining(manifest.user_id, manifest.concept_id)
+    return "mining"
+
+
+def release_lease(svc, user_id: str, concept_id: str) -> None:
+    """Best effort, after a failed enqueue: clear the lease so the next reconciler pass
+    enqueues the concept (nothing else would, as no message is in the broker)."""
+    try:
+        svc.store.update_manifest(
+            user_id, concept_id,
+            lambda m: m.model_copy(update={"lease_until": None}) if m.state in ACTIVE_STATES else None,
+            check_objects=False)
+    except Exception:  # the store may be down too; an expired lease lapses by itself
+        log.warning("could not release the lease of %s/%s", user_id, concept_id, exc_info=True)
+
+
+def claim_and_enqueue(svc, user_id: str, concept_id: str) -> str | None:
+    """If the concept's lease lapsed, take it (compare-and-set) and enqueue its task; returns
+    the queue, or None when there was nothing to do (or another reconciler took it)."""
+    claimed = False
+
+    def claim(m: ConceptManifest):
+        nonlocal claimed
+        claimed = lease_lapsed(m)
+        if not claimed:
+            return None
+        return m.model_copy(update={"lease_until": lease_from_now(svc.settings.celery.queued_lease_s)})
+
+    manifest = svc.store.update_manifest(user_id, concept_id, claim, check_objects=False)
+    if manifest is None or not claimed:
+        return None
+    try:
+        return enqueue_for(svc, manifest)
+    except Unavailable:
+        release_lease(svc, user_id, concept_id)
+        raise
+
+
+def reconcile(svc) -> list[tuple[str, str, str]]:
+    """One pass over every concept: enqueue those whose lease lapsed. Returns (user, concept,
+    queue) of each concept enqueued. Stops at the first Unavailable (the broker or the store is
+    down: the next pass tries again)."""
+    done = []
+    now = utcnow()
+    for user_id in svc.store.list_users():
+        for concept_id in svc.store.list_concepts(user_id):
+            manifest = svc.store.read_manifest(user_id, concept_id)
+            if manifest is None or not lease_lapsed(manifest, now):
+                continue
+            queue = claim_and_enqueue(svc, user_id, concept_id)
+            if queue is not None:
+                log.warning("concept %s/%s was %s with its lease lapsed; enqueued %s again",
+                            user_id, concept_id, manifest.state, queue)
+                done.append((user_id, concept_id, queue))
+    return done
+
+
+class Reconciler:
+    """A daemon thread running ``reconcile`` at start and every ``interval_s`` seconds."""
+
+    def __init__(self, svc, interval_s: float | None = None) -> None:
+        self.svc = svc
+        self.interval_s = svc.settings.celery.reconcile_interval_s if interval_s is None else interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Reconciler:
+        if self.interval_s > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pkv-reconciler", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reconcile(self.svc)
+            except Exception as exc:  # a dependency is down: try again next interval
+                log.warning("reconciler pass failed: %s: %s", type(exc).__name__, exc)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class LeaseKeeper:
+    """Renews a concept's lease every ``lease_s / 3`` while a task works on it (context manager).
+    It only moves ``lease_until`` forward and only while the concept is in an active state."""
+
+    def __init__(self, svc, user_id: str, concept_id: str) -> None:
+        self.svc, self.user_id, self.concept_id = svc, user_id, concept_id
+        self.lease_s = svc.settings.celery.lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pkv-lease", daemon=True)
+
+    def renew(self) -> None:
+        until = lease_from_now(self.lease_s)
+
+        def extend(m: ConceptManifest):
+            if m.state not in ACTIVE_STATES or (m.lease_until and m.lease_until >= until):
+                return None
+            return m.model_copy(update={"lease_until": until})
+
+        self.svc.store.update_manifest(self.user_id, self.concept_id, extend, check_objects=False)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew()
+            except Exception as exc:  # next renewal may succeed; the lease has slack for two
+                log.warning("could not renew the lease of %s/%s: %s", self.user_id,
+                            self.concept_id, exc)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,81 @@
+"""Leases and the reconciler, in embedded mode (local store, milvus-lite, tiny Qwen2-VL, tasks
+inline): a concept whose worker died (state mining/caching, lease lapsed) is enqueued again by a
+reconciler pass or by re-uploading a photo it already has; a live lease is left alone; a
+claimed concept is enqueued once; the lease keeper moves the lease forward while a task runs."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from personalkv.service import concepts, reconciler
+
+BLUE = (30, 60, 200)
+
+
+def _stuck(svc, photo_of, concept: str, state: str, lapsed: bool = True):
+    """A concept left in `state` by a worker that died: photos stored, lease lapsed (or not)."""
+    concepts.create_concept(svc, "alice", concept, "Bobo", "mug", "blue mug")
+    record = svc.store.put_photo("alice", concept, photo_of(BLUE, 1))
+    lease = reconciler.utcnow() + timedelta(seconds=-5 if lapsed else 600)
+    m = concepts.get_concept(svc, "alice", concept)
+    svc.store.write_manifest(m.model_copy(update={"state": state, "photos": [record],
+                                                  "lease_until": lease}))
+    return record
+
+
+def test_a_reconciler_pass_finishes_lapsed_concepts_and_leaves_live_ones(svc, photo_of):
+    _stuck(svc, photo_of, "mined", "mining")
+    _stuck(svc, photo_of, "busy", "mining", lapsed=False)  # a live worker has it
+    assert reconciler.lease_lapsed(concepts.get_concept(svc, "alice", "mined"))
+    done = reconciler.reconcile(svc)  # the synchronous queue runs the work inline
+    assert done == [("alice", "mined", "mining")]
+    assert concepts.get_concept(svc, "alice", "mined").state == "ready"
+    busy = concepts.get_concept(svc, "alice", "busy")
+    assert busy.state == "mining" and not reconciler.lease_lapsed(busy)
+    assert reconciler.reconcile(svc) == []  # nothing lapsed any more
+
+
+def test_a_claimed_concept_is_enqueued_once(svc, photo_of):
+    _stuck(svc, photo_of, "mug", "queued")
+
+    class Counting(type(svc.task_queue)):
+        calls = 0
+
+        def enqueue_mining(self, user_id, concept_id):
+            Counting.calls += 1
+
+    svc.task_queue = Counting(synchronous=True)
+    svc.task_queue.bind(svc)
+    assert reconciler.claim_and_enqueue(svc, "alice", "mug") == "mining"
+    assert reconciler.claim_and_enqueue(svc, "alice", "mug") is None  # the lease is taken
+    assert Counting.calls == 1
+
+
+def test_reuploading_a_known_photo_to_a_stuck_concept_restarts_it(svc, photo_of):
+    _stuck(svc, photo_of, "mug", "caching")
+    m = concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])  # the same photo again
+    assert len(m.photos) == 1
+    assert concepts.get_concept(svc, "alice", "mug").state == "ready"
+
+
+def test_reuploading_to_a_concept_whose_work_is_in_hand_enqueues_nothing(svc, photo_of):
+    _stuck(svc, photo_of, "mug", "caching", lapsed=False)
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])
+    assert concepts.get_concept(svc, "alice", "mug").state == "caching"
+
+
+def test_the_lease_keeper_renews_while_a_task_runs(svc, photo_of):
+    _stuck(svc, photo_of, "mug", "mining", lapsed=False)
+    svc.settings = svc.settings.model_copy(update={"celery": svc.settings.celery.model_copy(
+        update={"lease_s": 0.6})})
+    before = concepts.get_concept(svc, "alice", "mug").lease_until
+    with reconciler.LeaseKeeper(svc, "alice", "mug"):
+        time.sleep(1.0)  # two renewals at lease_s / 3
+    after = concepts.get_concept(svc, "alice", "mug")
+    # The 600 s lease is already further out than now + 0.6 s: renewal never moves it back.
+    assert after.lease_until == before
+    svc.store.write_manifest(after.model_copy(update={"lease_until": reconciler.utcnow()}))
+    with reconciler.LeaseKeeper(svc, "alice", "mug"):
+        time.sleep(1.0)
+        assert not reconciler.lease_lapsed(concepts.get_concept(svc, "alice", "mug"))
