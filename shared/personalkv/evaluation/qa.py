@@ -525,6 +525,7 @@ def write_png(report: dict, path: Path) -> Path:
     def curve_panel(x0, y0, x1, y1, key, title, log_scale, ks):
         panel(x0, y0, x1, y1, title)
         values = [r[key] for (kk, _), pts in curves.items() if kk in ks for _, r in pts if key in r]
+        values += [rows[f"prompt{kk}"][key] for kk in ks if key in rows.get(f"prompt{kk}", {})]
         if not values:
             return
         floor = 1e-12
@@ -550,15 +551,15 @@ def write_png(report: dict, path: Path) -> Path:
             for kk in ks:
                 prompt = rows.get(f"prompt{kk}")
                 if prompt:
-                    y = py(prompt["ttft_ms_median"]) if lo <= tr(prompt["ttft_ms_median"]) <= hi else y0 + 2
+                    y = py(prompt["ttft_ms_median"])
                     draw.line((x0, y, x1, y), fill=(120, 120, 120))
                     draw.text((x0 + 40, y - 14), f"prompt{kk} {prompt['ttft_ms_median']:.0f} ms", fill=(90, 90, 90))
 
     ks = sorted({kk for kk, _ in curves})
     curve_panel(680, 40, 1080, 520, "kl_mean", "placed-k KL(prompt || placed) mean over r "
                 "(log; red: deviation, blue: first)", True, ks[:1])
-    curve_panel(1100, 40, 1480, 520, "ttft_ms_median", "TTFT ms over r (thick: k=%s, thin: k=%s)"
-                % (ks[0] if ks else "-", ks[-1] if ks else "-"), False, ks)
+    curve_panel(1100, 40, 1480, 520, "ttft_ms_median", "TTFT ms over r (log; thick: k=%s, thin: k=%s)"
+                % (ks[0] if ks else "-", ks[-1] if ks else "-"), True, ks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
