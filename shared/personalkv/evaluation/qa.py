@@ -522,13 +522,14 @@ def write_png(report: dict, path: Path) -> Path:
                 if r["recompute_ratio"] in (0.0, 1.0) or r["recompute_strategy"] == strategy:
                     curves.setdefault((r["k"], strategy), []).append((r["recompute_ratio"], r))
 
-    def curve_panel(x0, y0, x1, y1, key, title, log_scale, ks):
+    def curve_panel(x0, y0, x1, y1, key, title, log_scale, ks, floor=1e-12):
+        """Points below ``floor`` (KL of full recompute, ~1e-11) sit on the bottom edge."""
         panel(x0, y0, x1, y1, title)
         values = [r[key] for (kk, _), pts in curves.items() if kk in ks for _, r in pts if key in r]
         values += [rows[f"prompt{kk}"][key] for kk in ks if key in rows.get(f"prompt{kk}", {})]
+        values = [max(v, floor) for v in values]
         if not values:
             return
-        floor = 1e-12
         tr = (lambda v: math.log10(max(v, floor))) if log_scale else (lambda v: v)
         lo, hi = min(map(tr, values)), max(map(tr, values))
         hi = hi if hi > lo else lo + 1
@@ -557,7 +558,7 @@ def write_png(report: dict, path: Path) -> Path:
 
     ks = sorted({kk for kk, _ in curves})
     curve_panel(680, 40, 1080, 520, "kl_mean", "placed-k KL(prompt || placed) mean over r "
-                "(log; red: deviation, blue: first)", True, ks[:1])
+                "(log, floor 1e-3; red: deviation, blue: first)", True, ks[:1], floor=1e-3)
     curve_panel(1100, 40, 1480, 520, "ttft_ms_median", "TTFT ms over r (log; thick: k=%s, thin: k=%s)"
                 % (ks[0] if ks else "-", ks[-1] if ks else "-"), True, ks)
     path = Path(path)
