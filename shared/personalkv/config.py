@@ -51,7 +51,10 @@ class ModelSettings(BaseSettings):
         "none", description="Storage quantization of KV chunks (int8: per-channel symmetric)."
     )
     recompute_ratio: float = Field(
-        0.0, ge=0.0, le=1.0, description="Default share of placed chunk tokens recomputed per Ask."
+        0.15, ge=0.0, le=1.0,
+        description="Default share of placed chunk tokens recomputed per Ask. 0.15: the lowest "
+        "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
+        "(`personalkv eval qa`, README 'Profile QA').",
     )
     recompute_strategy: Literal["deviation", "first"] = Field(
         "deviation",
