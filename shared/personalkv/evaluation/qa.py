@@ -172,13 +172,14 @@ def build_conditions(k: int, ratios, strategies, default_ratio: float, default_s
     for kk in ([k, big_k] if big_k else [k]):
         if kk != k:
             conds.append(Condition(f"prompt{kk}", "prompt", kk))
-        for ratio in sorted(set(ratios) | {default_ratio}):
-            for strategy in strategies:
-                name = placed_name(kk, ratio, strategy)
-                if name not in seen:
-                    seen.add(name)
-                    conds.append(Condition(name, "placed", kk, ratio=ratio, strategy=strategy,
-                                           counterpart=f"prompt{kk}"))
+        # The grid, plus the configured default (the headline figures are taken there).
+        grid = sorted({(r, st) for r in ratios for st in strategies} | {(default_ratio, default_strategy)})
+        for ratio, strategy in grid:
+            name = placed_name(kk, ratio, strategy)
+            if name not in seen:
+                seen.add(name)
+                conds.append(Condition(name, "placed", kk, ratio=ratio, strategy=strategy,
+                                       counterpart=f"prompt{kk}"))
     conds.append(Condition(placed_name(k, default_ratio, default_strategy, "int8"), "placed", k, "int8",
                            default_ratio, default_strategy, counterpart=f"prompt{k}"))
     return conds
