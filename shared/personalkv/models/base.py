@@ -34,6 +34,14 @@ SYSTEM_PROMPT = (
     "answer questions about the user's things."
 )
 
+# Rendered in the model's chat template as the user's turn, then split on: what comes before
+# it is the system prefix, what follows it closes the question and opens the answer.
+_USER_TURN = "PERSONALKVUSERTURN"
+# Llama-3.x templates print today's date into the system turn unless given one; a fixed date
+# keeps the prefix (and so every chunk's framing hash) stable from one day to the next.
+_TEMPLATE_DATE = "26 Jul 2024"
+_CHATML = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+
 
 @dataclass
 class ImageInput:
@@ -87,12 +95,23 @@ class ModelAdapter(ABC):
     position_axes: ClassVar[int] = 1
     supports_images: ClassVar[bool] = True
 
-    def __init__(self, model, tokenizer, image_processor=None, *, name: str = "", weights_id: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        image_processor=None,
+        *,
+        name: str = "",
+        weights_id: str = "",
+        max_image_pixels: int | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.name = name or getattr(model.config, "_name_or_path", "") or self.kind
         self._weights_id = weights_id
+        self.max_image_pixels = max_image_pixels
+        self.chat_framing = self._chat_framing()
         self._prefix: PrefixCache | None = None
         self._prefix_lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -138,9 +157,10 @@ class ModelAdapter(ABC):
     def fingerprint(self) -> str:
         """sha256 of architecture, config, weights identity and dtype.
 
-        Weights identity: the caller-supplied id (hub revision / file digest) when known, plus a
-        digest of every parameter's shape and a strided sample of its values, so that two models
-        with the same config but different weights never share chunks.
+        Weights identity: the caller-supplied id (for a checkpoint, the sha256 of its weight
+        files' bytes: ``checkpoint.weights_digest``; never the hub commit, so a hub-id load and a
+        local copy agree), plus a digest of every parameter's shape and a strided sample of its
+        values, so that two in-memory models with the same config never share chunks.
         """
         if self._fingerprint is None:
             digest = hashlib.sha256()
@@ -160,26 +180,71 @@ class ModelAdapter(ABC):
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
-    # --- framing (ChatML, shared by Qwen2-VL, LLaVA-OneVision/Qwen2 and SmolLM2) -------------
+    # --- framing: the model's own chat template ----------------------------------------------
+    def _chat_framing(self) -> tuple[str, str]:
+        """(text before the user's turn, text after it) from the tokenizer's chat template with
+        our system prompt: ChatML for Qwen2(-VL) and SmolLM2, ``<|begin_of_text|>`` ... headers
+        ... ``<|eot_id|>`` for Llama-3. Chunks and the question sit inside the user's turn.
+        ChatML when the tokenizer has no usable template."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            # Plain-string content first; multimodal templates may want a list of parts.
+            for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
+                messages = [{"role": "system", "content": wrap(SYSTEM_PROMPT)},
+                            {"role": "user", "content": wrap(_USER_TURN)}]
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True, date_string=_TEMPLATE_DATE
+                    )
+                except Exception:  # a template that rejects this form: try the next one
+                    continue
+                if isinstance(text, str) and text.count(_USER_TURN) == 1 and SYSTEM_PROMPT in text:
+                    before, after = text.split(_USER_TURN)
+                    return before, after
+        before, after = _CHATML
+        return before.format(system=SYSTEM_PROMPT), after
+
     def system_prefix_text(self) -> str:
-        return f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+        return self.chat_framing[0]
 
     def question_parts(self, question: str, image: ImageInput | None = None) -> list:
         parts: list = []
         if image is not None:
             parts.append(image)
-        parts.append(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+        parts.append(question + self.chat_framing[1])
         return parts
 
     def _eos_ids(self) -> list[int]:
-        ids = []
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            token_id = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
-                ids.append(token_id)
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
+        """Stop tokens: the generation config's eos ids (Llama-3-Instruct lists ``<|eot_id|>``
+        there), the tokenizer's eos and the special token that ends the user's turn in the chat
+        template (the model ends its own turn the same way)."""
+        candidates: list = []
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:
+            candidates.append(generation_config.eos_token_id)
+        candidates.append(self.tokenizer.eos_token_id)
+        turn_end = self.tokenize(self.chat_framing[1])[:1]
+        special = set(getattr(self.tokenizer, "all_special_ids", ())) | set(
+            getattr(self.tokenizer, "added_tokens_decoder", {}))
+        candidates += [t for t in turn_end if t in special]
+        ids: list[int] = []
+        for candidate in candidates:
+            for token_id in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+                if isinstance(token_id, int) and token_id not in ids:
+                    ids.append(token_id)
         return ids
+
+    def capped_image(self, image: Image.Image) -> Image.Image:
+        """The RGB image, downscaled (aspect kept) to at most ``max_image_pixels`` pixels: the
+        vision tower's cost and the chunk's token count grow with the pixels it is given."""
+        image = image.convert("RGB")
+        cap = self.max_image_pixels
+        width, height = image.size
+        if cap and width * height > cap:
+            scale = (cap / (width * height)) ** 0.5
+            size = (max(1, int(width * scale)), max(1, int(height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        return image
 
     # --- segments ------------------------------------------------------------------------
     @abstractmethod

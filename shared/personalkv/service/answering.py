@@ -110,7 +110,8 @@ def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
             def load(record=record):
                 blob = svc.store.get_chunk_by_key(user_id, record.object_key)
                 return decode_chunk(blob, expected_model=fingerprint, dtype=adapter.dtype,
-                                    expected_user=user_id, expected_chunk_id=record.chunk_id)
+                                    expected_user=user_id, expected_chunk_id=record.chunk_id,
+                                    device=adapter.device)
 
             try:
                 with dependencies("the object store"):
@@ -135,7 +136,9 @@ def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
         top_p=options.top_p, seed=options.seed, recompute_ratio=ratio,
         recompute_strategy=svc.settings.model.recompute_strategy,
     )
-    out = answer(adapter, chunks, question, image=image, options=generation, on_token=on_token)
+    # A text-only model cannot see the photo: it found the concepts (retrieval), that is all.
+    model_image = image if adapter.supports_images else None
+    out = answer(adapter, chunks, question, image=model_image, options=generation, on_token=on_token)
     timings.update(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
                    recompute=out.timings["recompute"], prefill=out.timings["prefill"],
                    decode=out.timings["decode"])

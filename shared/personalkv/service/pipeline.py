@@ -25,11 +25,13 @@ import dataclasses
 import logging
 
 from personalkv.kv.codec import ChunkFormatError, decode_chunk, encode_chunk
-from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
+from personalkv.kv.engine import (
+    Evidence, encode, evidence_chunk_id, patch_evidence, profile_evidence,
+)
 from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.mining.profile import profile_sentences
 from personalkv.retrieval.encoders import to_pil
 from personalkv.retrieval.indexing import index_concept
-from personalkv.retrieval.keys import profile_text
 from personalkv.service import mining_port, reconciler
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
@@ -37,8 +39,6 @@ from personalkv.storage.base import ObjectNotFound
 from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)
-
-PROFILE_TEMPLATE = "My concept: {text}."
 
 
 def _write_state(svc, user_id: str, concept_id: str, state: str, **update) -> ConceptManifest | None:
@@ -150,6 +150,12 @@ def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
 
 
 # -- caching -------------------------------------------------------------------------------
+def profile_chunk_evidence(profile) -> Evidence:
+    """What a concept's profile chunk holds: its profile as a few clean sentences. The QA
+    evaluation (personalkv.evaluation.qa) encodes exactly this."""
+    return profile_evidence(profile_sentences(profile))
+
+
 def cache_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Encode and store the chunks the concept lacks, index its keys, mark it ready.
     Returns the manifest written, or None when the concept no longer exists."""
@@ -208,10 +214,12 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         encoded += 1
         return _record(chunk_id, kind, source, dataclasses.asdict(chunk.meta), key)
 
-    records = [chunk_for(profile_evidence(PROFILE_TEMPLATE.format(text=profile_text(manifest))))]
+    records = [chunk_for(profile_chunk_evidence(manifest.profile))]
     photos: dict = {}
     seen = {records[0].chunk_id}
-    for i, patch in enumerate(manifest.patches):
+    # A text-only model gets the profile chunk alone; its photos still serve retrieval.
+    patches = manifest.patches if adapter.supports_images else []
+    for i, patch in enumerate(patches):
         if patch.photo_id not in photos:
             photos[patch.photo_id] = to_pil(store.get_photo(user_id, concept_id, patch.photo_id))
         crop = photos[patch.photo_id].crop(patch.box)

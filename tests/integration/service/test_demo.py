@@ -1,4 +1,6 @@
-"""`make demo` runs offline end to end (tiny model) and prints answers, evidence and timings."""
+"""`make demo` runs offline end to end and prints answers, evidence and timings: with the tiny
+random-weight model (the VLM code path) and, with no model configured, with SmolLM2's real
+weights, whose answers must carry facts that only the placed profile chunks hold."""
 
 from __future__ import annotations
 
@@ -11,32 +13,66 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+MUG = "What is on the side of my mug?"
+DOG = "Is this my dog? Where does he love to go?   [with a photo]"
+FERN = "How often should I water this plant?   [with a photo]"
+FRANCE = "What is the capital of France?"
 
-def test_demo_runs_offline_and_reports_evidence(tmp_path):
+
+def _run_demo(tmp_path, **env_update) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALKV_")}
-    env.update(PERSONALKV_MODEL_NAME="tiny:qwen2_vl", HF_HUB_OFFLINE="1",
-               PERSONALKV_SERVICE_DATA_DIR=str(tmp_path / "unused"))
+    env.update(HF_HUB_OFFLINE="1", PERSONALKV_SERVICE_DATA_DIR=str(tmp_path / "unused"), **env_update)
     proc = subprocess.run(
         [sys.executable, "-m", "personalkv.cli", "demo", "--data-dir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:] + out[-3000:]
-    assert "answers are NOT meaningful" in out  # the tiny-model banner
     assert "ingested 3 concepts" in out
     for concept in ("bobo", "rex", "fern"):
         assert any(line.split()[:2] == [concept, "ready"] for line in out.splitlines()), out
+    assert "demo finished" in out
+    return out
+
+
+def _answers(out: str) -> tuple[dict[str, str], list[str]]:
     blocks = out.split("\nQ: ")[1:]
     assert len(blocks) == 5
-    by_question = {b.splitlines()[0]: b for b in blocks}
-    mug = by_question["What colour is my mug Bobo?"]
+    return {b.splitlines()[0]: b for b in blocks}, blocks
+
+
+def _answer_text(block: str) -> str:
+    return next(line for line in block.splitlines() if line.startswith("A: ")).lower()
+
+
+def test_demo_runs_offline_and_reports_evidence(tmp_path):
+    out = _run_demo(tmp_path, PERSONALKV_MODEL_NAME="tiny:qwen2_vl")
+    assert "answers are NOT meaningful" in out  # the tiny-model banner
+    by_question, blocks = _answers(out)
+    mug = by_question[MUG]
     assert "concepts: bobo" in mug and "personal evidence used: yes" in mug
-    assert "concepts: rex" in by_question["Is this my dog? What is he wearing?   [with a photo]"]
-    assert "concepts: fern" in by_question["When should I water it?   [with a photo]"]
-    france = by_question["What is the capital of France?"]
+    assert "concepts: rex" in by_question[DOG]
+    assert "concepts: fern" in by_question[FERN]
+    france = by_question[FRANCE]
     assert "none of yours" in france and "personal evidence used: no" in france
     placed = re.search(r"chunks placed: (\d+) \(cache hits (\d+),", blocks[-1])
     assert placed and placed.group(1) == placed.group(2) != "0"  # repeated: all from the LRU
     for stage in ("retrieve=", "load=", "place=", "prefill=", "decode="):
         assert stage in mug
-    assert "demo finished" in out
+
+
+def test_demo_without_a_vlm_answers_from_real_weights_and_placed_profiles(tmp_path):
+    """No PERSONALKV_MODEL_NAME: SmolLM2 (text only). Greedy decoding on CPU in fp32 is
+    deterministic, and each asked fact is written only in its own concept's profile, so the
+    words below can only come from the placed chunk (the 'none' questions get no chunk)."""
+    out = _run_demo(tmp_path)
+    assert "SmolLM2-135M-Instruct, real weights, TEXT ONLY" in out
+    assert "a question's photo only picks your concepts by retrieval" in out
+    assert "answers are NOT meaningful" not in out
+    by_question, _ = _answers(out)
+    assert "concepts: bobo" in by_question[MUG] and "star" in _answer_text(by_question[MUG])
+    assert "concepts: rex" in by_question[DOG] and "park" in _answer_text(by_question[DOG])
+    assert "concepts: fern" in by_question[FERN] and "sunday" in _answer_text(by_question[FERN])
+    assert "personal evidence used: no" in by_question[FRANCE]
+    # Text-only: one profile chunk per concept, no image-patch chunks.
+    assert all(" 1 KV chunks" in line for line in out.splitlines() if line.split()[1:2] == ["ready"])

@@ -1,0 +1,568 @@
+"""`personalkv eval qa DATASET --model MODEL`: profile QA with placed KV chunks vs the profile in
+the prompt, on the text_mc questions of any dataset in the shared format.
+
+Every condition answers the same multiple-choice questions, each in both option orders:
+
+  none           the question alone
+  prompt1        the concept's profile text in the prompt (the RAP-style baseline)
+  placed1        its stored profile chunk placed behind the system prefix (+ int8 variant)
+  prompt3        the profiles of k=3 concepts in the prompt: the target among k-1 distractors,
+                 at position (question index mod k)
+  placed3 r, s   the same k chunks, computed independently, placed, with a share r of their
+                 tokens recomputed by strategy s (+ int8 at the configured default)
+  prompt10 /     timing only, at the kv-core benchmark's evidence size (~2,088 tokens in 10
+  placed10       chunks of concatenated profiles): TTFT over r
+
+The pieces are the product's own: ``load_adapter``, the pipeline's profile chunk evidence
+(``profile_chunk_evidence``: the linearized profile the caching worker encodes), ``encode``,
+``encode_chunk`` -> ``ChunkStore`` -> ``decode_chunk`` round trip and ``engine.answer``; the
+prompt conditions put the very same profile text in the user's message and run
+``engine.answer`` with no chunks.
+
+Scoring is by option likelihood: the log-probability of each option's letter as the answer's
+first token. Raw accuracy counts each (question, order) pair; the calibrated variant adds each
+option's log-probabilities over both orders, which cancels the model's prior for a letter (the
+Yo'LLaVA answer key is mostly "A", and small models favour "A"). Accuracy has Wilson 95%
+intervals; conditions are compared with exact McNemar tests on the paired raw outcomes. Each
+placed variant is compared with its prompt counterpart: KL(prompt || placed) of the full
+next-token distribution, identical option picked, identical full-vocabulary argmax. TTFT is the
+engine's place + recompute + prefill time (chunks come from the hot-chunk cache in serving, so
+their load is left out; the prompt side reuses the cached system prefix too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OPTION_LETTERS = "ABCDEFGH"
+DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+INSTRUCTION = "Answer with the letter of the correct option."
+EVAL_USER = "eval-qa"
+
+
+# --- items --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    concept_id: str
+    index: int  # the question's index within its concept
+    question: str
+    options: tuple[str, ...]  # in the dataset's order
+    answer: int  # index into options
+
+
+def _speak(text: str, names: dict[str, str]) -> str:
+    """The dataset writes a concept as ``<id>``; the user would say its name."""
+    for concept_id, name in names.items():
+        text = text.replace(f"<{concept_id}>", name)
+    return text
+
+
+def load_items(dataset, max_concepts: int | None = None, max_questions: int | None = None) -> list[Item]:
+    names = {c.concept_id: c.name for c in dataset.concepts}
+    concepts = [c.concept_id for c in dataset.concepts][:max_concepts]
+    items, per_concept = [], {}
+    for q in dataset.questions:
+        if q.get("kind") != "text_mc" or q.get("concept") not in concepts:
+            continue
+        n = per_concept.get(q["concept"], 0)
+        if max_questions is not None and n >= max_questions:
+            continue
+        letters = sorted(q["options"])
+        items.append(Item(
+            concept_id=q["concept"], index=n, question=_speak(q["question"], names),
+            options=tuple(_speak(str(q["options"][k]), names) for k in letters),
+            answer=letters.index(q["answer"]),
+        ))
+        per_concept[q["concept"]] = n + 1
+    return items
+
+
+def orders(item: Item) -> list[tuple[int, ...]]:
+    """The dataset's option order and its reverse (for two options: both orders)."""
+    forward = tuple(range(len(item.options)))
+    return [forward, forward[::-1]]
+
+
+def mc_question(item: Item, order: tuple[int, ...]) -> str:
+    lines = [item.question] + [f"{OPTION_LETTERS[i]}. {item.options[j]}" for i, j in enumerate(order)]
+    return "\n".join(lines + [INSTRUCTION])
+
+
+def context_concepts(item: Item, concept_ids: list[str], k: int, seed: int = 0) -> list[str]:
+    """The target among k-1 distractors drawn from the other concepts, at position index mod k."""
+    others = [c for c in concept_ids if c != item.concept_id]
+    rng = random.Random(f"{seed}:{item.concept_id}:{item.index}")
+    picked = rng.sample(others, min(k - 1, len(others)))
+    picked.insert(item.index % k, item.concept_id)
+    return picked
+
+
+# --- statistics ---------------------------------------------------------------------------
+def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
+    """Exact two-sided McNemar test (binomial on the discordant pairs)."""
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(0, min(only_a, only_b) + 1)) / 2**n if n else 1.0
+    return {"only_first_correct": only_a, "only_second_correct": only_b, "p": min(1.0, 2 * tail)}
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(reference || other) of the next-token distributions, in float64."""
+    p = torch.log_softmax(reference.double(), dim=-1)
+    q = torch.log_softmax(other.double(), dim=-1)
+    return max(0.0, float((p.exp() * (p - q)).sum()))
+
+
+# --- conditions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    mode: str  # none | prompt | placed
+    k: int = 0
+    quantization: str = "none"
+    ratio: float = 0.0
+    strategy: str = "deviation"
+    counterpart: str | None = None  # the prompt condition a placed one is compared with
+
+    @property
+    def scored(self) -> bool:
+        return self.k <= 3
+
+
+def _ratio_name(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def placed_name(k: int, ratio: float, strategy: str, quantization: str = "none") -> str:
+    quant = "_int8" if quantization == "int8" else ""
+    if ratio in (0.0, 1.0):  # no choice to make: none or all tokens
+        return f"placed{k}{quant}_r{_ratio_name(ratio)}"
+    return f"placed{k}{quant}_r{_ratio_name(ratio)}_{strategy}"
+
+
+def build_conditions(k: int, ratios, strategies, default_ratio: float, default_strategy: str,
+                     big_k: int) -> list[Condition]:
+    conds = [
+        Condition("none", "none"),
+        Condition("prompt1", "prompt", 1),
+        Condition("placed1", "placed", 1, counterpart="prompt1"),
+        Condition("placed1_int8", "placed", 1, "int8", counterpart="prompt1"),
+        Condition(f"prompt{k}", "prompt", k),
+    ]
+    seen = set()
+    for kk in ([k, big_k] if big_k else [k]):
+        if kk != k:
+            conds.append(Condition(f"prompt{kk}", "prompt", kk))
+        # The grid, plus the configured default (the headline figures are taken there).
+        grid = sorted({(r, st) for r in ratios for st in strategies} | {(default_ratio, default_strategy)})
+        for ratio, strategy in grid:
+            name = placed_name(kk, ratio, strategy)
+            if name not in seen:
+                seen.add(name)
+                conds.append(Condition(name, "placed", kk, ratio=ratio, strategy=strategy,
+                                       counterpart=f"prompt{kk}"))
+    conds.append(Condition(placed_name(k, default_ratio, default_strategy, "int8"), "placed", k, "int8",
+                           default_ratio, default_strategy, counterpart=f"prompt{k}"))
+    return conds
+
+
+@dataclass
+class Outcome:
+    letter_logprobs: list[float]  # per position in the presented order
+    pick: int  # option index (dataset order) picked
+    argmax: int  # full-vocabulary argmax token
+    ttft: float
+    logits: torch.Tensor | None = None  # kept only until compared with the counterpart
+
+
+@dataclass
+class Harness:
+    """Loads the model, encodes and stores every concept's profile chunk, answers."""
+
+    model: str
+    dataset: object
+    items: list[Item]
+    k: int = 3
+    seed: int = 0
+    log: object = print
+    adapter: object = None
+    texts: dict = field(default_factory=dict)
+    evidence: dict = field(default_factory=dict)
+    chunks: dict = field(default_factory=dict)  # (concept, quantization) -> KVChunk
+
+    def setup(self, settings) -> None:
+        from personalkv.kv.codec import decode_chunk, encode_chunk
+        from personalkv.kv.engine import encode
+        from personalkv.mining.profile import ProfileWriter
+        from personalkv.models import load_adapter
+        from personalkv.service.pipeline import profile_chunk_evidence
+        from personalkv.storage.chunk_store import ChunkStore
+
+        m = settings.model
+        self.adapter = load_adapter(self.model, m.device, m.dtype)
+        names = {c.concept_id: c.name for c in self.dataset.concepts}
+        writer = ProfileWriter()  # the user's facts; a text-only model describes no photo
+        self._store_dir = tempfile.TemporaryDirectory(prefix="pkv-eval-qa-")
+        # One store per storage quantization: a chunk id names the content, not its encoding.
+        stores = {q: ChunkStore.open(url=f"file://{self._store_dir.name}/{q}") for q in ("none", "int8")}
+        fingerprint = self.adapter.fingerprint()
+        for c in self.dataset.concepts:
+            profile = writer.write(c.name, c.category, _speak(c.info, names))
+            evidence = profile_chunk_evidence(profile)
+            self.evidence[c.concept_id] = evidence
+            self.texts[c.concept_id] = evidence.content.decode()
+            chunk = encode(self.adapter, evidence, user_id=EVAL_USER, concept_id=c.concept_id)
+            for quantization, store in stores.items():
+                store.put_chunk(EVAL_USER, c.concept_id, chunk.chunk_id, encode_chunk(chunk, quantization))
+                self.chunks[c.concept_id, quantization] = decode_chunk(
+                    store.get_chunk(EVAL_USER, c.concept_id, chunk.chunk_id), expected_model=fingerprint,
+                    dtype=self.adapter.dtype, device=self.adapter.device,
+                )
+        letters = [self.adapter.tokenize(letter) for letter in OPTION_LETTERS]
+        if any(len(ids) != 1 for ids in letters):
+            raise ValueError("the tokenizer does not encode every option letter as one token")
+        self.letter_ids = [ids[0] for ids in letters]
+
+    # evidence of one request
+    def concepts_for(self, item: Item, cond: Condition, big: list[str] | None = None) -> list[str]:
+        if cond.k == 0:
+            return []
+        if cond.k == 1:
+            return [item.concept_id]
+        if cond.k == self.k:
+            return context_concepts(item, [c.concept_id for c in self.dataset.concepts], self.k, self.seed)
+        return big or []
+
+    def run(self, item: Item, order: tuple[int, ...], cond: Condition, evidence_ids: list[str]) -> Outcome:
+        from personalkv.kv.engine import GenerationOptions, answer
+
+        question = mc_question(item, order)
+        options = GenerationOptions(max_new_tokens=0, recompute_ratio=cond.ratio,
+                                    recompute_strategy=cond.strategy)
+        if cond.mode == "placed":
+            chunks = [self.chunks[c, cond.quantization] for c in evidence_ids]
+            result = answer(self.adapter, chunks, question, options=options)
+        else:  # the profiles' text in the user's message, then the question
+            text = "".join(self.texts[c] for c in evidence_ids)
+            result = answer(self.adapter, [], text + question, options=options)
+        logits = result.first_logits.float().cpu()
+        ttft = sum(result.timings[s] for s in ("place", "recompute", "prefill"))
+        scores = torch.log_softmax(logits, -1)[self.letter_ids[: len(order)]]
+        position = int(torch.argmax(scores))
+        return Outcome(letter_logprobs=[float(s) for s in scores], pick=order[position],
+                       argmax=int(torch.argmax(logits)), ttft=ttft, logits=logits)
+
+    def setup_big(self, target_tokens: int, pieces: int) -> list[str]:
+        """``pieces`` chunks of about target_tokens / pieces tokens each, every one the
+        concatenated profiles of consecutive concepts (the kv-core benchmark's evidence size;
+        a dataset's single profiles are shorter). Stored and loaded like the others."""
+        from personalkv.kv.codec import decode_chunk, encode_chunk
+        from personalkv.kv.engine import encode, profile_evidence
+
+        per_piece = max(1, target_tokens // pieces)
+        ids = [c.concept_id for c in self.dataset.concepts]
+        cursor, names = 0, []
+        for i in range(pieces):
+            text = ""
+            while len(self.adapter.tokenize(text)) < per_piece:
+                text += self.texts[ids[cursor % len(ids)]]
+                cursor += 1
+            name = f"evidence{i}"
+            evidence = profile_evidence(text)
+            self.texts[name] = evidence.content.decode()
+            chunk = encode(self.adapter, evidence, user_id=EVAL_USER, concept_id=name)
+            blob = encode_chunk(chunk, "none")
+            self.chunks[name, "none"] = decode_chunk(blob, expected_model=self.adapter.fingerprint(),
+                                                     dtype=self.adapter.dtype, device=self.adapter.device)
+            names.append(name)
+        return names
+
+    def prompt_tokens_match(self, item: Item, evidence_ids: list[str]) -> bool:
+        """Whether the prompt condition's tokens equal the placed chunks' tokens followed by the
+        question's (so that placed and prompt differ only by how the KV was computed)."""
+        question = self.adapter.question_parts(mc_question(item, orders(item)[0]))[-1]
+        joined = self.adapter.tokenize("".join(self.texts[c] for c in evidence_ids) + question)
+        parts = [t for c in evidence_ids for t in self.adapter.tokenize(self.texts[c])]
+        return joined == parts + self.adapter.tokenize(question)
+
+
+def evaluate(dataset_path, model: str, *, ratios=DEFAULT_RATIOS, strategies=("deviation", "first"),
+             k: int = 3, max_concepts: int | None = None, max_questions: int | None = None,
+             big_tokens: int = 2088, big_pieces: int = 10, big_questions: int = 4,
+             threads: int | None = None, log=print) -> dict:
+    """Run every condition on every item; returns the report (see ``summarize``)."""
+    from personalkv.config import get_settings
+    from personalkv.evaluation.dataset import load_dataset
+
+    if threads:
+        torch.set_num_threads(threads)
+    settings = get_settings()
+    default_ratio, default_strategy = settings.model.recompute_ratio, settings.model.recompute_strategy
+    dataset = load_dataset(dataset_path)
+    items = load_items(dataset, max_concepts, max_questions)
+    if not items:
+        raise ValueError(f"{dataset_path} has no text_mc questions")
+    if max_concepts:
+        keep = {i.concept_id for i in items}
+        dataset = type(dataset)(dataset.root, tuple(c for c in dataset.concepts if c.concept_id in keep),
+                                dataset.negatives, dataset.questions)
+    if len(dataset.concepts) < k:
+        raise ValueError(f"placed-{k} needs at least {k} concepts; the dataset has {len(dataset.concepts)}")
+    harness = Harness(model, dataset, items, k=k, log=log)
+    t0 = time.perf_counter()
+    harness.setup(settings)
+    big_k = big_pieces if big_tokens and big_pieces else 0
+    big = harness.setup_big(big_tokens, big_pieces) if big_k else []
+    big_evidence_tokens = sum(harness.chunks[b, "none"].meta.token_count for b in big)
+    conds = build_conditions(k, ratios, strategies, default_ratio, default_strategy, big_k)
+    log(f"[eval qa] {harness.adapter.name}: {len(items)} questions x 2 orders, {len(conds)} conditions, "
+        f"setup {time.perf_counter() - t0:.0f}s")
+    outcomes: dict[str, list[Outcome | None]] = {c.name: [] for c in conds}
+    kl: dict[str, list[float]] = {c.name: [] for c in conds if c.counterpart}
+    token_match = []
+    pairs = [(item, order) for item in items for order in orders(item)]
+    for n, (item, order) in enumerate(pairs):
+        # The many-chunk conditions are timing only: a few questions, one order each.
+        big_turn = n // 2 < big_questions and order == orders(item)[0]
+        for cond in conds:
+            if not cond.scored and not big_turn:
+                outcomes[cond.name].append(None)
+                continue
+            evidence_ids = harness.concepts_for(item, cond, big)
+            if cond.mode == "prompt" and order == orders(item)[0]:
+                token_match.append(harness.prompt_tokens_match(item, evidence_ids))
+            outcomes[cond.name].append(harness.run(item, order, cond, evidence_ids))
+        for cond in conds:  # compare, then drop the logits
+            out = outcomes[cond.name][-1]
+            if out is not None and cond.counterpart:
+                kl[cond.name].append(kl_divergence(outcomes[cond.counterpart][-1].logits, out.logits))
+        for cond in conds:
+            if outcomes[cond.name][-1] is not None:
+                outcomes[cond.name][-1].logits = None
+        if (n + 1) % 20 == 0 or n + 1 == len(pairs):
+            log(f"[eval qa] {n + 1}/{len(pairs)} answered, {time.perf_counter() - t0:.0f}s")
+    report = summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k)
+    report.update(
+        dataset=str(dataset_path), model=model, model_fingerprint=harness.adapter.fingerprint(),
+        threads=torch.get_num_threads(), dtype=settings.model.dtype,
+        profile_tokens_mean=statistics.mean(
+            harness.chunks[c.concept_id, "none"].meta.token_count for c in dataset.concepts),
+        big_evidence_tokens=big_evidence_tokens, big_questions=min(big_questions, len(items)),
+        prompt_tokens_match=f"{sum(token_match)}/{len(token_match)}",
+        seconds=round(time.perf_counter() - t0, 1),
+        example_profile=harness.texts[items[0].concept_id],
+        example_question=mc_question(items[0], orders(items[0])[0]),
+    )
+    return report
+
+
+def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k) -> dict:
+    per_condition = {}
+    correct = {}
+    for cond in conds:
+        outs = outcomes[cond.name]
+        done = [(p, o) for p, o in zip(pairs, outs) if o is not None]
+        row = {"mode": cond.mode, "k": cond.k, "quantization": cond.quantization,
+               "recompute_ratio": cond.ratio if cond.mode == "placed" else None,
+               "recompute_strategy": cond.strategy if cond.mode == "placed" else None,
+               "answers": len(done),
+               "ttft_ms_median": round(1000 * statistics.median(o.ttft for _, o in done), 2)}
+        if cond.scored:
+            hits = [o.pick == item.answer for (item, _), o in done]
+            correct[cond.name] = hits
+            low, high = wilson(sum(hits), len(hits))
+            calibrated = _calibrated(items, pairs, outs)
+            c_low, c_high = wilson(sum(calibrated), len(calibrated))
+            row.update(accuracy=sum(hits) / len(hits), accuracy_ci95=[low, high],
+                       accuracy_calibrated=sum(calibrated) / len(calibrated),
+                       accuracy_calibrated_ci95=[c_low, c_high],
+                       picks_first_letter=sum(o.letter_logprobs[0] >= max(o.letter_logprobs)
+                                              for _, o in done) / len(done))
+        if cond.counterpart:
+            ref = [o for o in outcomes[cond.counterpart]]
+            both = [(r, o) for r, o in zip(ref, outs) if o is not None and r is not None]
+            values = kl[cond.name]
+            row.update(counterpart=cond.counterpart,
+                       kl_mean=statistics.mean(values), kl_median=statistics.median(values),
+                       kl_max=max(values),
+                       identical_answers=sum(r.pick == o.pick for r, o in both) / len(both),
+                       identical_argmax=sum(r.argmax == o.argmax for r, o in both) / len(both),
+                       ttft_ratio_counterpart_over_this=round(
+                           per_condition[cond.counterpart]["ttft_ms_median"] / row["ttft_ms_median"], 2))
+        per_condition[cond.name] = row
+    tests = {}
+    for cond in conds:
+        if not cond.scored:
+            continue
+        other = cond.counterpart or ("none" if cond.mode == "prompt" else None)
+        if other and other in correct:
+            tests[f"{cond.name} vs {other}"] = mcnemar_exact(correct[cond.name], correct[other])
+    out = {
+        "conditions": per_condition,
+        "mcnemar": tests,
+        "questions": len(items), "answers_per_condition": len(pairs), "k": k,
+    }
+    out.update(headline(per_condition, k, big_k, default_ratio, default_strategy))
+    return out
+
+
+def headline(per_condition: dict, k: int, big_k: int, ratio: float, strategy: str) -> dict:
+    """The figures the issue asks for, at recompute share ``ratio`` with ``strategy``."""
+    default3 = placed_name(k, ratio, strategy)
+    out = {
+        "default_recompute_ratio": ratio, "default_recompute_strategy": strategy,
+        "placed_vs_prompt_identical": per_condition["placed1"]["identical_answers"],
+        "placed_vs_prompt_identical_argmax": per_condition["placed1"]["identical_argmax"],
+        "placed_vs_prompt_max_kl": per_condition["placed1"]["kl_max"],
+        "placed_int8_vs_prompt_identical": per_condition["placed1_int8"]["identical_answers"],
+        "placed3_kl_mean": per_condition[default3]["kl_mean"],
+        "placed3_identical": per_condition[default3]["identical_answers"],
+        "placed3_identical_argmax": per_condition[default3]["identical_argmax"],
+        "ttft_ratio_prompt3_over_placed3": per_condition[default3]["ttft_ratio_counterpart_over_this"],
+    }
+    if big_k:
+        big_default = placed_name(big_k, ratio, strategy)
+        out[f"ttft_ratio_prompt{big_k}_over_placed{big_k}"] = \
+            per_condition[big_default]["ttft_ratio_counterpart_over_this"]
+    return out
+
+
+def _calibrated(items, pairs, outs) -> list[bool]:
+    """Per question: each option's letter log-probabilities summed over both orders."""
+    by_item: dict[int, list] = {}
+    for (item, order), out in zip(pairs, outs):
+        if out is None:
+            continue
+        scores = by_item.setdefault(id(item), [item, [0.0] * len(item.options)])[1]
+        for position, option in enumerate(order):
+            scores[option] += out.letter_logprobs[position]
+    return [max(range(len(s)), key=s.__getitem__) == item.answer for item, s in by_item.values()]
+
+
+# --- output -------------------------------------------------------------------------------
+def format_table(report: dict) -> str:
+    lines = [f"{'condition':34s} {'acc':>6s} {'95% CI':>13s} {'calib':>6s} {'KL mean':>9s} "
+             f"{'KL max':>9s} {'same ans':>8s} {'same argmax':>11s} {'TTFT ms':>8s}"]
+    for name, row in report["conditions"].items():
+        acc = f"{row['accuracy']:.3f}" if "accuracy" in row else "-"
+        ci = "[{:.2f}, {:.2f}]".format(*row["accuracy_ci95"]) if "accuracy" in row else "-"
+        cal = f"{row['accuracy_calibrated']:.3f}" if "accuracy" in row else "-"
+        kl_mean = f"{row['kl_mean']:.2e}" if "kl_mean" in row else "-"
+        kl_max = f"{row['kl_max']:.2e}" if "kl_max" in row else "-"
+        same = f"{row['identical_answers']:.3f}" if "identical_answers" in row else "-"
+        same_max = f"{row['identical_argmax']:.3f}" if "identical_argmax" in row else "-"
+        lines.append(f"{name:34s} {acc:>6s} {ci:>13s} {cal:>6s} {kl_mean:>9s} {kl_max:>9s} "
+                     f"{same:>8s} {same_max:>11s} {row['ttft_ms_median']:>8.1f}")
+    lines.append("")
+    for name, test in report["mcnemar"].items():
+        lines.append(f"McNemar {name}: {test['only_first_correct']} vs {test['only_second_correct']} "
+                     f"discordant, p={test['p']:.3g}")
+    return "\n".join(lines)
+
+
+def write_png(report: dict, path: Path) -> Path:
+    """Accuracy per scored condition (raw and calibrated, with 95% intervals); placed-k KL and
+    TTFT over the recompute share r per strategy. Drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    rows = report["conditions"]
+    width, height = 1500, 560
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    colours = {"deviation": (200, 60, 40), "first": (40, 90, 200), "raw": (60, 60, 60),
+               "calibrated": (40, 160, 90)}
+
+    def panel(x0, y0, x1, y1, title):
+        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
+        draw.text((x0, y0 - 18), title, fill=(0, 0, 0))
+
+    # 1: accuracy bars
+    scored = [(n, r) for n, r in rows.items() if "accuracy" in r]
+    x0, y0, x1, y1 = 40, 40, 640, 520
+    panel(x0, y0, x1, y1, "accuracy (raw: grey, calibrated: green), 95% Wilson intervals; dotted: 0.5")
+    bar_h = (y1 - y0) / max(1, len(scored))
+    label_w = 230
+    scale = lambda v: x0 + label_w + v * (x1 - x0 - label_w - 10)  # noqa: E731
+    draw.line((scale(0.5), y0, scale(0.5), y1), fill=(180, 180, 180))
+    for i, (name, r) in enumerate(scored):
+        top = y0 + i * bar_h
+        draw.text((x0 + 4, top + bar_h / 2 - 6), name[:34], fill=(0, 0, 0))
+        for j, (key, ci_key, colour) in enumerate((("accuracy", "accuracy_ci95", "raw"),
+                                                   ("accuracy_calibrated", "accuracy_calibrated_ci95",
+                                                    "calibrated"))):
+            yb = top + 3 + j * (bar_h - 6) / 2
+            ye = yb + (bar_h - 6) / 2 - 1
+            draw.rectangle((scale(0), yb, scale(r[key]), ye), fill=colours[colour])
+            low, high = r[ci_key]
+            draw.line((scale(low), (yb + ye) / 2, scale(high), (yb + ye) / 2), fill=(0, 0, 0), width=1)
+
+    # 2 and 3: curves over r for the placed-k and placed-big conditions
+    curves: dict[tuple[int, str], list[tuple[float, dict]]] = {}
+    for name, r in rows.items():
+        if r["mode"] == "placed" and r["k"] > 1 and r["quantization"] == "none":
+            for strategy in ("deviation", "first"):
+                if r["recompute_ratio"] in (0.0, 1.0) or r["recompute_strategy"] == strategy:
+                    curves.setdefault((r["k"], strategy), []).append((r["recompute_ratio"], r))
+
+    def curve_panel(x0, y0, x1, y1, key, title, log_scale, ks, floor=1e-12):
+        """Points below ``floor`` (KL of full recompute, ~1e-11) sit on the bottom edge."""
+        panel(x0, y0, x1, y1, title)
+        values = [r[key] for (kk, _), pts in curves.items() if kk in ks for _, r in pts if key in r]
+        values += [rows[f"prompt{kk}"][key] for kk in ks if key in rows.get(f"prompt{kk}", {})]
+        values = [max(v, floor) for v in values]
+        if not values:
+            return
+        tr = (lambda v: math.log10(max(v, floor))) if log_scale else (lambda v: v)
+        lo, hi = min(map(tr, values)), max(map(tr, values))
+        hi = hi if hi > lo else lo + 1
+        px = lambda v: x0 + 30 + v * (x1 - x0 - 60)  # noqa: E731
+        py = lambda v: y1 - 20 - (tr(v) - lo) / (hi - lo) * (y1 - y0 - 40)  # noqa: E731
+        for tick in (0.0, 0.05, 0.15, 0.3, 1.0):
+            draw.text((px(tick) - 8, y1 - 16), f"{tick:g}", fill=(90, 90, 90))
+        draw.text((x0 + 4, y0 + 4), f"max {10 ** hi if log_scale else hi:.3g}", fill=(90, 90, 90))
+        draw.text((x0 + 4, y1 - 32), f"min {10 ** lo if log_scale else lo:.3g}", fill=(90, 90, 90))
+        for (kk, strategy), pts in sorted(curves.items()):
+            if kk not in ks:
+                continue
+            pts = sorted((ratio, r[key]) for ratio, r in pts if key in r)
+            xy = [(px(ratio), py(v)) for ratio, v in pts]
+            dash = kk != ks[0]
+            draw.line(xy, fill=colours[strategy], width=1 if dash else 2)
+            for x, y in xy:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[strategy])
+        if key == "ttft_ms_median":
+            for kk in ks:
+                prompt = rows.get(f"prompt{kk}")
+                if prompt:
+                    y = py(prompt["ttft_ms_median"])
+                    draw.line((x0, y, x1, y), fill=(120, 120, 120))
+                    draw.text((x0 + 40, y - 14), f"prompt{kk} {prompt['ttft_ms_median']:.0f} ms", fill=(90, 90, 90))
+
+    ks = sorted({kk for kk, _ in curves})
+    curve_panel(680, 40, 1080, 520, "kl_mean", "placed-k KL(prompt || placed) mean over r "
+                "(log, floor 1e-3; red: deviation, blue: first)", True, ks[:1], floor=1e-3)
+    curve_panel(1100, 40, 1480, 520, "ttft_ms_median", "TTFT ms over r (log; thick: k=%s, thin: k=%s)"
+                % (ks[0] if ks else "-", ks[-1] if ks else "-"), True, ks)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

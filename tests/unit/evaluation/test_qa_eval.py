@@ -1,0 +1,102 @@
+"""`personalkv eval qa` on a synthetic dataset with a tiny random-weight model: the harness runs
+every condition through the product's pieces, and its exactness figures hold where they must
+(one placed chunk and full recompute equal the prompt; pure reuse of three does not)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from personalkv.cli import main
+from personalkv.config import get_settings
+from personalkv.evaluation.qa import Item, context_concepts, evaluate, mcnemar_exact, placed_name, wilson
+
+EXACT_KL = 1e-6  # fp32: placed and prompt differ only by float reordering (KL ~1e-12 seen)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qa")
+    facts = {
+        "rex": ("dog", "<rex> is a brown dog with a black collar."),
+        "bobo": ("mug", "<bobo> is a blue mug with a red star on the side."),
+        "fern": ("plant", "<fern> is a fern in a terracotta pot; water it every Sunday."),
+        "kiki": ("cat", ""),
+    }
+    lines = []
+    for cid, (category, info) in facts.items():
+        (root / "concepts" / cid).mkdir(parents=True)
+        (root / "concepts" / cid / "profile.json").write_text(
+            json.dumps({"name": cid.title(), "category": category, "info": info}))
+        for i, (question, a, b, answer) in enumerate([
+            (f"Is <{cid}> a {category}?", "Yes", "No", "A"),
+            (f"What colour is <{cid}>?", "Green", "Brown", "B"),
+        ]):
+            lines.append(json.dumps({"concept": cid, "image": None, "split": "test", "kind": "text_mc",
+                                     "question": question, "options": {"A": a, "B": b}, "answer": answer}))
+        lines.append(json.dumps({"concept": cid, "image": None, "split": "test", "kind": "open_vqa",
+                                 "question": "Describe it.", "answer": "something"}))
+    (root / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_eval_qa_conditions_and_exactness(dataset):
+    report = evaluate(dataset, "tiny:causal_lm", ratios=(0.0, 0.3, 1.0), big_tokens=120, big_pieces=4,
+                      big_questions=1, log=lambda *_: None)
+    rows = report["conditions"]
+    assert report["questions"] == 8 and report["answers_per_condition"] == 16  # text_mc only, 2 orders
+    # prompt1 and prompt3 per question, prompt4 once: prompt tokens = chunk tokens + question
+    assert report["prompt_tokens_match"] == "17/17"
+    assert {"none", "prompt1", "placed1", "placed1_int8", "prompt3", "placed3_r0", "placed3_r0.3_deviation",
+            "placed3_r0.3_first", "placed3_r1", "prompt4", "placed4_r0", "placed4_r1"} <= set(rows)
+    # One chunk placed is the prompt, to float reordering; so is recomputing every token.
+    assert report["placed_vs_prompt_identical"] == 1.0
+    assert report["placed_vs_prompt_max_kl"] <= EXACT_KL
+    assert rows["placed3_r1"]["kl_max"] <= EXACT_KL and rows["placed4_r1"]["kl_max"] <= EXACT_KL
+    # Three chunks computed apart miss each other: measurably different from the prompt.
+    assert rows["placed3_r0"]["kl_mean"] > 100 * EXACT_KL
+    model = get_settings().model  # the headline figures are at the shipped default
+    assert report["placed3_kl_mean"] == rows[placed_name(3, model.recompute_ratio, model.recompute_strategy)]["kl_mean"]
+    for name in ("none", "prompt1", "placed3_r0.3_first"):
+        row = rows[name]
+        low, high = row["accuracy_ci95"]
+        assert 0 <= low <= row["accuracy"] <= high <= 1 and row["answers"] == 16
+        assert 0 <= row["accuracy_calibrated"] <= 1
+    assert rows["prompt4"]["answers"] == 1 and "accuracy" not in rows["prompt4"]  # timing only
+    assert report["big_evidence_tokens"] >= 120
+    assert "placed1 vs prompt1" in report["mcnemar"]
+
+
+def test_eval_qa_cli_writes_json_and_png(dataset, tmp_path):
+    out, png = tmp_path / "qa.json", tmp_path / "qa.png"
+    assert main(["eval", "qa", str(dataset), "--model", "tiny:causal_lm", "--max-concepts", "3",
+                 "--max-questions", "1", "--ratios", "0", "1", "--strategies", "first",
+                 "--big-tokens", "0", "--json", str(out), "--png", str(png)]) == 0
+    report = json.loads(out.read_text())
+    for key in ("placed_vs_prompt_identical", "placed_vs_prompt_max_kl", "placed3_kl_mean",
+                "placed3_identical", "ttft_ratio_prompt3_over_placed3"):
+        assert key in report
+    assert report["questions"] == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_statistics():
+    low, high = wilson(0, 10)
+    assert low == 0 and abs(high - 0.2775) < 1e-3
+    low, high = wilson(5, 10)
+    assert abs(low - 0.2366) < 1e-3 and abs(high - 0.7634) < 1e-3
+    # Exact McNemar: 6 discordant pairs all one way, p = 2 / 2**6.
+    assert mcnemar_exact([True] * 6 + [False] * 4, [False] * 6 + [False] * 4)["p"] == pytest.approx(0.03125)
+    assert mcnemar_exact([True, False], [True, False])["p"] == 1.0
+
+
+def test_k_contexts_place_the_target_at_varied_positions():
+    concepts = ["a", "b", "c", "d", "e"]
+    positions = set()
+    for index in range(6):
+        item = Item("c", index, "q", ("x", "y"), 0)
+        picked = context_concepts(item, concepts, 3)
+        assert len(picked) == 3 == len(set(picked)) and picked[index % 3] == "c"
+        positions.add(picked.index("c"))
+    assert positions == {0, 1, 2}
