@@ -29,12 +29,11 @@ from personalkv.index.reindex import index_concept
 from personalkv.kv.codec import encode_chunk, read_header
 from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
 from personalkv.manifest import ChunkRecord, ConceptManifest
-from personalkv.retrieval.encoders import to_pil
+from personalkv.images import decode
+from personalkv.mining.output import PhotoRef
 from personalkv.retrieval.keys import profile_text
-from personalkv.service import mining_port
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
-from personalkv.storage.base import ObjectNotFound
 from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)
@@ -85,13 +84,14 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         return None
     manifest = _write_state(svc, manifest, "mining", failure_reason=None)
     mined = {p.photo_id for p in manifest.patches}
-    photos = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
+    photos = {p.photo_id: decode(svc.store.get_photo(user_id, concept_id, p.photo_id))
               for p in manifest.photos}
     todo = {k: v for k, v in photos.items() if k not in mined}
     context = {k: v for k, v in photos.items() if k in mined}
-    out = mining_port.mine(manifest, todo, context=context,
-                           negatives=_other_concepts_photos(svc, user_id, concept_id),
-                           patches_per_photo=svc.settings.service.patches_per_photo)
+    out = svc.miner(manifest, todo, context=context,
+                    negatives=_other_concepts_photos(svc, user_id, concept_id),
+                    descriptors=svc.descriptors, adapter=lambda: svc.adapter,
+                    patches_per_photo=svc.settings.service.patches_per_photo)
     # Merge into the freshest manifest: photos may have been added while we mined.
     fresh = svc.store.read_manifest(user_id, concept_id)
     if fresh is None:
@@ -100,18 +100,24 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     known = {(p.photo_id, p.box) for p in fresh.patches}
     patches = list(fresh.patches) + [p for p in out.patches
                                      if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
-    written = _write_state(svc, fresh, "caching", patches=patches,
-                           profile=out.profile or fresh.profile, failure_reason=None)
+    known = {(p.photo_id, p.box) for p in fresh.support}
+    support = list(fresh.support) + [p for p in out.support
+                                     if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
+    notes = {k: v for k, v in {"miner": out.miner, **out.notes}.items()
+             if isinstance(v, (str, int, float, bool))}
+    written = _write_state(svc, fresh, "caching", patches=patches, support=support,
+                           profile=out.profile or fresh.profile, mining_notes=notes,
+                           failure_reason=None)
     log.info("mined %s/%s: %d new photos -> %d patches (%s)", user_id, concept_id, len(todo),
              len(patches) - len(fresh.patches), out.miner)
     svc.task_queue.enqueue_caching(user_id, concept_id)
     return written
 
 
-def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
+def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list[PhotoRef]:
     """Up to ``mining.user_negatives`` photos of the user's other concepts, round-robin across
     concepts so that each one counts: what this concept's patches must not look like. Only this
-    user's objects are read."""
+    user's objects are read, and a photo only when the miner lacks its stored descriptors."""
     limit = svc.settings.mining.user_negatives
     queues = []
     for other in sorted(svc.store.list_concepts(user_id)):
@@ -123,13 +129,9 @@ def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
     picked: list[tuple[str, str]] = []
     for depth in range(max((len(q) for _, q in queues), default=0)):
         picked += [(other, ids[depth]) for other, ids in queues if depth < len(ids)]
-    out = []
-    for other, photo_id in picked[:limit]:
-        try:
-            out.append(to_pil(svc.store.get_photo(user_id, other, photo_id)))
-        except ObjectNotFound:  # deleted meanwhile: a negative less, nothing lost
-            continue
-    return out
+    return [PhotoRef(photo_id, other, lambda other=other, photo_id=photo_id:
+                     decode(svc.store.get_photo(user_id, other, photo_id)))
+            for other, photo_id in picked[:limit]]
 
 
 # -- caching -------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     seen = {records[0].chunk_id}
     for i, patch in enumerate(manifest.patches):
         if patch.photo_id not in photos:
-            photos[patch.photo_id] = to_pil(store.get_photo(user_id, concept_id, patch.photo_id))
+            photos[patch.photo_id] = decode(store.get_photo(user_id, concept_id, patch.photo_id))
         crop = photos[patch.photo_id].crop(patch.box)
         record = chunk_for(patch_evidence(crop, manifest.profile.name, source=str(i)))
         if record.chunk_id not in seen:  # two identical patches share one chunk
