@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from personalkv.config import MiningSettings
+from personalkv.images import rgb_array
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.miner import MinedConcept
 from personalkv.mining.proposals import points_in_boxes, propose_boxes
@@ -146,7 +147,8 @@ class ConceptRecognizer:
 
         def rerank(user_id: str, image, candidates: Sequence[str]) -> dict[str, float]:
             known = [c for c in candidates if c in self.library.concept_ids]
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            # in the library's working frame (max_side), as its photos were described
+            rgb = rgb_array(image, self.settings.max_side)
             result = self.recognize(rgb, known)
             return {c: self.calibrated(s) for c, s in result.scores.items()}
 
