@@ -15,17 +15,11 @@ from personalkv.config import RetrievalSettings, Settings
 from personalkv.evaluation.ask import build_queries, evaluate_ask, side_by_side
 from personalkv.evaluation.cli import format_table
 from personalkv.evaluation.dataset import load_dataset
+from tests.unit.evaluation.test_recognition_eval import _scene as scene
 
 
 def _scene(rng, mark=None):
-    img = np.full((240, 320, 3), rng.integers(80, 180, 3), np.uint8)
-    for _ in range(30):
-        x, y = (int(v) for v in rng.integers(0, 300, 2))
-        cv2.circle(img, (x, y), int(rng.integers(4, 20)), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
-    if mark is not None:
-        x, y = (int(v) for v in rng.integers(10, 140, 2))
-        img[y:y + mark.shape[0], x:x + mark.shape[1]] = mark
-    return img
+    return scene(rng, mark, size=(240, 320), blobs=30, spread=140)
 
 
 @pytest.fixture(scope="module")
