@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from personalkv.images import decode
 from personalkv.mining.proposals import propose_boxes
 from personalkv.retrieval.encoders import get_image_encoder
 from personalkv.retrieval.retriever import query_crops
@@ -44,8 +45,7 @@ def _photos(folder: Path) -> list[Path]:
 
 
 def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return decode(path)  # EXIF orientation applied, as on every service path
 
 
 def load_dataset(root: Path, max_negatives: int | None):

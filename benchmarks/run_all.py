@@ -16,6 +16,7 @@ import time
 BENCHMARKS = [
     "benchmarks.kv_core",
     "benchmarks.storage_index",
+    "benchmarks.ingest",
 ]
 
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -15,7 +15,7 @@ COMMAND_MODULES = [
     "personalkv.api.cli",  # serve ingestion|answering, token
     "personalkv.service.cli",  # worker, ingest, ask, reindex, demo
     "personalkv.mining.cli",  # mine, eval recognition
-    "personalkv.evaluation.cli",  # eval qa
+    "personalkv.evaluation.cli",  # eval qa, eval ask
 ]
 
 

@@ -137,6 +137,11 @@ class RetrievalSettings(BaseSettings):
     )
     top_k: int = Field(3, ge=1, description="Most concepts returned per question.")
     candidates: int = Field(50, ge=1, description="Keys fetched per modality before fusion.")
+    photo_reranker: Literal["recognizer", "none"] = Field(
+        "recognizer", description="Image evidence of an Ask with a photo: 'recognizer' (the "
+        "mining recognizer over the user's mined patches and stored photo descriptors, "
+        "personalkv.mining.served) or 'none' (the index's image keys only).",
+    )
 
 
 class AuthSettings(BaseSettings):

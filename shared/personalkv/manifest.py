@@ -93,7 +93,14 @@ class ConceptManifest(_Model):
     profile: ConceptProfile
     photos: list[PhotoRecord] = Field(default_factory=list)
     patches: list[PatchRecord] = Field(default_factory=list)
+    #: The windows that outline the concept on each mined photo (the miner's best few per
+    #: photo): the recognizer lets only keypoints inside them (and the patches) vote, not the
+    #: shared home background. Not encoded as chunks.
+    support: list[PatchRecord] = Field(default_factory=list)
     chunks: list[ChunkRecord] = Field(default_factory=list)
+    #: What the miner reported on its last run: which miner, the profile's source, errors
+    #: (``miner_error``, ``profile_error``), photos described vs. read back from storage.
+    mining_notes: dict[str, str | int | float | bool] = Field(default_factory=dict)
     model_fingerprint: str | None = None
     lease_until: datetime | None = Field(
         None, description="While queued, mining or caching: until when the work is known to be "
@@ -118,7 +125,7 @@ class ConceptManifest(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> ConceptManifest:
         photo_ids = {p.photo_id for p in self.photos}
-        for patch in self.patches:
+        for patch in [*self.patches, *self.support]:
             if patch.photo_id not in photo_ids:
                 raise ValueError(f"patch refers to unknown photo {patch.photo_id}")
         if self.state == "failed" and not self.failure_reason:

@@ -10,8 +10,13 @@
   recognizer  which concept (or none) a photo shows; usable as the retriever's re-ranker
   profile     schema-validated concept profiles from user facts and the VLM's description
   sheets      contact-sheet PNGs
+  descriptors per-photo descriptors stored beside the photo (described once per photo)
+  served      each user's recognizer in the answering process (Ask's photo re-ranker)
+  output      MiningOutput / PhotoRef: the service miner's seam (no heavy imports)
   cli         `personalkv mine`, `personalkv eval recognition`
 """
+
+from personalkv.mining.output import MiningOutput, PhotoRef
 
 
 def mine_for_service(manifest, photos, **options):

@@ -214,10 +214,6 @@ def get_patch_embedder(name: str) -> PatchEmbedder:
 
 def load_rgb(path, max_side: int = 640) -> np.ndarray:
     """Reads a photo as uint8 RGB, EXIF-rotated, downscaled so its longer side <= max_side."""
-    from PIL import Image, ImageOps
+    from personalkv.images import rgb_array
 
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        if max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).copy()
+    return rgb_array(path, max_side)

@@ -58,18 +58,25 @@ class PhotoLibrary:
     photos: list[LibraryPhoto] = field(default_factory=list)
     concept_ids: list[str] = field(default_factory=list)
     #: optional memo of described photos by photo id (evaluations rebuild libraries from the
-    #: same photos; ids must then be unique, e.g. paths).
+    #: same photos; ids must then be unique, e.g. paths). The service passes the stored
+    #: descriptors (``personalkv.mining.descriptors.StoredDescriptors``).
     cache: dict | None = None
 
-    def describe(self, image: np.ndarray, owner: int, photo_id: str) -> LibraryPhoto:
+    def describe(self, image, owner: int, photo_id: str) -> LibraryPhoto:
+        """``image``: a uint8 RGB array, or a zero-argument callable returning one (called only
+        when the cache does not hold the photo: its pixels need not be fetched at all)."""
         if self.cache is not None and photo_id in self.cache:
             shape, local, boxes, appearance = self.cache[photo_id]
         else:
+            if callable(image):
+                image = image()
             boxes = propose_boxes(image.shape, self.embedder.window_fractions)
             shape, local = image.shape[:2], self.extractor.extract(image)
             appearance = self.embedder.embed_boxes(image, boxes)
             if self.cache is not None:
                 self.cache[photo_id] = (shape, local, boxes, appearance)
+                # as the cache keeps it (a store may round), so cached and fresh score alike
+                shape, local, boxes, appearance = self.cache[photo_id]
         return LibraryPhoto(owner, photo_id, shape, local, boxes, appearance)
 
     def add_concept(self, concept_id: str, images, photo_ids=None) -> int:

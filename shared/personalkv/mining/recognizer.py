@@ -25,9 +25,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from personalkv.config import MiningSettings
+from personalkv.images import rgb_array
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.miner import MinedConcept
 from personalkv.mining.proposals import points_in_boxes, propose_boxes
+from personalkv.mining.scoring import pool_appearance
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,16 @@ class Recognition:
 
 
 class ConceptRecognizer:
+    """``pool_margins``: measure each patch's pool similarity against this library (every photo
+    not of its concept) instead of taking the one its mining recorded. The service sets it:
+    a concept mined first saw no other concepts, and its recorded margins would stay inflated
+    as the user adds more."""
+
     def __init__(self, library: PhotoLibrary, mined: Mapping[str, MinedConcept],
-                 settings: MiningSettings | None = None):
+                 settings: MiningSettings | None = None, pool_margins: bool = False):
         self.library = library
         self.settings = settings or MiningSettings()
+        self.pool_margins = pool_margins
         self._patches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._subject: dict[int, np.ndarray] = {}  # library photo -> keypoint mask
         for cid in library.concept_ids:
@@ -86,7 +94,16 @@ class ConceptRecognizer:
             j = int(np.argmin(np.abs(lp.boxes - np.asarray(p.box, np.float32)).sum(1)))
             rows.append(lp.appearance[j])
             negs.append(p.scores.get("appearance_consistency", 1.0) - p.scores.get("appearance_margin", 0.0))
-        return np.stack(rows), np.asarray(negs, np.float32)
+        rows = np.stack(rows)
+        if self.pool_margins:  # as appearance_evidence: mean of the 3 most similar pool windows
+            pool = pool_appearance(self.library, owner)
+            if pool.size and pool.shape[1] == rows.shape[1]:
+                sims = rows @ pool.T
+                k = min(3, sims.shape[1])
+                negs = np.partition(sims, -k, axis=1)[:, -k:].mean(1)
+            else:
+                negs = np.zeros(len(rows), np.float32)
+        return rows, np.asarray(negs, np.float32)
 
     def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None) -> Recognition:
         lib = self.library
@@ -117,9 +134,12 @@ class ConceptRecognizer:
         accepted = best is not None and fused[best] >= self.settings.threshold
         return Recognition(fused, best, accepted, kp, app, kp_all, kp_subj, app_raw)
 
-    def calibrated(self, score: float) -> float:
-        """Fused score -> [0, 1], 0.5 at the threshold."""
-        return float(1.0 / (1.0 + np.exp(-2.0 * (score - self.settings.threshold))))
+    def calibrated(self, score: float, at_threshold: float = 0.5) -> float:
+        """Fused score -> [0, 1] (logistic, slope 2 per score unit), ``at_threshold`` at the
+        threshold: the retriever passes its own threshold, so that a photo alone returns a
+        concept exactly when the recognizer accepts it."""
+        offset = float(np.log(at_threshold / (1.0 - at_threshold)))
+        return float(1.0 / (1.0 + np.exp(-(2.0 * (score - self.settings.threshold) + offset))))
 
     def as_reranker(self):
         """A ``personalkv.retrieval.retriever.VisualReranker`` for this user's library:
@@ -127,7 +147,8 @@ class ConceptRecognizer:
 
         def rerank(user_id: str, image, candidates: Sequence[str]) -> dict[str, float]:
             known = [c for c in candidates if c in self.library.concept_ids]
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            # in the library's working frame (max_side), as its photos were described
+            rgb = rgb_array(image, self.settings.max_side)
             result = self.recognize(rgb, known)
             return {c: self.calibrated(s) for c, s in result.scores.items()}
 

@@ -4,85 +4,109 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
+from typing import Sequence
 
-import numpy as np
+from personalkv.images import rgb_array
+from personalkv.manifest import PatchRecord
+from personalkv.mining.output import MiningOutput, PhotoRef
+from personalkv.storage.base import ObjectNotFound
 
 log = logging.getLogger(__name__)
 
 
-def mine_for_service(manifest, photos: dict, *, context: dict | None = None, negatives=(),
-                     patches_per_photo: int = 2):
+def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
+                     negatives: Sequence = (), descriptors=None, adapter=None,
+                     patches_per_photo: int = 2) -> MiningOutput:
     """Mines the ``photos`` (photo id -> PIL image) of ``manifest``'s concept: the top-k patches
     of the concept plus, for a photo that holds none of them, its best ``patches_per_photo``
-    windows; the profile from the VLM's description of the first photo when it passes the
-    schema, else from the user's facts (``source`` records which).
+    windows; the support windows of every new photo (the recognizer's subject region); the
+    profile from the VLM's description of the first photo when it passes the schema, else from
+    the user's facts (``source`` records which).
 
     ``context``: the concept's photos mined before (photo id -> PIL). They count as evidence of
     consistency (a window is the concept's when it recurs in its other photos) but get no new
     patches, so adding a photo re-mines nothing. ``negatives``: the user's other concepts'
-    photos (PIL), added to the generic pool ``PERSONALKV_MINING_NEGATIVE_POOL`` (when set): a
-    window that matches them is not distinctive of this concept."""
-    from pathlib import Path
-
+    photos (``PhotoRef``, or PIL images), added to the generic pool
+    ``PERSONALKV_MINING_NEGATIVE_POOL`` (when set): a window that matches them is not
+    distinctive of this concept. ``descriptors``: the user's stored photo descriptors
+    (``DescriptorStore``); with it no stored photo is described twice and a ``PhotoRef``
+    negative is not even fetched. ``adapter``: the process's model adapter (or a callable
+    returning it) for the profile; None loads the configured one."""
     from personalkv.config import get_settings
-    from personalkv.mining.features import load_rgb
     from personalkv.mining.miner import Miner, build_library
     from personalkv.mining.profile import ProfileWriter
-    from personalkv.service.mining_port import MiningOutput
 
     settings = get_settings().mining
+    cid = manifest.concept_id
     context = {k: v for k, v in (context or {}).items() if k not in photos}
     ids = list(photos) + list(context)
     originals = {**photos, **context}
-    images = [_rgb(originals[i], settings.max_side) for i in ids]
-    pool = [_rgb(im, settings.max_side) for im in negatives]
+    images = [rgb_array(originals[i], settings.max_side) for i in ids]
+    owners = {i: cid for i in ids}
+    owners.update({n.photo_id: n.concept_id for n in negatives if isinstance(n, PhotoRef)})
+    cache = descriptors.cache_for(manifest.user_id, owners) if descriptors is not None else None
+    pool: list = []
+    pool_ids: list[str] = []
+    for k, neg in enumerate(negatives):
+        if not isinstance(neg, PhotoRef):
+            pool.append(rgb_array(neg, settings.max_side))
+            pool_ids.append(f"negative/{k}")
+        elif cache is not None and neg.photo_id in cache:  # stored: no pixels needed
+            pool.append(None)
+            pool_ids.append(neg.photo_id)
+        else:
+            try:
+                pool.append(rgb_array(neg.load(), settings.max_side))
+            except ObjectNotFound:  # its concept was deleted meanwhile: a negative less
+                continue
+            pool_ids.append(neg.photo_id)
     if settings.negative_pool:
-        pool += [load_rgb(p, settings.max_side) for p in sorted(Path(settings.negative_pool).glob("*.jpg"))]
-    cid = manifest.concept_id
-    library = build_library(settings, {cid: images}, pool, {cid: ids})
+        for p in sorted(Path(settings.negative_pool).glob("*.jpg")):
+            pool.append(lambda p=p: rgb_array(p, settings.max_side))
+            pool_ids.append(str(p))
+    library = build_library(settings, {cid: images}, pool, {cid: ids}, pool_ids, cache=cache)
     mined = Miner(library, settings).mine(cid, images, manifest.profile.info)
     scale = {i: originals[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
     new = set(photos)
     records = [r for r in mined.patch_records() if r.photo_id in new]
     covered = {p.photo_index for p in mined.patches if ids[p.photo_index] in new}
     per_photo: dict[int, int] = {}
-    from personalkv.manifest import PatchRecord
-
+    support = []
     for local_i, box in mined.support:
-        if ids[local_i] not in new or local_i in covered or per_photo.get(local_i, 0) >= patches_per_photo:
+        if ids[local_i] not in new:
+            continue
+        support.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
+        if local_i in covered or per_photo.get(local_i, 0) >= patches_per_photo:
             continue
         per_photo[local_i] = per_photo.get(local_i, 0) + 1
-        records.append(PatchRecord(photo_id=ids[local_i], box=box, score=0.0, scores={"support": 1.0}))
+        records.append(support[-1])
     records = [_rescale(r, scale[r.photo_id]) for r in records]
+    support = [_rescale(r, scale[r.photo_id]) for r in support]
     p = manifest.profile
     notes = {}
     try:
         generate = None
         if settings.profile_from_vlm:
             from personalkv.mining.profile import vlm_generate
-            from personalkv.models import configured_adapter
 
-            generate = vlm_generate(configured_adapter())
+            if adapter is None:
+                from personalkv.models import configured_adapter
+
+                adapter = configured_adapter
+            generate = vlm_generate(adapter() if callable(adapter) else adapter)
         profile = ProfileWriter(generate).write(p.name, p.category, p.info, [originals[i] for i in ids[:1]])
     except Exception as exc:  # the VLM cannot load or run here: the patches still count
         log.warning("profile of %s/%s from the user's facts: the VLM failed (%s)",
                     manifest.user_id, cid, exc)
         notes["profile_error"] = f"{type(exc).__name__}: {exc}"[:200]
         profile = ProfileWriter().write(p.name, p.category, p.info)
-    return MiningOutput(patches=records, profile=profile, miner="personalkv.mining",
+    if cache is not None:
+        notes.update(photos_described=cache.described, descriptors_loaded=cache.loaded)
+    return MiningOutput(patches=records, support=support, profile=profile, miner="personalkv.mining",
                         notes={**notes, "profile_source": profile.source, "context_photos": len(context),
                                "negative_photos": len(pool),
                                "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
-
-
-def _rgb(image, max_side: int) -> np.ndarray:
-    from PIL import Image
-
-    im = image.convert("RGB")
-    if max(im.size) > max_side:
-        im = im.copy()
-        im.thumbnail((max_side, max_side), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8).copy()
 
 
 def _rescale(record, factor: float):

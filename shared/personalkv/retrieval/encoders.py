@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import os
 import re
 from abc import ABC, abstractmethod
 from functools import lru_cache
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-ImageLike = Union[bytes, Image.Image, np.ndarray]
+from personalkv.images import ImageLike, decode
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -39,12 +38,9 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def to_pil(image: ImageLike) -> Image.Image:
-    """Photo bytes (any PIL format), a PIL image or a uint8 HxWx3 array -> RGB PIL image."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
-    return image.convert("RGB")
+    """Photo bytes, a PIL image or a uint8 array -> upright RGB PIL image
+    (:func:`personalkv.images.decode`: EXIF orientation applied)."""
+    return decode(image)
 
 
 class TextEncoder(ABC):

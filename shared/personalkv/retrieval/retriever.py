@@ -8,17 +8,20 @@ extent). Reads only the key index - never a manifest - so an Ask costs a few ind
 Scoring, per concept of this user and model fingerprint:
 
 * text: best cosine of the question against the concept's text keys (profile text, name);
-* image: best cosine of the question photo - whole and in overlapping crops, because a user's
-  photo shows the thing somewhere in a scene while its keys are mined patches - against the
-  concept's patch and photo keys; a visual re-ranker (from mining), when given, replaces the
-  image score of the candidates it scores;
+* image: with a visual re-ranker (the service's: the mining recognizer, see
+  ``personalkv.mining.served``), its score for every concept of the user it knows; otherwise,
+  and for concepts it does not know yet, the best cosine of the question photo - whole and in
+  overlapping crops, because a user's photo shows the thing somewhere in a scene while its keys
+  are mined patches - against the concept's patch and photo keys (the index search is skipped
+  when the re-ranker scored every concept);
 * name: 1 when the question names the concept ("is Bobo hungry?").
 
 Each cosine is mapped from [encoder.score_floor, encoder.score_match] onto [0, 1]; text and image
 are fused as a weighted noisy-OR, ``1 - (1 - w_t t)(1 - w_i i)``, so one strong modality suffices
 (a photo with "what is this?" must find the concept; averaging would halve it) and two moderate
-ones reinforce; the name bonus is added. Concepts under ``threshold``, or under
-``relative_cut`` x the best score, are dropped: an empty result means "none of your concepts".
+ones reinforce; the name bonus is added. Concepts under ``threshold``, or (unless the question
+names them) under ``relative_cut`` x the best score, are dropped: an empty result means "none
+of your concepts".
 Several concepts can pass.
 """
 
@@ -131,11 +134,12 @@ class Retriever:
         image: dict[str, float] = {}
         pil = to_pil(photo) if photo is not None else None
         if pil is not None:
-            image = self._image_scores(user_id, model_fingerprint, pil)
             if self.visual_reranker is not None:
-                pool = sorted(set(image) | set(text) | named)
-                image.update({c: float(v) for c, v in
-                              self.visual_reranker(user_id, pil, pool).items() if c in names})
+                image = {c: float(v) for c, v in
+                         self.visual_reranker(user_id, pil, sorted(names)).items() if c in names}
+            if self.visual_reranker is None or set(names) - set(image):
+                for c, v in self._image_scores(user_id, model_fingerprint, pil).items():
+                    image.setdefault(c, v)
         scored = []
         for concept_id in set(text) | set(image) | named:
             t, i = text.get(concept_id, 0.0), image.get(concept_id, 0.0)
@@ -143,8 +147,10 @@ class Retriever:
             fused += s.weight_name if concept_id in named else 0.0
             scored.append(RetrievedConcept(concept_id, round(fused, 6), t, i, concept_id in named))
         scored.sort(key=lambda c: (-c.score, c.concept_id))
-        cut = max(s.threshold, s.relative_cut * scored[0].score) if scored else s.threshold
-        chosen = [c for c in scored if c.score >= cut][:top_k]
+        relative = s.relative_cut * scored[0].score if scored else 0.0
+        # A concept the question names is kept whatever the best scored: "Bobo and Rex" wants both.
+        chosen = [c for c in scored
+                  if c.score >= s.threshold and (c.named or c.score >= relative)][:top_k]
         chunks = self._chunks(user_id, model_fingerprint, [c.concept_id for c in chosen])
         chosen = [RetrievedConcept(c.concept_id, c.score, c.text_score, c.image_score, c.named,
                                    tuple(chunks.get(c.concept_id, ()))) for c in chosen]

@@ -86,6 +86,20 @@ def _check(svc, user_id: str, question: str, photos: Sequence[bytes], options: A
     return question.strip(), images
 
 
+def _retrieve(svc, user_id: str, question: str, image, top_k: int | None, fingerprint: str):
+    with dependencies("the retrieval index"):
+        return svc.retriever.retrieve(user_id, question, image, top_k, model_fingerprint=fingerprint)
+
+
+def retrieve(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+             top_k: int | None = None):
+    """Ask's retrieve step alone (same checks, photo decoding and retriever; no chunks loaded,
+    nothing generated): what ``personalkv eval ask`` and the ingest benchmark measure."""
+    question, images = _check(svc, user_id, question, list(photos), AskOptions(top_k=top_k))
+    return _retrieve(svc, user_id, question, images[0] if images else None, top_k,
+                     svc.adapter.fingerprint())
+
+
 def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
         options: AskOptions | None = None, on_token=None) -> AskResult:
     """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
@@ -98,9 +112,7 @@ def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    with dependencies("the retrieval index"):
-        result = svc.retriever.retrieve(user_id, question, image, options.top_k,
-                                        model_fingerprint=fingerprint)
+    result = _retrieve(svc, user_id, question, image, options.top_k, fingerprint)
     t1 = time.perf_counter()
     chunks, used, skipped, hits = [], [], 0, 0
     for concept in result.concepts:

@@ -10,8 +10,10 @@ servicers, Celery tasks, the CLI, the demo) call it once per process.
   and index (``PERSONALKV_INDEX_URI``, a Milvus server), and Celery on Redis for tasks.
 
 The index, the model adapter and the retrieval encoders open lazily on first use, so processes
-that never encode or answer (the ingestion API) never load them; the miner loads the VLM by
-itself (``personalkv.models.configured_adapter``) only to write profiles. Tests pass their own
+that never encode or answer (the ingestion API) never load them. The pipeline mines through
+``Services.miner`` (``mining_port.mine``) and hands it this process's one adapter (profiles)
+and the user's stored photo descriptors (``Services.descriptors``); the Ask retriever re-ranks
+photo evidence with each user's recognizer (``Services.recognizers``). Tests pass their own
 ``adapter`` / ``task_queue`` (real implementations, e.g. the tiny model, synchronous tasks).
 """
 
@@ -28,6 +30,7 @@ from personalkv.index.base import KeyIndex
 from personalkv.models.base import ModelAdapter
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
+from personalkv.service import mining_port
 from personalkv.service.chunk_cache import ChunkCache
 from personalkv.service.task_queue import CeleryTaskQueue, InProcessTaskQueue, TaskQueue
 from personalkv.storage.chunk_store import ChunkStore
@@ -45,10 +48,13 @@ class Services:
     adapter_factory: Callable[[], ModelAdapter]
     keys_factory: Callable[[], KeyBuilder]
     embedded: bool = True
+    miner: Callable = field(default=None, repr=False)  # mining_port.mine unless a test swaps it
     _index: KeyIndex | None = field(default=None, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
     _keys: KeyBuilder | None = field(default=None, repr=False)
     _retriever: Retriever | None = field(default=None, repr=False)
+    _descriptors: object | None = field(default=None, repr=False)
+    _recognizers: object | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -78,12 +84,40 @@ class Services:
         return self._keys
 
     @property
+    def descriptors(self):
+        """Per-photo mining descriptors in the object store (``mining.descriptors``)."""
+        if self._descriptors is None:
+            from personalkv.mining.descriptors import DescriptorStore
+
+            with self._lock:
+                if self._descriptors is None:
+                    self._descriptors = DescriptorStore(self.store.objects, self.settings.mining)
+        return self._descriptors
+
+    @property
+    def recognizers(self):
+        """Each user's recognizer, kept for this process (``mining.served``)."""
+        if self._recognizers is None:
+            from personalkv.mining.served import ServedRecognizers
+
+            descriptors = self.descriptors
+            with self._lock:
+                if self._recognizers is None:
+                    self._recognizers = ServedRecognizers(
+                        self.store, descriptors, self.settings.mining,
+                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99))
+        return self._recognizers
+
+    @property
     def retriever(self) -> Retriever:
         if self._retriever is None:
             keys = self.keys
+            rerank = (self.recognizers.rerank
+                      if self.settings.retrieval.photo_reranker == "recognizer" else None)
             with self._lock:
                 if self._retriever is None:
-                    self._retriever = Retriever(self.index, keys, self.settings.retrieval)
+                    self._retriever = Retriever(self.index, keys, self.settings.retrieval,
+                                                visual_reranker=rerank)
         return self._retriever
 
     def close(self) -> None:
@@ -157,7 +191,7 @@ def bootstrap(
         settings=settings, store=store, index_factory=index_factory,
         chunk_cache=ChunkCache(settings.service.chunk_cache_bytes), task_queue=queue,
         adapter_factory=adapter_factory, keys_factory=default_keys_factory(settings),
-        embedded=embedded,
+        embedded=embedded, miner=mining_port.mine,
     )
     queue.bind(services)
     return services

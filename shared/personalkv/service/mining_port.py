@@ -1,34 +1,28 @@
-"""The one place the pipeline calls patch mining (``pipeline.mine_concept`` -> ``mine``).
+"""The one place the pipeline calls patch mining (``pipeline.mine_concept`` -> ``svc.miner``,
+which ``bootstrap`` sets to :func:`mine`).
 
 Calls ``personalkv.mining.mine_for_service`` (the real miner: patch proposals, subject prior,
-window appearance + RootSIFT consistency and distinctiveness, profile from the user's facts) when it imports; if it cannot be
-imported (e.g. OpenCV missing) or raises on a concept, falls back to centre crops of every new
-photo and keeps the profile as is, so ingest never stalls on the miner. Either way the pipeline
-sees the same ``MiningOutput``; chunks are keyed by content, so switching miners only adds
-chunks for patches that changed.
+window appearance + RootSIFT consistency and distinctiveness, support windows, profile) when it
+imports. If it cannot be imported (e.g. OpenCV missing) or raises on a concept, the new photos
+get centre crops and the profile is kept, so ingest never stalls on the miner; but the failure
+is not silent: ``notes["miner_error"]`` says what happened and the pipeline writes it into the
+manifest's ``mining_notes`` (with ``miner: centre_crops``). Chunks are keyed by content, so
+switching miners only adds chunks for patches that changed.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from PIL import Image
 
-from personalkv.manifest import ConceptManifest, ConceptProfile, PatchRecord
+from personalkv.manifest import ConceptManifest, PatchRecord
+from personalkv.mining.output import MiningOutput, PhotoRef
 
 log = logging.getLogger(__name__)
 
 #: Centre-crop side lengths of the fallback, as shares of the photo's shorter side.
 FALLBACK_SCALES = (0.6, 0.9, 0.4, 0.75)
-
-
-@dataclass
-class MiningOutput:
-    patches: list[PatchRecord]  # new patches, for the photos given
-    profile: ConceptProfile | None = None  # a richer profile, or None to keep the current one
-    miner: str = "centre_crops"
-    notes: dict = field(default_factory=dict)
 
 
 def centre_crops(photo_id: str, image: Image.Image, count: int) -> list[PatchRecord]:
@@ -49,26 +43,34 @@ def _real_miner():
     """The real miner's entry point, when ``personalkv.mining`` offers one; else None."""
     try:
         from personalkv import mining
-    except Exception:  # not there yet, or its optional deps (OpenCV) are missing
+    except Exception:  # its optional deps (OpenCV) are missing
         return None
     return getattr(mining, "mine_for_service", None)
 
 
 def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *,
-         context: dict[str, Image.Image] | None = None, negatives: list[Image.Image] = (),
-         patches_per_photo: int = 2) -> MiningOutput:
+         context: dict[str, Image.Image] | None = None, negatives: list[PhotoRef] = (),
+         descriptors=None, adapter=None, patches_per_photo: int = 2) -> MiningOutput:
     """Patches for ``photos`` (photo id -> RGB image; the concept's photos not mined yet) and
     maybe a new profile. ``manifest`` gives the concept's facts and its existing patches;
     ``context`` the concept's photos mined before (consistency evidence, no new patches);
-    ``negatives`` photos of the user's other concepts (distinctiveness)."""
+    ``negatives`` the user's other concepts' photos (distinctiveness); ``descriptors`` the
+    user's stored photo descriptors (``personalkv.mining.descriptors.DescriptorStore``);
+    ``adapter`` the process's model adapter, or a callable returning it (profiles)."""
     real = _real_miner()
+    error = "personalkv.mining.mine_for_service cannot be imported"
     if real is not None:
         try:
             return real(manifest, photos, context=context or {}, negatives=list(negatives),
+                        descriptors=descriptors, adapter=adapter,
                         patches_per_photo=patches_per_photo)
-        except Exception:
+        except Exception as exc:
             log.exception("the miner failed on %s/%s; using centre crops",
                           manifest.user_id, manifest.concept_id)
+            error = f"{type(exc).__name__}: {exc}"
     patches = [p for photo_id, image in photos.items()
                for p in centre_crops(photo_id, image, patches_per_photo)]
-    return MiningOutput(patches=patches)
+    return MiningOutput(patches=patches, notes={"miner_error": error[:300]})
+
+
+__all__ = ["FALLBACK_SCALES", "MiningOutput", "PhotoRef", "centre_crops", "mine"]

@@ -13,7 +13,9 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from personalkv.images import decode
 
 from personalkv.service.errors import InvalidArgument, ResourceExhausted
 
@@ -33,8 +35,7 @@ class ValidatedPhoto:
 
     def to_pil(self) -> Image.Image:
         """RGB image with EXIF orientation applied (what the model and the encoders see)."""
-        with Image.open(io.BytesIO(self.data)) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+        return decode(self.data)
 
 
 def validate_photo(data: bytes, *, max_bytes: int, max_pixels: int) -> ValidatedPhoto:

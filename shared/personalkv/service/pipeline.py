@@ -29,13 +29,13 @@ from personalkv.kv.engine import (
     Evidence, encode, evidence_chunk_id, patch_evidence, profile_evidence,
 )
 from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.images import decode
+from personalkv.mining.output import PhotoRef
 from personalkv.mining.profile import profile_sentences
-from personalkv.retrieval.encoders import to_pil
 from personalkv.retrieval.indexing import index_concept
-from personalkv.service import mining_port, reconciler
+from personalkv.service import reconciler
 from personalkv.service._common import check_ids, dependencies
 from personalkv.service.errors import Unavailable
-from personalkv.storage.base import ObjectNotFound
 from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,16 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)
         return None
     mined = {p.photo_id for p in manifest.patches}
-    photos = {p.photo_id: to_pil(svc.store.get_photo(user_id, concept_id, p.photo_id))
+    photos = {p.photo_id: decode(svc.store.get_photo(user_id, concept_id, p.photo_id))
               for p in manifest.photos}
     todo = {k: v for k, v in photos.items() if k not in mined}
     context = {k: v for k, v in photos.items() if k in mined}
-    out = mining_port.mine(manifest, todo, context=context,
-                           negatives=_other_concepts_photos(svc, user_id, concept_id),
-                           patches_per_photo=svc.settings.service.patches_per_photo)
+    out = svc.miner(manifest, todo, context=context,
+                    negatives=_other_concepts_photos(svc, user_id, concept_id),
+                    descriptors=svc.descriptors, adapter=lambda: svc.adapter,
+                    patches_per_photo=svc.settings.service.patches_per_photo)
+    notes = {k: v for k, v in {"miner": out.miner, **out.notes}.items()
+             if isinstance(v, (str, int, float, bool))}
     lease = reconciler.lease_from_now(svc.settings.celery.lease_s)
     added = 0
     arrived: set[str] = set()
@@ -108,9 +111,12 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         known = {(p.photo_id, p.box) for p in fresh.patches}
         new = [p for p in out.patches if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
         added = len(new)
+        known = {(p.photo_id, p.box) for p in fresh.support}
+        support = [p for p in out.support if p.photo_id in photo_ids and (p.photo_id, p.box) not in known]
         state = "queued" if arrived and fresh.state == "queued" else "caching"
         return fresh.model_copy(update={
-            "patches": list(fresh.patches) + new, "profile": out.profile or fresh.profile,
+            "patches": list(fresh.patches) + new, "support": list(fresh.support) + support,
+            "profile": out.profile or fresh.profile, "mining_notes": notes,
             "state": state, "failure_reason": None,
             "lease_until": fresh.lease_until if state == "queued" else lease})
 
@@ -125,10 +131,10 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     return written
 
 
-def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
+def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list[PhotoRef]:
     """Up to ``mining.user_negatives`` photos of the user's other concepts, round-robin across
     concepts so that each one counts: what this concept's patches must not look like. Only this
-    user's objects are read."""
+    user's objects are read, and a photo only when the miner lacks its stored descriptors."""
     limit = svc.settings.mining.user_negatives
     queues = []
     for other in sorted(svc.store.list_concepts(user_id)):
@@ -140,13 +146,9 @@ def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list:
     picked: list[tuple[str, str]] = []
     for depth in range(max((len(q) for _, q in queues), default=0)):
         picked += [(other, ids[depth]) for other, ids in queues if depth < len(ids)]
-    out = []
-    for other, photo_id in picked[:limit]:
-        try:
-            out.append(to_pil(svc.store.get_photo(user_id, other, photo_id)))
-        except ObjectNotFound:  # deleted meanwhile: a negative less, nothing lost
-            continue
-    return out
+    return [PhotoRef(photo_id, other, lambda other=other, photo_id=photo_id:
+                     decode(svc.store.get_photo(user_id, other, photo_id)))
+            for other, photo_id in picked[:limit]]
 
 
 # -- caching -------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     patches = manifest.patches if adapter.supports_images else []
     for i, patch in enumerate(patches):
         if patch.photo_id not in photos:
-            photos[patch.photo_id] = to_pil(store.get_photo(user_id, concept_id, patch.photo_id))
+            photos[patch.photo_id] = decode(store.get_photo(user_id, concept_id, patch.photo_id))
         crop = photos[patch.photo_id].crop(patch.box)
         record = chunk_for(patch_evidence(crop, manifest.profile.name, source=str(i)))
         if record.chunk_id not in seen:  # two identical patches share one chunk

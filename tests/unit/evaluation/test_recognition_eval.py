@@ -13,13 +13,14 @@ from personalkv.cli import main
 from personalkv.evaluation.dataset import load_dataset
 
 
-def _scene(rng, mark=None):
-    img = np.full((200, 240, 3), rng.integers(80, 180, 3), np.uint8)
-    for _ in range(25):
-        x, y = (int(v) for v in rng.integers(0, 220, 2))
+def _scene(rng, mark=None, size=(200, 240), blobs=25, spread=120):
+    """Random clutter (``blobs`` circles) of ``size`` (h, w), ``mark`` pasted within ``spread`` px."""
+    img = np.full((*size, 3), rng.integers(80, 180, 3), np.uint8)
+    for _ in range(blobs):
+        x, y = (int(v) for v in rng.integers(0, size[1] - 20, 2))
         cv2.circle(img, (x, y), int(rng.integers(4, 20)), tuple(int(c) for c in rng.integers(0, 256, 3)), -1)
     if mark is not None:
-        x, y = (int(v) for v in rng.integers(10, 120, 2))
+        x, y = (int(v) for v in rng.integers(10, spread, 2))
         img[y:y + mark.shape[0], x:x + mark.shape[1]] = mark
     return img
 

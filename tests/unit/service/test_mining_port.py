@@ -18,7 +18,7 @@ def test_centre_crops_are_square_inside_and_centred():
         assert abs((x0 + x1) / 2 - 100) <= 1 and abs((y0 + y1) / 2 - 50) <= 1
 
 
-def test_falls_back_to_centre_crops_when_the_miner_fails(monkeypatch):
+def test_a_miner_failure_gives_centre_crops_and_says_why(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("miner exploded")
 
@@ -26,6 +26,7 @@ def test_falls_back_to_centre_crops_when_the_miner_fails(monkeypatch):
     manifest = ConceptManifest(user_id="u", concept_id="c", profile=ConceptProfile(name="Bobo"))
     out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, patches_per_photo=2)
     assert out.miner == "centre_crops" and len(out.patches) == 2 and out.profile is None
+    assert out.notes["miner_error"] == "RuntimeError: miner exploded"  # recorded, not silent
 
 
 def test_uses_the_real_miner_when_it_is_there():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from personalkv.images import decode
 from personalkv.service import answering, concepts, pipeline
 from personalkv.service.answering import AskOptions, AskResult
 from personalkv.service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -252,19 +253,20 @@ def test_mining_uses_only_the_same_users_other_concepts_as_negatives(svc, photo_
     make_ready(svc, photo_of, concept="ball", name="Redball", colour=RED, n=3)
     make_ready(svc, photo_of, user="bob", concept="cup", name="Bobs", colour=(20, 160, 40), n=2)
     seen = {}
-    real_mine = pipeline.mining_port.mine
+    real_mine = svc.miner
 
     def spy(manifest, photos, **kw):
         seen[manifest.concept_id] = kw
         return real_mine(manifest, photos, **kw)
 
-    monkeypatch.setattr(pipeline.mining_port, "mine", spy)
+    monkeypatch.setattr(svc, "miner", spy)
     monkeypatch.setattr(svc.settings.mining, "user_negatives", 2)
     make_ready(svc, photo_of, concept="mug", n=2)
     kw = seen["mug"]
     assert kw["context"] == {}  # a first mining has no earlier photos
     # ball's first two photos only (cap 2); bob's cup is another user's: never read
-    assert [im.tobytes() for im in kw["negatives"]] == [
-        pipeline.to_pil(photo_of(RED, k)).tobytes() for k in range(2)]
+    assert [ref.load().tobytes() for ref in kw["negatives"]] == [
+        decode(photo_of(RED, k)).tobytes() for k in range(2)]
+    assert {ref.concept_id for ref in kw["negatives"]} == {"ball"}
     concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 3)])
     assert len(seen["mug"]["context"]) == 2  # the two photos mined before: evidence, not re-mined

@@ -1,0 +1,182 @@
+"""Each user's ``ConceptRecognizer`` in the answering process: Ask's photo re-ranker.
+
+Built from what ingest stored, never from re-mining: the user's manifests (patches, support
+windows) and every mined photo's stored descriptors (``personalkv.mining.descriptors``; a
+photo whose descriptors are missing, e.g. ingested before they were stored, is described
+once and stored). A user's recognizer is kept per process and rebuilt only when the user's
+mined content changes: its version is a hash over each concept's mined photos, patches and
+support (read from the manifests on each Ask; a re-mining in progress keeps the last state until
+it publishes new patches). Descriptors already in memory are reused across rebuilds, so a new
+concept costs its own photos plus one keypoint-index build.
+
+    served = ServedRecognizers(store, DescriptorStore(store.objects, settings), settings)
+    retriever = Retriever(..., visual_reranker=served.rerank)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from personalkv.config import MiningSettings
+from personalkv.images import decode, rgb_array
+from personalkv.manifest import ConceptManifest
+from personalkv.mining.descriptors import DescriptorStore
+from personalkv.mining.miner import MinedConcept, MinedPatch, build_library
+from personalkv.mining.recognizer import ConceptRecognizer
+from personalkv.storage.chunk_store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _UserState:
+    version: str
+    recognizer: ConceptRecognizer | None
+    memo: dict = field(default_factory=dict)  # photo id -> described photo
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def mined_photos(manifest: ConceptManifest) -> list[str]:
+    """The concept's photos that mining has seen (they have patches or support windows)."""
+    seen = {p.photo_id for p in [*manifest.patches, *manifest.support]}
+    return [p.photo_id for p in manifest.photos if p.photo_id in seen]
+
+
+def _version(manifests: Sequence[ConceptManifest]) -> str:
+    h = hashlib.sha256()
+    for m in manifests:
+        h.update(m.concept_id.encode())
+        for pid in mined_photos(m):
+            h.update(pid.encode())
+        for p in [*m.patches, *m.support]:
+            h.update(f"{p.photo_id}{p.box}{sorted(p.scores.items())}".encode())
+    return h.hexdigest()
+
+
+def mined_concept(manifest: ConceptManifest, shapes: dict[str, tuple[int, int]]) -> MinedConcept:
+    """The manifest's patches and support windows as the recognizer wants them: indexed by the
+    concept's mined photos and scaled into their working frame (``shapes``: photo id -> (h, w)
+    of the described photo; patch boxes are in stored-photo pixels)."""
+    pids = mined_photos(manifest)
+    index = {pid: i for i, pid in enumerate(pids)}
+    size = {p.photo_id: max(p.width, p.height) for p in manifest.photos}  # rotation-proof
+
+    def scaled(pid: str, box) -> tuple[int, int, int, int]:
+        h, w = shapes[pid]
+        f = max(h, w) / max(1, size[pid])
+        x0, y0, x1, y1 = (int(round(v * f)) for v in box)
+        return max(0, x0), max(0, y0), min(w, max(x1, x0 + 1)), min(h, max(y1, y0 + 1))
+
+    patches, support = [], []
+    for p in manifest.patches:
+        if p.photo_id not in index:
+            continue
+        if "support" in p.scores or "centre_prior" in p.scores:  # a fallback window, no evidence
+            support.append((index[p.photo_id], scaled(p.photo_id, p.box)))
+        else:
+            patches.append(MinedPatch(index[p.photo_id], p.photo_id, scaled(p.photo_id, p.box),
+                                      p.score, dict(p.scores)))
+    support += [(index[p.photo_id], scaled(p.photo_id, p.box)) for p in manifest.support
+                if p.photo_id in index]
+    return MinedConcept(manifest.concept_id, patches, support)
+
+
+class ServedRecognizers:
+    """One recognizer per user (module doc); thread-safe; keeps the last ``max_users``."""
+
+    def __init__(self, store: ChunkStore, descriptors: DescriptorStore,
+                 settings: MiningSettings | None = None, max_users: int = 64,
+                 accept_at: float = 0.5):
+        """``accept_at``: the re-rank score a photo's concept gets at the recognizer's
+        threshold (the retriever's threshold, see ``ConceptRecognizer.calibrated``)."""
+        self.accept_at = accept_at
+        self.store = store
+        self.descriptors = descriptors
+        self.settings = settings or MiningSettings()
+        self.max_users = max_users
+        self._states: OrderedDict[str, _UserState] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool_memo: dict = {}  # generic negative pool (path -> described), shared by users
+        self.builds = 0  # recognizers built (tests, metrics)
+
+    def _manifests(self, user_id: str) -> list[ConceptManifest]:
+        out = []
+        for cid in self.store.list_concepts(user_id):
+            m = self.store.read_manifest(user_id, cid)
+            # answerable concepts only: cached at least once, with mined photos
+            if m is not None and m.chunks and mined_photos(m):
+                out.append(m)
+        return out
+
+    def state(self, user_id: str) -> _UserState:
+        manifests = self._manifests(user_id)
+        version = _version(manifests)
+        with self._lock:
+            state = self._states.get(user_id)
+            if state is not None:
+                self._states.move_to_end(user_id)
+        if state is not None and state.version == version:
+            return state
+        with (state.lock if state is not None else threading.Lock()):
+            memo = dict(state.memo) if state is not None else {}
+            fresh = self._build(user_id, manifests, version, memo)
+        with self._lock:
+            self._states[user_id] = fresh
+            self._states.move_to_end(user_id)
+            while len(self._states) > self.max_users:
+                self._states.popitem(last=False)
+        return fresh
+
+    def _build(self, user_id: str, manifests: list[ConceptManifest], version: str,
+               memo: dict) -> _UserState:
+        if not manifests:
+            return _UserState(version, None, {})
+        s = self.settings
+        concepts, ids, owners = {}, {}, {}
+        for m in manifests:
+            pids = mined_photos(m)
+            ids[m.concept_id] = pids
+            concepts[m.concept_id] = [self._loader(user_id, m.concept_id, pid) for pid in pids]
+            owners.update({pid: m.concept_id for pid in pids})
+        keep = set(owners)
+        cache = self.descriptors.cache_for(user_id, owners, {k: v for k, v in memo.items() if k in keep})
+        pool = sorted(Path(s.negative_pool).glob("*.jpg")) if s.negative_pool else []
+        for path in pool:  # generic pool: described once per process
+            if str(path) in self._pool_memo:
+                cache.memo[str(path)] = self._pool_memo[str(path)]
+        library = build_library(s, concepts, [lambda p=p: rgb_array(p, s.max_side) for p in pool],
+                                ids, [str(p) for p in pool], cache=cache)
+        for path in pool:
+            self._pool_memo[str(path)] = cache.memo[str(path)]
+        shapes = {p.photo_id: p.shape for p in library.photos}
+        mined = {m.concept_id: mined_concept(m, shapes) for m in manifests}
+        recognizer = ConceptRecognizer(library, mined, s, pool_margins=True)
+        self.builds += 1
+        log.info("recognizer of %s: %d concepts, %d photos (%d described, %d loaded)", user_id,
+                 len(manifests), len(owners), cache.described, cache.loaded)
+        return _UserState(version, recognizer, {k: v for k, v in cache.memo.items() if k in keep})
+
+    def _loader(self, user_id: str, concept_id: str, photo_id: str):
+        return lambda: rgb_array(self.store.get_photo(user_id, concept_id, photo_id), self.settings.max_side)
+
+    def rerank(self, user_id: str, image, candidates: Sequence[str]) -> dict[str, float]:
+        """``personalkv.retrieval.retriever.VisualReranker``: the recognizer's calibrated score
+        (``accept_at`` at ``PERSONALKV_MINING_THRESHOLD``) for each candidate it knows."""
+        state = self.state(user_id)
+        rec = state.recognizer
+        if rec is None:
+            return {}
+        known = [c for c in candidates if c in rec.library.concept_ids]
+        if not known:
+            return {}
+        # the query in the library's working frame (max_side), as its photos were described
+        rgb = rgb_array(decode(image), self.settings.max_side)
+        with state.lock:  # FLANN's matcher is not documented thread-safe
+            result = rec.recognize(rgb, known)
+        return {c: rec.calibrated(v, self.accept_at) for c, v in result.scores.items()}
