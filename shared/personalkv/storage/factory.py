@@ -6,6 +6,8 @@ imports `minio`. Secrets never travel in the URL: S3 keys come from `StorageSett
 
   file:///abs/dir, file://./rel/dir, /abs/dir, rel/dir   -> LocalObjectStore
   s3://BUCKET?endpoint=HOST:PORT&secure=false&region=R    -> S3ObjectStore
+  memory://                                               -> InMemoryObjectStore (a new,
+                                                             empty store each time; tests)
 """
 
 from __future__ import annotations
@@ -65,9 +67,16 @@ def _open_s3(url: str, settings: StorageSettings) -> ObjectStore:
     )
 
 
+def _open_memory(url: str, settings: StorageSettings) -> ObjectStore:
+    if url != "memory://":
+        raise ValueError(f"memory URL {url!r} takes no name, path or query: use memory://")
+    return importlib.import_module("personalkv.storage.memory").InMemoryObjectStore(url)
+
+
 BACKENDS: dict[str, Callable[[str, StorageSettings], ObjectStore]] = {
     "file": _open_file,
     "s3": _open_s3,
+    "memory": _open_memory,
 }
 
 
