@@ -42,7 +42,7 @@ demo: install
 # The stack as separate processes on loopback: redis, S3, Milvus, workers, gRPC servers.
 # Logs and pid files in var/stack; `make down` stops what `make up` started.
 up: install
-	$(BIN)/python -m personalkv.devstack.stack up
+	$(BIN)/python -m personalkv.devstack.stack up --personalkv "$(BIN)/python -m services.cli"
 
 down:
 	$(BIN)/python -m personalkv.devstack.stack down

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from personalkv.config import BenchSettings
 from personalkv.kv.codec import decode_chunk, encode_chunk
 from personalkv.kv.engine import encode_evidence, prefill
 from personalkv.kv.placement import place_chunks
@@ -67,8 +68,8 @@ def _evidence(adapter):
 
 def run() -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    layers = int(os.environ.get("PERSONALKV_BENCH_LAYERS", "4"))
-    repeats = int(os.environ.get("PERSONALKV_BENCH_REPEATS", "3"))
+    sizes = BenchSettings()
+    layers, repeats = sizes.layers, sizes.repeats
     print(f"[kv_core] building Qwen2-VL-2B-shaped model with {layers} layers (random weights) ...", flush=True)
     adapter = tiny_model("qwen2_vl", seed=0, dims={**QWEN2_VL_2B, "num_hidden_layers": layers})
     evidence = _evidence(adapter)

@@ -30,15 +30,12 @@ import time
 
 import numpy as np
 
+from personalkv.config import BenchSettings
 from personalkv.index.base import IndexEntry, SearchRequest, VectorSpace
 
 NAME = "storage_index"
 DIM = 384
 FP = "bench-model"
-
-
-def _env(name: str, default: int) -> int:
-    return int(os.environ.get(f"PERSONALKV_BENCH_{name}", default))
 
 
 def _log(msg: str) -> None:
@@ -283,15 +280,16 @@ def bench_reindex(endpoint, concepts: int) -> dict:
 def run() -> dict:
     from personalkv.devstack.s3 import S3Server
 
-    users, keys = _env("INDEX_USERS", 10_000), _env("INDEX_KEYS", 100)
-    queries = _env("QUERIES", 400)
+    sizes = BenchSettings()
+    users, keys = sizes.index_users, sizes.index_keys
+    queries = sizes.queries
     figures: dict = {"dim": DIM, "cpu_count": os.cpu_count()}
     figures.update(bench_server_search(users, keys, queries))
     # milvus-lite at the size recommended as its limit (top-level lite_* figures) and at a
     # larger one, to show why the limit is where it is.
-    recommended = _env("LITE_VECTORS", 20_000)
+    recommended = sizes.lite_vectors
     scaling = {}
-    for size in (recommended, _env("LITE_VECTORS_LARGE", 50_000)):
+    for size in (recommended, sizes.lite_vectors_large):
         lite = bench_lite_search(size, keys, queries)
         scaling[str(lite["lite_vectors"])] = {k: v for k, v in lite.items() if k != "lite_vectors"}
         if size == recommended:
@@ -301,7 +299,7 @@ def run() -> dict:
     endpoint = s3.start()
     try:
         figures.update(bench_chunks(endpoint))
-        figures.update(bench_reindex(endpoint, _env("REINDEX_CONCEPTS", 300)))
+        figures.update(bench_reindex(endpoint, sizes.reindex_concepts))
     finally:
         s3.stop()
     figures["targets_met"] = {

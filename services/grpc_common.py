@@ -40,18 +40,17 @@ log = logging.getLogger(__name__)
 class GrpcServer:
     def __init__(
         self, name: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
-        *, port: int, metrics_port: int = 0, settings: ServerSettings | None = None,
-        auth: AuthSettings | None = None,
+        *, port: int, settings: ServerSettings, auth: AuthSettings, metrics_port: int = 0,
     ) -> None:  # fmt: skip
         self.name = name
-        self.settings = settings or get_settings().server
+        self.settings = settings
         self.port = port
         self.metrics_port = metrics_port
         self.service_names = list(service_names)
         limit = self.settings.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix=f"{name}-rpc"),
-            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth or get_settings().auth)],
+            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

@@ -133,6 +133,9 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
+    # server and auth settings default to those the services were bootstrapped with
+    settings = settings or services.settings.server
+    auth = auth or services.settings.auth
     """The answering GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = AnsweringServicer(services)
     return GrpcServer(
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from personalkv.service.bootstrap import bootstrap
 
     settings = get_settings()
-    setup_logging("answering")
+    setup_logging("answering", settings.server)
     services = bootstrap(settings, embedded=args.embedded)
     from personalkv.observability import watch_chunk_cache
 

@@ -1,9 +1,15 @@
-"""Task ``caching.cache_concept`` (queue ``caching``): a one-line wrapper over the service layer."""
+"""Task ``caching.cache_concept`` (queue ``caching``): a one-line wrapper over the service layer,
+declared on the workers' app by ``services/worker.py``."""
 
 from personalkv.service import pipeline
-from personalkv.service.celery_app import TASK_OPTIONS, app, worker_services
+from personalkv.service.task_queue import TASK_CACHE
 
 
-@app.task(name="caching.cache_concept", **TASK_OPTIONS)
-def cache_concept(user_id: str, concept_id: str) -> None:
-    pipeline.cache_concept(worker_services(), user_id, concept_id)
+def declare(app, options: dict, services):
+    """Declare the task on ``app``; ``services()`` is the worker process's ``Services``."""
+
+    @app.task(name=TASK_CACHE, **options)
+    def cache_concept(user_id: str, concept_id: str) -> None:
+        pipeline.cache_concept(services(), user_id, concept_id)
+
+    return cache_concept

@@ -148,8 +148,11 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
+    # server and auth settings default to those the services were bootstrapped with
+    settings = settings or services.settings.server
+    auth = auth or services.settings.auth
     """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
-    servicer = IngestionServicer(services, (settings or services.settings.server).max_workers)
+    servicer = IngestionServicer(services, settings.max_workers)
     return GrpcServer(
         "ingestion",
         lambda server: ingestion_pb2_grpc.add_IngestionServiceServicer_to_server(servicer, server),
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from personalkv.service.reconciler import Reconciler
 
     settings = get_settings()
-    setup_logging("ingestion")
+    setup_logging("ingestion", settings.server)
     services = bootstrap(settings, embedded=args.embedded)
     # Concepts left queued / mining / caching by a dead worker or a failed enqueue: re-enqueued.
     Reconciler(services).start()

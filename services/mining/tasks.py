@@ -1,9 +1,15 @@
-"""Task ``mining.mine_concept`` (queue ``mining``): a one-line wrapper over the service layer."""
+"""Task ``mining.mine_concept`` (queue ``mining``): a one-line wrapper over the service layer,
+declared on the workers' app by ``services/worker.py``."""
 
 from personalkv.service import pipeline
-from personalkv.service.celery_app import TASK_OPTIONS, app, worker_services
+from personalkv.service.task_queue import TASK_MINE
 
 
-@app.task(name="mining.mine_concept", **TASK_OPTIONS)
-def mine_concept(user_id: str, concept_id: str) -> None:
-    pipeline.mine_concept(worker_services(), user_id, concept_id)
+def declare(app, options: dict, services):
+    """Declare the task on ``app``; ``services()`` is the worker process's ``Services``."""
+
+    @app.task(name=TASK_MINE, **options)
+    def mine_concept(user_id: str, concept_id: str) -> None:
+        pipeline.mine_concept(services(), user_id, concept_id)
+
+    return mine_concept

@@ -8,8 +8,8 @@ recomputes the MAC and compares in constant time before parsing anything, then c
 (with AuthSettings.leeway_s) and validates the user id, so a token can never carry a bad id
 into a storage key. Who calls what:
 
-    mint_token(user_id)             `personalkv token --user U`, tests, an upstream login service
-    verify_token(token) -> user_id  AuthInterceptor, once per RPC
+    mint_token(user_id, settings=)  `personalkv token --user U`, tests, an upstream login service
+    verify_token(token, settings=)  -> user_id; AuthInterceptor, once per RPC
     current_user_id()               servicers, to learn whose data the RPC may touch
 """
 
@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Iterator
 
-from personalkv.config import AuthSettings, get_settings
+from personalkv.config import AuthSettings
 from personalkv.ids import InvalidIdError, validate_user_id
 
 TOKEN_PREFIX = "pkv1"
@@ -54,8 +54,7 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def check_secret(settings: AuthSettings | None) -> bytes:
-    settings = settings or get_settings().auth
+def check_secret(settings: AuthSettings) -> bytes:
     secret = settings.secret.get_secret_value().encode()
     if settings.require_secret and (secret == DEV_SECRET.encode() or len(secret) < MIN_SECRET_BYTES):
         raise RuntimeError(
@@ -69,7 +68,7 @@ def _sign(signing_input: str, secret: bytes) -> str:
     return _b64e(hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest())
 
 
-def sign_claims(claims: dict, settings: AuthSettings | None = None) -> str:
+def sign_claims(claims: dict, settings: AuthSettings) -> str:
     """Sign arbitrary claims without validating them (tests use it to build bad tokens)."""
     payload = _b64e(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     signing_input = f"{TOKEN_PREFIX}.{payload}"
@@ -77,20 +76,18 @@ def sign_claims(claims: dict, settings: AuthSettings | None = None) -> str:
 
 
 def mint_token(
-    user_id: str, *, ttl_s: int | None = None, settings: AuthSettings | None = None,
+    user_id: str, *, settings: AuthSettings, ttl_s: int | None = None,
     now: float | None = None,
 ) -> str:  # fmt: skip
     """A token for `user_id` valid for `ttl_s` seconds (default AuthSettings.token_ttl_s)."""
-    settings = settings or get_settings().auth
     validate_user_id(user_id)
     issued = int(time.time() if now is None else now)
     ttl = settings.token_ttl_s if ttl_s is None else ttl_s
     return sign_claims({"sub": user_id, "iat": issued, "exp": issued + ttl}, settings)
 
 
-def verify_token(token: str, *, settings: AuthSettings | None = None, now: float | None = None) -> str:
+def verify_token(token: str, *, settings: AuthSettings, now: float | None = None) -> str:
     """The user id `token` was signed for; raises InvalidTokenError with the reason."""
-    settings = settings or get_settings().auth
     parts = token.split(".") if isinstance(token, str) and token.isascii() else []
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise InvalidTokenError("malformed token (expected pkv1.<payload>.<signature>)")

@@ -1,4 +1,7 @@
-"""The `personalkv` command. Each subcommand lives beside the code it drives.
+"""The library's `personalkv` subcommands. Each subcommand lives beside the code it drives.
+
+The installed `personalkv` command is ``services/cli.py``: these plus ``serve`` and ``worker``,
+which start the processes in ``services/`` (the library never names them).
 
 A command module exposes ``register(subparsers)``, which adds its parser(s) and sets
 ``func=<callable(args) -> int>``; modules are imported lazily only when listed here, so
@@ -12,23 +15,23 @@ import importlib
 import sys
 
 COMMAND_MODULES = [
-    "personalkv.api.cli",  # serve ingestion|answering, token
-    "personalkv.service.cli",  # worker, ingest, ask, reindex, demo
+    "personalkv.api.cli",  # token
+    "personalkv.service.cli",  # ingest, ask, reindex, recache, demo
     "personalkv.mining.cli",  # mine, eval recognition
     "personalkv.evaluation.cli",  # eval qa, eval ask
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command_modules: list[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalkv", description="PersonalKV command line")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    for name in command_modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, command_modules: list[str] = COMMAND_MODULES) -> int:
+    args = build_parser(command_modules).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -88,6 +88,41 @@ class StorageSettings(BaseSettings):
     )
     retries: int = Field(1, ge=0, le=10, description="S3 retries on connect errors, read "
                          "timeouts and 5xx.")
+    ca_file: str | None = Field(
+        None,
+        # SSL_CERT_FILE too: the variable OpenSSL-based clients already honour.
+        validation_alias=AliasChoices("ca_file", "PERSONALKV_STORAGE_CA_FILE", "SSL_CERT_FILE"),
+        description="CA bundle that verifies an https S3 endpoint (also read from "
+        "SSL_CERT_FILE); unset: certifi's bundle.",
+    )
+
+
+class DevstackSettings(BaseSettings):
+    """The development stack's servers (personalkv.devstack)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_MILVUS_")
+
+    bin_cache: str = Field(
+        "~/.cache/personalkv", description="Where the Milvus server binaries are unpacked once "
+        "per machine (from the `milvus` package).",
+    )
+
+
+class BenchSettings(BaseSettings):
+    """Sizes of the benchmarks (benchmarks/; `make bench`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PERSONALKV_BENCH_")
+
+    layers: int = Field(4, ge=1, description="kv_core: layers of the Qwen2-VL-2B-shaped model.")
+    repeats: int = Field(3, ge=1, description="kv_core: timed repeats per figure.")
+    index_users: int = Field(10_000, ge=1, description="storage_index: users in the index.")
+    index_keys: int = Field(100, ge=1, description="storage_index: keys per user.")
+    lite_vectors: int = Field(20_000, ge=1, description="storage_index: milvus-lite vectors "
+                              "(the recommended size).")
+    lite_vectors_large: int = Field(50_000, ge=1, description="storage_index: milvus-lite "
+                                    "vectors (the large size).")
+    queries: int = Field(400, ge=1, description="storage_index: timed queries.")
+    reindex_concepts: int = Field(300, ge=1, description="storage_index: concepts reindexed.")
 
 
 class IndexSettings(BaseSettings):
@@ -372,6 +407,8 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     mining: MiningSettings = Field(default_factory=MiningSettings)
+    devstack: DevstackSettings = Field(default_factory=DevstackSettings)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
 
 
 @lru_cache(maxsize=1)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from personalkv.config import ServerSettings
+
 rpc_log = logging.getLogger("personalkv.rpc")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -184,11 +186,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(service: str = "", level: str | None = None, fmt: str | None = None) -> None:
-    """Configure the root logger once per process (level/format default to ServerSettings)."""
-    from personalkv.config import get_settings
-
-    settings = get_settings().server
+def setup_logging(service: str, settings: ServerSettings, level: str | None = None,
+                  fmt: str | None = None) -> None:
+    """Configure the root logger once per process (level/format default to ``settings``, the
+    process's ServerSettings, which its entry point passes)."""
     handler = logging.StreamHandler(sys.stderr)
     if (fmt or settings.log_format) == "json":
         handler.setFormatter(JsonFormatter(service))

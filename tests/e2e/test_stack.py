@@ -104,9 +104,9 @@ def stack(tmp_path, redis_server, s3_server, milvus_server):
     }
     py = sys.executable
     procs = [
-        Proc("mining", [py, "-m", "personalkv.cli", "worker", "--queue", "mining",
+        Proc("mining", [py, "-m", "services.cli", "worker", "--queue", "mining",
                         "--concurrency", "1"], env, tmp_path),
-        Proc("caching", [py, "-m", "personalkv.cli", "worker", "--queue", "caching",
+        Proc("caching", [py, "-m", "services.cli", "worker", "--queue", "caching",
                          "--concurrency", "1"], env, tmp_path),
         Proc("ingestion", [py, "-m", "services.ingestion.server"], env, tmp_path),
         Proc("answering", [py, "-m", "services.answering.server"], env, tmp_path),

@@ -5,7 +5,8 @@
   s3_bucket          a fresh, unique bucket name per test (created on first use)
   s3_object_store    an S3ObjectStore on that bucket
   local_object_store a LocalObjectStore in tmp_path
-  object_store       parametrized over ["local", "s3"]: the same test runs on both backends;
+  memory_object_store an InMemoryObjectStore
+  object_store       parametrized over ["local", "s3", "memory"]: the same test runs on each;
                      the S3 server is only started when an "s3" case actually runs
   chunk_store        a ChunkStore over `object_store`
 """
@@ -20,7 +21,7 @@ import pytest
 
 from personalkv.devstack.s3 import S3Endpoint, S3Server
 
-BACKENDS = ["local", "s3"]
+BACKENDS = ["local", "s3", "memory"]
 _bucket_numbers = itertools.count()
 
 
@@ -50,6 +51,13 @@ def local_object_store(tmp_path):
     from personalkv.storage.local import LocalObjectStore
 
     return LocalObjectStore(tmp_path / "objects")
+
+
+@pytest.fixture
+def memory_object_store():
+    from personalkv.storage.memory import InMemoryObjectStore
+
+    return InMemoryObjectStore()
 
 
 @pytest.fixture(params=BACKENDS)

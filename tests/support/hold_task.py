@@ -1,6 +1,6 @@
 """A task that holds its worker for a while, for the worker-shutdown tests.
 
-Registered on the real PersonalKV Celery app with the same options as every pipeline task
+Registered on the real PersonalKV Celery app (``services/worker.py``) with the same options as every pipeline task
 (``TASK_OPTIONS``: acks_late, reject_on_worker_lost). Each run writes a marker file
 ``<marker_dir>/<event>-<worker tag>-<pid>-<time>`` when it starts and when it finishes, where the
 worker tag is the ``PERSONALKV_TEST_WORKER_TAG`` the test gives each worker process.
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from personalkv.service.celery_app import TASK_OPTIONS, app
+from services.worker import TASK_OPTIONS, app
 
 TASK_HOLD = "test.hold"
 
@@ -35,6 +35,6 @@ def hold(marker_dir: str, seconds: float) -> None:
 
 
 def worker_main() -> None:
-    from personalkv.cli import main
+    from services.cli import main
 
     sys.exit(main(["worker", *sys.argv[1:]]))

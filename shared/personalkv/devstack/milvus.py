@@ -50,9 +50,10 @@ def _binary_dir() -> pathlib.Path:
     """Unpack the server binaries once per machine (the package ships them lzma-compressed)."""
     import milvus  # the optional `stack` extra
 
-    cache = pathlib.Path(
-        os.environ.get("PERSONALKV_MILVUS_BIN_CACHE", pathlib.Path.home() / ".cache" / "personalkv")
-    ) / f"milvus-server-{milvus.__version__}"
+    from personalkv.config import DevstackSettings
+
+    cache = (pathlib.Path(DevstackSettings().bin_cache).expanduser()
+             / f"milvus-server-{milvus.__version__}")
     marker = cache / "bin" / ".complete"
     if not marker.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """``make up`` / ``make down``: the whole PersonalKV stack as separate processes on loopback.
 
-    python -m personalkv.devstack.stack up [--dir var/stack]    start (idempotent)
+    python -m personalkv.devstack.stack up [--dir var/stack] [--personalkv CMD]   start (idempotent)
     python -m personalkv.devstack.stack status
     python -m personalkv.devstack.stack down                    stop what `up` started
 
 Processes, in start order: redis-server (Celery broker), an S3 server (MinIO binary when on
 PATH, else moto), a Milvus standalone server, the mining and caching Celery workers, and the
-ingestion and answering gRPC servers. Each runs in its own session with its log in
+ingestion and answering gRPC servers; those four through the ``personalkv`` command
+(``--personalkv``, default: the installed script beside this Python; ``make up`` passes
+``python -m services.cli``, the same command). Each runs in its own session with its log in
 ``<dir>/<name>.log`` and its pid in ``<dir>/<name>.pid``; ``<dir>/env`` holds the
 PERSONALKV_* settings every process got (``set -a; . var/stack/env`` then
 ``personalkv ask --stack ...`` talks to the same store and index). ``down`` signals only the
@@ -97,7 +99,14 @@ def _wait_port(port: int, proc, name: str, directory: Path, timeout_s: float) ->
     raise TimeoutError(f"{name} not listening on {port} after {timeout_s}s")
 
 
-def up(directory: Path, milvus_timeout_s: float = 300.0) -> int:
+def installed_command() -> list[str]:
+    """The installed ``personalkv`` script of this environment."""
+    return [str(Path(sys.executable).with_name("personalkv"))]
+
+
+def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0) -> int:
+    """Start the stack; ``personalkv`` is the command line of the ``personalkv`` command that
+    runs the workers and servers (``personalkv worker`` / ``personalkv serve``)."""
     from personalkv.devstack.milvus import free_ports
     from personalkv.devstack.redis import redis_binary
 
@@ -154,9 +163,9 @@ def up(directory: Path, milvus_timeout_s: float = 300.0) -> int:
     env.update(settings_env)
 
     for queue in ("mining", "caching"):
-        _spawn(directory, f"worker-{queue}", [PY, "-m", "personalkv.cli", "worker", "--queue", queue], env)
-    ingestion = _spawn(directory, "ingestion", [PY, "-m", "services.ingestion.server"], env)
-    answering = _spawn(directory, "answering", [PY, "-m", "services.answering.server"], env)
+        _spawn(directory, f"worker-{queue}", [*personalkv, "worker", "--queue", queue], env)
+    ingestion = _spawn(directory, "ingestion", [*personalkv, "serve", "ingestion"], env)
+    answering = _spawn(directory, "answering", [*personalkv, "serve", "answering"], env)
     _wait_port(ing_port, ingestion, "ingestion", directory, 180)
     print(f"ingestion grpc 127.0.0.1:{ing_port}")
     _wait_port(ans_port, answering, "answering", directory, 300)
@@ -231,10 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m personalkv.devstack.stack")
     parser.add_argument("command", choices=["up", "down", "status", "milvus-server"])
     parser.add_argument("--dir", type=Path, default=Path("var/stack"))
+    parser.add_argument("--personalkv", type=shlex.split, default=None,
+                        help="the personalkv command line (default: the installed script)")
     args = parser.parse_args(argv)
     if args.command == "up":
         try:
-            return up(args.dir)
+            return up(args.dir, args.personalkv or installed_command())
         except Exception as exc:
             print(f"make up failed: {exc}; stopping what started", file=sys.stderr)
             down(args.dir)

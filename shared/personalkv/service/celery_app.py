@@ -1,5 +1,9 @@
 """The Celery application of the mining and caching workers (broker: Redis).
 
+A factory with no import-time settings: ``make_celery(settings)`` builds the app and
+``task_options(settings)`` the options of every task; the workers' composition root,
+``services/worker.py``, builds the settings once, makes the app and declares the tasks on it.
+
 Conventions (STYLE.md): one queue per worker kind (``mining``, ``caching``), task names
 ``"<service>.<verb>"``, tasks are one-line wrappers over ``personalkv.service.pipeline``
 (``services/mining/tasks.py``, ``services/caching/tasks.py``), ``acks_late`` with
@@ -10,30 +14,26 @@ backoff and jitter on ``Unavailable`` (a dependency is down) only.
 Redelivery after a whole worker (or node) dies does not wait for Redis' visibility timeout
 (``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``, keep it above the longest task, or a slow task is
 delivered twice): a task renews its concept's lease while it runs, and the reconciler
-(``personalkv.service.reconciler``), running in every worker process, enqueues a concept whose
-lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
+(``personalkv.service.reconciler``), started in every worker process by ``services/worker.py``,
+enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
 
-Run a worker with ``personalkv worker --queue caching`` (or ``celery -A
-personalkv.service.celery_app worker -Q caching``).
+Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services.worker worker
+-Q caching``).
 """
 
 from __future__ import annotations
 
-import threading
+from celery import Celery
 
-from celery import Celery, signals
-
-from personalkv.config import CelerySettings, get_settings
+from personalkv.config import CelerySettings
 from personalkv.service.errors import Unavailable
 from personalkv.service.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE
 
-TASK_MODULES = ["services.mining.tasks", "services.caching.tasks"]
 
-
-def make_celery(settings: CelerySettings | None = None) -> Celery:
-    settings = settings or get_settings().celery
-    app = Celery("personalkv", broker=settings.broker_url, backend=settings.result_backend,
-                 include=TASK_MODULES)
+def make_celery(settings: CelerySettings) -> Celery:
+    """A Celery app configured from ``settings``; it declares no tasks (the worker's
+    composition root, ``services/worker.py``, does; a publisher needs none)."""
+    app = Celery("personalkv", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -69,57 +69,17 @@ def make_celery(settings: CelerySettings | None = None) -> Celery:
     return app
 
 
-app = make_celery()
-
-#: Options every task is declared with.
-TASK_OPTIONS = dict(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(Unavailable,),
-    retry_backoff=True,
-    retry_backoff_max=get_settings().celery.retry_backoff_max_s,
-    retry_jitter=True,
-    max_retries=get_settings().celery.max_retries,
-)
-
-_services = None
-_services_lock = threading.Lock()
-_reconciler = None
+def task_options(settings: CelerySettings) -> dict:
+    """Options every task is declared with (``services/worker.py`` declares them)."""
+    return dict(
+        acks_late=True,
+        reject_on_worker_lost=True,
+        autoretry_for=(Unavailable,),
+        retry_backoff=True,
+        retry_backoff_max=settings.retry_backoff_max_s,
+        retry_jitter=True,
+        max_retries=settings.max_retries,
+    )
 
 
-@signals.worker_process_init.connect(weak=False)
-def _reconcile_in_pool_process(**_):
-    """Prefork: the reconciler runs in the pool process (a thread in the forking parent would
-    be copied, mid-whatever, into every child it forks)."""
-    _start_reconciler()
-
-
-@signals.worker_ready.connect(weak=False)
-def _reconcile_in_worker(sender=None, **_):
-    pool = getattr(sender, "pool", None)
-    if pool is not None and type(pool).__module__.endswith("prefork"):
-        return  # started in the pool processes instead
-    _start_reconciler()
-
-
-def _start_reconciler() -> None:
-    global _reconciler
-    if _reconciler is None:
-        from personalkv.service.reconciler import Reconciler
-
-        _reconciler = Reconciler(worker_services()).start()
-
-
-def worker_services():
-    """This worker process's ``Services`` (configured store, index and Celery), built once."""
-    global _services
-    if _services is None:
-        with _services_lock:
-            if _services is None:
-                from personalkv.service.bootstrap import CeleryTaskQueue, bootstrap
-
-                _services = bootstrap(embedded=False, task_queue=CeleryTaskQueue(app))
-    return _services
-
-
-__all__ = ["TASK_CACHE", "TASK_MINE", "TASK_OPTIONS", "app", "make_celery", "worker_services"]
+__all__ = ["TASK_CACHE", "TASK_MINE", "make_celery", "task_options"]

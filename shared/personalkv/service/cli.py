@@ -1,6 +1,6 @@
-"""``personalkv`` subcommands of the service layer (listed in personalkv.cli.COMMAND_MODULES).
+"""``personalkv`` subcommands of the service layer (listed in personalkv.cli.COMMAND_MODULES;
+``personalkv worker`` is ``services/cli.py``'s).
 
-  worker --queue mining|caching   a Celery worker of that queue (comma-separate for both)
   ingest DIR --user U --concept C [--name --category --info] [--stack]
                                   create the concept (if new), add DIR's photos, wait for ready
   ask --user U "question" [--photo P] [--stack] [--stream]
@@ -15,7 +15,6 @@ embedded store and index under PERSONALKV_SERVICE_DATA_DIR and in-process tasks.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,18 +23,6 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 
 def register(subparsers) -> None:
-    worker = subparsers.add_parser("worker", help="run a Celery worker (mining or caching)")
-    worker.add_argument("--queue", required=True,
-                        help="mining, caching, or both comma-separated")
-    worker.add_argument("--concurrency", type=int, default=None,
-                        help="worker processes (default PERSONALKV_CELERY_WORKER_CONCURRENCY)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
-    worker.add_argument("--loglevel", default="INFO")
-    worker.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus /metrics from the process running the tasks "
-                        "(the pool child with prefork: use with --concurrency 1)")
-    worker.set_defaults(func=_worker)
-
     ingest = subparsers.add_parser("ingest", help="add a folder of photos as one concept")
     ingest.add_argument("dir", type=Path)
     ingest.add_argument("--user", required=True)
@@ -77,39 +64,6 @@ def register(subparsers) -> None:
 
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _worker(args) -> int:
-    # SIGTERM -> cold shutdown with the soft-shutdown window (celery_app): the running task goes
-    # back to the queue. Read by billiard when the worker starts, so set before that.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from celery import signals
-
-    from personalkv.config import get_settings
-    from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
-    from personalkv.service.celery_app import app
-
-    queues = [q.strip() for q in args.queue.split(",") if q.strip()]
-    unknown = set(queues) - {"mining", "caching"}
-    if unknown:
-        print(f"unknown queue(s) {sorted(unknown)}; known: mining, caching", file=sys.stderr)
-        return 2
-    setup_logging(f"worker-{'+'.join(queues)}", level=args.loglevel)
-    instrument_celery(app)
-    if args.metrics_port:
-        host = get_settings().server.host  # 0.0.0.0 in a pod: the kubelet probes it
-        if args.pool == "prefork":
-            signals.worker_process_init.connect(
-                lambda **_: start_metrics_server(args.metrics_port, host), weak=False)
-        else:
-            start_metrics_server(args.metrics_port, host)
-    argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
-            "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
-            "--without-mingle"]
-    if args.concurrency:
-        argv += ["--concurrency", str(args.concurrency)]
-    app.worker_main(argv)
-    return 0
 
 
 def _services(stack: bool):

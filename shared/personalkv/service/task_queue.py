@@ -20,12 +20,8 @@ import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING
 
 from personalkv.service.errors import Unavailable
-
-if TYPE_CHECKING:
-    from personalkv.service.bootstrap import Services
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +37,9 @@ class TaskQueue(ABC):
     @abstractmethod
     def enqueue_caching(self, user_id: str, concept_id: str) -> None: ...
 
-    def bind(self, services: Services) -> None:
+    # ``services`` below is bootstrap's ``Services``, left unannotated: bootstrap imports this
+    # module, and a type-only import back would make the two a cycle.
+    def bind(self, services) -> None:
         """Called once by ``bootstrap`` with the container the tasks run against."""
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
@@ -55,12 +53,12 @@ class TaskQueue(ABC):
 class InProcessTaskQueue(TaskQueue):
     def __init__(self, synchronous: bool = False):
         self.synchronous = synchronous
-        self._services: Services | None = None
+        self._services = None
         self._executor = None if synchronous else ThreadPoolExecutor(1, thread_name_prefix="pkv-task")
         self._pending = 0
         self._idle = threading.Condition()
 
-    def bind(self, services: Services) -> None:
+    def bind(self, services) -> None:
         self._services = services
 
     def _submit(self, name: str, user_id: str, concept_id: str) -> None:
@@ -108,10 +106,9 @@ class CeleryTaskQueue(TaskQueue):
     timed out may still reach Redis later: tasks are idempotent, so that is harmless."""
 
     def __init__(self, app, publish_timeout_s: float | None = None):
-        from personalkv.config import get_settings
-
         self.app = app
-        self.publish_timeout_s = publish_timeout_s or get_settings().celery.publish_timeout_s
+        # make_celery sets the broker's connection timeout to celery.publish_timeout_s
+        self.publish_timeout_s = publish_timeout_s or app.conf.broker_connection_timeout
         self._publisher = ThreadPoolExecutor(4, thread_name_prefix="pkv-publish")
         # After a failed publish the broker is suspect: one caller at a time probes it (and
         # waits up to the deadline), the others fail at once instead of each waiting too.

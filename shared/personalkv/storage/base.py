@@ -2,8 +2,9 @@
 
 Who calls it: only `ChunkStore` (tenant layout) and the devstack/benchmarks; services never
 build keys themselves. Backends: `local.LocalObjectStore` (a directory, the embedded default
-and the reference implementation in tests) and `s3.S3ObjectStore` (S3/MinIO via `minio`).
-Both must behave identically; tests/integration/storage runs one contract suite over both.
+and the reference implementation in tests), `s3.S3ObjectStore` (S3/MinIO via `minio`) and
+`memory.InMemoryObjectStore` (a dict, for fast tests). All must behave identically;
+tests/integration/storage runs one contract suite over all three.
 
 Guarantees every backend gives:
   * `put` is atomic: a reader sees the old bytes or the new bytes, never a mix or a prefix.
@@ -13,7 +14,8 @@ Guarantees every backend gives:
   * `put_if` is a compare-and-set: it replaces the object only if it is still the version
     `get_versioned` returned (or, with version None, only if there is none), else raises
     `PreconditionFailed`; two writers that read the same version never both succeed. S3: a
-    conditional PUT (If-Match on the ETag / If-None-Match: *); local: a per-key lock file.
+    conditional PUT (If-Match on the ETag / If-None-Match: *); local: a per-key lock file;
+    memory: one lock.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """`open_object_store(url)`: pick the ObjectStore backend by URL scheme.
 
 Called once per process by the service bootstrap (and by tests/benchmarks) with
-`Settings.storage.url`. Backends are imported lazily so a local-directory deployment never
+`Settings.storage.url` and the settings themselves (never read here). Backends are imported lazily so a local-directory deployment never
 imports `minio`. Secrets never travel in the URL: S3 keys come from `StorageSettings`.
 
   file:///abs/dir, file://./rel/dir, /abs/dir, rel/dir   -> LocalObjectStore
   s3://BUCKET?endpoint=HOST:PORT&secure=false&region=R    -> S3ObjectStore
+  memory://                                               -> InMemoryObjectStore (a new,
+                                                             empty store each time; tests)
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import importlib
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
-from personalkv.config import StorageSettings, get_settings
+from personalkv.config import StorageSettings
 from personalkv.storage.base import ObjectStore
 
 
-def _open_file(url: str, settings: StorageSettings) -> ObjectStore:
+def _open_file(url: str, settings: StorageSettings | None) -> ObjectStore:
     local = importlib.import_module("personalkv.storage.local")
     if "://" not in url:
         return local.LocalObjectStore(url)
@@ -40,7 +42,9 @@ def _flag(value: str, name: str) -> bool:
     raise ValueError(f"{name}={value!r} is not a boolean")
 
 
-def _open_s3(url: str, settings: StorageSettings) -> ObjectStore:
+def _open_s3(url: str, settings: StorageSettings | None) -> ObjectStore:
+    if settings is None:
+        raise ValueError(f"{url!r}: an s3:// store needs the StorageSettings (keys, timeouts)")
     s3 = importlib.import_module("personalkv.storage.s3")
     parts = urlsplit(url)
     if parts.path not in ("", "/"):
@@ -62,21 +66,32 @@ def _open_s3(url: str, settings: StorageSettings) -> ObjectStore:
         connect_timeout_s=settings.connect_timeout_s,
         read_timeout_s=settings.read_timeout_s,
         retries=settings.retries,
+        ca_file=settings.ca_file,
     )
 
 
-BACKENDS: dict[str, Callable[[str, StorageSettings], ObjectStore]] = {
+def _open_memory(url: str, settings: StorageSettings | None) -> ObjectStore:
+    if url != "memory://":
+        raise ValueError(f"memory URL {url!r} takes no name, path or query: use memory://")
+    return importlib.import_module("personalkv.storage.memory").InMemoryObjectStore(url)
+
+
+BACKENDS: dict[str, Callable[[str, StorageSettings | None], ObjectStore]] = {
     "file": _open_file,
     "s3": _open_s3,
+    "memory": _open_memory,
 }
 
 
 def open_object_store(
     url: str | None = None, settings: StorageSettings | None = None
 ) -> ObjectStore:
-    """Open the store at `url` (default: `settings.url`); settings default to the process's."""
-    settings = settings or get_settings().storage
-    url = url or settings.url
+    """Open the store at `url` (default: `settings.url`). `settings` are the process's storage
+    settings, passed down from its entry point (``bootstrap``); only S3 needs them."""
+    if url is None:
+        if settings is None:
+            raise ValueError("open_object_store needs a URL or the StorageSettings")
+        url = settings.url
     scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
     try:
         opener = BACKENDS[scheme]

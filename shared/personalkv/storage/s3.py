@@ -19,7 +19,6 @@ AWS S3, MinIO (>= 2024) and moto support it.
 from __future__ import annotations
 
 import io
-import os
 import re
 import threading
 from collections.abc import Iterator, Iterable
@@ -64,6 +63,7 @@ class S3ObjectStore(ObjectStore):
         read_timeout_s: float = 10.0,
         retries: int = 1,
         cert_check: bool = True,
+        ca_file: str | None = None,
     ) -> None:
         if _BUCKET_RE.fullmatch(bucket) is None:
             raise InvalidIdError(f"bucket name {bucket!r} is not a valid S3 bucket name")
@@ -79,7 +79,7 @@ class S3ObjectStore(ObjectStore):
             ),
             maxsize=16,
             cert_reqs="CERT_REQUIRED" if (secure and cert_check) else "CERT_NONE",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            ca_certs=ca_file or certifi.where(),  # StorageSettings.ca_file
         )
         self._client = Minio(
             endpoint,

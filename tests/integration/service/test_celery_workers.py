@@ -78,7 +78,7 @@ def _settings(env):
 
 def _start_worker(env, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "personalkv.cli", "worker", "--queue", "mining,caching",
+        [sys.executable, "-m", "services.cli", "worker", "--queue", "mining,caching",
          "--concurrency", "1", "--loglevel", "INFO"],
         env={**os.environ, **env}, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
         start_new_session=True,

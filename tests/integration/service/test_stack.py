@@ -31,8 +31,9 @@ def test_up_ingest_ask_down(tmp_path, photo_of_stack):
     base = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALKV_")}
     base.update(PERSONALKV_MODEL_NAME="tiny:qwen2_vl", PERSONALKV_RETRIEVAL_TEXT_ENCODER="hashing")
     stack = [sys.executable, "-m", "personalkv.devstack.stack"]
-    up = subprocess.run([*stack, "up", "--dir", str(stack_dir)], env=base, capture_output=True,
-                        text=True, timeout=400, check=False)
+    cli = [sys.executable, "-m", "services.cli"]  # the `personalkv` command, as `make up` runs it
+    up = subprocess.run([*stack, "up", "--dir", str(stack_dir), "--personalkv", shlex.join(cli)],
+                        env=base, capture_output=True, text=True, timeout=400, check=False)
     pids = {p.stem: int(p.read_text()) for p in stack_dir.glob("*.pid")}
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -49,7 +50,6 @@ def test_up_ingest_ask_down(tmp_path, photo_of_stack):
         photos.mkdir()
         for k in range(2):
             (photos / f"{k}.png").write_bytes(photo_of_stack(k))
-        cli = [sys.executable, "-m", "personalkv.cli"]
         ingest = subprocess.run([*cli, "ingest", str(photos), "--user", "bob", "--concept", "rex",
                                  "--name", "Rex", "--stack", "--timeout", "120"], env=env,
                                 capture_output=True, text=True, timeout=200, check=False)

@@ -1,5 +1,5 @@
-"""The ObjectStore contract, run unchanged on every backend: the local directory and a real
-S3 HTTP server (see the `object_store` fixture in tests/plugins/s3.py)."""
+"""The ObjectStore contract, run unchanged on every backend: the local directory, a real
+S3 HTTP server and the in-memory store (see the `object_store` fixture in tests/plugins/s3.py)."""
 
 import os
 import threading

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from personalkv.auth import verify_token
-from personalkv.cli import build_parser, main
+from personalkv.config import AuthSettings
+from services.cli import build_parser, main
 
 
 def test_token_command_prints_a_token_for_the_user(capsys):
     assert main(["token", "--user", "alice", "--ttl", "60"]) == 0
-    assert verify_token(capsys.readouterr().out.strip()) == "alice"
+    # the command signs with the process's settings: the defaults here
+    assert verify_token(capsys.readouterr().out.strip(), settings=AuthSettings()) == "alice"
 
 
 def test_token_command_refuses_bad_user_ids():

@@ -97,7 +97,7 @@ def test_urls_and_ports_name_services_defined_here():
 
 
 def test_personalkv_services_run_as_the_image_user_with_real_commands():
-    from personalkv.cli import build_parser
+    from services.cli import build_parser
 
     dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     assert "USER 10001:10001" in dockerfile

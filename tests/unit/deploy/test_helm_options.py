@@ -294,7 +294,7 @@ def test_all_options_render_extras_prefetch_jobs_and_scheduling():
     assert jobs["pkv-recache"]["metadata"]["annotations"]["helm.sh/hook"] == (
         "post-install,post-upgrade")
     # The Jobs run commands the CLI has.
-    from personalkv.cli import build_parser
+    from services.cli import build_parser
 
     for job in jobs.values():
         args = job["spec"]["template"]["spec"]["containers"][0]["args"]

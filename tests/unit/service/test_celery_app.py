@@ -6,10 +6,7 @@ from personalkv.service.errors import Unavailable
 
 
 def test_tasks_are_registered_with_their_queue_and_delivery_guarantees():
-    from personalkv.service.celery_app import app
-
-    import services.caching.tasks
-    import services.mining.tasks  # noqa: F401
+    from services.worker import app
 
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost

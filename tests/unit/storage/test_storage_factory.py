@@ -46,6 +46,18 @@ def test_s3_url_builds_a_store_without_touching_the_network():
     assert "sk" not in store.url
 
 
+def test_memory_url_opens_a_new_empty_store_each_time():
+    from personalkv.storage.memory import InMemoryObjectStore
+
+    first = open_object_store("memory://")
+    first.put("a/b", b"x")
+    second = open_object_store("memory://")
+    assert isinstance(second, InMemoryObjectStore) and list(second.list("")) == []
+    assert first.get("a/b") == b"x"
+    with pytest.raises(ValueError, match="memory://"):
+        open_object_store("memory://shared")
+
+
 @pytest.mark.parametrize(
     "url,message",
     [

@@ -10,6 +10,7 @@ from personalkv.storage.base import ObjectStore
 BACKEND_CLASSES = {
     "file": "personalkv.storage.local:LocalObjectStore",
     "s3": "personalkv.storage.s3:S3ObjectStore",
+    "memory": "personalkv.storage.memory:InMemoryObjectStore",
 }
 INTERFACE = ["put", "get", "exists", "delete", "list", "list_children", "delete_prefix", "close",
              "get_versioned", "put_if"]
