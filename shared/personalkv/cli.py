@@ -17,8 +17,7 @@ import sys
 COMMAND_MODULES = [
     "personalkv.api.cli",  # token
     "personalkv.service.cli",  # ingest, ask, reindex, recache, demo
-    "personalkv.mining.cli",  # mine, eval recognition
-    "personalkv.evaluation.cli",  # eval qa, eval ask
+    "personalkv.evaluation.cli",  # mine, eval recognition|qa|ask
 ]
 
 

@@ -338,7 +338,7 @@ class MiningSettings(BaseSettings):
     nms_iou: float = Field(0.3, gt=0, le=1, description="IoU above which NMS drops a patch.")
     extractor: str = Field(
         "sift", description="Local feature extractor: 'sift' (RootSIFT, weights-free) or a "
-        "registered name (personalkv.mining.features.register_local_extractor).",
+        "registered name (personalkv.mining.registry.register_local_extractor).",
     )
     embedder: str = Field(
         "efficientnet-lite0", description="Patch embedder (window appearance): "

@@ -1,7 +1,9 @@
-"""Pluggable feature extractors for patch mining and recognition.
+"""The feature-extractor interfaces of patch mining and recognition, and the built-in
+weights-free ones. Extractors are chosen by name in :mod:`personalkv.mining.registry`
+(``get_local_extractor`` / ``get_patch_embedder``), which imports the heavier backends lazily;
+the backends import this module, never the registry.
 
-Two kinds of extractor, both registered by name in :func:`get_local_extractor` /
-:func:`get_patch_embedder` and imported lazily:
+Two kinds of extractor:
 
 * ``LocalFeatureExtractor`` — keypoints with descriptors, matched with a ratio test and
   verified geometrically (RANSAC). ``sift`` (RootSIFT, OpenCV) works offline without weights.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -160,56 +162,6 @@ class ColourEmbedder(PatchEmbedder):
 def _hellinger(hist: np.ndarray) -> np.ndarray:
     hist = np.sqrt(np.maximum(hist, 0) / np.maximum(hist.sum(axis=1, keepdims=True), 1e-9))
     return hist / np.maximum(np.linalg.norm(hist, axis=1, keepdims=True), 1e-9)
-
-
-_LOCAL: dict[str, Callable[[], LocalFeatureExtractor]] = {"sift": SiftExtractor}
-def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
-    def make() -> PatchEmbedder:
-        from personalkv.mining.efficientnet import EfficientNetLiteEmbedder  # torch loads lazily
-
-        return EfficientNetLiteEmbedder(variant)
-
-    return make
-
-
-def _vision_tower() -> PatchEmbedder:
-    from personalkv.mining.vision_tower import make_vision_tower_embedder
-
-    return make_vision_tower_embedder()
-
-
-_EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {
-    "colour": ColourEmbedder,
-    "efficientnet-lite0": _efficientnet("lite0"),
-    "efficientnet-lite2": _efficientnet("lite2"),
-    "vlm": _vision_tower,  # the answering model's own vision tower (PERSONALKV_MODEL_*)
-}
-
-
-def register_local_extractor(name: str, factory: Callable[[], LocalFeatureExtractor]) -> None:
-    _LOCAL[name] = factory
-
-
-def register_patch_embedder(name: str, factory: Callable[[], PatchEmbedder]) -> None:
-    """E.g. ``register_patch_embedder("dinov2", lambda: MyDinoEmbedder(path))``."""
-    _EMBEDDERS[name] = factory
-
-
-def get_local_extractor(name: str) -> LocalFeatureExtractor:
-    if name not in _LOCAL:
-        raise ValueError(f"unknown local extractor {name!r}; known: {sorted(_LOCAL)}")
-    return _LOCAL[name]()
-
-
-def get_patch_embedder(name: str) -> PatchEmbedder:
-    """A registered name, or ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint."""
-    if name.startswith("clip:"):
-        from personalkv.mining.clip import make_clip_embedder
-
-        return make_clip_embedder(name.removeprefix("clip:"))
-    if name not in _EMBEDDERS:
-        raise ValueError(f"unknown patch embedder {name!r}; known: {sorted(_EMBEDDERS)}")
-    return _EMBEDDERS[name]()
 
 
 def load_rgb(path, max_side: int = 640) -> np.ndarray:

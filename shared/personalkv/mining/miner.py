@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from personalkv.config import MiningSettings
-from personalkv.mining.features import get_local_extractor, get_patch_embedder
+from personalkv.mining.registry import get_local_extractor, get_patch_embedder
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.proposals import nms
 from personalkv.mining.saliency import SubjectPrior, get_subject_prior

@@ -55,6 +55,14 @@ class AskResult:
     skipped_chunks: int = 0
     cache_hits: int = 0
 
+    def describe_evidence(self) -> str:
+        """What the answer rested on, for a terminal (``personalkv ask``, the demo)."""
+        concepts = ", ".join(f"{c} ({s:.2f})" for c, s in self.concepts) or "none of yours"
+        timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.timings.items())
+        return (f"  concepts: {concepts}\n  chunks placed: {len(self.chunks)} "
+                f"(cache hits {self.cache_hits}, skipped {self.skipped_chunks})\n"
+                f"  timings: {timings}")
+
 
 def _check(svc, user_id: str, question: str, photos: Sequence[bytes], options: AskOptions):
     check_ids(user_id)

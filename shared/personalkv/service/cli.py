@@ -132,16 +132,8 @@ def _ask(args) -> int:
         return 1
     finally:
         svc.close()
-    print(format_evidence(result), file=sys.stderr)
+    print(result.describe_evidence(), file=sys.stderr)
     return 0
-
-
-def format_evidence(result) -> str:
-    concepts = ", ".join(f"{c} ({s:.2f})" for c, s in result.concepts) or "none of yours"
-    timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in result.timings.items())
-    return (f"  concepts: {concepts}\n  chunks placed: {len(result.chunks)} "
-            f"(cache hits {result.cache_hits}, skipped {result.skipped_chunks})\n"
-            f"  timings: {timings}")
 
 
 def _reindex(args) -> int:

@@ -145,7 +145,6 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
     from personalkv.config import Settings, get_settings
     from personalkv.service import answering, concepts
     from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.cli import format_evidence
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
@@ -185,7 +184,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             out(f"\nQ: {question}" + ("   [with a photo]" if photo else ""))
             out(f"A: {result.answer!r}")
             out(f"  personal evidence used: {'yes' if result.personal_evidence_used else 'no'}")
-            out(format_evidence(result))
+            out(result.describe_evidence())
         stats = svc.chunk_cache.stats()
         out(f"\nhot-chunk cache: {stats.hits} hits, {stats.misses} misses, {stats.entries} "
             f"entries, {stats.bytes / 1e6:.2f} MB of {stats.budget_bytes / 1e6:.0f} MB")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from personalkv.mining.efficientnet import EfficientNetLiteEmbedder, load_trunk
-from personalkv.mining.features import get_patch_embedder
+from personalkv.mining.registry import get_patch_embedder
 from personalkv.mining.vision_tower import VisionTowerEmbedder
 
 

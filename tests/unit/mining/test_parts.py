@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from personalkv.mining.features import (ColourEmbedder, PatchEmbedder, get_local_extractor,
-                                        get_patch_embedder, register_patch_embedder)
+from personalkv.mining.features import ColourEmbedder, PatchEmbedder
+from personalkv.mining.registry import (get_local_extractor, get_patch_embedder,
+                                        register_patch_embedder)
 from personalkv.mining.miner import MinedConcept, MinedPatch
 from personalkv.mining.proposals import box_iou, nms, propose_boxes
 from personalkv.mining.saliency import box_means, get_subject_prior

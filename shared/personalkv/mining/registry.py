@@ -1,0 +1,64 @@
+"""Feature extractors by name: the one place that maps ``MiningSettings.extractor`` /
+``MiningSettings.embedder`` to an implementation.
+
+Backends are imported lazily (only the configured one loads torch, weights or transformers);
+an unknown name fails with the list of known ones. Plug in your own with
+``register_local_extractor`` / ``register_patch_embedder`` before the miner is built.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from personalkv.mining.features import (
+    ColourEmbedder, LocalFeatureExtractor, PatchEmbedder, SiftExtractor,
+)
+
+_LOCAL: dict[str, Callable[[], LocalFeatureExtractor]] = {"sift": SiftExtractor}
+def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
+    def make() -> PatchEmbedder:
+        from personalkv.mining.efficientnet import EfficientNetLiteEmbedder  # torch loads lazily
+
+        return EfficientNetLiteEmbedder(variant)
+
+    return make
+
+
+def _vision_tower() -> PatchEmbedder:
+    from personalkv.mining.vision_tower import make_vision_tower_embedder
+
+    return make_vision_tower_embedder()
+
+
+_EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {
+    "colour": ColourEmbedder,
+    "efficientnet-lite0": _efficientnet("lite0"),
+    "efficientnet-lite2": _efficientnet("lite2"),
+    "vlm": _vision_tower,  # the answering model's own vision tower (PERSONALKV_MODEL_*)
+}
+
+
+def register_local_extractor(name: str, factory: Callable[[], LocalFeatureExtractor]) -> None:
+    _LOCAL[name] = factory
+
+
+def register_patch_embedder(name: str, factory: Callable[[], PatchEmbedder]) -> None:
+    """E.g. ``register_patch_embedder("dinov2", lambda: MyDinoEmbedder(path))``."""
+    _EMBEDDERS[name] = factory
+
+
+def get_local_extractor(name: str) -> LocalFeatureExtractor:
+    if name not in _LOCAL:
+        raise ValueError(f"unknown local extractor {name!r}; known: {sorted(_LOCAL)}")
+    return _LOCAL[name]()
+
+
+def get_patch_embedder(name: str) -> PatchEmbedder:
+    """A registered name, or ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint."""
+    if name.startswith("clip:"):
+        from personalkv.mining.clip import make_clip_embedder
+
+        return make_clip_embedder(name.removeprefix("clip:"))
+    if name not in _EMBEDDERS:
+        raise ValueError(f"unknown patch embedder {name!r}; known: {sorted(_EMBEDDERS)}")
+    return _EMBEDDERS[name]()
