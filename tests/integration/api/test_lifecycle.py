@@ -20,14 +20,21 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(api):
     server = build_answering(api.services, port=0, settings=ServerSettings(grace_s=30), auth=AUTH)
     port = server.start()
     client = PersonalKVClient(api.ingestion_addr, f"127.0.0.1:{port}", api.token("gina"))
-    outcome: dict = {}
+    outcome: dict = {"events": []}
+    in_flight = threading.Event()
 
     def long_ask():
+        # A stream, so that the test knows the call is being served (its first event arrived)
+        # before it stops the server: a fixed sleep raced the call's arrival on a busy machine.
         try:
-            outcome["reply"] = client.ask("tell me a long story", max_new_tokens=120, timeout_s=60)
-            outcome["replied_at"] = time.monotonic()
+            for event in client.ask_stream("tell me a long story", max_new_tokens=120,
+                                           timeout_s=120):
+                outcome["events"].append((event, time.monotonic()))
+                in_flight.set()
         except grpc.RpcError as err:
             outcome["error"] = err
+        finally:
+            in_flight.set()
 
     def stop():
         outcome["stop_at"] = time.monotonic()
@@ -35,15 +42,19 @@ def test_graceful_shutdown_lets_in_flight_calls_finish(api):
 
     caller = threading.Thread(target=long_ask)
     caller.start()
-    time.sleep(0.5)  # the Ask is generating
+    assert in_flight.wait(120), "the Ask never started streaming"
     stopper = threading.Thread(target=stop)
     stopper.start()
-    caller.join(60)
-    stopper.join(60)
-    assert "reply" in outcome, outcome.get("error")
+    caller.join(120)
+    stopper.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    events = outcome["events"]
+    assert events[0][0].WhichOneof("event") == "text_delta", "answered before the stop began"
+    final, replied_at = events[-1]
+    assert final.WhichOneof("event") == "final"
     # The call was still in flight when the stop began, and it ran to its end.
-    assert outcome["replied_at"] > outcome["stop_at"]
-    timings = outcome["reply"].timings
+    assert replied_at > outcome["stop_at"]
+    timings = final.final.timings
     assert timings.decode_ms > 0 and timings.total_ms >= timings.decode_ms
     code, _ = status_of(lambda: client.ask("after the stop", max_new_tokens=1, timeout_s=5))
     assert code == grpc.StatusCode.UNAVAILABLE
