@@ -32,7 +32,7 @@ def make_manifest(**overrides) -> ConceptManifest:
         patches=[PatchRecord(photo_id=PHOTO, box=(1, 2, 30, 40), score=0.9,
                              scores={"clip": 0.8, "saliency": 1.0})],
         chunks=[ChunkRecord(chunk_id=CHUNK, kind="image_patch", object_key="k/c.kv",
-                            token_count=64, position_extent=64, model_fingerprint="fp1",
+                            token_count=64, position_span=64, model_fingerprint="fp1",
                             source="0")],
         model_fingerprint="fp1",
     )  # fmt: skip
@@ -98,7 +98,7 @@ def test_record_ids_must_be_sha256_hex(bad_id):
                     width=1, height=1, bytes=1)  # fmt: skip
     with pytest.raises(ValidationError, match="sha256"):
         ChunkRecord(chunk_id=bad_id, kind="profile_text", object_key="k", token_count=1,
-                    position_extent=1, model_fingerprint="fp", source="profile")  # fmt: skip
+                    position_span=1, model_fingerprint="fp", source="profile")  # fmt: skip
 
 
 def test_tampered_json_is_refused_on_read():
