@@ -1,6 +1,7 @@
 """ConceptManifest: JSON round trip, id validation, consistency checks."""
 
 import hashlib
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -105,3 +106,15 @@ def test_tampered_json_is_refused_on_read():
     data = make_manifest().to_json().decode().replace('"alice"', '"../alice"')
     with pytest.raises(ValidationError):
         ConceptManifest.from_json(data)
+
+
+def test_manifest_written_with_the_old_span_name_still_loads():
+    # Before issue 11 a chunk record stored the span as "position_extent" (ChunkMeta's name for
+    # the next free position). Such manifests load with the value under position_span.
+    data = json.loads(make_manifest().to_json())
+    for chunk in data["chunks"]:
+        chunk["position_extent"] = chunk.pop("position_span")
+    old = ConceptManifest.from_json(json.dumps(data))
+    assert [c.position_span for c in old.chunks] == [c.position_span for c in make_manifest().chunks]
+    assert '"position_extent"' not in old.to_json().decode()
+    assert old.chunks == make_manifest().chunks
