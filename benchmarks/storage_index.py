@@ -62,7 +62,7 @@ def _load(index, space: VectorSpace, users: int, keys: int, batch_users: int = 1
                     key_id=f"u{u}-k{k}", user_id=f"u{u}", concept_id=f"c{k // 5}",
                     kind="image_patch", model_fingerprint=FP, vector=vec,
                     chunk_id=f"{u * keys + k:064x}", object_key=f"users/u{u}/chunks/{k}.kv",
-                    token_count=64, position_extent=64, source=str(k % 5)))
+                    token_count=64, position_span=64, source=str(k % 5)))
         index.insert(space, entries)
         done = min(users, first + batch_users) * keys
         if (first // batch_users) % 10 == 0 or done == users * keys:
@@ -237,7 +237,7 @@ def _write_concepts(store, n: int) -> int:
             chunk_id = hashlib.sha256(blob).hexdigest()
             key = store.put_chunk(user, concept, chunk_id, blob)
             chunks.append(ChunkRecord(chunk_id=chunk_id, kind=kind, object_key=key,
-                                      token_count=64, position_extent=64,
+                                      token_count=64, position_span=64,
                                       model_fingerprint=FP, source=source))
         store.write_manifest(ConceptManifest(
             user_id=user, concept_id=concept, state="ready", model_fingerprint=FP,

@@ -75,11 +75,22 @@ class ChunkRecord(_Model):
     kind: Literal["profile_text", "image_patch"]
     object_key: str
     token_count: int = Field(ge=0)
-    position_extent: int = Field(ge=0, description="RoPE positions the chunk spans.")
+    position_span: int = Field(ge=0, description=(
+        "RoPE positions the chunk spans when placed (ChunkMeta.position_span: its next free "
+        "position minus its start)."))
     model_fingerprint: str
     source: str = Field(description='"profile" or the index of the patch it encodes.')
 
     _check_id = field_validator("chunk_id")(lambda v: validate_hex_digest(v, "chunk id"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_span_name(cls, data):
+        # Manifests written before issue 11 stored the span as "position_extent", a name that
+        # means "next free position" in ChunkMeta. Same value, new name; rewritten on save.
+        if isinstance(data, dict) and "position_extent" in data and "position_span" not in data:
+            data = {("position_span" if k == "position_extent" else k): v for k, v in data.items()}
+        return data
 
 
 class ConceptManifest(_Model):

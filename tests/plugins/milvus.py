@@ -149,7 +149,7 @@ def build_concept(user_id: str, concept_id: str, name: str, info: str, look_seed
 
     def chunk(kind: str, source: str) -> ChunkRecord:
         chunk_id = hashlib.sha256(f"{user_id}/{concept_id}/{kind}/{source}".encode()).hexdigest()
-        return ChunkRecord(chunk_id=chunk_id, kind=kind, token_count=10, position_extent=10,
+        return ChunkRecord(chunk_id=chunk_id, kind=kind, token_count=10, position_span=10,
                            object_key=ChunkStore.chunk_key(user_id, concept_id, chunk_id),
                            model_fingerprint=fingerprint, source=source)
 

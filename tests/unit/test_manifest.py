@@ -1,6 +1,7 @@
 """ConceptManifest: JSON round trip, id validation, consistency checks."""
 
 import hashlib
+import json
 
 import pytest
 from pydantic import ValidationError
@@ -32,7 +33,7 @@ def make_manifest(**overrides) -> ConceptManifest:
         patches=[PatchRecord(photo_id=PHOTO, box=(1, 2, 30, 40), score=0.9,
                              scores={"clip": 0.8, "saliency": 1.0})],
         chunks=[ChunkRecord(chunk_id=CHUNK, kind="image_patch", object_key="k/c.kv",
-                            token_count=64, position_extent=64, model_fingerprint="fp1",
+                            token_count=64, position_span=64, model_fingerprint="fp1",
                             source="0")],
         model_fingerprint="fp1",
     )  # fmt: skip
@@ -98,10 +99,22 @@ def test_record_ids_must_be_sha256_hex(bad_id):
                     width=1, height=1, bytes=1)  # fmt: skip
     with pytest.raises(ValidationError, match="sha256"):
         ChunkRecord(chunk_id=bad_id, kind="profile_text", object_key="k", token_count=1,
-                    position_extent=1, model_fingerprint="fp", source="profile")  # fmt: skip
+                    position_span=1, model_fingerprint="fp", source="profile")  # fmt: skip
 
 
 def test_tampered_json_is_refused_on_read():
     data = make_manifest().to_json().decode().replace('"alice"', '"../alice"')
     with pytest.raises(ValidationError):
         ConceptManifest.from_json(data)
+
+
+def test_manifest_written_with_the_old_span_name_still_loads():
+    # Before issue 11 a chunk record stored the span as "position_extent" (ChunkMeta's name for
+    # the next free position). Such manifests load with the value under position_span.
+    data = json.loads(make_manifest().to_json())
+    for chunk in data["chunks"]:
+        chunk["position_extent"] = chunk.pop("position_span")
+    old = ConceptManifest.from_json(json.dumps(data))
+    assert [c.position_span for c in old.chunks] == [c.position_span for c in make_manifest().chunks]
+    assert '"position_extent"' not in old.to_json().decode()
+    assert old.chunks == make_manifest().chunks

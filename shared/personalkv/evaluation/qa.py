@@ -214,7 +214,7 @@ class Harness:
         from personalkv.kv.engine import encode
         from personalkv.mining.profile import ProfileWriter
         from personalkv.models import load_adapter
-        from personalkv.service.pipeline import profile_chunk_evidence
+        from personalkv.kv.evidence import profile_chunk_evidence
         from personalkv.storage.chunk_store import ChunkStore
 
         m = settings.model
@@ -276,7 +276,8 @@ class Harness:
         concatenated profiles of consecutive concepts (the kv-core benchmark's evidence size;
         a dataset's single profiles are shorter). Stored and loaded like the others."""
         from personalkv.kv.codec import decode_chunk, encode_chunk
-        from personalkv.kv.engine import encode, profile_evidence
+        from personalkv.kv.engine import encode
+        from personalkv.kv.evidence import profile_evidence
 
         per_piece = max(1, target_tokens // pieces)
         ids = [c.concept_id for c in self.dataset.concepts]

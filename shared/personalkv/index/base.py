@@ -40,7 +40,7 @@ class IndexEntry:
     kind, source), never the bare chunk id, because chunk ids are content hashes and two users
     with identical photos or texts must never share (and overwrite) an entry.
 
-    ``chunk_id``/``object_key``/``token_count``/``position_extent`` name the KV chunk this key
+    ``chunk_id``/``object_key``/``token_count``/``position_span`` name the KV chunk this key
     leads to; a key without a chunk (e.g. a whole-photo key) has ``chunk_id == ""``.
     """
 
@@ -53,7 +53,7 @@ class IndexEntry:
     chunk_id: str = ""
     object_key: str = ""
     token_count: int = 0
-    position_extent: int = 0
+    position_span: int = 0
     source: str = ""
 
 
@@ -70,7 +70,7 @@ class SearchHit:
     chunk_id: str = ""
     object_key: str = ""
     token_count: int = 0
-    position_extent: int = 0
+    position_span: int = 0
     source: str = ""
 
 

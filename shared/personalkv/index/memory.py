@@ -126,5 +126,5 @@ def _hit(e: IndexEntry, score: float) -> SearchHit:
     return SearchHit(
         key_id=e.key_id, user_id=e.user_id, concept_id=e.concept_id, kind=e.kind, score=score,
         model_fingerprint=e.model_fingerprint, chunk_id=e.chunk_id, object_key=e.object_key,
-        token_count=int(e.token_count), position_extent=int(e.position_extent), source=e.source,
+        token_count=int(e.token_count), position_span=int(e.position_span), source=e.source,
     )

@@ -48,8 +48,12 @@ from personalkv.index.base import (
     SearchRequest, VectorSpace,
 )
 
+#: The stored column of ``IndexEntry.position_span`` (the positions the chunk spans) keeps its
+#: original name ``position_extent``, so existing collections load without a reindex; it is
+#: mapped to and from ``position_span`` in ``_row`` / ``_hit`` only.
+_SPAN_COLUMN = "position_extent"
 _FIELDS = ("key_id", "user_id", "concept_id", "kind", "model_fingerprint", "chunk_id",
-           "object_key", "token_count", "position_extent", "source")
+           "object_key", "token_count", _SPAN_COLUMN, "source")
 _BATCH = 2000  # rows per insert RPC: well under the 64 MB gRPC message limit at dim 1024
 
 
@@ -176,7 +180,7 @@ class MilvusKeyIndex(KeyIndex):
         schema.add_field("chunk_id", DataType.VARCHAR, max_length=128)
         schema.add_field("object_key", DataType.VARCHAR, max_length=1024)
         schema.add_field("token_count", DataType.INT64)
-        schema.add_field("position_extent", DataType.INT64)
+        schema.add_field(_SPAN_COLUMN, DataType.INT64)
         schema.add_field("source", DataType.VARCHAR, max_length=512)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=space.dim)
         index = self.client.prepare_index_params()
@@ -352,7 +356,7 @@ def _row(e: IndexEntry, dim: int) -> dict:
         "key_id": e.key_id, "user_id": e.user_id, "concept_id": e.concept_id, "kind": e.kind,
         "model_fingerprint": e.model_fingerprint, "chunk_id": e.chunk_id,
         "object_key": e.object_key, "token_count": int(e.token_count),
-        "position_extent": int(e.position_extent), "source": e.source[:512],
+        _SPAN_COLUMN: int(e.position_span), "source": e.source[:512],
         "vector": vector.tolist(),
     }
 
@@ -363,5 +367,5 @@ def _hit(row: dict, score: float) -> SearchHit:
         kind=row["kind"], score=score, model_fingerprint=row.get("model_fingerprint", ""),
         chunk_id=row.get("chunk_id", ""), object_key=row.get("object_key", ""),
         token_count=int(row.get("token_count", 0)),
-        position_extent=int(row.get("position_extent", 0)), source=row.get("source", ""),
+        position_span=int(row.get(_SPAN_COLUMN, 0)), source=row.get("source", ""),
     )

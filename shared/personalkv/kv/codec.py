@@ -157,6 +157,15 @@ def read_header(blob: bytes) -> dict:
     return header
 
 
+def read_meta(blob: bytes) -> ChunkMeta:
+    """The chunk's ChunkMeta from its header alone, format, version and every field checked;
+    tensors and checksum are not read (``decode_chunk`` verifies those). Callers outside the
+    codec use this, never the header JSON."""
+    metadata = read_header(blob).get("__metadata__", {})
+    _check_version(metadata)
+    return _parse_meta(metadata)
+
+
 def _check_version(metadata: dict) -> None:
     if metadata.get("format") != FORMAT_NAME:
         raise CorruptChunkError(f"not a KV chunk: format is {metadata.get('format')!r}")

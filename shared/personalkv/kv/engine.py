@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
 
-from personalkv.kv.chunk import ChunkKind, ChunkMeta, KVChunk, chunk_content_hash
+from personalkv.kv.chunk import ChunkKind, ChunkMeta, KVChunk
+from personalkv.kv.evidence import Evidence, chunk_id_of
 from personalkv.kv.placement import PlacedContext, place_chunks
 from personalkv.kv.recompute import recompute
 from personalkv.models.base import ImageInput, ModelAdapter, Segment
@@ -58,7 +59,7 @@ def encode_evidence(
         user_id=user_id,
         concept_id=concept_id,
         kind=kind,
-        content_hash=_chunk_id(adapter, user_id, concept_id, kind, content),
+        content_hash=chunk_id_of(adapter, user_id, concept_id, kind, content),
         token_count=segment.num_tokens,
         start_position=prefix.extent,
         position_extent=extent,
@@ -78,53 +79,10 @@ def encode_evidence(
     )
 
 
-@dataclass(frozen=True)
-class Evidence:
-    """One piece of evidence before encoding: what the chunk is *of* (``content``, hashed into
-    the chunk id) and how to build what the model reads (``parts``, called only when the chunk
-    is really encoded, so a caller can skip the vision tower for chunks it already stores)."""
-
-    kind: ChunkKind
-    content: bytes
-    source: str
-    parts: Callable[[ModelAdapter], list]
-
-
-def profile_evidence(text: str) -> Evidence:
-    """A concept's text profile: the text is the whole evidence and its content."""
-    text = text.rstrip("\n") + "\n"
-    return Evidence(kind="profile_text", content=text.encode(), source="profile", parts=lambda _: [text])
-
-
-def patch_evidence(image: Image.Image, concept_name: str, source: str = "") -> Evidence:
-    """One mined image patch, framed by a short text naming the concept. Its content is the
-    framing, the size and the raw RGB pixels: independent of any image encoder's output."""
-    framing = f"A photo detail of my {concept_name}: "
-    rgb = image.convert("RGB")
-    width, height = rgb.size
-    content = framing.encode() + b"\0" + f"{width}x{height}".encode() + b"\0" + rgb.tobytes()
-    return Evidence(
-        kind="image_patch", content=content, source=source,
-        parts=lambda adapter: [framing, adapter.encode_image(rgb), "\n"],
-    )
-
-
-def evidence_chunk_id(adapter: ModelAdapter, evidence: Evidence, *, user_id: str, concept_id: str) -> str:
-    """The id the chunk will have, known without running the model."""
-    return _chunk_id(adapter, user_id, concept_id, evidence.kind, evidence.content)
-
-
 def encode(adapter: ModelAdapter, evidence: Evidence, *, user_id: str, concept_id: str) -> KVChunk:
     return encode_evidence(
         adapter, evidence.parts(adapter), user_id=user_id, concept_id=concept_id,
         kind=evidence.kind, content=evidence.content, source=evidence.source,
-    )
-
-
-def _chunk_id(adapter: ModelAdapter, user_id: str, concept_id: str, kind: str, content: bytes) -> str:
-    return chunk_content_hash(
-        model_fingerprint=adapter.fingerprint(), framing=adapter.system_prefix().framing,
-        user_id=user_id, concept_id=concept_id, kind=kind, content=content,
     )
 
 

@@ -73,36 +73,6 @@ def attributes_from_facts(info: str) -> list[str]:
     return [s for s in items if ATTRIBUTE_RE.match(s)][:MAX_ATTRIBUTES]
 
 
-def _sentence(text: str) -> str:
-    """One clean sentence: whitespace collapsed, dangling separators dropped, a final period."""
-    text = " ".join(text.split()).strip(" ,;:-")
-    if text and text[-1] not in ".!?":
-        text += "."
-    return text
-
-
-def profile_sentences(profile: ConceptProfile) -> str:
-    """The profile as the short text a chunk holds (the Jarvis paper's prefix from the profile
-    JSON): who it is, what the user wrote, the VLM's caption when there is one, and the
-    distinctive details, e.g. "Rex is my dog. He loves the park. Distinctive details: collar
-    (black leather), ears (floppy brown)." Each fact once: a caption built from the user's facts
-    repeats them and is left out; ``part: descriptor`` lines of the user's text become details."""
-    name = " ".join(profile.name.split())
-    category = " ".join(profile.category.split())
-    sentences = [f"{name} is my {category}." if category else f"{name} is one of my things."]
-    attributes = list(profile.attributes)
-    for line in profile.info.splitlines():
-        kept = [p.strip() for p in line.split(";") if p.strip() and p.strip().lower() not in attributes]
-        sentences.append(_sentence("; ".join(kept)))
-    if profile.source == "vlm" and profile.caption.strip():
-        sentences.append(_sentence(profile.caption))
-    details = [a.split(":", 1) for a in attributes]
-    if details:
-        listed = ", ".join(f"{part.strip()} ({descriptor.strip()})" for part, descriptor in details)
-        sentences.append(f"Distinctive details: {listed}.")
-    return " ".join(s for s in sentences if s)
-
-
 def vlm_generate(adapter, max_new_tokens: int = 160) -> Generate:
     """``generate(prompt, images)`` by the answering VLM itself (greedy, no personal chunks):
     the first photo goes in as the question's image. Nothing leaves the machine."""

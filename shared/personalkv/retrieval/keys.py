@@ -78,7 +78,7 @@ class KeyBuilder:
             chunk_id=chunk.chunk_id if chunk else "",
             object_key=chunk.object_key if chunk else "",
             token_count=chunk.token_count if chunk else 0,
-            position_extent=chunk.position_extent if chunk else 0,
+            position_span=chunk.position_span if chunk else 0,
             source=chunk.source if chunk else source,
         )
 

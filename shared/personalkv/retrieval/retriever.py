@@ -201,7 +201,7 @@ class Retriever:
             if h.chunk_id:
                 out.setdefault(h.concept_id, {})[h.chunk_id] = ChunkRecord(
                     chunk_id=h.chunk_id, kind=h.kind, object_key=h.object_key,
-                    token_count=h.token_count, position_extent=h.position_extent,
+                    token_count=h.token_count, position_span=h.position_span,
                     model_fingerprint=h.model_fingerprint, source=h.source)
         # Placement order: the profile text first, then patches in mining order.
         order = lambda c: (c.kind != "profile_text", int(c.source) if c.source.isdigit() else 1 << 30,

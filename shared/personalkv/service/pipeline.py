@@ -21,17 +21,18 @@ its state); anything else marks the concept ``failed`` with a reason and re-rais
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+from typing import Iterable, Iterator
 
+from personalkv.kv.chunk import ChunkMeta
 from personalkv.kv.codec import ChunkFormatError, decode_chunk, encode_chunk
-from personalkv.kv.engine import (
-    Evidence, encode, evidence_chunk_id, patch_evidence, profile_evidence,
+from personalkv.kv.engine import encode
+from personalkv.kv.evidence import (
+    Evidence, evidence_chunk_id, patch_evidence, profile_chunk_evidence,
 )
 from personalkv.manifest import ChunkRecord, ConceptManifest
 from personalkv.images import decode
 from personalkv.mining.output import PhotoRef
-from personalkv.mining.profile import profile_sentences
 from personalkv.retrieval.indexing import index_concept
 from personalkv.service import reconciler
 from personalkv.service._common import check_ids, dependencies
@@ -152,24 +153,13 @@ def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list[PhotoRef]
 
 
 # -- caching -------------------------------------------------------------------------------
-def profile_chunk_evidence(profile) -> Evidence:
-    """What a concept's profile chunk holds: its profile as a few clean sentences. The QA
-    evaluation (personalkv.evaluation.qa) encodes exactly this."""
-    return profile_evidence(profile_sentences(profile))
-
-
+# One run: enter the caching state, plan the evidence, store the chunks it lacks (encoding
+# only what is not stored yet), stage them in the manifest unless mining superseded this run,
+# publish (index keys, then ``ready``), and delete the chunks the manifest stopped naming.
 def cache_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Encode and store the chunks the concept lacks, index its keys, mark it ready.
     Returns the manifest written, or None when the concept no longer exists."""
     return _run(svc, user_id, concept_id, lambda: _cache(svc, user_id, concept_id))
-
-
-def _record(chunk_id: str, kind: str, source: str, meta: dict, key: str) -> ChunkRecord:
-    return ChunkRecord(
-        chunk_id=chunk_id, kind=kind, object_key=key, token_count=int(meta["token_count"]),
-        position_extent=int(meta["position_extent"]) - int(meta["start_position"]),
-        model_fingerprint=meta["model_fingerprint"], source=source,
-    )
 
 
 def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
@@ -177,92 +167,25 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     if manifest is None:
         log.info("cache %s/%s: concept deleted, nothing to do", user_id, concept_id)
         return None
-    adapter = svc.adapter
-    fingerprint = adapter.fingerprint()
-    quantization = svc.settings.model.chunk_quantization
-    store = svc.store
     known = {c.chunk_id: c for c in manifest.chunks}
-    if manifest.state not in ("caching", "queued", "mining"):
-        # (queued / mining: photos are waiting for mining, which enqueues caching after it;
-        # that state stays so that a lapsed lease sends the concept back to mining.)
-        manifest = _write_state(svc, user_id, concept_id, "caching", failure_reason=None)
-        if manifest is None:
-            return None
-    encoded = reused = 0
-
-    def chunk_for(evidence) -> ChunkRecord:
-        nonlocal encoded, reused
-        kind, source = evidence.kind, evidence.source
-        chunk_id = evidence_chunk_id(adapter, evidence, user_id=user_id, concept_id=concept_id)
-        key = store.chunk_key(user_id, concept_id, chunk_id)
-        if chunk_id in known and known[chunk_id].kind == kind:
-            reused += 1
-            return known[chunk_id].model_copy(update={"source": source})
-        if store.has_chunk(user_id, concept_id, chunk_id):
-            # Stored by an earlier run that died before its manifest write: verify, don't redo
-            # (a blob that fails verification is encoded again and overwritten).
-            try:
-                meta = decode_chunk(store.get_chunk(user_id, concept_id, chunk_id),
-                                    expected_model=fingerprint, expected_user=user_id,
-                                    expected_chunk_id=chunk_id).meta
-                reused += 1
-                return _record(chunk_id, kind, source, dataclasses.asdict(meta), key)
-            except ChunkFormatError as exc:
-                log.warning("stored chunk %s of %s/%s is unusable (%s); encoding it again",
-                            chunk_id[:12], user_id, concept_id, exc)
-        chunk = encode(adapter, evidence, user_id=user_id, concept_id=concept_id)
-        assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
-        store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, quantization))
-        encoded += 1
-        return _record(chunk_id, kind, source, dataclasses.asdict(chunk.meta), key)
-
-    records = [chunk_for(profile_chunk_evidence(manifest.profile))]
-    photos: dict = {}
-    seen = {records[0].chunk_id}
-    # A text-only model gets the profile chunk alone; its photos still serve retrieval.
-    patches = manifest.patches if adapter.supports_images else []
-    for i, patch in enumerate(patches):
-        if patch.photo_id not in photos:
-            photos[patch.photo_id] = decode(store.get_photo(user_id, concept_id, patch.photo_id))
-        crop = photos[patch.photo_id].crop(patch.box)
-        record = chunk_for(patch_evidence(crop, manifest.profile.name, source=str(i)))
-        if record.chunk_id not in seen:  # two identical patches share one chunk
-            seen.add(record.chunk_id)
-            records.append(record)
-
-    superseded = False
-
-    def unchanged(fresh: ConceptManifest) -> bool:
-        nonlocal superseded
-        superseded = fresh.patches != manifest.patches or fresh.profile != manifest.profile
-        return not superseded
-
-    def keep_state(fresh: ConceptManifest) -> str:
-        # Photos uploaded meanwhile (queued) or being mined: that state, not ours, is current.
-        return fresh.state if fresh.state in ("queued", "mining") else "caching"
-
+    manifest = _enter_caching(svc, manifest)
+    if manifest is None:
+        return None
+    writer = _ChunkWriter(svc, user_id, concept_id, known)
+    records = _store_chunks(writer, _plan_evidence(svc, manifest))
     try:
-        with dependencies("the object store"):
-            staged = store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
-                update={"chunks": records, "model_fingerprint": fingerprint,
-                        "state": keep_state(fresh), "failure_reason": None})
-                if unchanged(fresh) else None)
+        staged, superseded = _stage_chunks(svc, manifest, records, writer.fingerprint)
         if staged is None:
             return None
         if superseded:
             # Re-mined meanwhile: the caching task that mining enqueued will finish with the
             # chunks stored here already in place. Nothing to publish from this run.
             log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
-                     concept_id, encoded)
+                     concept_id, writer.encoded)
             return staged
-        index_concept(svc.index, svc.keys, staged,
-                      lambda photo_id: store.get_photo(user_id, concept_id, photo_id))
-        with dependencies("the object store"):
-            ready = store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
-                update={"state": "ready", "lease_until": None})
-                if fresh.state == "caching" and fresh.chunks == records else None)
+        ready = _publish(svc, staged, records)
     except MissingObjectsError:
-        if store.read_manifest(user_id, concept_id) is None:
+        if svc.store.read_manifest(user_id, concept_id) is None:
             # Deleted while we published: take back any keys we wrote, then stop.
             svc.index.delete_concept(user_id, concept_id)
             log.info("cache %s/%s: concept deleted meanwhile", user_id, concept_id)
@@ -272,13 +195,133 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
         svc.index.delete_concept(user_id, concept_id)
         return None
     # Chunks the previous manifest named and this one does not (new profile, new model).
-    current = {r.chunk_id for r in records}
-    for stale in set(known) - current:
-        try:
-            store.objects.delete(store.chunk_key(user_id, concept_id, stale))
-        except Exception:
-            log.warning("could not delete stale chunk %s of %s/%s", stale[:12], user_id, concept_id)
+    _delete_stale_chunks(svc.store, user_id, concept_id, set(known) - {r.chunk_id for r in records})
     log.info("cached %s/%s: %d chunks (%d encoded, %d reused); ready", user_id, concept_id,
-             len(records), encoded, reused)
+             len(records), writer.encoded, writer.reused)
     return ready
 
+
+def _enter_caching(svc, manifest: ConceptManifest) -> ConceptManifest | None:
+    """The manifest in a state that lets caching run; None when the concept is gone."""
+    if manifest.state in ("caching", "queued", "mining"):
+        # (queued / mining: photos are waiting for mining, which enqueues caching after it;
+        # that state stays so that a lapsed lease sends the concept back to mining.)
+        return manifest
+    return _write_state(svc, manifest.user_id, manifest.concept_id, "caching", failure_reason=None)
+
+
+def _plan_evidence(svc, manifest: ConceptManifest) -> Iterator[Evidence]:
+    """The evidence the concept's chunks hold, in placement order: the profile, then each
+    patch (each photo decoded once, when its first patch comes up)."""
+    yield profile_chunk_evidence(manifest.profile)
+    # A text-only model gets the profile chunk alone; its photos still serve retrieval.
+    patches = manifest.patches if svc.adapter.supports_images else []
+    photos: dict = {}
+    for i, patch in enumerate(patches):
+        if patch.photo_id not in photos:
+            photos[patch.photo_id] = decode(svc.store.get_photo(
+                manifest.user_id, manifest.concept_id, patch.photo_id))
+        crop = photos[patch.photo_id].crop(patch.box)
+        yield patch_evidence(crop, manifest.profile.name, source=str(i))
+
+
+class _ChunkWriter:
+    """Makes sure one piece of evidence has its chunk stored, and returns its record: reused
+    from the manifest, verified from an earlier run's blob, or encoded and written now."""
+
+    def __init__(self, svc, user_id: str, concept_id: str, known: dict[str, ChunkRecord]) -> None:
+        self.store, self.adapter = svc.store, svc.adapter
+        self.fingerprint = self.adapter.fingerprint()
+        self.quantization = svc.settings.model.chunk_quantization
+        self.user_id, self.concept_id, self.known = user_id, concept_id, known
+        self.encoded = self.reused = 0
+
+    def record_for(self, evidence: Evidence) -> ChunkRecord:
+        user_id, concept_id, store = self.user_id, self.concept_id, self.store
+        chunk_id = evidence_chunk_id(self.adapter, evidence, user_id=user_id, concept_id=concept_id)
+        known = self.known.get(chunk_id)
+        if known is not None and known.kind == evidence.kind:
+            self.reused += 1
+            return known.model_copy(update={"source": evidence.source})
+        if store.has_chunk(user_id, concept_id, chunk_id):
+            # Stored by an earlier run that died before its manifest write: verify, don't redo
+            # (a blob that fails verification is encoded again and overwritten).
+            try:
+                meta = decode_chunk(store.get_chunk(user_id, concept_id, chunk_id),
+                                    expected_model=self.fingerprint, expected_user=user_id,
+                                    expected_chunk_id=chunk_id).meta
+                self.reused += 1
+                return self._record(evidence, meta)
+            except ChunkFormatError as exc:
+                log.warning("stored chunk %s of %s/%s is unusable (%s); encoding it again",
+                            chunk_id[:12], user_id, concept_id, exc)
+        chunk = encode(self.adapter, evidence, user_id=user_id, concept_id=concept_id)
+        assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"
+        store.put_chunk(user_id, concept_id, chunk_id, encode_chunk(chunk, self.quantization))
+        self.encoded += 1
+        return self._record(evidence, chunk.meta)
+
+    def _record(self, evidence: Evidence, meta: ChunkMeta) -> ChunkRecord:
+        return ChunkRecord(
+            chunk_id=meta.chunk_id, kind=evidence.kind,
+            object_key=self.store.chunk_key(self.user_id, self.concept_id, meta.chunk_id),
+            token_count=meta.token_count, position_span=meta.position_span,
+            model_fingerprint=meta.model_fingerprint, source=evidence.source,
+        )
+
+
+def _store_chunks(writer: _ChunkWriter, evidence: Iterable[Evidence]) -> list[ChunkRecord]:
+    """Every piece of evidence's chunk stored; one record per distinct chunk, in order."""
+    records: list[ChunkRecord] = []
+    seen: set[str] = set()
+    for piece in evidence:
+        record = writer.record_for(piece)
+        if record.chunk_id not in seen:  # two identical patches share one chunk
+            seen.add(record.chunk_id)
+            records.append(record)
+    return records
+
+
+def _stage_chunks(svc, planned: ConceptManifest, records: list[ChunkRecord],
+                  fingerprint: str) -> tuple[ConceptManifest | None, bool]:
+    """Compare-and-set the chunk records into the freshest manifest unless its patches or
+    profile changed since ``planned`` (then it is left alone: superseded). Returns the manifest
+    (None when the concept is gone) and whether this run was superseded."""
+    superseded = False
+
+    def unchanged(fresh: ConceptManifest) -> bool:
+        nonlocal superseded
+        superseded = fresh.patches != planned.patches or fresh.profile != planned.profile
+        return not superseded
+
+    def keep_state(fresh: ConceptManifest) -> str:
+        # Photos uploaded meanwhile (queued) or being mined: that state, not ours, is current.
+        return fresh.state if fresh.state in ("queued", "mining") else "caching"
+
+    with dependencies("the object store"):
+        staged = svc.store.update_manifest(planned.user_id, planned.concept_id, lambda fresh: fresh.model_copy(
+            update={"chunks": records, "model_fingerprint": fingerprint,
+                    "state": keep_state(fresh), "failure_reason": None})
+            if unchanged(fresh) else None)
+    return staged, superseded
+
+
+def _publish(svc, staged: ConceptManifest, records: list[ChunkRecord]) -> ConceptManifest | None:
+    """Index the staged concept's keys (visible to every reader), then compare-and-set it
+    ``ready`` if it is still caching these very chunks; None when it is not."""
+    user_id, concept_id = staged.user_id, staged.concept_id
+    index_concept(svc.index, svc.keys, staged,
+                  lambda photo_id: svc.store.get_photo(user_id, concept_id, photo_id))
+    with dependencies("the object store"):
+        return svc.store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
+            update={"state": "ready", "lease_until": None})
+            if fresh.state == "caching" and fresh.chunks == records else None)
+
+
+def _delete_stale_chunks(store, user_id: str, concept_id: str, stale: set[str]) -> None:
+    """Best effort: a chunk left behind costs space, not correctness (no manifest names it)."""
+    for chunk_id in stale:
+        try:
+            store.delete_chunk(user_id, concept_id, chunk_id)
+        except Exception:
+            log.warning("could not delete stale chunk %s of %s/%s", chunk_id[:12], user_id, concept_id)

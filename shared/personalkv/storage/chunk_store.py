@@ -147,6 +147,10 @@ class ChunkStore:
     def get_chunk(self, user_id: str, concept_id: str, chunk_id: str) -> bytes:
         return self.objects.get(self.chunk_key(user_id, concept_id, chunk_id))
 
+    def delete_chunk(self, user_id: str, concept_id: str, chunk_id: str) -> None:
+        """Remove one chunk blob (one its manifest no longer names); absent is not an error."""
+        self.objects.delete(self.chunk_key(user_id, concept_id, chunk_id))
+
     def has_chunk(self, user_id: str, concept_id: str, chunk_id: str) -> bool:
         return self.objects.exists(self.chunk_key(user_id, concept_id, chunk_id))
 

@@ -18,7 +18,7 @@ def entries(user: str, concept: str, n: int, seed0: int = 0) -> list[IndexEntry]
     return [IndexEntry(key_id=f"{user}.{concept}.{i}", user_id=user, concept_id=concept,
                        kind="image_patch", model_fingerprint="fp", vector=unit(seed0 + i),
                        chunk_id=f"{i:064x}", object_key=f"users/{user}/k{i}", token_count=i,
-                       position_extent=2 * i, source=str(i)) for i in range(n)]
+                       position_span=2 * i, source=str(i)) for i in range(n)]
 
 
 def search(index, user, vector, **kw):
@@ -29,7 +29,7 @@ def test_fresh_writes_are_searchable_without_make_searchable(key_index):
     key_index.upsert(SPACE, entries("alice", "mug", 30))
     hits = search(key_index, "alice", unit(7), limit=5)
     assert hits[0].key_id == "alice.mug.7" and hits[0].score > 0.99
-    assert (hits[0].token_count, hits[0].position_extent, hits[0].source) == (7, 14, "7")
+    assert (hits[0].token_count, hits[0].position_span, hits[0].source) == (7, 14, "7")
 
 
 def test_identical_vectors_of_two_users_stay_apart(key_index):

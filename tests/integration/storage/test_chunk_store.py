@@ -31,7 +31,7 @@ def build_concept(store: ChunkStore, user="alice", concept="rex", n_chunks=2) ->
         cid = chunk_id(f"{user}/{concept}/{i}")
         key = store.put_chunk(user, concept, cid, f"kv-{i}".encode() * 100)
         chunks.append(ChunkRecord(chunk_id=cid, kind="image_patch", object_key=key,
-                                  token_count=8, position_extent=8, model_fingerprint="fp",
+                                  token_count=8, position_span=8, model_fingerprint="fp",
                                   source=str(i)))  # fmt: skip
     manifest = ConceptManifest(
         user_id=user, concept_id=concept, state="ready", profile={"name": concept},

@@ -34,7 +34,7 @@ def test_outage_during_publish_leaves_no_manifest(proxied_store):
     manifest = ConceptManifest(
         user_id="alice", concept_id="rex", state="ready", profile={"name": "Rex"},
         chunks=[ChunkRecord(chunk_id=cid, kind="profile_text", object_key=key, token_count=4,
-                            position_extent=4, model_fingerprint="fp", source="profile")],
+                            position_span=4, model_fingerprint="fp", source="profile")],
     )  # fmt: skip
 
     proxy.cut()

@@ -17,7 +17,7 @@ def entry(user: str, concept: str, key: str, vector, fp: str = "fp", kind: str =
     return IndexEntry(key_id=f"{user}-{key}", user_id=user, concept_id=concept, kind=kind,
                       model_fingerprint=fp, vector=v / np.linalg.norm(v), chunk_id=chunk,
                       object_key=f"users/{user}/x" if chunk else "", token_count=7,
-                      position_extent=9, source="0")
+                      position_span=9, source="0")
 
 
 def onehot(i: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_search_is_scoped_to_user_and_fingerprint(filled):
     assert [h.key_id for h in hits][0] == "alice-a1"
     assert {h.user_id for h in hits} == {"alice"}
     assert {h.model_fingerprint for h in hits} == {"fp"}
-    assert hits[0].chunk_id == "c1" and hits[0].token_count == 7 and hits[0].position_extent == 9
+    assert hits[0].chunk_id == "c1" and hits[0].token_count == 7 and hits[0].position_span == 9
     assert hits[0].score == pytest.approx(1.0, abs=1e-3)
     assert search(filled, "carol", onehot(0)) == []
     assert {h.key_id for h in search(filled, "alice", onehot(0), fp="other")} == {"alice-a3"}

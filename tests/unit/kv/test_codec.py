@@ -288,3 +288,16 @@ def test_structurally_broken_headers_raise_chunk_format_errors(mutate):
     encoded += b" " * ((8 - len(encoded) % 8) % 8)
     with pytest.raises(codec.ChunkFormatError):
         decode_chunk(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def test_read_meta_gives_the_typed_meta_and_the_span_from_the_header_alone():
+    chunk = synthetic_chunk()
+    blob = encode_chunk(chunk, "int8")
+    meta = codec.read_meta(blob)
+    assert meta == chunk.meta
+    # M-RoPE: 7 tokens advance the positions by 5 (next free position 25, start 20).
+    assert (meta.position_extent, meta.position_span) == (25, 5)
+    with pytest.raises(ChunkVersionError):
+        codec.read_meta(_rewrite_metadata(blob, version="99"))
+    with pytest.raises(TruncatedChunkError):
+        codec.read_meta(blob[:4])

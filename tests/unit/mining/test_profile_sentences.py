@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from personalkv.manifest import ConceptProfile
-from personalkv.mining.profile import ProfileWriter, profile_sentences
+from personalkv.kv.evidence import profile_sentences
+from personalkv.mining.profile import ProfileWriter
 
 
 def test_user_facts_profile_reads_as_sentences_without_repeats():

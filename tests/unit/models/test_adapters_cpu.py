@@ -97,7 +97,8 @@ def test_sampling_is_seeded(tiny):
 
 
 def test_profile_and_patch_chunks_carry_owner_and_content_in_their_hash(tiny, photo):
-    from personalkv.kv.engine import encode, evidence_chunk_id, patch_evidence, profile_evidence
+    from personalkv.kv.engine import encode
+    from personalkv.kv.evidence import evidence_chunk_id, patch_evidence, profile_evidence
 
     adapter = tiny("qwen2_vl")
     a = encode(adapter, profile_evidence("Concept <bo>: dog"), user_id="alice", concept_id="bo")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from personalkv.kv.engine import GenerationOptions, answer, encode, profile_evidence
+from personalkv.kv.engine import GenerationOptions, answer, encode
+from personalkv.kv.evidence import profile_evidence
 from personalkv.models import load_adapter
 from personalkv.models.base import SYSTEM_PROMPT
 from personalkv.models.causal_lm import CausalLMAdapter

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from personalkv.kv.engine import GenerationOptions, answer, encode, profile_evidence
+from personalkv.kv.engine import GenerationOptions, answer, encode
+from personalkv.kv.evidence import profile_evidence
 from personalkv.models import load_adapter
 from personalkv.models.tiny import tiny_model
 
