@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
+.PHONY: install test test-fast test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
 	deploy-tools deploy-check image image-constraints
 
 $(BIN)/python:
@@ -22,6 +22,11 @@ install: $(BIN)/python
 # The suite, after deploy-check (which already ran tests/unit/deploy, with the real helm).
 test: install deploy-check
 	$(BIN)/pytest -q tests --ignore=tests/unit/deploy
+
+# The fast tier: unit tests without the slow-marked ones (real models, EfficientNet, milvus-lite)
+# and without tests/unit/deploy (needs helm; deploy-check runs it).
+test-fast: install
+	$(BIN)/pytest -q tests/unit --ignore=tests/unit/deploy -m "not slow"
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

@@ -30,7 +30,8 @@ def search(index, user, vector, fp="fp", **kw):
     return index.search(SearchRequest(SPACE, user, fp, np.asarray(vector, np.float32), **kw))
 
 
-@pytest.fixture(params=["memory", "lite"])
+# milvus-lite is the slow tier (`make test-fast` runs the in-memory index only).
+@pytest.fixture(params=["memory", pytest.param("lite", marks=pytest.mark.slow)])
 def local_key_index(request):
     return request.getfixturevalue(f"{request.param}_key_index")
 

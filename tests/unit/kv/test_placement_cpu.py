@@ -18,6 +18,9 @@ from personalkv.kv.recompute import recompute
 
 LOGIT_TOL = 1e-5  # fp32, tiny random weights: logits O(1), float reordering ~1e-7
 
+# Slow tier (`make test-fast` skips it): the subject is KV exactness across the tiny models of every architecture.
+pytestmark = pytest.mark.slow
+
 
 def evidence(adapter, photo):
     texts = [

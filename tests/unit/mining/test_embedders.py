@@ -10,6 +10,9 @@ from personalkv.mining.efficientnet import EfficientNetLiteEmbedder, load_trunk
 from personalkv.mining.registry import get_patch_embedder
 from personalkv.mining.vision_tower import VisionTowerEmbedder
 
+# Slow tier (`make test-fast` skips it): the subject is the embedder backends (EfficientNet) themselves.
+pytestmark = pytest.mark.slow
+
 
 def _image(seed: int, size=(120, 160)) -> np.ndarray:
     rng = np.random.default_rng(seed)

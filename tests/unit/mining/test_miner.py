@@ -7,6 +7,9 @@ import pytest
 from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
 
+# Slow tier (`make test-fast` skips it): the subject is mining quality (real extractors).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=["efficientnet-lite0", "colour"])
 def mined(request, synth_set):

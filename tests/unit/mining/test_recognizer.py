@@ -9,6 +9,9 @@ from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
 from personalkv.mining.recognizer import ConceptRecognizer
 
+# Slow tier (`make test-fast` skips it): the subject is recognition over the EfficientNet patch embedder.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=["efficientnet-lite0", "colour"])
 def setup(request, synth_factory):

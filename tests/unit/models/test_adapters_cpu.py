@@ -26,6 +26,9 @@ CASES = [
     ("causal_lm", "text"),
 ]
 
+# Slow tier (`make test-fast` skips it): the subject is the tiny models of every architecture, compared token for token.
+pytestmark = pytest.mark.slow
+
 
 def evidence_parts(adapter, modality, photo):
     if modality == "text":

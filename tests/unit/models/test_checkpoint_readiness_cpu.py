@@ -35,6 +35,9 @@ LLAMA3_TEMPLATE = (
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LOGIT_TOL = 1e-5  # fp32, tiny random weights, as in the KV core tests
 
+# Slow tier (`make test-fast` skips it): the subject is model loading from checkpoints.
+pytestmark = pytest.mark.slow
+
 
 def llama3_adapter() -> CausalLMAdapter:
     from transformers import LlamaConfig, LlamaForCausalLM

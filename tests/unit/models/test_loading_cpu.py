@@ -11,6 +11,9 @@ from personalkv.kv.evidence import profile_evidence
 from personalkv.models import load_adapter
 from personalkv.models.tiny import tiny_model
 
+# Slow tier (`make test-fast` skips it): the subject is model loading from checkpoints.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
 def test_load_adapter_from_local_directory(tmp_path, kind):

@@ -11,6 +11,9 @@ from personalkv.retrieval.encoders import (
 )
 from tests.plugins.milvus import png, scene
 
+# Slow tier (`make test-fast` skips it): the subject is the EfficientNet image encoder itself.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def enc() -> EfficientNetImageEncoder:

@@ -1,5 +1,12 @@
-"""Service fixtures: an embedded ``Services`` on a temp dir (local store, milvus-lite, the
-session's tiny Qwen2-VL, synchronous in-process tasks, the weights-free text encoder)."""
+"""Service fixtures: an embedded ``Services`` on a temp dir (local store, the in-memory key
+index, the session's tiny Qwen2-VL, synchronous in-process tasks, the weights-free text encoder).
+
+The index is ``memory://`` because these tests are about the use cases, not Milvus: the
+in-memory index passes the same contract tests as milvus-lite and the Milvus server
+(tests/unit/index/test_index_contract.py), and the use cases over milvus-lite and the server
+run in tests/integration/service. The object store stays a local directory: some tests check
+that files are not rewritten (mtimes), and it costs nothing.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,27 @@ from PIL import Image, ImageDraw
 
 @pytest.fixture
 def service_settings(tmp_path):
-    from personalkv.config import RetrievalSettings, ServiceSettings, Settings
+    from personalkv.config import (
+        IndexSettings, RetrievalSettings, ServiceSettings, Settings, StorageSettings,
+    )
 
+    objects = tmp_path / "data" / "objects"
+    objects.mkdir(parents=True)
     return Settings(service=ServiceSettings(data_dir=str(tmp_path / "data"), patches_per_photo=2),
-                    retrieval=RetrievalSettings(text_encoder="hashing"))
+                    retrieval=RetrievalSettings(text_encoder="hashing"),
+                    storage=StorageSettings(url=f"file://{objects}"),
+                    index=IndexSettings(uri="memory://"))
 
 
 @pytest.fixture
 def svc(service_settings, tiny):
     from personalkv.service.bootstrap import bootstrap
+    from personalkv.service.task_queue import InProcessTaskQueue
 
-    services = bootstrap(service_settings, embedded=True, adapter=tiny("qwen2_vl"),
-                         synchronous_tasks=True)
+    # Not embedded=True: embedded mode always opens milvus-lite under data_dir; this wires the
+    # same parts from the settings (local store, memory:// index, synchronous in-process tasks).
+    services = bootstrap(service_settings, embedded=False, adapter=tiny("qwen2_vl"),
+                         task_queue=InProcessTaskQueue(synchronous=True))
     yield services
     services.close()
 

@@ -1,5 +1,5 @@
-"""Leases and the reconciler, in embedded mode (local store, milvus-lite, tiny Qwen2-VL, tasks
-inline): a concept whose worker died (state mining/caching, lease lapsed) is enqueued again by a
+"""Leases and the reconciler, in one process (local store, the in-memory index, tiny Qwen2-VL,
+tasks inline): a concept whose worker died (state mining/caching, lease lapsed) is enqueued again by a
 reconciler pass or by re-uploading a photo it already has; a live lease is left alone; a
 claimed concept is enqueued once; the lease keeper moves the lease forward while a task runs."""
 

@@ -1,5 +1,5 @@
-"""Ask over tampered chunk blobs (embedded mode: local store, milvus-lite, tiny Qwen2-VL): every
-malformed blob is skipped, counted and logged; the request still answers from the rest. A
+"""Ask over tampered chunk blobs (one process: local store, the in-memory index, tiny
+Qwen2-VL): every malformed blob is skipped, counted and logged; the request still answers from the rest. A
 caching run that finds a tampered blob at a chunk's key encodes the chunk again."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The use cases end to end in embedded mode: real local object store, real milvus-lite, the
-tiny Qwen2-VL, tasks run inline."""
+"""The use cases end to end in one process: real local object store, the in-memory key index,
+the tiny Qwen2-VL, tasks run inline."""
 
 from __future__ import annotations
 
