@@ -82,8 +82,9 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.qa import DEFAULT_RATIOS, evaluate, format_table, write_png
 
+    settings = get_settings()  # the command is an entry point
     report = evaluate(
-        args.dataset, args.model or get_settings().model.name,
+        args.dataset, args.model or settings.model.name, settings,
         ratios=tuple(args.ratios or DEFAULT_RATIOS), strategies=tuple(args.strategies), k=args.k,
         max_concepts=args.max_concepts, max_questions=args.max_questions,
         big_tokens=args.big_tokens, big_pieces=args.big_chunks, big_questions=args.big_questions,
