@@ -105,7 +105,8 @@ class Services:
                 if self._recognizers is None:
                     self._recognizers = ServedRecognizers(
                         self.store, descriptors, self.settings.mining,
-                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99))
+                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99),
+                        adapter=lambda: self.adapter)
         return self._recognizers
 
     @property
