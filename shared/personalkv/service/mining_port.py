@@ -53,7 +53,8 @@ def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *, settings:
          context: dict[str, Image.Image] | None = None, negatives: list[PhotoRef] = (),
          descriptors=None, adapter=None, patches_per_photo: int = 2) -> MiningOutput:
     """Patches for ``photos`` (photo id -> RGB image; the concept's photos not mined yet) and
-    maybe a new profile. ``settings``: the process's mining settings. ``manifest`` gives the concept's facts and its existing patches;
+    maybe a new profile. ``settings``: the process's mining settings; ``manifest`` gives the
+    concept's facts and its existing patches;
     ``context`` the concept's photos mined before (consistency evidence, no new patches);
     ``negatives`` the user's other concepts' photos (distinctiveness); ``descriptors`` the
     user's stored photo descriptors (``personalkv.mining.descriptors.DescriptorStore``);
