@@ -30,7 +30,10 @@ def build_parser(command_modules: list[str] = COMMAND_MODULES) -> argparse.Argum
 
 
 def main(argv: list[str] | None = None, command_modules: list[str] = COMMAND_MODULES) -> int:
+    from personalkv.config import apply_process_environment, get_settings
+
     args = build_parser(command_modules).parse_args(argv)
+    apply_process_environment(get_settings())  # before any command loads a model
     return int(args.func(args) or 0)
 
 

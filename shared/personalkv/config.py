@@ -8,7 +8,9 @@ docstrings' field descriptions, so keep them accurate.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -43,6 +45,12 @@ class ModelSettings(BaseSettings):
         "are downscaled (aspect kept) before the image processor. 1,003,520 = 1280 Qwen2-VL "
         "visual tokens; Qwen2-VL's own processor default allows 16,384 tokens for one photo.",
     )
+    hf_offline: bool = Field(
+        True,
+        description="Set HF_HUB_OFFLINE=1 for the process (unless already set) so no model "
+        "load reaches for the Hugging Face hub; applied once by the entry points "
+        "(apply_process_environment).",
+    )
     device: str = Field("cpu", description="torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype of the model and of the KV chunks it writes."
@@ -63,6 +71,12 @@ class ModelSettings(BaseSettings):
         "tokens of each chunk).",
     )
 
+
+    def cache_path(self) -> Path:
+        """``cache_dir``, else $XDG_CACHE_HOME/personalkv, else ~/.cache/personalkv."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "personalkv"
 
 class StorageSettings(BaseSettings):
     """Where photos, KV chunk blobs and concept manifests live (personalkv.storage)."""
@@ -414,6 +428,15 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def apply_process_environment(settings: Settings) -> None:
+    """The one place the library writes process-wide environment variables, called by the
+    composition root (``service.bootstrap``) and the command entry points before any model or
+    encoder loads (huggingface_hub reads HF_HUB_OFFLINE when first imported). An explicit
+    HF_HUB_OFFLINE in the environment wins."""
+    if settings.model.hf_offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def markdown_table() -> str:

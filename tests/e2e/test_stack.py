@@ -33,7 +33,7 @@ from PIL import Image
 from personalkv.api.client import PersonalKVClient
 from personalkv.api.v1 import common_pb2
 from personalkv.auth import mint_token
-from personalkv.config import AuthSettings
+from personalkv.config import AuthSettings, RetrievalSettings
 from personalkv.devstack.s3 import free_port
 
 pytestmark = pytest.mark.slow
@@ -220,7 +220,7 @@ def test_full_stack(stack):
         from personalkv.retrieval.keys import KeyBuilder
 
         index = open_key_index(stack["milvus"], prefix=stack["prefix"])
-        keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder())
+        keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder(RetrievalSettings().image_encoder))
         try:
             assert sum(index.count(s, USER) for s in (keys.text_space, keys.image_space)) == 0
         finally:

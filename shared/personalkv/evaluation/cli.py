@@ -82,8 +82,9 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.qa import DEFAULT_RATIOS, evaluate, format_table, write_png
 
+    settings = get_settings()  # the command is an entry point
     report = evaluate(
-        args.dataset, args.model or get_settings().model.name,
+        args.dataset, args.model or settings.model.name, settings,
         ratios=tuple(args.ratios or DEFAULT_RATIOS), strategies=tuple(args.strategies), k=args.k,
         max_concepts=args.max_concepts, max_questions=args.max_questions,
         big_tokens=args.big_tokens, big_pieces=args.big_chunks, big_questions=args.big_questions,
@@ -132,6 +133,17 @@ def format_ask_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _configured_adapter(settings):
+    """A loader of the configured VLM, called only when the ``vlm`` patch embedder asks."""
+    def load():
+        from personalkv.models import load_adapter
+
+        m = settings.model
+        return load_adapter(m.name, m.device, m.dtype, settings=m)
+
+    return load
+
+
 def run_mine(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.dataset import PHOTO_SUFFIXES, load_dataset
@@ -140,7 +152,7 @@ def run_mine(args: argparse.Namespace) -> int:
     from personalkv.mining.profile import ProfileWriter
     from personalkv.mining.sheets import write_sheet
 
-    settings = get_settings().mining
+    settings = get_settings().mining  # the command is an entry point
     ds = load_dataset(args.dataset)
     photos = {c.concept_id: [load_rgb(p, settings.max_side) for p in c.train] for c in ds.concepts}
     neg_dir = args.negatives or (Path(settings.negative_pool) if settings.negative_pool else None)
@@ -149,7 +161,8 @@ def run_mine(args: argparse.Namespace) -> int:
         negatives = [load_rgb(p, settings.max_side) for p in sorted(neg_dir.iterdir())
                      if p.suffix.lower() in PHOTO_SUFFIXES]
     ids = {c.concept_id: [p.name for p in c.train] for c in ds.concepts}
-    library = build_library(settings, photos, negatives, ids, progress=lambda s: print(s, file=sys.stderr))
+    library = build_library(settings, photos, negatives, ids, progress=lambda s: print(s, file=sys.stderr),
+                            adapter=_configured_adapter(get_settings()))
     miner, writer = Miner(library, settings), ProfileWriter()
     out = {}
     for c in ds.concepts:
@@ -177,8 +190,10 @@ def run_eval_recognition(args: argparse.Namespace) -> int:
     from personalkv.evaluation.dataset import load_dataset
     from personalkv.evaluation.recognition import evaluate_recognition
 
-    result = evaluate_recognition(load_dataset(args.dataset), get_settings().mining, args.sheets,
-                                  log=lambda s: print(s, file=sys.stderr))
+    settings = get_settings()  # the command is an entry point
+    result = evaluate_recognition(load_dataset(args.dataset), settings.mining, args.sheets,
+                                  log=lambda s: print(s, file=sys.stderr),
+                                  adapter=_configured_adapter(settings))
     print(format_recognition_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from personalkv.config import Settings
+
 OPTION_LETTERS = "ABCDEFGH"
 DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
 INSTRUCTION = "Answer with the letter of the correct option."
@@ -218,7 +220,7 @@ class Harness:
         from personalkv.storage.chunk_store import ChunkStore
 
         m = settings.model
-        self.adapter = load_adapter(self.model, m.device, m.dtype)
+        self.adapter = load_adapter(self.model, m.device, m.dtype, settings=m)
         names = {c.concept_id: c.name for c in self.dataset.concepts}
         writer = ProfileWriter()  # the user's facts; a text-only model describes no photo
         self._store_dir = tempfile.TemporaryDirectory(prefix="pkv-eval-qa-")
@@ -306,17 +308,16 @@ class Harness:
         return joined == parts + self.adapter.tokenize(question)
 
 
-def evaluate(dataset_path, model: str, *, ratios=DEFAULT_RATIOS, strategies=("deviation", "first"),
+def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RATIOS, strategies=("deviation", "first"),
              k: int = 3, max_concepts: int | None = None, max_questions: int | None = None,
              big_tokens: int = 2088, big_pieces: int = 10, big_questions: int = 4,
              threads: int | None = None, log=print) -> dict:
-    """Run every condition on every item; returns the report (see ``summarize``)."""
-    from personalkv.config import get_settings
+    """Run every condition on every item; returns the report (see ``summarize``). ``settings``:
+    the process's settings (the shipped recompute defaults, the model's device and dtype)."""
     from personalkv.evaluation.dataset import load_dataset
 
     if threads:
         torch.set_num_threads(threads)
-    settings = get_settings()
     default_ratio, default_strategy = settings.model.recompute_ratio, settings.model.recompute_strategy
     dataset = load_dataset(dataset_path)
     items = load_items(dataset, max_concepts, max_questions)

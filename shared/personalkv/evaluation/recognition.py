@@ -41,14 +41,15 @@ class Scored:
     detail: dict | None = None
 
 
-def _build(ds: Dataset, settings: MiningSettings, pool: list[Path], log, cache: dict) -> tuple[ConceptRecognizer, dict]:
+def _build(ds: Dataset, settings: MiningSettings, pool: list[Path], log, cache: dict,
+           adapter=None) -> tuple[ConceptRecognizer, dict]:
     photos = {c.concept_id: [load_rgb(p, settings.max_side) for p in c.train] for c in ds.concepts}
     extra = sorted(Path(settings.negative_pool).glob("*.jpg")) if settings.negative_pool else []
     pool = list(pool) + extra
     negatives = [load_rgb(p, settings.max_side) for p in pool]
     library = build_library(settings, photos, negatives,
                             {c.concept_id: [str(p) for p in c.train] for c in ds.concepts},
-                            [str(p) for p in pool], cache, progress=log)
+                            [str(p) for p in pool], cache, progress=log, adapter=adapter)
     miner = Miner(library, settings)
     mined: dict[str, MinedConcept] = {}
     for c in ds.concepts:
@@ -79,8 +80,9 @@ def choose_threshold(rows: list[Scored]) -> float:
 
 def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
                          sheets_dir: Path | None = None, log: Callable[[str], None] = print,
-                         cache: dict | None = None) -> dict:
-    """``cache`` (optional, photo path -> described photo) lets repeated runs skip extraction."""
+                         cache: dict | None = None, adapter=None) -> dict:
+    """``cache`` (optional, photo path -> described photo) lets repeated runs skip extraction.
+    ``adapter``: a model adapter or a callable returning one, for the ``vlm`` embedder only."""
     settings = settings or MiningSettings()
     negs = list(ds.negatives)
     folds = [negs[0::2], negs[1::2]] if negs else [[]]
@@ -89,7 +91,7 @@ def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
     cache = {} if cache is None else cache
     for f in range(len(folds)):
         t0 = time.perf_counter()
-        rec, built = _build(ds, settings, folds[f], log, cache)
+        rec, built = _build(ds, settings, folds[f], log, cache, adapter)
         mine_s += time.perf_counter() - t0
         if f == 0 and sheets_dir is not None:
             from personalkv.mining.sheets import write_sheet

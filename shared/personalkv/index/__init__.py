@@ -24,16 +24,11 @@ _BACKENDS = {
 }
 
 
-def open_key_index(uri: str | None = None, **options) -> KeyIndex:
+def open_key_index(uri: str, **options) -> KeyIndex:
     """``uri``: a file path (milvus-lite, one process only), ``http(s)://host:port`` (a Milvus
-    server or cluster) or ``memory://`` (in-process, tests); default ``IndexSettings.uri``.
-    ``options`` go to the backend."""
-    if uri is None:
-        from personalkv.config import get_settings
-
-        settings = get_settings().index
-        uri = settings.uri
-        options = {"prefix": settings.collection_prefix, "token": settings.token, **options}
+    server or cluster) or ``memory://`` (in-process, tests); the service passes
+    ``IndexSettings.uri`` (``service.bootstrap``). ``options`` go to the backend (the Milvus
+    ones: ``prefix``, ``token``)."""
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in _BACKENDS:
         raise ValueError(f"unknown index URI scheme {scheme!r}; known: {sorted(_BACKENDS)}")

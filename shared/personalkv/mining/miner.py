@@ -55,11 +55,13 @@ def build_library(settings: MiningSettings, concepts: Mapping[str, Sequence[np.n
                   negatives: Sequence[np.ndarray] = (),
                   photo_ids: Mapping[str, Sequence[str]] | None = None,
                   negative_ids: Sequence[str] | None = None, cache: dict | None = None,
-                  progress: Callable[[str], None] | None = None) -> PhotoLibrary:
+                  progress: Callable[[str], None] | None = None, adapter=None) -> PhotoLibrary:
     """Describes every photo (local features, window embeddings) and builds the keypoint index. With a
     ``cache`` dict, photos already described under the same id are not described again.
-    ``progress`` receives a line per concept described (describing is the slow part)."""
-    library = PhotoLibrary(get_local_extractor(settings.extractor), get_patch_embedder(settings.embedder),
+    ``progress`` receives a line per concept described (describing is the slow part).
+    ``adapter``: the process's model adapter (or a callable returning it), for the ``vlm``
+    embedder only."""
+    library = PhotoLibrary(get_local_extractor(settings.extractor), get_patch_embedder(settings.embedder, adapter),
                            ratio=settings.ratio, ransac_px=settings.ransac_px,
                            min_inliers=settings.min_inliers, cache=cache)
     for i, (cid, photos) in enumerate(concepts.items()):

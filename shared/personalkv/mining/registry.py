@@ -24,17 +24,10 @@ def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
     return make
 
 
-def _vision_tower() -> PatchEmbedder:
-    from personalkv.mining.vision_tower import make_vision_tower_embedder
-
-    return make_vision_tower_embedder()
-
-
 _EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {
     "colour": ColourEmbedder,
     "efficientnet-lite0": _efficientnet("lite0"),
     "efficientnet-lite2": _efficientnet("lite2"),
-    "vlm": _vision_tower,  # the answering model's own vision tower (PERSONALKV_MODEL_*)
 }
 
 
@@ -53,12 +46,21 @@ def get_local_extractor(name: str) -> LocalFeatureExtractor:
     return _LOCAL[name]()
 
 
-def get_patch_embedder(name: str) -> PatchEmbedder:
-    """A registered name, or ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint."""
+def get_patch_embedder(name: str, adapter=None) -> PatchEmbedder:
+    """A registered name, ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint, or ``vlm``:
+    the answering model's own vision tower, i.e. ``adapter`` (the process's one model adapter,
+    or a callable returning it, from ``service.bootstrap``; never loaded here)."""
+    if name == "vlm":
+        if adapter is None:
+            raise ValueError("the 'vlm' patch embedder is the answering model's vision tower: "
+                             "pass the process's model adapter")
+        from personalkv.mining.vision_tower import VisionTowerEmbedder
+
+        return VisionTowerEmbedder(adapter() if callable(adapter) else adapter)
     if name.startswith("clip:"):
         from personalkv.mining.clip import make_clip_embedder
 
         return make_clip_embedder(name.removeprefix("clip:"))
     if name not in _EMBEDDERS:
-        raise ValueError(f"unknown patch embedder {name!r}; known: {sorted(_EMBEDDERS)}")
+        raise ValueError(f"unknown patch embedder {name!r}; known: {sorted([*_EMBEDDERS, 'vlm'])}")
     return _EMBEDDERS[name]()

@@ -92,10 +92,13 @@ class ServedRecognizers:
 
     def __init__(self, store: ChunkStore, descriptors: DescriptorStore,
                  settings: MiningSettings | None = None, max_users: int = 64,
-                 accept_at: float = 0.5):
+                 accept_at: float = 0.5, adapter=None):
         """``accept_at``: the re-rank score a photo's concept gets at the recognizer's
-        threshold (the retriever's threshold, see ``ConceptRecognizer.calibrated``)."""
+        threshold (the retriever's threshold, see ``ConceptRecognizer.calibrated``).
+        ``adapter``: the process's model adapter or a callable returning it (the ``vlm``
+        embedder only)."""
         self.accept_at = accept_at
+        self.adapter = adapter
         self.store = store
         self.descriptors = descriptors
         self.settings = settings or MiningSettings()
@@ -151,7 +154,7 @@ class ServedRecognizers:
             if str(path) in self._pool_memo:
                 cache.memo[str(path)] = self._pool_memo[str(path)]
         library = build_library(s, concepts, [lambda p=p: rgb_array(p, s.max_side) for p in pool],
-                                ids, [str(p) for p in pool], cache=cache)
+                                ids, [str(p) for p in pool], cache=cache, adapter=self.adapter)
         for path in pool:
             self._pool_memo[str(path)] = cache.memo[str(path)]
         shapes = {p.photo_id: p.shape for p in library.photos}

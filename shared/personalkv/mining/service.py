@@ -1,4 +1,8 @@
-"""Entry point for the service layer's mining port (personalkv.service.mining_port)."""
+"""Entry point for the service layer's mining port (personalkv.service.mining_port).
+
+``mine_for_service`` runs named steps: working copies of the photos, the negative pool, the
+miner, the new photos' patch records (with support windows for photos without a patch), their
+boxes back in the original frame, and the profile."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from personalkv.config import MiningSettings
 from personalkv.images import rgb_array
 from personalkv.manifest import PatchRecord
 from personalkv.mining.output import MiningOutput, PhotoRef
@@ -15,15 +20,16 @@ from personalkv.storage.base import ObjectNotFound
 log = logging.getLogger(__name__)
 
 
-def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
-                     negatives: Sequence = (), descriptors=None, adapter=None,
-                     patches_per_photo: int = 2) -> MiningOutput:
+def mine_for_service(manifest, photos: dict, *, settings: MiningSettings,
+                     context: dict | None = None, negatives: Sequence = (), descriptors=None,
+                     adapter=None, patches_per_photo: int = 2) -> MiningOutput:
     """Mines the ``photos`` (photo id -> PIL image) of ``manifest``'s concept: the top-k patches
     of the concept plus, for a photo that holds none of them, its best ``patches_per_photo``
     windows; the support windows of every new photo (the recognizer's subject region); the
     profile from the VLM's description of the first photo when it passes the schema, else from
     the user's facts (``source`` records which).
 
+    ``settings``: the process's mining settings (the caller's ``Settings.mining``).
     ``context``: the concept's photos mined before (photo id -> PIL). They count as evidence of
     consistency (a window is the concept's when it recurs in its other photos) but get no new
     patches, so adding a photo re-mines nothing. ``negatives``: the user's other concepts'
@@ -32,12 +38,10 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
     distinctive of this concept. ``descriptors``: the user's stored photo descriptors
     (``DescriptorStore``); with it no stored photo is described twice and a ``PhotoRef``
     negative is not even fetched. ``adapter``: the process's model adapter (or a callable
-    returning it) for the profile; None loads the configured one."""
-    from personalkv.config import get_settings
+    returning it), for the profile and the ``vlm`` patch embedder; None: the profile comes
+    from the user's facts (the notes say so) and no model is loaded here."""
     from personalkv.mining.miner import Miner, build_library
-    from personalkv.mining.profile import ProfileWriter
 
-    settings = get_settings().mining
     cid = manifest.concept_id
     context = {k: v for k, v in (context or {}).items() if k not in photos}
     ids = list(photos) + list(context)
@@ -46,6 +50,28 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
     owners = {i: cid for i in ids}
     owners.update({n.photo_id: n.concept_id for n in negatives if isinstance(n, PhotoRef)})
     cache = descriptors.cache_for(manifest.user_id, owners) if descriptors is not None else None
+    pool, pool_ids = _negative_pool(negatives, cache, settings)
+    library = build_library(settings, {cid: images}, pool, {cid: ids}, pool_ids, cache=cache,
+                            adapter=adapter)
+    mined = Miner(library, settings).mine(cid, images, manifest.profile.info)
+    records, support = _new_photo_records(mined, ids, set(photos), patches_per_photo)
+    scale = {i: originals[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
+    records = [_rescale(r, scale[r.photo_id]) for r in records]
+    support = [_rescale(r, scale[r.photo_id]) for r in support]
+    notes: dict = {}
+    profile = _write_profile(manifest, [originals[i] for i in ids[:1]], settings, adapter, notes)
+    if cache is not None:
+        notes.update(photos_described=cache.described, descriptors_loaded=cache.loaded)
+    return MiningOutput(patches=records, support=support, profile=profile, miner="personalkv.mining",
+                        notes={**notes, "profile_source": profile.source, "context_photos": len(context),
+                               "negative_photos": len(pool),
+                               "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
+
+
+def _negative_pool(negatives: Sequence, cache, settings: MiningSettings) -> tuple[list, list[str]]:
+    """The negatives as the library takes them (arrays, lazy loaders, or None for a photo whose
+    descriptors are stored) with their ids: the user's other concepts' photos, then the generic
+    pool folder."""
     pool: list = []
     pool_ids: list[str] = []
     for k, neg in enumerate(negatives):
@@ -65,10 +91,14 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
         for p in sorted(Path(settings.negative_pool).glob("*.jpg")):
             pool.append(lambda p=p: rgb_array(p, settings.max_side))
             pool_ids.append(str(p))
-    library = build_library(settings, {cid: images}, pool, {cid: ids}, pool_ids, cache=cache)
-    mined = Miner(library, settings).mine(cid, images, manifest.profile.info)
-    scale = {i: originals[i].size[0] / img.shape[1] for i, img in zip(ids, images)}
-    new = set(photos)
+    return pool, pool_ids
+
+
+def _new_photo_records(mined, ids: list[str], new: set[str],
+                       patches_per_photo: int) -> tuple[list[PatchRecord], list[PatchRecord]]:
+    """(patches, support windows) of the new photos, in the working copies' frame: the mined
+    patches plus, for a new photo that holds none, its first ``patches_per_photo`` support
+    windows."""
     records = [r for r in mined.patch_records() if r.photo_id in new]
     covered = {p.photo_index for p in mined.patches if ids[p.photo_index] in new}
     per_photo: dict[int, int] = {}
@@ -81,32 +111,27 @@ def mine_for_service(manifest, photos: dict, *, context: dict | None = None,
             continue
         per_photo[local_i] = per_photo.get(local_i, 0) + 1
         records.append(support[-1])
-    records = [_rescale(r, scale[r.photo_id]) for r in records]
-    support = [_rescale(r, scale[r.photo_id]) for r in support]
+    return records, support
+
+
+def _write_profile(manifest, first_photo: list, settings: MiningSettings, adapter, notes: dict):
+    """The profile from the VLM's description of the first photo (``profile_from_vlm``), else
+    from the user's facts; a VLM that cannot load or run is noted in ``notes``, not raised."""
+    from personalkv.mining.profile import ProfileWriter, vlm_generate
+
     p = manifest.profile
-    notes = {}
     try:
         generate = None
         if settings.profile_from_vlm:
-            from personalkv.mining.profile import vlm_generate
-
             if adapter is None:
-                from personalkv.models import configured_adapter
-
-                adapter = configured_adapter
+                raise LookupError("no model adapter given to the miner")
             generate = vlm_generate(adapter() if callable(adapter) else adapter)
-        profile = ProfileWriter(generate).write(p.name, p.category, p.info, [originals[i] for i in ids[:1]])
+        return ProfileWriter(generate).write(p.name, p.category, p.info, first_photo)
     except Exception as exc:  # the VLM cannot load or run here: the patches still count
         log.warning("profile of %s/%s from the user's facts: the VLM failed (%s)",
-                    manifest.user_id, cid, exc)
+                    manifest.user_id, manifest.concept_id, exc)
         notes["profile_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        profile = ProfileWriter().write(p.name, p.category, p.info)
-    if cache is not None:
-        notes.update(photos_described=cache.described, descriptors_loaded=cache.loaded)
-    return MiningOutput(patches=records, support=support, profile=profile, miner="personalkv.mining",
-                        notes={**notes, "profile_source": profile.source, "context_photos": len(context),
-                               "negative_photos": len(pool),
-                               "settings": hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:12]})
+        return ProfileWriter().write(p.name, p.category, p.info)
 
 
 def _rescale(record, factor: float):

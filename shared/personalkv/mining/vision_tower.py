@@ -44,8 +44,3 @@ class VisionTowerEmbedder(PatchEmbedder):
             return np.zeros((0, 1), np.float32)
         return torch.nn.functional.normalize(torch.stack(rows), dim=1).cpu().numpy().astype(np.float32)
 
-
-def make_vision_tower_embedder() -> VisionTowerEmbedder:
-    from personalkv.models import configured_adapter
-
-    return VisionTowerEmbedder(configured_adapter())

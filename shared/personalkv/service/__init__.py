@@ -4,7 +4,7 @@ Entry points (gRPC servicers in services/ingestion and services/answering, Celer
 services/mining and services/caching, the CLI, the demo) translate their messages into calls of
 these functions and nothing else. Each takes the ``Services`` container from ``bootstrap``:
 
-  bootstrap.bootstrap(settings=None, *, embedded) -> Services
+  bootstrap.bootstrap(settings, *, embedded) -> Services
   concepts.create_concept(svc, user_id, concept_id, name, category="", info="") -> ConceptManifest
   concepts.add_photos(svc, user_id, concept_id, photos: list[bytes]) -> ConceptManifest
   concepts.get_concept(svc, user_id, concept_id) -> ConceptManifest

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalkv.config import Settings, get_settings
+from personalkv.config import Settings, apply_process_environment
 from personalkv.index.base import KeyIndex
 from personalkv.models.base import ModelAdapter
 from personalkv.retrieval.keys import KeyBuilder
@@ -105,7 +105,8 @@ class Services:
                 if self._recognizers is None:
                     self._recognizers = ServedRecognizers(
                         self.store, descriptors, self.settings.mining,
-                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99))
+                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99),
+                        adapter=lambda: self.adapter)
         return self._recognizers
 
     @property
@@ -133,7 +134,7 @@ def default_adapter_factory(settings: Settings) -> Callable[[], ModelAdapter]:
 
         m = settings.model
         log.info("loading model %s on %s (%s)", m.name, m.device, m.dtype)
-        return load_adapter(m.name, m.device, m.dtype)
+        return load_adapter(m.name, m.device, m.dtype, settings=m)
 
     return load
 
@@ -155,7 +156,7 @@ def embedded_paths(settings: Settings) -> tuple[Path, Path]:
 
 
 def bootstrap(
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     embedded: bool,
     adapter: ModelAdapter | Callable[[], ModelAdapter] | None = None,
@@ -165,7 +166,7 @@ def bootstrap(
     """Wire a ``Services`` container (see module docstring)."""
     from personalkv.index import open_key_index
 
-    settings = settings or get_settings()
+    apply_process_environment(settings)  # before any model or encoder loads
     if embedded:
         objects_dir, index_file = embedded_paths(settings)
         objects_dir.mkdir(parents=True, exist_ok=True)

@@ -67,9 +67,10 @@ def _logging(level: str = "INFO") -> None:
 
 
 def _services(stack: bool):
+    from personalkv.config import get_settings  # the command is an entry point
     from personalkv.service.bootstrap import bootstrap
 
-    return bootstrap(embedded=not stack)
+    return bootstrap(get_settings(), embedded=not stack)
 
 
 def _ingest(args) -> int:

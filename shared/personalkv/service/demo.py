@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from personalkv.config import ModelSettings
 
 USER = "demo-user"
 TINY = "tiny:qwen2_vl"
@@ -102,26 +103,24 @@ def sample_photos(photos_per_concept: int = 3) -> dict[str, list[bytes]]:
             for i, (cid, spec) in enumerate(CONCEPTS.items())}
 
 
-def _pick_model(requested: str | None, out) -> tuple[object, str]:
+def _pick_model(m: ModelSettings, requested: str | None, out) -> tuple[object, str]:
     """The adapter to use and what it is: "configured" (a VLM named by --model or
     PERSONALKV_MODEL_NAME), "smollm2" (no VLM configured: the real text model that ships
     offline) or "tiny" (the random-weight stand-in, when nothing else loads)."""
-    from personalkv.config import get_settings
     from personalkv.models import load_adapter
     from personalkv.models.checkpoint import SMOLLM2
 
-    m = get_settings().model
     configured = requested or (m.name if "name" in m.model_fields_set else None)
     candidates = [configured] if configured else [SMOLLM2]
     for name in candidates:
         if name.startswith("tiny:"):
-            return load_adapter(name, m.device, m.dtype), "tiny"
+            return load_adapter(name, m.device, m.dtype, settings=m), "tiny"
         try:
             out(f"loading {name} ...")
-            return load_adapter(name, m.device, m.dtype), "smollm2" if name == SMOLLM2 else "configured"
+            return load_adapter(name, m.device, m.dtype, settings=m), "smollm2" if name == SMOLLM2 else "configured"
         except Exception as exc:  # no weights offline, no memory, unsupported
             out(f"could not load {name} ({type(exc).__name__}: {str(exc)[:160]})")
-    return load_adapter(TINY, m.device, m.dtype), "tiny"
+    return load_adapter(TINY, m.device, m.dtype, settings=m), "tiny"
 
 
 BANNERS = {
@@ -142,24 +141,24 @@ BANNERS = {
 
 
 def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
-    from personalkv.config import Settings, get_settings
+    from personalkv.config import Settings, apply_process_environment, get_settings
     from personalkv.service import answering, concepts
     from personalkv.service.bootstrap import bootstrap
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base = get_settings()  # the demo is an entry point: settings built once, here
+    apply_process_environment(base)  # before _pick_model loads a model
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("grpc", "milvus_lite", "pymilvus", "transformers"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     started = time.perf_counter()
     temp = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="pkv-demo-")) if temp else Path(data_dir)
-    adapter, what = _pick_model(model_name, out)
+    adapter, what = _pick_model(base.model, model_name, out)
     if what in BANNERS:
         out("=" * 78)
         for line in BANNERS[what]:
             out(f"  {line}")
         out("=" * 78)
-    base = get_settings()
     settings = Settings(**{**{k: getattr(base, k) for k in type(base).model_fields},
                            "service": base.service.model_copy(update={"data_dir": str(root)})})
     svc = bootstrap(settings, embedded=True, adapter=adapter)

@@ -16,6 +16,7 @@ import logging
 
 from PIL import Image
 
+from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, PatchRecord
 from personalkv.mining.output import MiningOutput, PhotoRef
 
@@ -48,11 +49,12 @@ def _real_miner():
     return getattr(mining, "mine_for_service", None)
 
 
-def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *,
+def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *, settings: MiningSettings,
          context: dict[str, Image.Image] | None = None, negatives: list[PhotoRef] = (),
          descriptors=None, adapter=None, patches_per_photo: int = 2) -> MiningOutput:
     """Patches for ``photos`` (photo id -> RGB image; the concept's photos not mined yet) and
-    maybe a new profile. ``manifest`` gives the concept's facts and its existing patches;
+    maybe a new profile. ``settings``: the process's mining settings; ``manifest`` gives the
+    concept's facts and its existing patches;
     ``context`` the concept's photos mined before (consistency evidence, no new patches);
     ``negatives`` the user's other concepts' photos (distinctiveness); ``descriptors`` the
     user's stored photo descriptors (``personalkv.mining.descriptors.DescriptorStore``);
@@ -61,7 +63,7 @@ def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *,
     error = "personalkv.mining.mine_for_service cannot be imported"
     if real is not None:
         try:
-            return real(manifest, photos, context=context or {}, negatives=list(negatives),
+            return real(manifest, photos, settings=settings, context=context or {}, negatives=list(negatives),
                         descriptors=descriptors, adapter=adapter,
                         patches_per_photo=patches_per_photo)
         except Exception as exc:

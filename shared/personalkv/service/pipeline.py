@@ -92,7 +92,7 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
               for p in manifest.photos}
     todo = {k: v for k, v in photos.items() if k not in mined}
     context = {k: v for k, v in photos.items() if k in mined}
-    out = svc.miner(manifest, todo, context=context,
+    out = svc.miner(manifest, todo, settings=svc.settings.mining, context=context,
                     negatives=_other_concepts_photos(svc, user_id, concept_id),
                     descriptors=svc.descriptors, adapter=lambda: svc.adapter,
                     patches_per_photo=svc.settings.service.patches_per_photo)

@@ -42,7 +42,7 @@ def dataset(tmp_path_factory):
 
 
 def test_eval_qa_conditions_and_exactness(dataset):
-    report = evaluate(dataset, "tiny:causal_lm", ratios=(0.0, 0.3, 1.0), big_tokens=120, big_pieces=4,
+    report = evaluate(dataset, "tiny:causal_lm", get_settings(), ratios=(0.0, 0.3, 1.0), big_tokens=120, big_pieces=4,
                       big_questions=1, log=lambda *_: None)
     rows = report["conditions"]
     assert report["questions"] == 8 and report["answers_per_condition"] == 16  # text_mc only, 2 orders

@@ -6,6 +6,7 @@ import hashlib
 
 from PIL import Image
 
+from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, ConceptProfile, PhotoRecord
 from personalkv.service import mining_port
 
@@ -21,7 +22,7 @@ def test_port_uses_real_miner_and_every_photo_gets_a_patch(synth_factory):
         profile=ConceptProfile(name="Toy", category="toy", info="collar: black leather"),
         photos=[PhotoRecord(photo_id=i, object_key=f"k/{i}", media_type="image/png", width=1024,
                             height=1024, bytes=1) for i in ids])
-    out = mining_port.mine(manifest, photos, patches_per_photo=2)
+    out = mining_port.mine(manifest, photos, settings=MiningSettings(), patches_per_photo=2)
     assert out.miner == "personalkv.mining"
     assert out.profile.source == "user_facts" and out.profile.attributes == ["collar: black leather"]
     assert {p.photo_id for p in out.patches} == set(ids)
@@ -46,8 +47,8 @@ def test_a_new_photo_is_mined_against_the_concepts_earlier_photos_and_other_conc
     new, context = {ids[-1]: photos[ids[-1]]}, {i: photos[i] for i in ids[:-1]}
     others = [Image.fromarray(s.image) for s in data.concepts["c1"]]
 
-    alone = mining_port.mine(manifest, new, patches_per_photo=2)
-    with_context = mining_port.mine(manifest, new, context=context, negatives=others, patches_per_photo=2)
+    alone = mining_port.mine(manifest, new, settings=MiningSettings(), patches_per_photo=2)
+    with_context = mining_port.mine(manifest, new, settings=MiningSettings(), context=context, negatives=others, patches_per_photo=2)
     assert with_context.notes["context_photos"] == 3 and with_context.notes["negative_photos"] == 4
     for out in (alone, with_context):
         assert out.miner == "personalkv.mining" and {p.photo_id for p in out.patches} == {ids[-1]}
@@ -63,17 +64,15 @@ def test_a_new_photo_is_mined_against_the_concepts_earlier_photos_and_other_conc
 def test_a_vlm_that_cannot_load_leaves_the_patches_and_falls_back_to_facts(synth_factory, monkeypatch):
     """E.g. PERSONALKV_MODEL_DEVICE=cuda on a CPU-only mining node: patches are still mined,
     the profile comes from the facts and the notes say why (not the centre-crop fallback)."""
-    import personalkv.models
-
     def no_gpu():
         raise RuntimeError("Found no NVIDIA driver on your system")
 
-    monkeypatch.setattr(personalkv.models, "configured_adapter", no_gpu)
     data = synth_factory(n_concepts=1, photos=2, n_backgrounds=3, seed=2)
     ids = [hashlib.sha256(bytes([i])).hexdigest() for i in range(2)]
     photos = {i: Image.fromarray(s.image) for i, s in zip(ids, data.concepts["c0"])}
     manifest = ConceptManifest(user_id="u1", concept_id="c0", profile=ConceptProfile(name="Toy", info="ears: floppy"))
-    out = mining_port.mine(manifest, photos, patches_per_photo=1)
+    out = mining_port.mine(manifest, photos, settings=MiningSettings(), adapter=no_gpu,
+                           patches_per_photo=1)
     assert out.miner == "personalkv.mining" and {p.photo_id for p in out.patches} == set(ids)
     assert out.profile.source == "user_facts" and out.profile.attributes == ["ears: floppy"]
     assert "NVIDIA" in out.notes["profile_error"]

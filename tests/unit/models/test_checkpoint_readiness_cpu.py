@@ -98,14 +98,12 @@ def test_chatml_template_keeps_the_chatml_framing():
 
 
 @pytest.fixture
-def digest_cache(tmp_path, monkeypatch):
-    """A private cache folder for the weight digests (the settings are read per call)."""
-    from personalkv.config import get_settings
+def digest_cache(tmp_path):
+    """Model settings with a private cache folder for the weight digests (the caller passes
+    them to load_adapter, as the service's composition root does)."""
+    from personalkv.config import ModelSettings
 
-    monkeypatch.setenv("PERSONALKV_MODEL_CACHE_DIR", str(tmp_path / "cache"))
-    get_settings.cache_clear()
-    yield tmp_path / "cache"
-    get_settings.cache_clear()
+    return ModelSettings(cache_dir=str(tmp_path / "cache"))
 
 
 def test_fingerprint_identifies_weights_by_file_content(tmp_path, digest_cache):
@@ -116,10 +114,10 @@ def test_fingerprint_identifies_weights_by_file_content(tmp_path, digest_cache):
     copy_dir = tmp_path / "local-copy"
     shutil.copytree(first, copy_dir)
 
-    a, b = load_adapter(str(first)), load_adapter(str(copy_dir))
+    a, b = load_adapter(str(first), settings=digest_cache), load_adapter(str(copy_dir), settings=digest_cache)
     assert a.fingerprint() == b.fingerprint()  # a copy elsewhere: same weights, same chunks
     assert a._weights_id.startswith("sha256:")
-    assert (digest_cache / "weight-digests.json").is_file()  # memoised for the next start
+    assert (digest_cache.cache_path() / "weight-digests.json").is_file()  # memoised for the next start
 
     # One element of one tensor changes, at an index the strided value sample skips: only the
     # file content tells the two apart.
@@ -128,7 +126,7 @@ def test_fingerprint_identifies_weights_by_file_content(tmp_path, digest_cache):
     with torch.no_grad():
         state[name].view(-1)[1] += 0.5
     b.model.save_pretrained(copy_dir)
-    changed = load_adapter(str(copy_dir))
+    changed = load_adapter(str(copy_dir), settings=digest_cache)
     assert changed.fingerprint() != a.fingerprint()
 
 

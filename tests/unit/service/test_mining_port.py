@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, ConceptProfile
 from personalkv.service import mining_port
 from PIL import Image
@@ -24,7 +25,8 @@ def test_a_miner_failure_gives_centre_crops_and_says_why(monkeypatch):
 
     monkeypatch.setattr(mining_port, "_real_miner", lambda: broken)
     manifest = ConceptManifest(user_id="u", concept_id="c", profile=ConceptProfile(name="Bobo"))
-    out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, patches_per_photo=2)
+    out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, settings=MiningSettings(),
+                           patches_per_photo=2)
     assert out.miner == "centre_crops" and len(out.patches) == 2 and out.profile is None
     assert out.notes["miner_error"] == "RuntimeError: miner exploded"  # recorded, not silent
 
