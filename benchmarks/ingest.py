@@ -65,8 +65,8 @@ def _marks(n: int, rng: np.random.Generator) -> list[np.ndarray]:
 def run() -> dict:
     from personalkv.config import get_settings
     from personalkv.models import load_adapter
-    from personalkv.service import answering, concepts
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import answering, concepts
+    from personalkv.service_layer.bootstrap import bootstrap
 
     n_concepts, n_photos, n_queries = _env("INGEST_CONCEPTS", 30), _env("INGEST_PHOTOS", 3), _env("INGEST_QUERIES", 20)
     rng = np.random.default_rng(0)

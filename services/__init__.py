@@ -1,1 +1,1 @@
-"""Entry points of PersonalKV: gRPC servers (ingestion, answering) and workers; thin layers over personalkv.service."""
+"""Entry points of PersonalKV: gRPC servers (ingestion, answering) and workers; thin layers over personalkv.service_layer."""

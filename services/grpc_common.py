@@ -199,7 +199,7 @@ def caller(request_user_id: str = "") -> str:
     be a valid id (else INVALID_ARGUMENT) and the token's own (else PERMISSION_DENIED)."""
     from personalkv.auth import current_user_id
     from personalkv.ids import validate_user_id
-    from personalkv.service.errors import PermissionDenied
+    from personalkv.service_layer.errors import PermissionDenied
 
     user_id = current_user_id()
     if request_user_id:

@@ -1,4 +1,4 @@
-"""Answering gRPC server: protobuf <-> personalkv.service.answering, nothing more.
+"""Answering gRPC server: protobuf <-> personalkv.service_layer.answering, nothing more.
 
     python -m services.answering.server [--port P] [--metrics-port M] [--embedded]
     personalkv serve answering ...
@@ -20,7 +20,7 @@ import grpc
 from personalkv.api.cli import add_server_arguments
 from personalkv.api.errors import grpc_errors
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
-from personalkv.service import answering
+from personalkv.service_layer import answering
 from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
 def run(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.observability import setup_logging
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer.bootstrap import bootstrap
 
     settings = get_settings()
     setup_logging("answering", settings.server)

@@ -1,8 +1,8 @@
 """Task ``caching.cache_concept`` (queue ``caching``): a one-line wrapper over the service layer,
 declared on the workers' app by ``services/worker.py``."""
 
-from personalkv.service import pipeline
-from personalkv.service.task_queue import TASK_CACHE
+from personalkv.service_layer import pipeline
+from personalkv.service_layer.task_queue import TASK_CACHE
 
 
 def declare(app, options: dict, services):

@@ -1,4 +1,4 @@
-"""Ingestion gRPC server: protobuf <-> personalkv.service.concepts, nothing more.
+"""Ingestion gRPC server: protobuf <-> personalkv.service_layer.concepts, nothing more.
 
     python -m services.ingestion.server [--port P] [--metrics-port M] [--embedded]
     personalkv serve ingestion ...
@@ -22,8 +22,8 @@ from personalkv.api.cli import add_server_arguments
 from personalkv.api.errors import abort_cancelled, client_cancelled, grpc_errors
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
-from personalkv.service import concepts
-from personalkv.service.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from personalkv.service_layer import concepts
+from personalkv.service_layer.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,8 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
 def run(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.observability import setup_logging
-    from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.reconciler import Reconciler
+    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.service_layer.reconciler import Reconciler
 
     settings = get_settings()
     setup_logging("ingestion", settings.server)
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     Reconciler(services).start()
     if not args.embedded:
         from personalkv.observability import track_celery_queues
-        from personalkv.service.task_queue import QUEUE_OF
+        from personalkv.service_layer.task_queue import QUEUE_OF
 
         track_celery_queues(settings.celery.broker_url, sorted(set(QUEUE_OF.values())))
     server = build_server(

@@ -1,8 +1,8 @@
 """Task ``mining.mine_concept`` (queue ``mining``): a one-line wrapper over the service layer,
 declared on the workers' app by ``services/worker.py``."""
 
-from personalkv.service import pipeline
-from personalkv.service.task_queue import TASK_MINE
+from personalkv.service_layer import pipeline
+from personalkv.service_layer.task_queue import TASK_MINE
 
 
 def declare(app, options: dict, services):

@@ -261,7 +261,7 @@ class ServerSettings(BaseSettings):
 
 
 class ServiceSettings(BaseSettings):
-    """Limits and local paths of the service layer (personalkv.service)."""
+    """Limits and local paths of the service layer (personalkv.service_layer)."""
 
     model_config = SettingsConfigDict(env_prefix="PERSONALKV_SERVICE_")
 
@@ -432,7 +432,7 @@ def get_settings() -> Settings:
 
 def apply_process_environment(settings: Settings) -> None:
     """The one place the library writes process-wide environment variables, called by the
-    composition root (``service.bootstrap``) and the command entry points before any model or
+    composition root (``service_layer.bootstrap``) and the command entry points before any model or
     encoder loads (huggingface_hub reads HF_HUB_OFFLINE when first imported). An explicit
     HF_HUB_OFFLINE in the environment wins."""
     if settings.model.hf_offline:

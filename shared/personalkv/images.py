@@ -1,14 +1,14 @@
 """The one way a photo becomes pixels: decode, EXIF orientation, RGB, downscale.
 
 Every path that looks at a photo's pixels goes through here: upload validation
-(``service.photos``), mining and recognition (``mining.features.load_rgb``,
-``mining.service``), retrieval keys and the Ask photo (``retrieval.encoders.to_pil``), caching
+(``service_layer.photos``), mining and recognition (``mining.features.load_rgb``,
+``mining.incremental``), retrieval keys and the Ask photo (``retrieval.encoders.to_pil``), caching
 (the pipeline's crops) and the evaluations. A phone photo stored with EXIF orientation 6 is
 therefore upright everywhere: its mined patches, KV chunks and index keys are those of its
 physically rotated twin (tests/unit/test_images.py).
 
 Validation's header-only check (``Image.open`` without decoding, to refuse decompression
-bombs) is not a decode and stays in ``service.photos``.
+bombs) is not a decode and stays in ``service_layer.photos``.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class ConceptManifest(_Model):
     lease_until: datetime | None = Field(
         None, description="While queued, mining or caching: until when the work is known to be "
         "in hand (waiting in the broker, or a worker renewing it). Past it the reconciler "
-        "enqueues the concept again (personalkv.service.reconciler).",
+        "enqueues the concept again (personalkv.service_layer.reconciler).",
     )
     updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

@@ -118,7 +118,7 @@ _watched_cache: _ChunkCacheCollector | None = None
 
 
 def watch_chunk_cache(cache) -> None:
-    """Export `cache` (personalkv.service.chunk_cache.ChunkCache) from this process; a second
+    """Export `cache` (personalkv.service_layer.chunk_cache.ChunkCache) from this process; a second
     call replaces the first cache."""
     global _watched_cache
     if _watched_cache is not None:

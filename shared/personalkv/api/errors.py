@@ -23,7 +23,7 @@ import grpc
 from PIL.Image import DecompressionBombError
 
 from personalkv.ids import InvalidIdError
-from personalkv.service.errors import ServiceError
+from personalkv.service_layer.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

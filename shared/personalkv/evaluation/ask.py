@@ -80,7 +80,7 @@ class Query:
 def ingest_concept(svc, user_id: str, concept: DatasetConcept) -> float:
     """Create the concept and upload its train photos through the use cases; seconds taken.
     Raises RuntimeError when it does not end ``ready``."""
-    from personalkv.service import concepts
+    from personalkv.service_layer import concepts
 
     t0 = time.perf_counter()
     concepts.create_concept(svc, user_id, concept.concept_id, concept.name, concept.category,
@@ -173,8 +173,8 @@ def evaluate_ask(ds: Dataset, settings: Settings, *, half: int | None = None,
     ``reuse``: concepts already ready in ``work_dir`` (an earlier run) are not ingested again,
     so retrieval settings can be re-measured without re-mining (ingest time is then not
     measured for them)."""
-    from personalkv.service import answering
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import answering
+    from personalkv.service_layer.bootstrap import bootstrap
 
     ds = _subset(ds, half)
     temp = work_dir is None

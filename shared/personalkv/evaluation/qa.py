@@ -32,7 +32,6 @@ their load is left out; the prompt side reuses the cached system prefix too).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics

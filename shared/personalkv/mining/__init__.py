@@ -20,7 +20,7 @@ from personalkv.mining.output import MiningOutput, PhotoRef
 
 
 def mine_for_service(manifest, photos, **options):
-    """See personalkv.mining.service (imported lazily: OpenCV and torch load only when mining runs)."""
-    from personalkv.mining.service import mine_for_service as run
+    """See personalkv.mining.incremental (imported lazily: OpenCV and torch load only when mining runs)."""
+    from personalkv.mining.incremental import mine_for_service as run
 
     return run(manifest, photos, **options)

@@ -1,6 +1,6 @@
 """What the service's miner is given and gives back (the mining seam of the ingest pipeline).
 
-Light on purpose (no OpenCV, no torch): ``personalkv.service.mining_port`` imports it even where
+Light on purpose (no OpenCV, no torch): ``personalkv.service_layer.mining_port`` imports it even where
 the miner itself cannot load.
 """
 

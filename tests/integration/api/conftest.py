@@ -54,7 +54,7 @@ class ApiStack:
 
 @pytest.fixture(scope="session")
 def api(tmp_path_factory):
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer.bootstrap import bootstrap
     from services.answering.server import build_server as build_answering
     from services.ingestion.server import build_server as build_ingestion
 

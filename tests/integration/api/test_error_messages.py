@@ -17,8 +17,8 @@ from tests.integration.api.conftest import AUTH, status_of
 
 
 def test_unavailable_message_names_no_endpoint_and_carries_a_logged_request_id(tmp_path, caplog):
-    from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.task_queue import InProcessTaskQueue
+    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.service_layer.task_queue import InProcessTaskQueue
     from services.ingestion.server import build_server
 
     dead = f"127.0.0.1:{free_port()}"

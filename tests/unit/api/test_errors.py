@@ -7,7 +7,7 @@ import pytest
 
 from personalkv.api.errors import INTERNAL_MESSAGE, status_for
 from personalkv.ids import InvalidIdError
-from personalkv.service import errors
+from personalkv.service_layer import errors
 
 CASES = [
     (errors.InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),

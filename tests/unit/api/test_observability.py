@@ -17,7 +17,7 @@ from personalkv.observability import (
     track_queue_depth,
     watch_chunk_cache,
 )  # fmt: skip
-from personalkv.service.chunk_cache import ChunkCache
+from personalkv.service_layer.chunk_cache import ChunkCache
 
 
 def _value(name, **labels):

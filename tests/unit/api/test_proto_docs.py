@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from personalkv.config import RetrievalSettings, ServiceSettings, Settings
-from personalkv.service.answering import AskOptions, _check
-from personalkv.service.errors import InvalidArgument
+from personalkv.service_layer.answering import AskOptions, _check
+from personalkv.service_layer.errors import InvalidArgument
 
 PROTOS = Path(__file__).resolve().parents[3] / "protos" / "personalkv" / "v1"
 
@@ -74,7 +74,7 @@ def test_top_k_and_temperature_ranges_are_the_enforced_ones():
 
 
 def test_photo_formats_named_in_the_protos_are_the_accepted_ones():
-    from personalkv.service.photos import ACCEPTED
+    from personalkv.service_layer.photos import ACCEPTED
 
     common = _comment_of("common.proto", "data")  # Photo.data's message comment is above it
     message_doc = (PROTOS / "common.proto").read_text().split("message Photo")[0].rsplit("\n\n", 1)[-1]

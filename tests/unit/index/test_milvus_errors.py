@@ -19,8 +19,8 @@ from personalkv.index import (
     IndexEntry, IndexRequestError, IndexUnavailable, KeysNotVisible, VectorSpace, open_key_index,
 )
 from personalkv.index.milvus import is_transient
-from personalkv.service._common import dependencies
-from personalkv.service.errors import Unavailable
+from personalkv.service_layer._common import dependencies
+from personalkv.service_layer.errors import Unavailable
 
 SPACE = VectorSpace("errors", 8)
 

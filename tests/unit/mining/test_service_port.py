@@ -8,7 +8,7 @@ from PIL import Image
 
 from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, ConceptProfile, PhotoRecord
-from personalkv.service import mining_port
+from personalkv.service_layer import mining_port
 
 
 def test_port_uses_real_miner_and_every_photo_gets_a_patch(synth_factory):

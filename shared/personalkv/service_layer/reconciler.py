@@ -30,7 +30,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 from personalkv.manifest import ConceptManifest
-from personalkv.service.errors import Unavailable
+from personalkv.service_layer.errors import Unavailable
 
 log = logging.getLogger(__name__)
 

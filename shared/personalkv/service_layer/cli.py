@@ -68,14 +68,14 @@ def _logging(level: str = "INFO") -> None:
 
 def _services(stack: bool):
     from personalkv.config import get_settings  # the command is an entry point
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer.bootstrap import bootstrap
 
     return bootstrap(get_settings(), embedded=not stack)
 
 
 def _ingest(args) -> int:
-    from personalkv.service import concepts
-    from personalkv.service.errors import NotFound, ServiceError
+    from personalkv.service_layer import concepts
+    from personalkv.service_layer.errors import NotFound, ServiceError
 
     _logging("WARNING")
     files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
@@ -109,8 +109,8 @@ def _ingest(args) -> int:
 
 
 def _ask(args) -> int:
-    from personalkv.service import answering
-    from personalkv.service.errors import ServiceError
+    from personalkv.service_layer import answering
+    from personalkv.service_layer.errors import ServiceError
 
     _logging("WARNING")
     svc = _services(args.stack)
@@ -168,6 +168,6 @@ def _recache(args) -> int:
 
 
 def _demo(args) -> int:
-    from personalkv.service.demo import run_demo
+    from personalkv.service_layer.demo import run_demo
 
     return run_demo(data_dir=args.data_dir, model_name=args.model)

@@ -142,8 +142,8 @@ BANNERS = {
 
 def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
     from personalkv.config import Settings, apply_process_environment, get_settings
-    from personalkv.service import answering, concepts
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import answering, concepts
+    from personalkv.service_layer.bootstrap import bootstrap
 
     base = get_settings()  # the demo is an entry point: settings built once, here
     apply_process_environment(base)  # before _pick_model loads a model

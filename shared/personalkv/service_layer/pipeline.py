@@ -34,9 +34,9 @@ from personalkv.manifest import ChunkRecord, ConceptManifest
 from personalkv.images import decode
 from personalkv.mining.output import PhotoRef
 from personalkv.retrieval.indexing import index_concept
-from personalkv.service import reconciler
-from personalkv.service._common import check_ids, dependencies
-from personalkv.service.errors import Unavailable
+from personalkv.service_layer import reconciler
+from personalkv.service_layer._common import check_ids, dependencies
+from personalkv.service_layer.errors import Unavailable
 from personalkv.storage.chunk_store import MissingObjectsError
 
 log = logging.getLogger(__name__)

@@ -106,7 +106,7 @@ def kill_worker_mid_caching(svc, env, objects: Path, log: Path, timeout_s: float
     """Start a worker on the concept's enqueued work and SIGKILL its whole process group (the
     worker and its pool child, at once) when caching has stored some but not all chunks;
     returns the chunk files there at the kill."""
-    from personalkv.service import concepts
+    from personalkv.service_layer import concepts
 
     first = _start_worker(env, log)
     try:
@@ -126,8 +126,8 @@ def kill_worker_mid_caching(svc, env, objects: Path, log: Path, timeout_s: float
 
 
 def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
-    from personalkv.service import concepts
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import concepts
+    from personalkv.service_layer.bootstrap import bootstrap
 
     settings = _settings(stack_env)
     svc = bootstrap(settings, embedded=False)  # Celery queue on the test's redis; index unused
@@ -184,8 +184,8 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
 def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, tmp_path, s3_server):
     """The worker meets an S3 outage: the task retries (Unavailable, exponential backoff)
     instead of failing the concept, and completes once S3 is back."""
-    from personalkv.service import concepts
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import concepts
+    from personalkv.service_layer.bootstrap import bootstrap
 
     proxy = CuttableProxy(s3_server.port)
     bucket = f"retry-{os.getpid()}-{int(time.time() * 1000) % 100000}"

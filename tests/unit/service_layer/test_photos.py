@@ -8,8 +8,8 @@ import time
 import zlib
 
 import pytest
-from personalkv.service.errors import InvalidArgument, ResourceExhausted
-from personalkv.service.photos import validate_photo
+from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.service_layer.photos import validate_photo
 from PIL import Image
 
 LIMITS = dict(max_bytes=2_000_000, max_pixels=4_000_000)

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from personalkv.service.errors import Unavailable
+from personalkv.service_layer.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class InProcessTaskQueue(TaskQueue):
         self._services = services
 
     def _submit(self, name: str, user_id: str, concept_id: str) -> None:
-        from personalkv.service import pipeline
+        from personalkv.service_layer import pipeline
 
         func = {TASK_MINE: pipeline.mine_concept, TASK_CACHE: pipeline.cache_concept}[name]
 

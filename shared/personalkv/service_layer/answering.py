@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from personalkv.kv.codec import ChunkFormatError, decode_chunk
 from personalkv.kv.engine import GenerationOptions, answer
-from personalkv.service._common import check_ids, dependencies
-from personalkv.service.errors import InvalidArgument, ResourceExhausted
-from personalkv.service.photos import validate_photo
+from personalkv.service_layer._common import check_ids, dependencies
+from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import ObjectNotFound
 
 log = logging.getLogger(__name__)

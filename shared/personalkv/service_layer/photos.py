@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from personalkv.images import decode
 
-from personalkv.service.errors import InvalidArgument, ResourceExhausted
+from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
 
 #: PIL format -> media type, stored as is.
 STORED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}

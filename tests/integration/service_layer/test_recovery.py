@@ -27,7 +27,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.service.test_celery_workers import (
+from tests.integration.service_layer.test_celery_workers import (
     _chunk_files,
     _photo,
     _start_worker,
@@ -71,7 +71,7 @@ def env(tmp_path, own_redis):
 
 
 def _settings(env):
-    from tests.integration.service.test_celery_workers import _settings as settings_from
+    from tests.integration.service_layer.test_celery_workers import _settings as settings_from
 
     return settings_from(env)
 
@@ -80,8 +80,8 @@ def _settings(env):
 def ingestion(env):
     """The ingestion server (default MAX_WORKERS, Celery queue, its reconciler) and a token."""
     from personalkv.auth import mint_token
-    from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.reconciler import Reconciler
+    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.service_layer.reconciler import Reconciler
     from services.ingestion.server import build_server
 
     settings = _settings(env)
@@ -102,7 +102,7 @@ def _client(address: str, token: str):
 
 
 def _wait_ready(svc, photos: int, timeout_s: float, worker, log: Path):
-    from personalkv.service import concepts
+    from personalkv.service_layer import concepts
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -215,8 +215,8 @@ def test_sigkilled_caching_worker_recovers_within_minutes_at_default_settings(en
     """Default lease (90 s), reconcile interval (20 s) and visibility timeout (3600 s): the
     broker would redeliver after an hour; the lease brings the concept back in minutes."""
     from personalkv.config import CelerySettings
-    from personalkv.service import concepts
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer import concepts
+    from personalkv.service_layer.bootstrap import bootstrap
 
     defaults = CelerySettings(broker_url=env["PERSONALKV_CELERY_BROKER_URL"])
     assert defaults.visibility_timeout_s == 3600 and defaults.lease_s <= 120

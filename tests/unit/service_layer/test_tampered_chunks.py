@@ -8,11 +8,10 @@ import json
 import logging
 import struct
 
-import pytest
 
 from personalkv.kv import codec
-from personalkv.service import answering, concepts, pipeline
-from personalkv.service.answering import AskOptions
+from personalkv.service_layer import answering, concepts, pipeline
+from personalkv.service_layer.answering import AskOptions
 
 BLUE = (30, 60, 200)
 
@@ -54,7 +53,7 @@ def test_ask_skips_every_kind_of_tampered_chunk(svc, photo_of, caplog):
     for key, edit in tampered.items():
         store.put(key, edit(store.get(key)))
     svc.chunk_cache.invalidate("alice")
-    with caplog.at_level(logging.ERROR, logger="personalkv.service.answering"):
+    with caplog.at_level(logging.ERROR, logger="personalkv.service_layer.answering"):
         result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
     assert result.skipped_chunks == len(tampered)
     assert {c for c, *_ in result.chunks}.isdisjoint({k.rsplit("/", 1)[1][:-3] for k in tampered})

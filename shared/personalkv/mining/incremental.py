@@ -1,4 +1,4 @@
-"""Entry point for the service layer's mining port (personalkv.service.mining_port).
+"""Entry point for the service layer's mining port (personalkv.service_layer.mining_port).
 
 ``mine_for_service`` runs named steps: working copies of the photos, the negative pool, the
 miner, the new photos' patch records (with support windows for photos without a patch), their

@@ -30,9 +30,9 @@ from personalkv.index.base import KeyIndex
 from personalkv.models.base import ModelAdapter
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
-from personalkv.service import mining_port
-from personalkv.service.chunk_cache import ChunkCache
-from personalkv.service.task_queue import CeleryTaskQueue, InProcessTaskQueue, TaskQueue
+from personalkv.service_layer import mining_port
+from personalkv.service_layer.chunk_cache import ChunkCache
+from personalkv.service_layer.task_queue import CeleryTaskQueue, InProcessTaskQueue, TaskQueue
 from personalkv.storage.chunk_store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def bootstrap(
         index_factory = lambda: open_key_index(
             settings.index.uri, prefix=settings.index.collection_prefix, token=settings.index.token)
         if task_queue is None:
-            from personalkv.service.celery_app import make_celery
+            from personalkv.service_layer.celery_app import make_celery
 
             task_queue = CeleryTaskQueue(make_celery(settings.celery))
         queue = task_queue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from personalkv.kv.chunk import ChunkMeta, KVChunk
-from personalkv.service.chunk_cache import ChunkCache
+from personalkv.service_layer.chunk_cache import ChunkCache
 
 
 def chunk(n_tokens: int, tag: str = "c") -> KVChunk:

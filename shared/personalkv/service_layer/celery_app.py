@@ -5,7 +5,7 @@ A factory with no import-time settings: ``make_celery(settings)`` builds the app
 ``services/worker.py``, builds the settings once, makes the app and declares the tasks on it.
 
 Conventions (STYLE.md): one queue per worker kind (``mining``, ``caching``), task names
-``"<service>.<verb>"``, tasks are one-line wrappers over ``personalkv.service.pipeline``
+``"<service>.<verb>"``, tasks are one-line wrappers over ``personalkv.service_layer.pipeline``
 (``services/mining/tasks.py``, ``services/caching/tasks.py``), ``acks_late`` with
 ``reject_on_worker_lost`` (a task whose worker dies - even by SIGKILL - is delivered again;
 the pipeline is idempotent by content), soft and hard time limits, and retries with exponential
@@ -14,7 +14,7 @@ backoff and jitter on ``Unavailable`` (a dependency is down) only.
 Redelivery after a whole worker (or node) dies does not wait for Redis' visibility timeout
 (``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``, keep it above the longest task, or a slow task is
 delivered twice): a task renews its concept's lease while it runs, and the reconciler
-(``personalkv.service.reconciler``), started in every worker process by ``services/worker.py``,
+(``personalkv.service_layer.reconciler``), started in every worker process by ``services/worker.py``,
 enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
 
 Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services.worker worker
@@ -26,8 +26,8 @@ from __future__ import annotations
 from celery import Celery
 
 from personalkv.config import CelerySettings
-from personalkv.service.errors import Unavailable
-from personalkv.service.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE
+from personalkv.service_layer.errors import Unavailable
+from personalkv.service_layer.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE
 
 
 def make_celery(settings: CelerySettings) -> Celery:

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
 import io
 
-from personalkv.service import answering, concepts, mining_port
+from personalkv.service_layer import answering, concepts, mining_port
 
 
 def _photo(concept: int, shot: int) -> bytes:

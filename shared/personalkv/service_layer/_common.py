@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from personalkv.ids import InvalidIdError, validate_concept_id, validate_user_id
 from personalkv.index.base import IndexUnavailable
 from personalkv.manifest import ConceptManifest
-from personalkv.service.errors import InvalidArgument, NotFound, Unavailable
+from personalkv.service_layer.errors import InvalidArgument, NotFound, Unavailable
 from personalkv.storage.base import StorageUnavailable
 
 

@@ -4,7 +4,7 @@ index, the session's tiny Qwen2-VL, synchronous in-process tasks, the weights-fr
 The index is ``memory://`` because these tests are about the use cases, not Milvus: the
 in-memory index passes the same contract tests as milvus-lite and the Milvus server
 (tests/unit/index/test_index_contract.py), and the use cases over milvus-lite and the server
-run in tests/integration/service. The object store stays a local directory: some tests check
+run in tests/integration/service_layer. The object store stays a local directory: some tests check
 that files are not rewritten (mtimes), and it costs nothing.
 """
 
@@ -32,8 +32,8 @@ def service_settings(tmp_path):
 
 @pytest.fixture
 def svc(service_settings, tiny):
-    from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.task_queue import InProcessTaskQueue
+    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.service_layer.task_queue import InProcessTaskQueue
 
     # Not embedded=True: embedded mode always opens milvus-lite under data_dir; this wires the
     # same parts from the settings (local store, memory:// index, synchronous in-process tasks).

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from personalkv.service import concepts
-from tests.unit.service.conftest import drawn_photo
+from personalkv.service_layer import concepts
+from tests.unit.service_layer.conftest import drawn_photo
 
 UPLOADS = 10
 
@@ -40,8 +40,8 @@ def services(request, tmp_path, tiny, cheap_mining):
         Settings,
         StorageSettings,
     )
-    from personalkv.service.bootstrap import bootstrap
-    from personalkv.service.task_queue import InProcessTaskQueue
+    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.service_layer.task_queue import InProcessTaskQueue
 
     if request.param == "s3":
         s3 = request.getfixturevalue("s3_server")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from personalkv.service import answering, concepts
+from personalkv.service_layer import answering, concepts
 from tests.unit.test_images import exif_jpeg_and_twin
 
 

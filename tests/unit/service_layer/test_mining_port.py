@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, ConceptProfile
-from personalkv.service import mining_port
+from personalkv.service_layer import mining_port
 from PIL import Image
 
 PHOTO_ID = "a" * 64

@@ -2,7 +2,7 @@
 
 Called by the ingestion gRPC servicer, the CLI (``personalkv ingest``) and the demo, each with
 the ``Services`` container from ``bootstrap``. Every id is validated first; errors are
-``personalkv.service.errors`` classes. Deletion is idempotent and removes the concept from the
+``personalkv.service_layer.errors`` classes. Deletion is idempotent and removes the concept from the
 index (it stops being retrievable at once), then from the object store, then from this
 process's hot-chunk cache; a retry after a crash finishes the job.
 """
@@ -15,16 +15,16 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from personalkv.manifest import ConceptManifest, ConceptProfile
-from personalkv.service import reconciler
-from personalkv.service._common import check_ids, dependencies, require_manifest
-from personalkv.service.errors import (
+from personalkv.service_layer import reconciler
+from personalkv.service_layer._common import check_ids, dependencies, require_manifest
+from personalkv.service_layer.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from personalkv.service.photos import validate_photo
+from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import PreconditionFailed
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
-from personalkv.service import concepts, reconciler
+from personalkv.service_layer import concepts, reconciler
 
 BLUE = (30, 60, 200)
 

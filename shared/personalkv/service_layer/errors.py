@@ -1,6 +1,6 @@
 """Errors of the service layer: what went wrong, in words a user can act on.
 
-Raised by every use case in ``personalkv.service``; the gRPC servicers map each class to one
+Raised by every use case in ``personalkv.service_layer``; the gRPC servicers map each class to one
 status code (``InvalidArgument`` -> INVALID_ARGUMENT, ``AlreadyExists`` -> ALREADY_EXISTS (or
 INVALID_ARGUMENT, it is a subclass), ``NotFound`` -> NOT_FOUND, ``PermissionDenied`` ->
 PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``Unavailable`` -> UNAVAILABLE),

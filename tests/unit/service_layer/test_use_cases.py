@@ -7,9 +7,9 @@ import os
 
 import pytest
 from personalkv.images import decode
-from personalkv.service import answering, concepts, pipeline
-from personalkv.service.answering import AskOptions, AskResult
-from personalkv.service.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from personalkv.service_layer import answering, concepts, pipeline
+from personalkv.service_layer.answering import AskOptions, AskResult
+from personalkv.service_layer.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 BLUE, RED = (30, 60, 200), (210, 40, 30)
 
@@ -206,12 +206,12 @@ def test_a_failing_task_marks_the_concept_failed_and_a_retry_recovers(svc, photo
 def test_store_outage_is_unavailable(service_settings, tiny):
     from personalkv.config import StorageSettings
     from personalkv.devstack.s3 import free_port
-    from personalkv.service.bootstrap import bootstrap
+    from personalkv.service_layer.bootstrap import bootstrap
 
     dead = f"s3://bucket?endpoint=127.0.0.1:{free_port()}&secure=false"
     settings = service_settings.model_copy(update={"storage": StorageSettings(
         url=dead, connect_timeout_s=0.2, read_timeout_s=0.5, retries=0)})
-    from personalkv.service.task_queue import InProcessTaskQueue
+    from personalkv.service_layer.task_queue import InProcessTaskQueue
 
     services = bootstrap(settings, embedded=False, adapter=tiny("qwen2_vl"),
                          task_queue=InProcessTaskQueue(synchronous=True))
