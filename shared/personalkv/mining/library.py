@@ -103,6 +103,10 @@ class PhotoLibrary:
         self._flann = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 64})
         if self._desc_owner.size:
             self._flann.add([np.concatenate(descs).astype(np.float32)])
+            # The randomised kd-trees draw from OpenCV's (thread-local) RNG, whose state any
+            # earlier cv2 call moves: seed it so that the same photos always give the same
+            # neighbours, patches and scores, whatever ran before in this thread.
+            cv2.setRNGSeed(0)
             self._flann.train()
 
     def match(self, query: LocalFeatures, exclude_photo: int | None = None, k: int = 8,

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from personalkv.cli import build_parser
-from personalkv.config import RetrievalSettings, Settings
+from personalkv.config import MiningSettings, RetrievalSettings, Settings
 from personalkv.evaluation.ask import build_queries, evaluate_ask, side_by_side
 from personalkv.evaluation.cli import format_ask_table as format_table
 from personalkv.evaluation.dataset import load_dataset
@@ -52,8 +52,14 @@ def test_queries_cover_every_photo_name_and_pair(dataset):
         assert im.height == 100 and im.width == 2 * round(320 * 100 / 240)
 
 
-def test_eval_ask_ingests_through_the_service_and_scores_ask(dataset, tiny, tmp_path):
-    settings = Settings(retrieval=RetrievalSettings(text_encoder="hashing"))  # fast text side
+@pytest.mark.parametrize("encoders", [
+    ("global", "colour"),  # weights-free: recognition rests on the recognizer's keypoints
+    pytest.param(("efficientnet-lite0", "efficientnet-lite0"), marks=pytest.mark.slow),  # shipped
+], ids=["weights-free", "shipped"])
+def test_eval_ask_ingests_through_the_service_and_scores_ask(dataset, tiny, tmp_path, encoders):
+    image_encoder, embedder = encoders
+    settings = Settings(retrieval=RetrievalSettings(text_encoder="hashing", image_encoder=image_encoder),
+                        mining=MiningSettings(embedder=embedder))
     lines = []
     r = evaluate_ask(load_dataset(dataset), settings, sheet=tmp_path / "misses.png",
                      log=lines.append, adapter=tiny("qwen2_vl"))

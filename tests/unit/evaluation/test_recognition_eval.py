@@ -10,7 +10,18 @@ import pytest
 from PIL import Image
 
 from personalkv.cli import main
+from personalkv.config import get_settings
 from personalkv.evaluation.dataset import load_dataset
+
+
+@pytest.fixture(params=["colour", pytest.param("efficientnet-lite0", marks=pytest.mark.slow)])
+def embedder(request, monkeypatch):
+    """The commands with the miner's weights-free patch embedder in the fast tier, and with the
+    shipped default (EfficientNet) in the full suite."""
+    monkeypatch.setenv("PERSONALKV_MINING_EMBEDDER", request.param)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 def _scene(rng, mark=None, size=(200, 240), blobs=25, spread=120):
@@ -54,7 +65,7 @@ def test_dataset_reader(dataset):
         load_dataset(dataset / "negatives")
 
 
-def test_eval_recognition_command_writes_figures(dataset, tmp_path, capsys):
+def test_eval_recognition_command_writes_figures(dataset, embedder, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", "recognition", str(dataset), "--json", str(out), "--sheets", str(tmp_path / "sheets")]) == 0
     figures = json.loads(out.read_text())
@@ -65,7 +76,7 @@ def test_eval_recognition_command_writes_figures(dataset, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "sheets").iterdir()) == ["alpha.png", "beta.png", "gamma.png"]
 
 
-def test_mine_command_writes_profiles_patches_and_sheets(dataset, tmp_path):
+def test_mine_command_writes_profiles_patches_and_sheets(dataset, embedder, tmp_path):
     out = tmp_path / "mined.json"
     assert main(["mine", str(dataset), "--concepts", "alpha", "--sheet", str(tmp_path / "s"), "--out", str(out)]) == 0
     mined = json.loads(out.read_text())

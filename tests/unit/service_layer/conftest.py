@@ -1,5 +1,11 @@
 """Service fixtures: an embedded ``Services`` on a temp dir (local store, the in-memory key
-index, the session's tiny Qwen2-VL, synchronous in-process tasks, the weights-free text encoder).
+index, the session's tiny Qwen2-VL, synchronous in-process tasks, and the weights-free text
+encoder, image encoder and patch embedder).
+
+The encoders and the patch embedder are the weights-free ones because these tests are about the
+use cases: with EfficientNet every photo cost seconds of CNN windows. The shipped defaults run
+through the same use cases in tests/integration (Celery workers, the gRPC API) and the
+EfficientNet backends in tests/unit/mining (slow).
 
 The index is ``memory://`` because these tests are about the use cases, not Milvus: the
 in-memory index passes the same contract tests as milvus-lite and the Milvus server
@@ -19,13 +25,15 @@ from PIL import Image, ImageDraw
 @pytest.fixture
 def service_settings(tmp_path):
     from personalkv.config import (
-        IndexSettings, RetrievalSettings, ServiceSettings, Settings, StorageSettings,
+        IndexSettings, MiningSettings, RetrievalSettings, ServiceSettings, Settings,
+        StorageSettings,
     )
 
     objects = tmp_path / "data" / "objects"
     objects.mkdir(parents=True)
     return Settings(service=ServiceSettings(data_dir=str(tmp_path / "data"), patches_per_photo=2),
-                    retrieval=RetrievalSettings(text_encoder="hashing"),
+                    retrieval=RetrievalSettings(text_encoder="hashing", image_encoder="global"),
+                    mining=MiningSettings(embedder="colour"),
                     storage=StorageSettings(url=f"file://{objects}"),
                     index=IndexSettings(uri="memory://"))
 

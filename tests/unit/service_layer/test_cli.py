@@ -10,7 +10,10 @@ from personalkv.config import get_settings
 @pytest.fixture
 def embedded_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PERSONALKV_SERVICE_DATA_DIR", str(tmp_path / "data"))
+    # Weights-free encoders and patch embedder: this tests the commands, not recognition.
     monkeypatch.setenv("PERSONALKV_RETRIEVAL_TEXT_ENCODER", "hashing")
+    monkeypatch.setenv("PERSONALKV_RETRIEVAL_IMAGE_ENCODER", "global")
+    monkeypatch.setenv("PERSONALKV_MINING_EMBEDDER", "colour")
     monkeypatch.setenv("PERSONALKV_MODEL_NAME", "tiny:qwen2_vl")
     get_settings.cache_clear()
     yield tmp_path
