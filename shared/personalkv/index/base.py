@@ -18,9 +18,10 @@ dropped and rebuilt at any time. Backends are opened by URI in ``personalkv.inde
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -103,6 +104,26 @@ class IndexRequestError(Exception):
 class KeysNotVisible(IndexUnavailable, TimeoutError):
     """``KeyIndex.wait_visible`` timed out: written keys are not visible to every reader yet.
     Transient (``IndexUnavailable``): the service layer retries."""
+
+
+def poll_until_visible(user_id: str, key_ids: Sequence[str], seen_now: Callable[[set[str]], set[str]],
+                       timeout_s: float, poll_s: float, hint: str = "") -> None:
+    """The polling loop of every ``KeyIndex.wait_visible``: ``seen_now(pending)`` returns the
+    subset of ``pending`` key ids of ``user_id`` that a reader sees now. Returns once every key
+    was seen; raises ``KeysNotVisible`` (with ``hint`` appended) after ``timeout_s``."""
+    wanted = set(key_ids)
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while wanted - seen:
+        seen |= seen_now(wanted - seen)
+        missing = wanted - seen
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise KeysNotVisible(
+                f"{len(missing)} of {len(wanted)} index keys of user {user_id!r} not visible to "
+                f"search after {timeout_s:g}s (e.g. {sorted(missing)[:3]}){hint}")
+        time.sleep(poll_s)
 
 
 @dataclass

@@ -13,14 +13,13 @@ approximate; writes are visible to every reader at once, so ``wait_visible`` onl
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 
 from personalkv.index.base import (
-    IndexEntry, KeyIndex, KeysNotVisible, SearchHit, SearchRequest, VectorSpace,
+    IndexEntry, KeyIndex, SearchHit, SearchRequest, VectorSpace, poll_until_visible,
 )
 
 
@@ -50,20 +49,12 @@ class InMemoryKeyIndex(KeyIndex):
 
     def wait_visible(self, user_id: str, key_ids: Sequence[str], timeout_s: float = 30.0,
                      poll_s: float = 0.05) -> None:
-        wanted = set(key_ids)
-        deadline = time.monotonic() + timeout_s
-        while True:
+        def seen_now(pending: set[str]) -> set[str]:
             with self._lock:
-                seen = {k for c in self._spaces.values() for k, e in c.items()
-                        if e.user_id == user_id}
-            missing = wanted - seen
-            if not missing:
-                return
-            if time.monotonic() >= deadline:
-                raise KeysNotVisible(
-                    f"{len(missing)} of {len(wanted)} index keys of user {user_id!r} are not in "
-                    f"the index after {timeout_s:g}s (e.g. {sorted(missing)[:3]})")
-            time.sleep(poll_s)
+                return {k for c in self._spaces.values() for k, e in c.items()
+                        if k in pending and e.user_id == user_id}
+
+        poll_until_visible(user_id, key_ids, seen_now, timeout_s, poll_s)
 
     def delete_concept(self, user_id: str, concept_id: str) -> None:
         self._delete(lambda e: e.user_id == user_id and e.concept_id == concept_id)

@@ -44,8 +44,8 @@ from typing import Sequence
 import numpy as np
 
 from personalkv.index.base import (
-    IndexEntry, IndexRequestError, IndexUnavailable, KeyIndex, KeysNotVisible, SearchHit,
-    SearchRequest, VectorSpace,
+    IndexEntry, IndexRequestError, IndexUnavailable, KeyIndex, SearchHit, SearchRequest,
+    VectorSpace, poll_until_visible,
 )
 
 #: The stored column of ``IndexEntry.position_span`` (the positions the chunk spans) keeps its
@@ -259,33 +259,23 @@ class MilvusKeyIndex(KeyIndex):
     @_translated
     def wait_visible(self, user_id: str, key_ids: Sequence[str], timeout_s: float = 30.0,
                      poll_s: float = 0.1) -> None:
-        wanted = set(key_ids)
-        if not wanted:
-            return
-        deadline = time.monotonic() + timeout_s
-        names = [n for n in self._owned() if self._ready(n)]
-        seen: set[str] = set()
-        while True:
-            for name in names:  # one Strong read per collection: each has its own channels
-                pending = sorted(wanted - seen)
-                for start in range(0, len(pending), _BATCH):
-                    todo = pending[start:start + _BATCH]
+        def seen_now(pending: set[str]) -> set[str]:
+            seen: set[str] = set()
+            for name in [n for n in self._owned() if self._ready(n)]:
+                # one Strong read per collection: each has its own channels
+                todo = sorted(pending - seen)
+                for start in range(0, len(todo), _BATCH):
+                    batch = todo[start:start + _BATCH]
                     expr = (f"user_id == {_quote(user_id)} and "
-                            f"key_id in [{', '.join(_quote(k) for k in todo)}]")
+                            f"key_id in [{', '.join(_quote(k) for k in batch)}]")
                     rows = self.client.query(name, filter=expr, output_fields=["key_id"],
-                                             limit=len(todo), consistency_level="Strong")
+                                             limit=len(batch), consistency_level="Strong")
                     seen.update(r["key_id"] for r in rows)
-            missing = wanted - seen
-            if not missing:
-                return
-            if time.monotonic() >= deadline:
-                raise KeysNotVisible(
-                    f"{len(missing)} of {len(wanted)} index keys of user {user_id!r} not visible "
-                    f"to search after {timeout_s:g}s in {names or 'no collection'} "
-                    f"(e.g. {sorted(missing)[:3]}); the index server may be overloaded or "
-                    f"the write was lost - retry the write")
-            time.sleep(poll_s)
-            names = [n for n in self._owned() if self._ready(n)]
+            return seen
+
+        poll_until_visible(user_id, key_ids, seen_now, timeout_s, poll_s,
+                           hint="; the index server may be overloaded or the write was lost - "
+                                "retry the write")
 
     @_translated
     def drop_all(self) -> None:

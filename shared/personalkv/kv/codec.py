@@ -121,7 +121,7 @@ def encode_chunk(chunk: KVChunk, quantization: str = "none") -> bytes:
     return st_save(tensors, metadata=metadata)
 
 
-def read_header(blob: bytes) -> dict:
+def _read_header(blob: bytes) -> dict:
     """Parse and sanity-check the safetensors header without touching the tensors."""
     if len(blob) < 8:
         raise TruncatedChunkError(f"truncated chunk: {len(blob)} bytes, not even a header length")
@@ -161,7 +161,7 @@ def read_meta(blob: bytes) -> ChunkMeta:
     """The chunk's ChunkMeta from its header alone, format, version and every field checked;
     tensors and checksum are not read (``decode_chunk`` verifies those). Callers outside the
     codec use this, never the header JSON."""
-    metadata = read_header(blob).get("__metadata__", {})
+    metadata = _read_header(blob).get("__metadata__", {})
     _check_version(metadata)
     return _parse_meta(metadata)
 
@@ -284,7 +284,7 @@ def decode_chunk(
     a blob of another user or stored under another chunk's key is refused.
     ``dtype``: cast keys/values (e.g. int8 chunks dequantize to the model's dtype).
     """
-    header = read_header(blob)
+    header = _read_header(blob)
     metadata = header.get("__metadata__", {})
     _check_version(metadata)
     meta = _parse_meta(metadata)

@@ -106,11 +106,11 @@ def names_in(question: str, names: Mapping[str, str]) -> set[str]:
 
 
 class Retriever:
-    def __init__(self, index: KeyIndex, keys: KeyBuilder, settings: RetrievalSettings | None = None,
+    def __init__(self, index: KeyIndex, keys: KeyBuilder, settings: RetrievalSettings,
                  visual_reranker: VisualReranker | None = None):
         self.index = index
         self.keys = keys
-        self.settings = settings or RetrievalSettings()  # None: RetrievalSettings() (tests)
+        self.settings = settings
         self.visual_reranker = visual_reranker
 
     def retrieve(self, user_id: str, question: str, photo: ImageLike | None = None,

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from personalkv.index.base import SearchRequest
+from personalkv.config import RetrievalSettings
 from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
@@ -70,7 +71,7 @@ def test_no_retrieval_returns_another_users_data(key_index, keys, data):
             key_index.upsert(keys.text_space, built.text)
             key_index.upsert(keys.image_space, built.image)
             chunk_ids[user] |= {c.chunk_id for c in manifest.chunks}
-    retriever = Retriever(key_index, keys)
+    retriever = Retriever(key_index, keys, RetrievalSettings())
     for _ in range(data.draw(st.integers(1, 3), label="questions")):
         user = data.draw(st.sampled_from(users))
         cid, name, info, look = data.draw(st.sampled_from(POOL))

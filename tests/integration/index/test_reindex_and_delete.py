@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from personalkv.retrieval.indexing import index_concept, reindex
+from personalkv.config import RetrievalSettings
 from personalkv.retrieval.encoders import get_image_encoder, get_text_encoder
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
@@ -76,7 +77,7 @@ def test_reindex_from_the_s3_server_gives_the_same_results(s3_world):
 
 
 def _check_reindex(store, index, keys):
-    retriever = Retriever(index, keys)
+    retriever = Retriever(index, keys, RetrievalSettings())
     before = {u: answers(retriever, u) for u in ("alice", "bob")}
     counts = (index.count(keys.text_space), index.count(keys.image_space))
     lines = []
@@ -99,7 +100,7 @@ def test_reindex_of_one_user_leaves_the_others(world):
 
 def test_delete_concept_then_user_leaves_nothing(world):
     store, index, keys = world
-    retriever = Retriever(index, keys)
+    retriever = Retriever(index, keys, RetrievalSettings())
     for _ in range(2):  # idempotent, safe to retry
         store.delete_concept("alice", "bobo")
         index.delete_concept("alice", "bobo")

@@ -1,4 +1,8 @@
-"""Retriever on milvus-lite with the real MiniLM encoder: what a question finds."""
+"""Retriever with the real MiniLM encoder over the in-memory key index: what a question finds.
+
+The same retriever over milvus-lite and the Milvus server runs in tests/integration/index
+(test_isolation_property, test_reindex_and_delete); the in-memory index passes the same
+contract tests as both (tests/unit/index/test_index_contract.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ CONCEPTS = [  # concept id, name, info, category, look
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    index = open_key_index(str(tmp_path_factory.mktemp("retriever") / "index.db"))
+def world():
+    index = open_key_index("memory://")
     keys = KeyBuilder(get_text_encoder("minilm"), get_image_encoder("global"))
     for user in ("alice", "bob"):
         for cid, name, info, category, look in CONCEPTS:
@@ -35,7 +39,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def retriever(world):
-    return Retriever(*world)
+    return Retriever(*world, RetrievalSettings())
 
 
 def ask(retriever, question, photo=None, user="alice", **kw):
@@ -83,9 +87,9 @@ def test_other_fingerprint_and_unknown_user_find_nothing(retriever):
 
 
 def test_top_k_and_threshold(world):
-    strict = Retriever(*world, settings=RetrievalSettings(threshold=5.0))
+    strict = Retriever(*world, RetrievalSettings(threshold=5.0))
     assert ask(strict, "Bobo and Speedy")[0] == []
-    assert len(ask(Retriever(*world), "Bobo and Speedy and Fernie", top_k=2)[0]) == 2
+    assert len(ask(Retriever(*world, RetrievalSettings()), "Bobo and Speedy and Fernie", top_k=2)[0]) == 2
 
 
 def test_visual_reranker_replaces_image_scores(world):
@@ -96,7 +100,7 @@ def test_visual_reranker_replaces_image_scores(world):
         return {"fernie": 1.0, "bobo": 0.0, "not-mine": 1.0}
 
     photo, _ = scene(1, 999)  # shows Bobo; the re-ranker insists on Fernie
-    found, _ = ask(Retriever(*world, visual_reranker=rerank), "what is this?", photo)
+    found, _ = ask(Retriever(*world, RetrievalSettings(), visual_reranker=rerank), "what is this?", photo)
     assert found == ["fernie"] and calls[0][0] == "alice"
 
 
