@@ -23,7 +23,6 @@ PERSONALKV_BENCH_INGEST_QUERIES (20). ~8 min on 2 busy cores.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 
@@ -31,10 +30,6 @@ import numpy as np
 
 NAME = "ingest"
 USER = "bench"
-
-
-def _env(name: str, default: int) -> int:
-    return int(os.environ.get(f"PERSONALKV_BENCH_{name}", default))
 
 
 def _log(msg: str) -> None:
@@ -68,10 +63,11 @@ def run() -> dict:
     from personalkv.service_layer import answering, concepts
     from personalkv.service_layer.bootstrap import bootstrap
 
-    n_concepts, n_photos, n_queries = _env("INGEST_CONCEPTS", 30), _env("INGEST_PHOTOS", 3), _env("INGEST_QUERIES", 20)
+    settings = get_settings()
+    sizes = settings.bench
+    n_concepts, n_photos, n_queries = sizes.ingest_concepts, sizes.ingest_photos, sizes.ingest_queries
     rng = np.random.default_rng(0)
     marks = _marks(n_concepts, rng)
-    settings = get_settings()
     work = tempfile.mkdtemp(prefix="pkv-bench-ingest-")
     settings = settings.model_copy(update={
         "service": settings.service.model_copy(update={"data_dir": work}),

@@ -137,6 +137,9 @@ class BenchSettings(BaseSettings):
                                     "vectors (the large size).")
     queries: int = Field(400, ge=1, description="storage_index: timed queries.")
     reindex_concepts: int = Field(300, ge=1, description="storage_index: concepts reindexed.")
+    ingest_concepts: int = Field(30, ge=2, description="ingest: concepts ingested one by one.")
+    ingest_photos: int = Field(3, ge=1, description="ingest: photos per concept.")
+    ingest_queries: int = Field(20, ge=1, description="ingest: timed Ask retrievals.")
 
 
 class IndexSettings(BaseSettings):

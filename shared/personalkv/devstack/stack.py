@@ -104,9 +104,11 @@ def installed_command() -> list[str]:
     return [str(Path(sys.executable).with_name("personalkv"))]
 
 
-def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0) -> int:
+def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0,
+       token_secret: str = "") -> int:
     """Start the stack; ``personalkv`` is the command line of the ``personalkv`` command that
-    runs the workers and servers (``personalkv worker`` / ``personalkv serve``)."""
+    runs the workers and servers (``personalkv worker`` / ``personalkv serve``).
+    ``token_secret``: the gRPC token secret the stack gets ('': a random one of its own)."""
     from personalkv.devstack.milvus import free_ports
     from personalkv.devstack.redis import redis_binary
 
@@ -151,8 +153,7 @@ def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0) 
                             PERSONALKV_STORAGE_SECRET_KEY=access.group(2))
     # A token secret of this stack's own (unless one is given): with the public development
     # default, anyone who read the source could mint tokens for it.
-    settings_env["PERSONALKV_AUTH_SECRET"] = (os.environ.get("PERSONALKV_AUTH_SECRET")
-                                              or secrets.token_urlsafe(32))
+    settings_env["PERSONALKV_AUTH_SECRET"] = token_secret or secrets.token_urlsafe(32)
     settings_env["PERSONALKV_AUTH_REQUIRE_SECRET"] = "1"
     # Quoted: an S3 URL holds '&', which a shell sourcing the file would take as a command end.
     # Owner-only: it holds the token secret.
@@ -244,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the personalkv command line (default: the installed script)")
     args = parser.parse_args(argv)
     if args.command == "up":
+        from personalkv.config import AuthSettings
+
+        # A secret given in the environment is kept; the public development default is not.
+        auth = AuthSettings()
+        given = auth.secret.get_secret_value() if "secret" in auth.model_fields_set else ""
         try:
-            return up(args.dir, args.personalkv or installed_command())
+            return up(args.dir, args.personalkv or installed_command(), token_secret=given)
         except Exception as exc:
             print(f"make up failed: {exc}; stopping what started", file=sys.stderr)
             down(args.dir)
