@@ -53,6 +53,9 @@ def stack_env(tmp_path, redis_server):
         "PERSONALKV_INDEX_URI": str(tmp_path / "index" / "milvus.db"),
         "PERSONALKV_CELERY_BROKER_URL": broker,
         "PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S": "3",
+        # A short lease: a redelivered task waits until the killed worker's lease runs out.
+        # Recovery at the default lease (90 s) is measured in test_recovery.py.
+        "PERSONALKV_CELERY_LEASE_S": "10",
         "PERSONALKV_MODEL_NAME": "tiny:qwen2_vl",
         "PERSONALKV_RETRIEVAL_TEXT_ENCODER": "hashing",
         "PERSONALKV_SERVICE_PATCHES_PER_PHOTO": str(PATCHES),
