@@ -57,69 +57,65 @@ class Services:
     _recognizers: object | None = field(default=None, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
+    def _once(self, attr: str, make: Callable[[], object]):
+        """The value of field ``attr``, built by ``make()`` on first use (thread-safe: one build
+        per process even under concurrent first requests; the lock is re-entrant, so ``make``
+        may use other lazy parts)."""
+        value = getattr(self, attr)
+        if value is None:
+            with self._lock:
+                value = getattr(self, attr)
+                if value is None:
+                    value = make()
+                    setattr(self, attr, value)
+        return value
+
     @property
     def index(self) -> KeyIndex:
         """The key index, opened on first use (a milvus-lite file is locked by its opener)."""
-        if self._index is None:
-            with self._lock:
-                if self._index is None:
-                    self._index = self.index_factory()
-        return self._index
+        return self._once("_index", self.index_factory)
 
     @property
     def adapter(self) -> ModelAdapter:
         """The VLM, loaded on first use (thread-safe; shared by all requests)."""
-        if self._adapter is None:
-            with self._lock:
-                if self._adapter is None:
-                    self._adapter = self.adapter_factory()
-        return self._adapter
+        return self._once("_adapter", self.adapter_factory)
 
     @property
     def keys(self) -> KeyBuilder:
-        if self._keys is None:
-            with self._lock:
-                if self._keys is None:
-                    self._keys = self.keys_factory()
-        return self._keys
+        return self._once("_keys", self.keys_factory)
 
     @property
     def descriptors(self):
         """Per-photo mining descriptors in the object store (``mining.descriptors``)."""
-        if self._descriptors is None:
+        def make():
             from personalkv.mining.descriptors import DescriptorStore
 
-            with self._lock:
-                if self._descriptors is None:
-                    self._descriptors = DescriptorStore(self.store.objects, self.settings.mining)
-        return self._descriptors
+            return DescriptorStore(self.store.objects, self.settings.mining)
+
+        return self._once("_descriptors", make)
 
     @property
     def recognizers(self):
         """Each user's recognizer, kept for this process (``mining.served``)."""
-        if self._recognizers is None:
+        def make():
             from personalkv.mining.served import ServedRecognizers
 
-            descriptors = self.descriptors
-            with self._lock:
-                if self._recognizers is None:
-                    self._recognizers = ServedRecognizers(
-                        self.store, descriptors, self.settings.mining,
-                        accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99),
-                        adapter=lambda: self.adapter)
-        return self._recognizers
+            return ServedRecognizers(
+                self.store, self.descriptors, self.settings.mining,
+                accept_at=min(max(self.settings.retrieval.threshold, 0.01), 0.99),
+                adapter=lambda: self.adapter)
+
+        return self._once("_recognizers", make)
 
     @property
     def retriever(self) -> Retriever:
-        if self._retriever is None:
-            keys = self.keys
+        def make():
             rerank = (self.recognizers.rerank
                       if self.settings.retrieval.photo_reranker == "recognizer" else None)
-            with self._lock:
-                if self._retriever is None:
-                    self._retriever = Retriever(self.index, keys, self.settings.retrieval,
-                                                visual_reranker=rerank)
-        return self._retriever
+            return Retriever(self.index, self.keys, self.settings.retrieval,
+                             visual_reranker=rerank)
+
+        return self._once("_retriever", make)
 
     def close(self) -> None:
         self.task_queue.close()
