@@ -15,10 +15,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from personalkv.config import MiningSettings
-from personalkv.mining.registry import get_local_extractor, get_patch_embedder
+from personalkv.mining.registry import get_local_extractor, get_patch_embedder, get_subject_prior
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.proposals import nms
-from personalkv.mining.saliency import SubjectPrior, get_subject_prior
+from personalkv.mining.saliency import SubjectPrior
 from personalkv.mining.scoring import RelevanceScorer, combine, pool_appearance, score_windows
 
 

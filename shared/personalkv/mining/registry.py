@@ -1,9 +1,10 @@
-"""Feature extractors by name: the one place that maps ``MiningSettings.extractor`` /
-``MiningSettings.embedder`` to an implementation.
+"""Mining backends by name: the one place that maps ``MiningSettings.extractor`` /
+``.embedder`` / ``.subject_prior`` to an implementation.
 
 Backends are imported lazily (only the configured one loads torch, weights or transformers);
 an unknown name fails with the list of known ones. Plug in your own with
-``register_local_extractor`` / ``register_patch_embedder`` before the miner is built.
+``register_local_extractor`` / ``register_patch_embedder`` / ``register_subject_prior`` before
+the miner is built.
 """
 
 from __future__ import annotations
@@ -13,8 +14,15 @@ from typing import Callable
 from personalkv.mining.features import (
     ColourEmbedder, LocalFeatureExtractor, PatchEmbedder, SiftExtractor,
 )
+from personalkv.mining.saliency import SpectralResidualPrior, SubjectPrior, UniformPrior
 
 _LOCAL: dict[str, Callable[[], LocalFeatureExtractor]] = {"sift": SiftExtractor}
+_PRIORS: dict[str, Callable[[], SubjectPrior]] = {
+    "saliency": SpectralResidualPrior,
+    "none": UniformPrior,
+}
+
+
 def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
     def make() -> PatchEmbedder:
         from personalkv.mining.efficientnet import EfficientNetLiteEmbedder  # torch loads lazily
@@ -40,10 +48,23 @@ def register_patch_embedder(name: str, factory: Callable[[], PatchEmbedder]) -> 
     _EMBEDDERS[name] = factory
 
 
+def register_subject_prior(name: str, factory: Callable[[], SubjectPrior]) -> None:
+    """E.g. a person segmenter or an open-vocabulary detector behind ``SubjectPrior.prior``."""
+    _PRIORS[name] = factory
+
+
+def _build(table: dict, what: str, name: str, known: list[str] | None = None):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; known: {known or sorted(table)}")
+    return table[name]()
+
+
 def get_local_extractor(name: str) -> LocalFeatureExtractor:
-    if name not in _LOCAL:
-        raise ValueError(f"unknown local extractor {name!r}; known: {sorted(_LOCAL)}")
-    return _LOCAL[name]()
+    return _build(_LOCAL, "local extractor", name)
+
+
+def get_subject_prior(name: str) -> SubjectPrior:
+    return _build(_PRIORS, "subject prior", name)
 
 
 def get_patch_embedder(name: str, adapter=None) -> PatchEmbedder:
@@ -61,6 +82,4 @@ def get_patch_embedder(name: str, adapter=None) -> PatchEmbedder:
         from personalkv.mining.clip import make_clip_embedder
 
         return make_clip_embedder(name.removeprefix("clip:"))
-    if name not in _EMBEDDERS:
-        raise ValueError(f"unknown patch embedder {name!r}; known: {sorted([*_EMBEDDERS, 'vlm'])}")
-    return _EMBEDDERS[name]()
+    return _build(_EMBEDDERS, "patch embedder", name, known=sorted([*_EMBEDDERS, "vlm"]))

@@ -4,14 +4,13 @@ the identity.
 ``SubjectPrior.prior(image) -> (H, W) float32 in [0, 1]``. The weights-free default combines
 spectral-residual saliency (Hou & Zhang, CVPR 2007) with a mild centre bias; a detector or
 segmenter (e.g. a person segmenter for people, an open-vocabulary detector) plugs in by
-implementing the same method and registering it under a name.
+implementing the same method and registering it under a name
+(``personalkv.mining.registry.register_subject_prior``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
-
 import cv2
 import numpy as np
 
@@ -56,22 +55,6 @@ class UniformPrior(SubjectPrior):
 
     def prior(self, image: np.ndarray) -> np.ndarray:
         return np.ones(image.shape[:2], np.float32)
-
-
-_PRIORS: dict[str, Callable[[], SubjectPrior]] = {
-    "saliency": SpectralResidualPrior,
-    "none": UniformPrior,
-}
-
-
-def register_subject_prior(name: str, factory: Callable[[], SubjectPrior]) -> None:
-    _PRIORS[name] = factory
-
-
-def get_subject_prior(name: str) -> SubjectPrior:
-    if name not in _PRIORS:
-        raise ValueError(f"unknown subject prior {name!r}; known: {sorted(_PRIORS)}")
-    return _PRIORS[name]()
 
 
 def box_means(prior: np.ndarray, boxes: np.ndarray) -> np.ndarray:

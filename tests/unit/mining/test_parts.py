@@ -7,10 +7,10 @@ import pytest
 
 from personalkv.mining.features import ColourEmbedder, PatchEmbedder
 from personalkv.mining.registry import (get_local_extractor, get_patch_embedder,
-                                        register_patch_embedder)
+                                        get_subject_prior, register_patch_embedder)
 from personalkv.mining.miner import MinedConcept, MinedPatch
 from personalkv.mining.proposals import box_iou, nms, propose_boxes
-from personalkv.mining.saliency import box_means, get_subject_prior
+from personalkv.mining.saliency import box_means
 from personalkv.mining.sheets import render_sheet
 
 
@@ -49,6 +49,10 @@ def test_colour_windows_equal_crop_embeddings():
 def test_registry_names_known_backends_and_accepts_plugins():
     with pytest.raises(ValueError, match="sift"):
         get_local_extractor("nope")
+    with pytest.raises(ValueError, match="'saliency'"):
+        get_subject_prior("nope")
+    with pytest.raises(ValueError, match="'vlm'"):  # known: the built-ins and the VLM tower
+        get_patch_embedder("nope")
 
     class Const(PatchEmbedder):
         name = "const"
