@@ -62,6 +62,17 @@ def check_key(key: str) -> str:
     return key
 
 
+def check_version(key: str, current: str | None, expected: str | None, where: str) -> None:
+    """The precondition of `put_if` for backends that compare versions themselves (local,
+    memory), answered as S3 answers a conditional PUT: `current` is the object's version now
+    (None: no object), `expected` the one the writer read (None: create only)."""
+    if current is None and expected is not None:
+        raise ObjectNotFound(f"no object {key!r} in {where}")
+    if current != expected:
+        state = "already exists" if expected is None else "changed since it was read"
+        raise PreconditionFailed(f"object {key!r} {state}")
+
+
 def check_prefix(prefix: str) -> str:
     """A listing prefix is "" (everything) or a valid key followed by "/"."""
     if prefix == "":

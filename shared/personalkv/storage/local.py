@@ -28,10 +28,10 @@ from personalkv.ids import InvalidIdError
 from personalkv.storage.base import (
     ObjectNotFound,
     ObjectStore,
-    PreconditionFailed,
     StorageError,
     check_key,
     check_prefix,
+    check_version,
 )
 
 _TMP_PREFIX = ".tmp-"  # check_key refuses segments starting with ".", so never a key
@@ -109,11 +109,7 @@ class LocalObjectStore(ObjectStore):
                 current = _version(self.get(key))
             except ObjectNotFound:
                 current = None
-            if current is None and version is not None:  # as S3 answers If-Match on no object
-                raise ObjectNotFound(f"no object {key!r} in {self.url}")
-            if current != version:
-                state = "exists" if version is None else "changed since it was read"
-                raise PreconditionFailed(f"object {key!r} {state}")
+            check_version(key, current, version, self.url)
             self.put(key, data, content_type)
 
     def get(self, key: str) -> bytes:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 
 from personalkv.storage.base import (
-    ObjectNotFound, ObjectStore, PreconditionFailed, check_key, check_prefix,
+    ObjectNotFound, ObjectStore, check_key, check_prefix, check_version,
 )
 
 
@@ -55,13 +55,7 @@ class InMemoryObjectStore(ObjectStore):
         check_key(key)
         with self._lock:
             current = self._objects.get(key)
-            if version is None:
-                if current is not None:
-                    raise PreconditionFailed(f"object {key!r} already exists")
-            elif current is None:
-                raise ObjectNotFound(f"no object {key!r} in {self.url}")
-            elif current[1] != version:
-                raise PreconditionFailed(f"object {key!r} changed since it was read")
+            check_version(key, None if current is None else current[1], version, self.url)
             self._store(key, data)
 
     def exists(self, key: str) -> bool:

@@ -227,17 +227,14 @@ def test_resigned_header_that_breaks_an_invariant_is_refused(changes, message):
         decode_chunk(blob)
 
 
-def test_resigned_unknown_quantization_is_refused_not_read_as_none():
+@pytest.mark.parametrize("quantization,message", [
+    ("int4", "unknown quantization 'int4'"),  # refused, not read as none
+    ("int8", "tensors do not match"),  # an int8 label on float tensors
+])
+def test_resigned_quantization_label_that_does_not_fit_is_refused(quantization, message):
     blob = encode_chunk(synthetic_chunk())
-    metadata = {**_header(blob)[0]["__metadata__"], "quantization": "int4"}
-    with pytest.raises(CorruptChunkError, match="unknown quantization 'int4'"):
-        decode_chunk(_with_metadata(blob, metadata, resign=True))
-
-
-def test_resigned_int8_label_on_float_tensors_is_refused():
-    blob = encode_chunk(synthetic_chunk())
-    metadata = {**_header(blob)[0]["__metadata__"], "quantization": "int8"}
-    with pytest.raises(CorruptChunkError, match="tensors do not match"):
+    metadata = {**_header(blob)[0]["__metadata__"], "quantization": quantization}
+    with pytest.raises(CorruptChunkError, match=message):
         decode_chunk(_with_metadata(blob, metadata, resign=True))
 
 
