@@ -133,17 +133,6 @@ def format_ask_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _configured_adapter(settings):
-    """A loader of the configured VLM, called only when the ``vlm`` patch embedder asks."""
-    def load():
-        from personalkv.models import load_adapter
-
-        m = settings.model
-        return load_adapter(m.name, m.device, m.dtype, settings=m)
-
-    return load
-
-
 def run_mine(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.dataset import PHOTO_SUFFIXES, load_dataset
@@ -151,8 +140,10 @@ def run_mine(args: argparse.Namespace) -> int:
     from personalkv.mining.miner import Miner, build_library
     from personalkv.mining.profile import ProfileWriter
     from personalkv.mining.sheets import write_sheet
+    from personalkv.service_layer.bootstrap import default_adapter_factory
 
-    settings = get_settings().mining  # the command is an entry point
+    base = get_settings()  # the command is an entry point
+    settings = base.mining
     ds = load_dataset(args.dataset)
     photos = {c.concept_id: [load_rgb(p, settings.max_side) for p in c.train] for c in ds.concepts}
     neg_dir = args.negatives or (Path(settings.negative_pool) if settings.negative_pool else None)
@@ -162,7 +153,7 @@ def run_mine(args: argparse.Namespace) -> int:
                      if p.suffix.lower() in PHOTO_SUFFIXES]
     ids = {c.concept_id: [p.name for p in c.train] for c in ds.concepts}
     library = build_library(settings, photos, negatives, ids, progress=lambda s: print(s, file=sys.stderr),
-                            adapter=_configured_adapter(get_settings()))
+                            adapter=default_adapter_factory(base))  # loads only if asked
     miner, writer = Miner(library, settings), ProfileWriter()
     out = {}
     for c in ds.concepts:
@@ -189,11 +180,12 @@ def run_eval_recognition(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.dataset import load_dataset
     from personalkv.evaluation.recognition import evaluate_recognition
+    from personalkv.service_layer.bootstrap import default_adapter_factory
 
     settings = get_settings()  # the command is an entry point
     result = evaluate_recognition(load_dataset(args.dataset), settings.mining, args.sheets,
                                   log=lambda s: print(s, file=sys.stderr),
-                                  adapter=_configured_adapter(settings))
+                                  adapter=default_adapter_factory(settings))  # loads only if asked
     print(format_recognition_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
