@@ -83,7 +83,7 @@ def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
                          cache: dict | None = None, adapter=None) -> dict:
     """``cache`` (optional, photo path -> described photo) lets repeated runs skip extraction.
     ``adapter``: a model adapter or a callable returning one, for the ``vlm`` embedder only."""
-    settings = settings or MiningSettings()
+    settings = settings or MiningSettings.model_construct()  # defaults, no env read
     negs = list(ds.negatives)
     folds = [negs[0::2], negs[1::2]] if negs else [[]]
     rows: list[Scored] = []

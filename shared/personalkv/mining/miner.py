@@ -79,7 +79,7 @@ class Miner:
     def __init__(self, library: PhotoLibrary, settings: MiningSettings | None = None,
                  prior: SubjectPrior | None = None, relevance: RelevanceScorer | None = None):
         self.library = library
-        self.settings = settings or MiningSettings()
+        self.settings = settings or MiningSettings.model_construct()  # defaults, no env read
         self.prior = prior or get_subject_prior(self.settings.subject_prior)
         if relevance is None and self.settings.relevance:
             relevance = get_relevance_scorer(self.settings.relevance)
@@ -146,7 +146,7 @@ def mine_concept(concept_id: str, photos: Sequence[np.ndarray],
                  negatives: Sequence[np.ndarray] = (), settings: MiningSettings | None = None,
                  photo_ids: Sequence[str] | None = None) -> MinedConcept:
     """Mines one concept against the user's ``others`` concepts and a generic ``negatives`` pool."""
-    settings = settings or MiningSettings()
+    settings = settings or MiningSettings.model_construct()  # defaults, no env read
     concepts = {concept_id: photos, **(others or {})}
     ids = {concept_id: photo_ids} if photo_ids is not None else None
     library = build_library(settings, concepts, negatives, ids)

@@ -101,7 +101,7 @@ class ServedRecognizers:
         self.adapter = adapter
         self.store = store
         self.descriptors = descriptors
-        self.settings = settings or MiningSettings()
+        self.settings = settings or MiningSettings.model_construct()  # defaults, no env read
         self.max_users = max_users
         self._states: OrderedDict[str, _UserState] = OrderedDict()
         self._lock = threading.Lock()
