@@ -42,7 +42,7 @@ bench: install
 
 # Everything embedded in one process, offline (tiny model unless PERSONALKV_MODEL_NAME loads).
 demo: install
-	$(BIN)/python -m personalkv.service_layer.demo
+	$(BIN)/python -m personalkv.demo
 
 # The stack as separate processes on loopback: redis, S3, Milvus, workers, gRPC servers.
 # Logs and pid files in var/stack; `make down` stops what `make up` started.

@@ -61,7 +61,7 @@ def run() -> dict:
     from personalkv.config import get_settings
     from personalkv.models import load_adapter
     from personalkv.service_layer import answering, concepts
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     settings = get_settings()
     sizes = settings.bench
@@ -72,7 +72,7 @@ def run() -> dict:
     settings = settings.model_copy(update={
         "service": settings.service.model_copy(update={"data_dir": work}),
         "model": settings.model.model_copy(update={"name": "tiny:qwen2_vl"})})
-    svc = bootstrap(settings, embedded=True, adapter=load_adapter("tiny:qwen2_vl"), synchronous_tasks=True)
+    svc = bootstrap(settings.embedded(task_queue="inline"), adapter=load_adapter("tiny:qwen2_vl"))
     try:
         svc.keys  # encoders load once, outside the timings
         per_photo, cpu_per_photo, notes = [], [], []

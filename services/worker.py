@@ -4,7 +4,7 @@
     celery -A services.worker worker -Q caching
 
 Importing this module builds the settings once, makes the app from them
-(``personalkv.service_layer.celery_app.make_celery``), declares the two tasks
+(``personalkv.celery_app.make_celery``), declares the two tasks
 (``services/mining/tasks.py``, ``services/caching/tasks.py``) with the options every task has,
 and starts the reconciler in each worker process. The tasks run against this process's
 ``Services``, wired by ``bootstrap`` on first use (the model loads in the process that runs
@@ -19,7 +19,7 @@ import threading
 from celery import signals
 
 from personalkv.config import get_settings
-from personalkv.service_layer.celery_app import make_celery, task_options
+from personalkv.celery_app import CeleryTaskQueue, make_celery, task_options
 from services.caching import tasks as caching_tasks
 from services.mining import tasks as mining_tasks
 
@@ -39,9 +39,9 @@ def worker_services():
     if _services is None:
         with _services_lock:
             if _services is None:
-                from personalkv.service_layer.bootstrap import CeleryTaskQueue, bootstrap
+                from personalkv.bootstrap import bootstrap
 
-                _services = bootstrap(settings, embedded=False, task_queue=CeleryTaskQueue(app))
+                _services = bootstrap(settings, task_queue=CeleryTaskQueue(app))
     return _services
 
 

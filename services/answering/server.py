@@ -148,11 +148,11 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
 def run(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.observability import setup_logging
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
-    settings = get_settings()
+    settings = get_settings().embedded() if args.embedded else get_settings()
     setup_logging("answering", settings.server)
-    services = bootstrap(settings, embedded=args.embedded)
+    services = bootstrap(settings)
     from personalkv.observability import watch_chunk_cache
 
     watch_chunk_cache(services.chunk_cache)

@@ -163,15 +163,15 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
 def run(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.observability import setup_logging
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
     from personalkv.service_layer.reconciler import Reconciler
 
-    settings = get_settings()
+    settings = get_settings().embedded() if args.embedded else get_settings()
     setup_logging("ingestion", settings.server)
-    services = bootstrap(settings, embedded=args.embedded)
+    services = bootstrap(settings)
     # Concepts left queued / mining / caching by a dead worker or a failed enqueue: re-enqueued.
     Reconciler(services).start()
-    if not args.embedded:
+    if settings.service.task_queue == "celery":
         from personalkv.observability import track_celery_queues
         from personalkv.service_layer.task_queue import QUEUE_OF
 

@@ -1,8 +1,11 @@
-"""The Celery application of the mining and caching workers (broker: Redis).
+"""The Celery adapters: the app of the mining and caching workers (broker: Redis) and
+``CeleryTaskQueue``, the service layer's ``TaskQueue`` port over it.
 
 A factory with no import-time settings: ``make_celery(settings)`` builds the app and
 ``task_options(settings)`` the options of every task; the workers' composition root,
 ``services/worker.py``, builds the settings once, makes the app and declares the tasks on it.
+``personalkv.bootstrap`` wires a ``CeleryTaskQueue`` when ``PERSONALKV_SERVICE_TASK_QUEUE`` is
+``celery``. The service layer never imports this module (nor Celery).
 
 Conventions (STYLE.md): one queue per worker kind (``mining``, ``caching``), task names
 ``"<service>.<verb>"``, tasks are one-line wrappers over ``personalkv.service_layer.pipeline``
@@ -14,7 +17,8 @@ backoff and jitter on ``Unavailable`` (a dependency is down) only.
 Redelivery after a whole worker (or node) dies does not wait for Redis' visibility timeout
 (``PERSONALKV_CELERY_VISIBILITY_TIMEOUT_S``, keep it above the longest task, or a slow task is
 delivered twice): a task renews its concept's lease while it runs, and the reconciler
-(``personalkv.service_layer.reconciler``), started in every worker process by ``services/worker.py``,
+(``personalkv.service_layer.reconciler``), started in every worker process by
+``services/worker.py``,
 enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
 
 Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services.worker worker
@@ -23,11 +27,18 @@ Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services
 
 from __future__ import annotations
 
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
 from celery import Celery
 
 from personalkv.config import CelerySettings
 from personalkv.service_layer.errors import Unavailable
-from personalkv.service_layer.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE
+from personalkv.service_layer.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE, TaskQueue
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: CelerySettings) -> Celery:
@@ -82,4 +93,62 @@ def task_options(settings: CelerySettings) -> dict:
     )
 
 
-__all__ = ["TASK_CACHE", "TASK_MINE", "make_celery", "task_options"]
+class CeleryTaskQueue(TaskQueue):
+    """Publishes with a hard deadline (``celery.publish_timeout_s``): the broker's sockets time
+    out after it (``make_celery``) and the publish itself runs on a small pool this thread waits
+    on for at most that long, so a hung Redis (SIGSTOP, a half-open connection) costs an upload
+    a bounded wait and an ``Unavailable``, never an RPC thread for minutes. A publish that
+    timed out may still reach Redis later: tasks are idempotent, so that is harmless."""
+
+    def __init__(self, app, publish_timeout_s: float | None = None):
+        self.app = app
+        # make_celery sets the broker's connection timeout to celery.publish_timeout_s
+        self.publish_timeout_s = publish_timeout_s or app.conf.broker_connection_timeout
+        self._publisher = ThreadPoolExecutor(4, thread_name_prefix="pkv-publish")
+        # After a failed publish the broker is suspect: one caller at a time probes it (and
+        # waits up to the deadline), the others fail at once instead of each waiting too.
+        self._suspect = False
+        self._probe = threading.Lock()
+
+    def _publish(self, name: str, user_id: str, concept_id: str) -> None:
+        self.app.send_task(
+            name, args=(user_id, concept_id), queue=QUEUE_OF[name], retry=True,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                          "interval_max": 0.1},
+        )
+
+    def _send(self, name: str, user_id: str, concept_id: str) -> None:
+        probing = self._suspect
+        if probing and not self._probe.acquire(blocking=False):
+            raise Unavailable("the task queue is unavailable; retry later")
+        try:
+            future = self._publisher.submit(self._publish, name, user_id, concept_id)
+            try:
+                future.result(timeout=self.publish_timeout_s)
+            except FutureTimeout:
+                future.cancel()
+                self._suspect = True
+                log.warning("publishing %s(%s, %s) took over %.1fs; the broker is not answering",
+                            name, user_id, concept_id, self.publish_timeout_s)
+                raise Unavailable("the task queue is not answering; retry later") from None
+            except Exception as exc:  # kombu OperationalError, redis ConnectionError, ...
+                self._suspect = True
+                log.warning("publishing %s(%s, %s) failed: %s: %s", name, user_id, concept_id,
+                            type(exc).__name__, exc)
+                raise Unavailable("the task queue is unavailable; retry later") from exc
+            self._suspect = False
+        finally:
+            if probing:
+                self._probe.release()
+
+    def enqueue_mining(self, user_id: str, concept_id: str) -> None:
+        self._send(TASK_MINE, user_id, concept_id)
+
+    def enqueue_caching(self, user_id: str, concept_id: str) -> None:
+        self._send(TASK_CACHE, user_id, concept_id)
+
+    def close(self) -> None:
+        self._publisher.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["TASK_CACHE", "TASK_MINE", "CeleryTaskQueue", "make_celery", "task_options"]

@@ -16,7 +16,7 @@ import sys
 
 COMMAND_MODULES = [
     "personalkv.api.cli",  # token
-    "personalkv.service_layer.cli",  # ingest, ask, reindex, recache, demo
+    "personalkv.commands",  # ingest, ask, reindex, recache, demo
     "personalkv.evaluation.cli",  # mine, eval recognition|qa|ask
 ]
 

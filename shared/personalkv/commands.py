@@ -1,4 +1,4 @@
-"""``personalkv`` subcommands of the service layer (listed in personalkv.cli.COMMAND_MODULES;
+"""The ``personalkv`` commands that drive the use cases (listed in personalkv.cli.COMMAND_MODULES;
 ``personalkv worker`` is ``services/cli.py``'s).
 
   ingest DIR --user U --concept C [--name --category --info] [--stack]
@@ -68,9 +68,10 @@ def _logging(level: str = "INFO") -> None:
 
 def _services(stack: bool):
     from personalkv.config import get_settings  # the command is an entry point
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
-    return bootstrap(get_settings(), embedded=not stack)
+    settings = get_settings()
+    return bootstrap(settings if stack else settings.embedded())
 
 
 def _ingest(args) -> int:
@@ -168,6 +169,6 @@ def _recache(args) -> int:
 
 
 def _demo(args) -> int:
-    from personalkv.service_layer.demo import run_demo
+    from personalkv.demo import run_demo
 
     return run_demo(data_dir=args.data_dir, model_name=args.model)

@@ -291,8 +291,14 @@ class ServiceSettings(BaseSettings):
         2, ge=1, le=16, description="Patches the fallback miner cuts per photo (centre crops)."
     )
     data_dir: str = Field(
-        "./var", description="Embedded mode: where the object dir (objects/) and the "
-        "milvus-lite file (index/milvus.db) live."
+        "./var", description="Embedded mode (Settings.embedded(): the CLI without --stack, "
+        "`serve --embedded`, the demo): where the object dir (objects/) and the milvus-lite file "
+        "(index/milvus.db) live."
+    )
+    task_queue: Literal["celery", "inprocess", "inline"] = Field(
+        "celery", description="How use cases hand work to the mining and caching workers: "
+        "'celery' (the broker, PERSONALKV_CELERY_BROKER_URL), 'inprocess' (a background thread "
+        "of this process: embedded mode) or 'inline' (in the caller's thread: tests, evaluations)."
     )
 
 
@@ -427,6 +433,19 @@ class Settings(BaseSettings):
     devstack: DevstackSettings = Field(default_factory=DevstackSettings)
     bench: BenchSettings = Field(default_factory=BenchSettings)
 
+    def embedded(self, task_queue: str = "inprocess") -> Settings:
+        """These settings in embedded mode: objects in ``<data_dir>/objects``, keys in the
+        milvus-lite file ``<data_dir>/index/milvus.db`` (one process only) and tasks run in
+        this process (``task_queue``: 'inprocess' or 'inline'). No server needed."""
+        if task_queue not in ("inprocess", "inline"):
+            raise ValueError(f"embedded tasks run 'inprocess' or 'inline', not {task_queue!r}")
+        root = Path(self.service.data_dir).resolve()
+        return self.model_copy(update={
+            "storage": self.storage.model_copy(update={"url": f"file://{root / 'objects'}"}),
+            "index": self.index.model_copy(update={"uri": str(root / "index" / "milvus.db")}),
+            "service": self.service.model_copy(update={"task_queue": task_queue}),
+        })
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
@@ -435,7 +454,7 @@ def get_settings() -> Settings:
 
 def apply_process_environment(settings: Settings) -> None:
     """The one place the library writes process-wide environment variables, called by the
-    composition root (``service_layer.bootstrap``) and the command entry points before any model or
+    composition root (``personalkv.bootstrap``) and the command entry points before any model or
     encoder loads (huggingface_hub reads HF_HUB_OFFLINE when first imported). An explicit
     HF_HUB_OFFLINE in the environment wins."""
     if settings.model.hf_offline:

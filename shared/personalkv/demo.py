@@ -143,7 +143,7 @@ BANNERS = {
 def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
     from personalkv.config import Settings, apply_process_environment, get_settings
     from personalkv.service_layer import answering, concepts
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     base = get_settings()  # the demo is an entry point: settings built once, here
     apply_process_environment(base)  # before _pick_model loads a model
@@ -161,7 +161,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
         out("=" * 78)
     settings = Settings(**{**{k: getattr(base, k) for k in type(base).model_fields},
                            "service": base.service.model_copy(update={"data_dir": str(root)})})
-    svc = bootstrap(settings, embedded=True, adapter=adapter)
+    svc = bootstrap(settings.embedded(), adapter=adapter)
     try:
         out(f"data dir: {root}   model: {adapter.name} ({what})")
         concepts.delete_user(svc, USER)  # a re-run starts clean

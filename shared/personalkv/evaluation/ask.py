@@ -174,14 +174,14 @@ def evaluate_ask(ds: Dataset, settings: Settings, *, half: int | None = None,
     so retrieval settings can be re-measured without re-mining (ingest time is then not
     measured for them)."""
     from personalkv.service_layer import answering
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     ds = _subset(ds, half)
     temp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="pkv-eval-ask-")) if temp else Path(work_dir)
     settings = settings.model_copy(update={"service": settings.service.model_copy(
         update={"data_dir": str(work)})})
-    svc = bootstrap(settings, embedded=True, adapter=adapter, synchronous_tasks=True)
+    svc = bootstrap(settings.embedded(task_queue="inline"), adapter=adapter)
     try:
         ingest_s, photos = 0.0, 0
         reused = 0

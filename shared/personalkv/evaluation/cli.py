@@ -140,7 +140,7 @@ def run_mine(args: argparse.Namespace) -> int:
     from personalkv.mining.miner import Miner, build_library
     from personalkv.mining.profile import ProfileWriter
     from personalkv.mining.sheets import write_sheet
-    from personalkv.service_layer.bootstrap import default_adapter_factory
+    from personalkv.bootstrap import default_adapter_factory
 
     base = get_settings()  # the command is an entry point
     settings = base.mining
@@ -180,7 +180,7 @@ def run_eval_recognition(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.dataset import load_dataset
     from personalkv.evaluation.recognition import evaluate_recognition
-    from personalkv.service_layer.bootstrap import default_adapter_factory
+    from personalkv.bootstrap import default_adapter_factory
 
     settings = get_settings()  # the command is an entry point
     result = evaluate_recognition(load_dataset(args.dataset), settings.mining, args.sheets,

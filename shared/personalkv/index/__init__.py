@@ -27,7 +27,7 @@ _BACKENDS = {
 def open_key_index(uri: str, **options) -> KeyIndex:
     """``uri``: a file path (milvus-lite, one process only), ``http(s)://host:port`` (a Milvus
     server or cluster) or ``memory://`` (in-process, tests); the service passes
-    ``IndexSettings.uri`` (``service_layer.bootstrap``). ``options`` go to the backend (the Milvus
+    ``IndexSettings.uri`` (``personalkv.bootstrap``). ``options`` go to the backend (the Milvus
     ones: ``prefix``, ``token``)."""
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in _BACKENDS:

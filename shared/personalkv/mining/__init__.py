@@ -13,7 +13,9 @@
   descriptors per-photo descriptors stored beside the photo (described once per photo)
   served      each user's recognizer in the answering process (Ask's photo re-ranker)
   output      MiningOutput / PhotoRef: the service miner's seam (no heavy imports)
-  cli         `personalkv mine`, `personalkv eval recognition`
+  incremental mining one concept's new photos for the service (mine_for_service)
+  registry    extractors, patch embedders and subject priors by name
+(`personalkv mine` and `personalkv eval recognition` live in personalkv.evaluation.cli.)
 """
 
 from personalkv.mining.output import MiningOutput, PhotoRef

@@ -70,7 +70,7 @@ def get_subject_prior(name: str) -> SubjectPrior:
 def get_patch_embedder(name: str, adapter=None) -> PatchEmbedder:
     """A registered name, ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint, or ``vlm``:
     the answering model's own vision tower, i.e. ``adapter`` (the process's one model adapter,
-    or a callable returning it, from ``service_layer.bootstrap``; never loaded here)."""
+    or a callable returning it, from ``personalkv.bootstrap``; never loaded here)."""
     if name == "vlm":
         if adapter is None:
             raise ValueError("the 'vlm' patch embedder is the answering model's vision tower: "

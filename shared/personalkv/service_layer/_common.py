@@ -9,6 +9,7 @@ from personalkv.index.base import IndexUnavailable
 from personalkv.manifest import ConceptManifest
 from personalkv.service_layer.errors import InvalidArgument, NotFound, Unavailable
 from personalkv.storage.base import StorageUnavailable
+from personalkv.service_layer.services import Services
 
 
 def check_ids(user_id: str, concept_id: str | None = None) -> None:
@@ -40,7 +41,7 @@ def dependencies(what: str):
         raise Unavailable(f"{what} is unavailable; retry later") from exc
 
 
-def require_manifest(svc, user_id: str, concept_id: str) -> ConceptManifest:
+def require_manifest(svc: Services, user_id: str, concept_id: str) -> ConceptManifest:
     check_ids(user_id, concept_id)
     with dependencies("the object store"):
         manifest = svc.store.read_manifest(user_id, concept_id)

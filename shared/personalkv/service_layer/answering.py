@@ -28,6 +28,7 @@ from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
 from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import ObjectNotFound
+from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class AskResult:
                 f"  timings: {timings}")
 
 
-def _check(svc, user_id: str, question: str, photos: Sequence[bytes], options: AskOptions):
+def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes], options: AskOptions):
     check_ids(user_id)
     limits = svc.settings.service
     if not isinstance(question, str) or not question.strip():
@@ -94,12 +95,12 @@ def _check(svc, user_id: str, question: str, photos: Sequence[bytes], options: A
     return question.strip(), images
 
 
-def _retrieve(svc, user_id: str, question: str, image, top_k: int | None, fingerprint: str):
+def _retrieve(svc: Services, user_id: str, question: str, image, top_k: int | None, fingerprint: str):
     with dependencies("the retrieval index"):
         return svc.retriever.retrieve(user_id, question, image, top_k, model_fingerprint=fingerprint)
 
 
-def retrieve(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
              top_k: int | None = None):
     """Ask's retrieve step alone (same checks, photo decoding and retriever; no chunks loaded,
     nothing generated): what ``personalkv eval ask`` and the ingest benchmark measure."""
@@ -108,7 +109,7 @@ def retrieve(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
                      svc.adapter.fingerprint())
 
 
-def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
         options: AskOptions | None = None, on_token=None) -> AskResult:
     """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
     ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it)."""
@@ -173,7 +174,7 @@ def ask(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
 _DONE = object()
 
 
-def ask_stream(svc, user_id: str, question: str, photos: Sequence[bytes] = (),
+def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
                options: AskOptions | None = None) -> Iterator[str | AskResult]:
     """Yield the answer's text as it is generated (str pieces), then the final AskResult.
     Validation errors raise before the first yield. Closing the generator early stops the

@@ -26,11 +26,12 @@ from personalkv.service_layer.errors import (
 )
 from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import PreconditionFailed
+from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
 
 
-def create_concept(svc, user_id: str, concept_id: str, name: str, category: str = "",
+def create_concept(svc: Services, user_id: str, concept_id: str, name: str, category: str = "",
                    info: str = "") -> ConceptManifest:
     """A new concept in state ``queued`` holding the user's facts; photos come with
     ``add_photos``. Raises AlreadyExists (an InvalidArgument) when the id is taken."""
@@ -50,7 +51,7 @@ def create_concept(svc, user_id: str, concept_id: str, name: str, category: str 
             raise AlreadyExists(f"concept {concept_id!r} already exists") from None
 
 
-def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> ConceptManifest:
+def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[bytes]) -> ConceptManifest:
     """Validate and store reference photos, then enqueue mining. All or nothing on validation:
     one bad photo refuses the call before anything is stored. Re-sending a photo is a no-op
     (photo ids are content hashes); for a ready concept only the new photos are mined and
@@ -114,12 +115,12 @@ def add_photos(svc, user_id: str, concept_id: str, photos: Sequence[bytes]) -> C
     return fresh
 
 
-def get_concept(svc, user_id: str, concept_id: str) -> ConceptManifest:
+def get_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest:
     """The concept's manifest; NotFound when it does not exist."""
     return require_manifest(svc, user_id, concept_id)
 
 
-def list_concepts(svc, user_id: str) -> list[ConceptManifest]:
+def list_concepts(svc: Services, user_id: str) -> list[ConceptManifest]:
     """Every concept of the user, by concept id."""
     check_ids(user_id)
     out = []
@@ -131,7 +132,7 @@ def list_concepts(svc, user_id: str) -> list[ConceptManifest]:
     return out
 
 
-def delete_concept(svc, user_id: str, concept_id: str) -> bool:
+def delete_concept(svc: Services, user_id: str, concept_id: str) -> bool:
     """Remove the concept everywhere (index, store, hot-chunk cache). Idempotent: returns
     whether it existed. Raises Unavailable when a dependency is down; retry then."""
     check_ids(user_id, concept_id)
@@ -144,7 +145,7 @@ def delete_concept(svc, user_id: str, concept_id: str) -> bool:
     return existed
 
 
-def delete_user(svc, user_id: str) -> int:
+def delete_user(svc: Services, user_id: str) -> int:
     """Forget the user: every concept in the index, the store and the cache. Idempotent;
     returns how many concepts existed."""
     check_ids(user_id)

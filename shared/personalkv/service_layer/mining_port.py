@@ -2,9 +2,9 @@
 which ``bootstrap`` sets to :func:`mine`).
 
 Calls ``personalkv.mining.mine_for_service`` (the real miner: patch proposals, subject prior,
-window appearance + RootSIFT consistency and distinctiveness, support windows, profile) when it
-imports. If it cannot be imported (e.g. OpenCV missing) or raises on a concept, the new photos
-get centre crops and the profile is kept, so ingest never stalls on the miner; but the failure
+window appearance + RootSIFT consistency and distinctiveness, support windows, profile). If it
+raises on a concept (its OpenCV / torch imports happen inside the call, so a missing dependency
+raises there too), the new photos get centre crops and the profile is kept, so ingest never stalls on the miner; but the failure
 is not silent: ``notes["miner_error"]`` says what happened and the pipeline writes it into the
 manifest's ``mining_notes`` (with ``miner: centre_crops``). Chunks are keyed by content, so
 switching miners only adds chunks for patches that changed.
@@ -16,6 +16,7 @@ import logging
 
 from PIL import Image
 
+from personalkv import mining
 from personalkv.config import MiningSettings
 from personalkv.manifest import ConceptManifest, PatchRecord
 from personalkv.mining.output import MiningOutput, PhotoRef
@@ -40,15 +41,6 @@ def centre_crops(photo_id: str, image: Image.Image, count: int) -> list[PatchRec
     return patches
 
 
-def _real_miner():
-    """The real miner's entry point, when ``personalkv.mining`` offers one; else None."""
-    try:
-        from personalkv import mining
-    except Exception:  # its optional deps (OpenCV) are missing
-        return None
-    return getattr(mining, "mine_for_service", None)
-
-
 def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *, settings: MiningSettings,
          context: dict[str, Image.Image] | None = None, negatives: list[PhotoRef] = (),
          descriptors=None, adapter=None, patches_per_photo: int = 2) -> MiningOutput:
@@ -59,17 +51,14 @@ def mine(manifest: ConceptManifest, photos: dict[str, Image.Image], *, settings:
     ``negatives`` the user's other concepts' photos (distinctiveness); ``descriptors`` the
     user's stored photo descriptors (``personalkv.mining.descriptors.DescriptorStore``);
     ``adapter`` the process's model adapter, or a callable returning it (profiles)."""
-    real = _real_miner()
-    error = "personalkv.mining.mine_for_service cannot be imported"
-    if real is not None:
-        try:
-            return real(manifest, photos, settings=settings, context=context or {}, negatives=list(negatives),
-                        descriptors=descriptors, adapter=adapter,
-                        patches_per_photo=patches_per_photo)
-        except Exception as exc:
-            log.exception("the miner failed on %s/%s; using centre crops",
-                          manifest.user_id, manifest.concept_id)
-            error = f"{type(exc).__name__}: {exc}"
+    try:
+        return mining.mine_for_service(
+            manifest, photos, settings=settings, context=context or {}, negatives=list(negatives),
+            descriptors=descriptors, adapter=adapter, patches_per_photo=patches_per_photo)
+    except Exception as exc:
+        log.exception("the miner failed on %s/%s; using centre crops",
+                      manifest.user_id, manifest.concept_id)
+        error = f"{type(exc).__name__}: {exc}"
     patches = [p for photo_id, image in photos.items()
                for p in centre_crops(photo_id, image, patches_per_photo)]
     return MiningOutput(patches=patches, notes={"miner_error": error[:300]})

@@ -38,11 +38,12 @@ from personalkv.service_layer import reconciler
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import Unavailable
 from personalkv.storage.chunk_store import MissingObjectsError
+from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
 
 
-def _write_state(svc, user_id: str, concept_id: str, state: str, **update) -> ConceptManifest | None:
+def _write_state(svc: Services, user_id: str, concept_id: str, state: str, **update) -> ConceptManifest | None:
     """Move the concept to ``state`` (compare-and-set on the freshest manifest) with a fresh
     lease; None when the concept no longer exists."""
     lease = reconciler.lease_from_now(svc.settings.celery.lease_s)
@@ -51,7 +52,7 @@ def _write_state(svc, user_id: str, concept_id: str, state: str, **update) -> Co
             update={"state": state, "lease_until": lease, **update}))
 
 
-def _fail(svc, user_id: str, concept_id: str, exc: BaseException) -> None:
+def _fail(svc: Services, user_id: str, concept_id: str, exc: BaseException) -> None:
     reason = f"{type(exc).__name__}: {exc}"[:500]
     log.error("concept %s/%s failed: %s", user_id, concept_id, reason)
     try:
@@ -61,7 +62,7 @@ def _fail(svc, user_id: str, concept_id: str, exc: BaseException) -> None:
         log.exception("could not record the failure of %s/%s", user_id, concept_id)
 
 
-def _run(svc, user_id: str, concept_id: str, body):
+def _run(svc: Services, user_id: str, concept_id: str, body):
     check_ids(user_id, concept_id)
     try:
         # The lease keeper renews the concept's lease while the task works: should this
@@ -76,13 +77,13 @@ def _run(svc, user_id: str, concept_id: str, body):
 
 
 # -- mining --------------------------------------------------------------------------------
-def mine_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+def mine_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Mine patches for the photos that have none yet, update the profile, enqueue caching.
     Returns the manifest written, or None when the concept no longer exists."""
     return _run(svc, user_id, concept_id, lambda: _mine(svc, user_id, concept_id))
 
 
-def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+def _mine(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     manifest = _write_state(svc, user_id, concept_id, "mining", failure_reason=None)
     if manifest is None:
         log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)
@@ -132,7 +133,7 @@ def _mine(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     return written
 
 
-def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list[PhotoRef]:
+def _other_concepts_photos(svc: Services, user_id: str, concept_id: str) -> list[PhotoRef]:
     """Up to ``mining.user_negatives`` photos of the user's other concepts, round-robin across
     concepts so that each one counts: what this concept's patches must not look like. Only this
     user's objects are read, and a photo only when the miner lacks its stored descriptors."""
@@ -156,13 +157,13 @@ def _other_concepts_photos(svc, user_id: str, concept_id: str) -> list[PhotoRef]
 # One run: enter the caching state, plan the evidence, store the chunks it lacks (encoding
 # only what is not stored yet), stage them in the manifest unless mining superseded this run,
 # publish (index keys, then ``ready``), and delete the chunks the manifest stopped naming.
-def cache_concept(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+def cache_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Encode and store the chunks the concept lacks, index its keys, mark it ready.
     Returns the manifest written, or None when the concept no longer exists."""
     return _run(svc, user_id, concept_id, lambda: _cache(svc, user_id, concept_id))
 
 
-def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
+def _cache(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     manifest = svc.store.read_manifest(user_id, concept_id)
     if manifest is None:
         log.info("cache %s/%s: concept deleted, nothing to do", user_id, concept_id)
@@ -201,7 +202,7 @@ def _cache(svc, user_id: str, concept_id: str) -> ConceptManifest | None:
     return ready
 
 
-def _enter_caching(svc, manifest: ConceptManifest) -> ConceptManifest | None:
+def _enter_caching(svc: Services, manifest: ConceptManifest) -> ConceptManifest | None:
     """The manifest in a state that lets caching run; None when the concept is gone."""
     if manifest.state in ("caching", "queued", "mining"):
         # (queued / mining: photos are waiting for mining, which enqueues caching after it;
@@ -210,7 +211,7 @@ def _enter_caching(svc, manifest: ConceptManifest) -> ConceptManifest | None:
     return _write_state(svc, manifest.user_id, manifest.concept_id, "caching", failure_reason=None)
 
 
-def _plan_evidence(svc, manifest: ConceptManifest) -> Iterator[Evidence]:
+def _plan_evidence(svc: Services, manifest: ConceptManifest) -> Iterator[Evidence]:
     """The evidence the concept's chunks hold, in placement order: the profile, then each
     patch (each photo decoded once, when its first patch comes up)."""
     yield profile_chunk_evidence(manifest.profile)
@@ -229,7 +230,7 @@ class _ChunkWriter:
     """Makes sure one piece of evidence has its chunk stored, and returns its record: reused
     from the manifest, verified from an earlier run's blob, or encoded and written now."""
 
-    def __init__(self, svc, user_id: str, concept_id: str, known: dict[str, ChunkRecord]) -> None:
+    def __init__(self, svc: Services, user_id: str, concept_id: str, known: dict[str, ChunkRecord]) -> None:
         self.store, self.adapter = svc.store, svc.adapter
         self.fingerprint = self.adapter.fingerprint()
         self.quantization = svc.settings.model.chunk_quantization
@@ -282,7 +283,7 @@ def _store_chunks(writer: _ChunkWriter, evidence: Iterable[Evidence]) -> list[Ch
     return records
 
 
-def _stage_chunks(svc, planned: ConceptManifest, records: list[ChunkRecord],
+def _stage_chunks(svc: Services, planned: ConceptManifest, records: list[ChunkRecord],
                   fingerprint: str) -> tuple[ConceptManifest | None, bool]:
     """Compare-and-set the chunk records into the freshest manifest unless its patches or
     profile changed since ``planned`` (then it is left alone: superseded). Returns the manifest
@@ -306,7 +307,7 @@ def _stage_chunks(svc, planned: ConceptManifest, records: list[ChunkRecord],
     return staged, superseded
 
 
-def _publish(svc, staged: ConceptManifest, records: list[ChunkRecord]) -> ConceptManifest | None:
+def _publish(svc: Services, staged: ConceptManifest, records: list[ChunkRecord]) -> ConceptManifest | None:
     """Index the staged concept's keys (visible to every reader), then compare-and-set it
     ``ready`` if it is still caching these very chunks; None when it is not."""
     user_id, concept_id = staged.user_id, staged.concept_id

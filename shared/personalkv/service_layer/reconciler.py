@@ -31,6 +31,7 @@ from datetime import datetime, timedelta, timezone
 
 from personalkv.manifest import ConceptManifest
 from personalkv.service_layer.errors import Unavailable
+from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def lease_from_now(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
 
-def enqueue_for(svc, manifest: ConceptManifest) -> str:
+def enqueue_for(svc: Services, manifest: ConceptManifest) -> str:
     """Enqueue the task the concept's state needs; returns its queue name."""
     if manifest.state == "caching":
         svc.task_queue.enqueue_caching(manifest.user_id, manifest.concept_id)
@@ -61,7 +62,7 @@ def enqueue_for(svc, manifest: ConceptManifest) -> str:
     return "mining"
 
 
-def release_lease(svc, user_id: str, concept_id: str) -> None:
+def release_lease(svc: Services, user_id: str, concept_id: str) -> None:
     """Best effort, after a failed enqueue: clear the lease so the next reconciler pass
     enqueues the concept (nothing else would, as no message is in the broker)."""
     try:
@@ -73,7 +74,7 @@ def release_lease(svc, user_id: str, concept_id: str) -> None:
         log.warning("could not release the lease of %s/%s", user_id, concept_id, exc_info=True)
 
 
-def claim_and_enqueue(svc, user_id: str, concept_id: str) -> str | None:
+def claim_and_enqueue(svc: Services, user_id: str, concept_id: str) -> str | None:
     """If the concept's lease lapsed, take it (compare-and-set) and enqueue its task; returns
     the queue, or None when there was nothing to do (or another reconciler took it)."""
     claimed = False
@@ -95,7 +96,7 @@ def claim_and_enqueue(svc, user_id: str, concept_id: str) -> str | None:
         raise
 
 
-def reconcile(svc) -> list[tuple[str, str, str]]:
+def reconcile(svc: Services) -> list[tuple[str, str, str]]:
     """One pass over every concept: enqueue those whose lease lapsed. Returns (user, concept,
     queue) of each concept enqueued. Stops at the first Unavailable (the broker or the store is
     down: the next pass tries again)."""
@@ -117,7 +118,7 @@ def reconcile(svc) -> list[tuple[str, str, str]]:
 class Reconciler:
     """A daemon thread running ``reconcile`` at start and every ``interval_s`` seconds."""
 
-    def __init__(self, svc, interval_s: float | None = None) -> None:
+    def __init__(self, svc: Services, interval_s: float | None = None) -> None:
         self.svc = svc
         self.interval_s = svc.settings.celery.reconcile_interval_s if interval_s is None else interval_s
         self._stop = threading.Event()
@@ -147,7 +148,7 @@ class LeaseKeeper:
     """Renews a concept's lease every ``lease_s / 3`` while a task works on it (context manager).
     It only moves ``lease_until`` forward and only while the concept is in an active state."""
 
-    def __init__(self, svc, user_id: str, concept_id: str) -> None:
+    def __init__(self, svc: Services, user_id: str, concept_id: str) -> None:
         self.svc, self.user_id, self.concept_id = svc, user_id, concept_id
         self.lease_s = svc.settings.celery.lease_s
         self._stop = threading.Event()

@@ -54,7 +54,7 @@ class ApiStack:
 
 @pytest.fixture(scope="session")
 def api(tmp_path_factory):
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
     from services.answering.server import build_server as build_answering
     from services.ingestion.server import build_server as build_ingestion
 
@@ -64,7 +64,7 @@ def api(tmp_path_factory):
                                 max_photo_pixels=4_000_000),
         auth=AUTH, server=ServerSettings(max_workers=4, grace_s=1.0),
     )  # fmt: skip
-    services = bootstrap(settings, embedded=True, adapter=get_tiny("qwen2_vl"))
+    services = bootstrap(settings.embedded(), adapter=get_tiny("qwen2_vl"))
     servers = [build(services, port=0, settings=settings.server, auth=AUTH)
                for build in (build_ingestion, build_answering)]
     ports = [server.start() for server in servers]

@@ -17,14 +17,14 @@ from tests.integration.api.conftest import AUTH, status_of
 
 
 def test_unavailable_message_names_no_endpoint_and_carries_a_logged_request_id(tmp_path, caplog):
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
     from personalkv.service_layer.task_queue import InProcessTaskQueue
     from services.ingestion.server import build_server
 
     dead = f"127.0.0.1:{free_port()}"
     settings = Settings(storage=StorageSettings(url=f"s3://bucket?endpoint={dead}&secure=false",
                                                 connect_timeout_s=0.2, retries=0), auth=AUTH)
-    svc = bootstrap(settings, embedded=False, task_queue=InProcessTaskQueue(synchronous=True))
+    svc = bootstrap(settings, task_queue=InProcessTaskQueue(synchronous=True))
     server = build_server(svc, port=0, settings=ServerSettings(max_workers=4), auth=AUTH)
     port = server.start()
     client = PersonalKVClient(f"127.0.0.1:{port}", f"127.0.0.1:{port}",

@@ -130,10 +130,10 @@ def kill_worker_mid_caching(svc, env, objects: Path, log: Path, timeout_s: float
 
 def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
     from personalkv.service_layer import concepts
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     settings = _settings(stack_env)
-    svc = bootstrap(settings, embedded=False)  # Celery queue on the test's redis; index unused
+    svc = bootstrap(settings)  # Celery queue on the test's redis; index unused
     concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot, red square")
     concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(N_PHOTOS)])
     objects = tmp_path / "objects"
@@ -171,7 +171,7 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
 
     # Findable: the index holds one key per chunk, and the retriever returns the concept.
     svc.close()
-    check = bootstrap(settings, embedded=False)
+    check = bootstrap(settings)
     try:
         space = check.keys.text_space, check.keys.image_space
         fingerprint = manifest.model_fingerprint
@@ -188,7 +188,7 @@ def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, t
     """The worker meets an S3 outage: the task retries (Unavailable, exponential backoff)
     instead of failing the concept, and completes once S3 is back."""
     from personalkv.service_layer import concepts
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     proxy = CuttableProxy(s3_server.port)
     bucket = f"retry-{os.getpid()}-{int(time.time() * 1000) % 100000}"
@@ -199,7 +199,7 @@ def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, t
         PERSONALKV_STORAGE_RETRIES="0", PERSONALKV_STORAGE_CONNECT_TIMEOUT_S="0.5",
         PERSONALKV_CELERY_MAX_RETRIES="20", PERSONALKV_CELERY_RETRY_BACKOFF_MAX_S="2")
     settings = _settings(env)
-    svc = bootstrap(settings, embedded=False)
+    svc = bootstrap(settings)
     concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot")
     concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(2)])  # mining enqueued
     proxy.cut()

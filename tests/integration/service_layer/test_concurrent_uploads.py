@@ -40,7 +40,7 @@ def services(request, tmp_path, tiny, cheap_mining):
         Settings,
         StorageSettings,
     )
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
     from personalkv.service_layer.task_queue import InProcessTaskQueue
 
     if request.param == "s3":
@@ -54,7 +54,7 @@ def services(request, tmp_path, tiny, cheap_mining):
         retrieval=RetrievalSettings(text_encoder="hashing", image_encoder="global"),
         mining=MiningSettings(embedder="colour", profile_from_vlm=False, user_negatives=0),
     )
-    svc = bootstrap(settings, embedded=False, adapter=tiny("qwen2_vl"),
+    svc = bootstrap(settings, adapter=tiny("qwen2_vl"),
                     task_queue=InProcessTaskQueue())
     yield svc
     svc.close()

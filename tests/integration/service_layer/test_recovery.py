@@ -80,12 +80,12 @@ def _settings(env):
 def ingestion(env):
     """The ingestion server (default MAX_WORKERS, Celery queue, its reconciler) and a token."""
     from personalkv.auth import mint_token
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
     from personalkv.service_layer.reconciler import Reconciler
     from services.ingestion.server import build_server
 
     settings = _settings(env)
-    svc = bootstrap(settings, embedded=False)
+    svc = bootstrap(settings)
     reconciler = Reconciler(svc).start()
     server = build_server(svc, port=0, settings=settings.server, auth=settings.auth)
     port = server.start()
@@ -216,11 +216,11 @@ def test_sigkilled_caching_worker_recovers_within_minutes_at_default_settings(en
     broker would redeliver after an hour; the lease brings the concept back in minutes."""
     from personalkv.config import CelerySettings
     from personalkv.service_layer import concepts
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     defaults = CelerySettings(broker_url=env["PERSONALKV_CELERY_BROKER_URL"])
     assert defaults.visibility_timeout_s == 3600 and defaults.lease_s <= 120
-    svc = bootstrap(_settings(env), embedded=False)
+    svc = bootstrap(_settings(env))
     concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot, red square")
     concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(6)])
     objects = Path(env["PERSONALKV_STORAGE_URL"].removeprefix("file://"))

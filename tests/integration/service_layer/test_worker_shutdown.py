@@ -94,7 +94,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def _send_hold(broker: str, markers: Path, seconds: float) -> None:
     from personalkv.config import CelerySettings
-    from personalkv.service_layer.celery_app import make_celery
+    from personalkv.celery_app import make_celery
     from tests.support.hold_task import TASK_HOLD
 
     app = make_celery(CelerySettings(broker_url=broker))

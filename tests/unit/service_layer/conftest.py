@@ -31,7 +31,8 @@ def service_settings(tmp_path):
 
     objects = tmp_path / "data" / "objects"
     objects.mkdir(parents=True)
-    return Settings(service=ServiceSettings(data_dir=str(tmp_path / "data"), patches_per_photo=2),
+    return Settings(service=ServiceSettings(data_dir=str(tmp_path / "data"), patches_per_photo=2,
+                                            task_queue="inline"),
                     retrieval=RetrievalSettings(text_encoder="hashing", image_encoder="global"),
                     mining=MiningSettings(embedder="colour"),
                     storage=StorageSettings(url=f"file://{objects}"),
@@ -40,13 +41,11 @@ def service_settings(tmp_path):
 
 @pytest.fixture
 def svc(service_settings, tiny):
-    from personalkv.service_layer.bootstrap import bootstrap
-    from personalkv.service_layer.task_queue import InProcessTaskQueue
+    from personalkv.bootstrap import bootstrap
 
-    # Not embedded=True: embedded mode always opens milvus-lite under data_dir; this wires the
-    # same parts from the settings (local store, memory:// index, synchronous in-process tasks).
-    services = bootstrap(service_settings, embedded=False, adapter=tiny("qwen2_vl"),
-                         task_queue=InProcessTaskQueue(synchronous=True))
+    # Not settings.embedded(): that opens milvus-lite under data_dir; these settings name the
+    # parts themselves (local store, memory:// index, inline in-process tasks).
+    services = bootstrap(service_settings, adapter=tiny("qwen2_vl"))
     yield services
     services.close()
 

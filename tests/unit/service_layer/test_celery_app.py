@@ -24,8 +24,8 @@ def test_enqueue_with_the_broker_down_is_unavailable():
     import pytest
     from personalkv.config import CelerySettings
     from personalkv.devstack.s3 import free_port
-    from personalkv.service_layer.celery_app import make_celery
-    from personalkv.service_layer.task_queue import CeleryTaskQueue
+    from personalkv.celery_app import make_celery
+    from personalkv.celery_app import CeleryTaskQueue
 
     app = make_celery(CelerySettings(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
     app.conf.broker_connection_timeout = 0.5
@@ -43,8 +43,8 @@ def test_enqueue_to_a_broker_that_never_answers_fails_within_the_publish_deadlin
 
     import pytest
     from personalkv.config import CelerySettings
-    from personalkv.service_layer.celery_app import make_celery
-    from personalkv.service_layer.task_queue import CeleryTaskQueue
+    from personalkv.celery_app import make_celery
+    from personalkv.celery_app import CeleryTaskQueue
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""The mining port: the real miner when importable, centre crops as the fallback."""
+"""The mining port: the real miner, centre crops as the fallback when it fails."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_a_miner_failure_gives_centre_crops_and_says_why(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("miner exploded")
 
-    monkeypatch.setattr(mining_port, "_real_miner", lambda: broken)
+    monkeypatch.setattr(mining_port.mining, "mine_for_service", broken)
     manifest = ConceptManifest(user_id="u", concept_id="c", profile=ConceptProfile(name="Bobo"))
     out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, settings=MiningSettings(),
                            patches_per_photo=2)
@@ -31,5 +31,14 @@ def test_a_miner_failure_gives_centre_crops_and_says_why(monkeypatch):
     assert out.notes["miner_error"] == "RuntimeError: miner exploded"  # recorded, not silent
 
 
-def test_uses_the_real_miner_when_it_is_there():
-    assert mining_port._real_miner() is not None  # personalkv.mining.mine_for_service
+def test_uses_the_real_miner(monkeypatch):
+    calls = []
+
+    def real(manifest, photos, **options):
+        calls.append(sorted(photos))
+        return mining_port.MiningOutput(patches=[], miner="real")
+
+    monkeypatch.setattr(mining_port.mining, "mine_for_service", real)  # personalkv.mining's
+    manifest = ConceptManifest(user_id="u", concept_id="c", profile=ConceptProfile(name="Bobo"))
+    out = mining_port.mine(manifest, {PHOTO_ID: Image.new("RGB", (64, 48))}, settings=MiningSettings())
+    assert out.miner == "real" and calls == [[PHOTO_ID]]

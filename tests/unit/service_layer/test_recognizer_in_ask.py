@@ -86,7 +86,7 @@ def test_a_miner_failure_is_recorded_in_the_manifest(svc, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("miner exploded")
 
-    monkeypatch.setattr(mining_port, "_real_miner", lambda: broken)
+    monkeypatch.setattr(mining_port.mining, "mine_for_service", broken)
     m = _ingest(svc, 0)
     assert m.mining_notes == {"miner": "centre_crops", "miner_error": "RuntimeError: miner exploded"}
     assert m.patches and all("centre_prior" in p.scores for p in m.patches)
@@ -96,4 +96,4 @@ def test_the_miner_uses_the_process_adapter_and_its_notes_reach_the_manifest(svc
     m = _ingest(svc, 0)
     # the tiny model's description fails the profile schema: facts, and the notes say so
     assert m.mining_notes["profile_source"] == m.profile.source == "user_facts"
-    assert svc._adapter is not None  # the pipeline handed the miner this process's adapter
+    assert svc.is_built("adapter")  # the pipeline handed the miner this process's adapter

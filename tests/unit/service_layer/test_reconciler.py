@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 
+from personalkv.bootstrap import task_handlers
 from personalkv.service_layer import concepts, reconciler
 
 BLUE = (30, 60, 200)
@@ -46,7 +47,7 @@ def test_a_claimed_concept_is_enqueued_once(svc, photo_of):
             Counting.calls += 1
 
     svc.task_queue = Counting(synchronous=True)
-    svc.task_queue.bind(svc)
+    svc.task_queue.bind(task_handlers(svc))
     assert reconciler.claim_and_enqueue(svc, "alice", "mug") == "mining"
     assert reconciler.claim_and_enqueue(svc, "alice", "mug") is None  # the lease is taken
     assert Counting.calls == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from personalkv.bootstrap import task_handlers
 from personalkv.images import decode
 from personalkv.service_layer import answering, concepts, pipeline
 from personalkv.service_layer.answering import AskOptions, AskResult
@@ -187,7 +188,7 @@ def test_a_failing_task_marks_the_concept_failed_and_a_retry_recovers(svc, photo
     concepts.delete_concept(svc, "alice", "mug")
     concepts.create_concept(svc, "alice", "mug", "Bobo")
     svc.task_queue = type(svc.task_queue)(synchronous=True)  # fresh queue, same behaviour
-    svc.task_queue.bind(svc)
+    svc.task_queue.bind(task_handlers(svc))
     record = svc.store.put_photo("alice", "mug", photo_of(BLUE, 1))
     manifest = concepts.get_concept(svc, "alice", "mug")
     svc.store.write_manifest(manifest.model_copy(update={"photos": [record]}))
@@ -206,14 +207,14 @@ def test_a_failing_task_marks_the_concept_failed_and_a_retry_recovers(svc, photo
 def test_store_outage_is_unavailable(service_settings, tiny):
     from personalkv.config import StorageSettings
     from personalkv.devstack.s3 import free_port
-    from personalkv.service_layer.bootstrap import bootstrap
+    from personalkv.bootstrap import bootstrap
 
     dead = f"s3://bucket?endpoint=127.0.0.1:{free_port()}&secure=false"
     settings = service_settings.model_copy(update={"storage": StorageSettings(
         url=dead, connect_timeout_s=0.2, read_timeout_s=0.5, retries=0)})
     from personalkv.service_layer.task_queue import InProcessTaskQueue
 
-    services = bootstrap(settings, embedded=False, adapter=tiny("qwen2_vl"),
+    services = bootstrap(settings, adapter=tiny("qwen2_vl"),
                          task_queue=InProcessTaskQueue(synchronous=True))
     try:
         with pytest.raises(Unavailable):
@@ -235,7 +236,7 @@ def test_recaching_with_a_new_model_replaces_every_chunk(svc, photo_of):
 
     make_ready(svc, photo_of)
     old = concepts.get_concept(svc, "alice", "mug")
-    svc._adapter = tiny_model("qwen2_vl", seed=1)  # other weights: another fingerprint
+    svc.replace("adapter", tiny_model("qwen2_vl", seed=1))  # other weights: another fingerprint
     assert svc.adapter.fingerprint() != old.model_fingerprint
     pipeline.cache_concept(svc, "alice", "mug")
     new = concepts.get_concept(svc, "alice", "mug")
