@@ -134,10 +134,10 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
-    # server and auth settings default to those the services were bootstrapped with
+    """The answering GrpcServer over a bootstrapped `Services` (not started); server and auth
+    settings default to those the services were bootstrapped with."""
     settings = settings or services.settings.server
     auth = auth or services.settings.auth
-    """The answering GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = AnsweringServicer(services)
     return GrpcServer(
         "answering",

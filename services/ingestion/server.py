@@ -149,10 +149,10 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
-    # server and auth settings default to those the services were bootstrapped with
+    """The ingestion GrpcServer over a bootstrapped `Services` (not started); server and auth
+    settings default to those the services were bootstrapped with."""
     settings = settings or services.settings.server
     auth = auth or services.settings.auth
-    """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = IngestionServicer(services, settings.max_workers)
     return GrpcServer(
         "ingestion",
