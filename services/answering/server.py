@@ -18,10 +18,11 @@ import sys
 import grpc
 
 from personalkv.api.cli import add_server_arguments
+from personalkv.api.context import caller, client_gone
 from personalkv.api.errors import grpc_errors
+from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
 from personalkv.service_layer import answering
-from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         """The service's stream: str deltas, then the final AskResult; stops when the call
         is cancelled or past its deadline (closing the generator stops generation)."""
         user_id = caller(request.user_id)
-        if deadline_passed(context):
+        if client_gone(context):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
         stream = answering.ask_stream(
             self.svc, user_id, request.question, [p.data for p in request.photos],
@@ -85,7 +86,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         )  # fmt: skip
         try:
             for item in stream:
-                if deadline_passed(context):
+                if client_gone(context):
                     log.info("ask stopped: client cancelled or deadline passed")
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                   "deadline passed or call cancelled during generation")
@@ -96,11 +97,11 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
     @grpc_errors
     def Ask(self, request, context):
         user_id = caller(request.user_id)
-        if deadline_passed(context):
+        if client_gone(context):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
 
         def on_token(_token_id: int) -> None:  # between tokens: stop when nobody waits
-            if deadline_passed(context):
+            if client_gone(context):
                 raise _CallGone()
 
         try:
@@ -133,10 +134,10 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
-    # server and auth settings default to those the services were bootstrapped with
+    """The answering GrpcServer over a bootstrapped `Services` (not started); server and auth
+    settings default to those the services were bootstrapped with."""
     settings = settings or services.settings.server
     auth = auth or services.settings.auth
-    """The answering GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = AnsweringServicer(services)
     return GrpcServer(
         "answering",

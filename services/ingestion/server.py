@@ -19,12 +19,13 @@ from contextlib import contextmanager
 import grpc
 
 from personalkv.api.cli import add_server_arguments
-from personalkv.api.errors import abort_cancelled, client_cancelled, grpc_errors
+from personalkv.api.context import caller, client_gone
+from personalkv.api.errors import abort_cancelled, grpc_errors
+from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service_layer import concepts
 from personalkv.service_layer.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from services.grpc_common import GrpcServer, caller, deadline_passed, serve
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         photos: list[bytes] = []
         current = bytearray()
         for message in request_iterator:
-            if deadline_passed(context):
+            if client_gone(context):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during upload")
             if message.WhichOneof("item") != "chunk":
                 raise InvalidArgument("only the first UploadPhotos message may be a header")
@@ -110,7 +111,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 current.clear()
                 if len(photos) > max_count:
                     raise ResourceExhausted(f"more than {max_count} photos in one upload")
-        if current and client_cancelled(context, wait_s=0.5):
+        if current and client_gone(context, wait_s=0.5):
             abort_cancelled(context, "IngestionServicer.UploadPhotos")
         if current:
             raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
@@ -148,10 +149,10 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
-    # server and auth settings default to those the services were bootstrapped with
+    """The ingestion GrpcServer over a bootstrapped `Services` (not started); server and auth
+    settings default to those the services were bootstrapped with."""
     settings = settings or services.settings.server
     auth = auth or services.settings.auth
-    """The ingestion GrpcServer over a bootstrapped `Services` (not started)."""
     servicer = IngestionServicer(services, settings.max_workers)
     return GrpcServer(
         "ingestion",

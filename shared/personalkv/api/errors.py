@@ -8,7 +8,8 @@ logged with its traceback and answered INTERNAL with a message that reveals noth
 Server-side failures (UNAVAILABLE, INTERNAL, ...) get a request id: the log line holds the
 details (exception chain: endpoint, library error) under it, the caller's message only says
 what failed, whether to retry, and the id to quote. A call the client cancelled (or whose
-deadline passed) is logged as such at INFO and recorded as CANCELLED, not as an error.
+deadline passed: ``personalkv.api.context.client_gone``) is logged as such at INFO and
+recorded as CANCELLED, not as an error.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import functools
 import inspect
 import logging
 import secrets
-import threading
 
 import grpc
 from PIL.Image import DecompressionBombError
 
+from personalkv.api.context import client_gone
 from personalkv.ids import InvalidIdError
 from personalkv.service_layer.errors import ServiceError
 
@@ -51,19 +52,6 @@ def new_request_id() -> str:
     return secrets.token_hex(6)
 
 
-def client_cancelled(context: grpc.ServicerContext, wait_s: float = 0.0) -> bool:
-    """Whether the client cancelled (or its deadline passed). A cancelled request stream can
-    look like a normal end of stream to the servicer for a moment; `wait_s` gives the
-    cancellation that long to arrive (for a stream that ended where no client would end it)."""
-    if not context.is_active():
-        return True
-    if wait_s > 0:
-        done = threading.Event()
-        context.add_callback(done.set)  # runs when the RPC terminates (cancelled here)
-        return done.wait(wait_s) or not context.is_active()
-    return False
-
-
 def abort_cancelled(context: grpc.ServicerContext, method: str) -> None:
     """Log the cancelled call at INFO and record it as CANCELLED (raises, like abort)."""
     log.info("rpc cancelled by the client", extra={"method": method, "code": "CANCELLED"})
@@ -73,7 +61,7 @@ def abort_cancelled(context: grpc.ServicerContext, method: str) -> None:
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if context.code() is not None:  # the servicer already aborted (context.abort raised)
         raise exc
-    if client_cancelled(context):  # the client cancelled or its deadline passed
+    if client_gone(context):  # the client cancelled or its deadline passed
         abort_cancelled(context, method)
     code, message = status_for(exc)
     if code in _SERVER_SIDE:

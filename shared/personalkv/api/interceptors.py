@@ -1,7 +1,7 @@
 """The gRPC server interceptors of both servers: authentication and metrics.
 
-Installed by ``services/grpc_common.py`` in this order: ``MetricsInterceptor`` (outermost, so
-it also times rejected calls), then ``AuthInterceptor``.
+Installed by ``personalkv.api.server.GrpcServer`` in this order: ``MetricsInterceptor``
+(outermost, so it also times rejected calls), then ``AuthInterceptor``.
 
 A server interceptor in grpc-python sees only the method name and metadata; to run code
 *around* the servicer (with its context), it returns a copy of the handler whose behaviour is

@@ -1,4 +1,4 @@
-"""The gRPC transport of services/grpc_common.py on real loopback sockets: TLS from PEM files
+"""The gRPC transport of personalkv.api.server on real loopback sockets: TLS from PEM files
 (a client trusting the CA is served; plaintext and a client trusting another CA are refused),
 the plaintext health-only port for Kubernetes' probes, certificate rotation without a restart,
 and max connection age (the server sends GOAWAY, the client's channel drops to IDLE).
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from personalkv.api.server import GrpcServer
 from personalkv.config import AuthSettings, ServerSettings
-from services.grpc_common import GrpcServer
 
 AUTH = AuthSettings(secret="tls-test-secret-" + "x" * 24)
 SERVICE = "personalkv.v1.IngestionService"
@@ -236,7 +236,7 @@ def test_max_connection_age_makes_the_client_reconnect():
 
 
 def test_health_probe_command_checks_tls_and_plaintext_servers(ca, tmp_path):
-    from services.grpc_common import _health_main
+    from personalkv.api.health import main as health_main
 
     cert, key = issue(ca, tmp_path / "tls")
     (tmp_path / "ca.crt").write_bytes(ca_pem(ca))
@@ -244,14 +244,14 @@ def test_health_probe_command_checks_tls_and_plaintext_servers(ca, tmp_path):
     plain = start_server()
     try:
         address = f"localhost:{tls.port}"
-        assert _health_main(["--address", address, "--service", SERVICE,
-                             "--ca", str(tmp_path / "ca.crt")]) == 0
-        assert _health_main(["--address", address, "--service", SERVICE, "--timeout", "3"]) == 1
-        assert _health_main(["--address", f"127.0.0.1:{plain.port}", "--service", SERVICE]) == 0
-        assert _health_main(["--address", f"127.0.0.1:{plain.port}",
-                             "--service", "personalkv.v1.Unknown"]) == 1  # NOT_FOUND
+        assert health_main(["--address", address, "--service", SERVICE,
+                            "--ca", str(tmp_path / "ca.crt")]) == 0
+        assert health_main(["--address", address, "--service", SERVICE, "--timeout", "3"]) == 1
+        assert health_main(["--address", f"127.0.0.1:{plain.port}", "--service", SERVICE]) == 0
+        assert health_main(["--address", f"127.0.0.1:{plain.port}",
+                            "--service", "personalkv.v1.Unknown"]) == 1  # NOT_FOUND
         plain.stop(grace=0)  # NOT_SERVING, then gone
-        assert _health_main(["--address", f"127.0.0.1:{plain.port}", "--timeout", "3"]) == 1
+        assert health_main(["--address", f"127.0.0.1:{plain.port}", "--timeout", "3"]) == 1
     finally:
         tls.stop(grace=0)
         plain.stop(grace=0)

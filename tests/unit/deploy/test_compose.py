@@ -113,7 +113,7 @@ def test_personalkv_services_run_as_the_image_user_with_real_commands():
             port = service["command"][service["command"].index("--metrics-port") + 1]
             assert f":{port}/metrics" in health[-1]
         else:
-            assert health[1:] == ["python", "-m", "services.grpc_common", "health",
+            assert health[1:] == ["python", "-m", "personalkv.api.health",
                                   "--server", name]
     # The model cache is a volume, never a layer of the image.
     for name in ("answering", "caching"):

@@ -1,14 +1,20 @@
 """What every PersonalKV gRPC server shares: building, serving and stopping one.
 
+Who calls what: ``build_server`` in ``services/ingestion/server.py`` and
+``services/answering/server.py`` builds a ``GrpcServer`` around its servicer, and their ``run``
+ends in ``serve()``; ``GrpcServer`` calls ``connection_options()`` and ``server_credentials()``
+itself (they are public for the transport tests, ``tests/integration/api/test_tls.py``).
+
     server = GrpcServer("ingestion", register=lambda s: add_XServicer_to_server(..., s),
-                        service_names=[...], port=0)
+                        service_names=[...], port=0, settings=..., auth=...)
     server.start()        # binds, marks health SERVING, returns the bound port
     server.serve_forever()  # blocks; SIGTERM/SIGINT -> NOT_SERVING, stop(grace), return
 
 Every server gets, in this order around the servicer: the metrics interceptor (latency by
 method and status, unauthenticated calls included), the auth interceptor (every RPC but health
-and reflection needs a bearer token), message size limits from ServerSettings, the standard
-health service (one status per service name plus "") and server reflection.
+and reflection needs a bearer token; both in ``personalkv.api.interceptors``), message size
+limits from ServerSettings, the standard health service (one status per service name plus "";
+probed by ``personalkv.api.health``) and server reflection.
 
 Transport (ServerSettings): TLS when ``tls_cert_file`` / ``tls_key_file`` are set (the files
 are re-read on the first handshake after they change, so a rotated cert-manager Secret needs no
@@ -31,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from personalkv.api.interceptors import AuthInterceptor, MetricsInterceptor
-from personalkv.config import AuthSettings, ServerSettings, get_settings
+from personalkv.config import AuthSettings, ServerSettings
 from personalkv.observability import start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -191,91 +197,3 @@ def serve(name: str, server: GrpcServer, services, host: str) -> int:
     finally:
         services.close()
     return 0
-
-
-# -- translation helpers shared by the servicers --------------------------------------------
-def caller(request_user_id: str = "") -> str:
-    """The user an RPC acts for: the token's. A request may name a user explicitly; it must
-    be a valid id (else INVALID_ARGUMENT) and the token's own (else PERMISSION_DENIED)."""
-    from personalkv.auth import current_user_id
-    from personalkv.ids import validate_user_id
-    from personalkv.service_layer.errors import PermissionDenied
-
-    user_id = current_user_id()
-    if request_user_id:
-        validate_user_id(request_user_id)
-        if request_user_id != user_id:
-            raise PermissionDenied("the token may only act for its own user; user_id names another")
-    return user_id
-
-
-def deadline_passed(context: grpc.ServicerContext) -> bool:
-    """Whether the client is gone (cancelled) or its deadline has passed."""
-    remaining = context.time_remaining()
-    return not context.is_active() or (remaining is not None and remaining <= 0)
-
-
-# -- health probe (Docker HEALTHCHECK, `helm test`, compose) --------------------------------
-def check_health(address: str, service: str = "", *, ca_file: str = "", server_name: str = "",
-                 timeout_s: float = 5.0) -> bool:
-    """Whether grpc.health.v1 at ``address`` reports ``service`` SERVING; TLS when ``ca_file``
-    names the CA to trust (``server_name``: the name the certificate carries, if not the host)."""
-    from personalkv.api.client import open_channel
-
-    root_certificates = None
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            root_certificates = f.read()
-    with open_channel(address, root_certificates=root_certificates, server_name=server_name) \
-            as channel:
-        request = health_pb2.HealthCheckRequest(service=service)
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            print(f"{address} {service or '(server)'}: {exc.code().name} {exc.details()}")
-            return False
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-    print(f"{address} {service or '(server)'}: {status}")
-    return response.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _health_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m services.grpc_common health``: exit 0 when SERVING, 1 otherwise.
-
-    ``--server ingestion|answering`` probes this container's own server on 127.0.0.1 from the
-    settings: its plaintext health port when TLS is on and one is set, else its gRPC port (over
-    TLS with ``--ca``, or trusting its own certificate). ``--address`` probes any server."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m services.grpc_common health")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--server", choices=["ingestion", "answering"])
-    target.add_argument("--address", help="HOST:PORT")
-    parser.add_argument("--service", default=None,
-                        help="health service name (default with --server: its API service)")
-    parser.add_argument("--ca", default="", help="PEM CA to trust: connect with TLS")
-    parser.add_argument("--server-name", default="", help="name in the server certificate")
-    parser.add_argument("--timeout", type=float, default=5.0)
-    args = parser.parse_args(argv)
-    address, service, ca = args.address, args.service or "", args.ca
-    if args.server:
-        settings = get_settings().server
-        service = args.service if args.service is not None else (
-            f"personalkv.v1.{args.server.capitalize()}Service")
-        port = getattr(settings, f"{args.server}_port")
-        tls = bool(settings.tls_cert_file)
-        if tls and settings.health_port:
-            port, ca = settings.health_port, ""
-        elif tls and not ca:
-            ca = settings.tls_cert_file
-        address = f"127.0.0.1:{port}"
-    return 0 if check_health(address, service, ca_file=ca, server_name=args.server_name,
-                             timeout_s=args.timeout) else 1
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] != ["health"]:
-        sys.exit("usage: python -m services.grpc_common health (--server NAME | --address A) ...")
-    sys.exit(_health_main(sys.argv[2:]))
