@@ -240,7 +240,7 @@ class ServerSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="'json': one JSON object per line; 'text': human-readable."
     )
-    # TLS and connection lifetime (services/grpc_common.py; the chart mounts a cert Secret).
+    # TLS and connection lifetime (personalkv/api/server.py; the chart mounts a cert Secret).
     tls_cert_file: str = Field(
         "", description="PEM certificate chain of the gRPC port; with tls_key_file it turns "
         "TLS on (plaintext when empty). Re-read when the file changes (cert-manager rotation).",

@@ -126,3 +126,34 @@ def test_the_library_never_imports_the_entry_points():
 def test_the_cycle_finder_finds_a_cycle():
     # The checks above pass vacuously if _cycles cannot see one.
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _external_imports_reachable_from(package: str) -> dict[str, set[str]]:
+    """Every non-library top-level module imported by ``package``'s modules or by any library
+    module they reach (lazy and type-only imports included) -> the library modules importing it."""
+    modules = _modules()
+    graph, _ = _graph()
+    todo = [m for m in modules if m == package or m.startswith(package + ".")]
+    seen: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    found: dict[str, set[str]] = {}
+    for module in seen:
+        path, is_package = modules[module]
+        for name in _imports(path, module if is_package else module.rpartition(".")[0]):
+            top = name.split(".")[0]
+            if top and top != "personalkv":
+                found.setdefault(top, set()).add(module)
+    return found
+
+
+def test_the_use_cases_import_neither_celery_nor_argparse():
+    # service_layer is the use cases only: the Celery adapters live in personalkv.celery_app,
+    # the commands in personalkv.commands, the composition root in personalkv.bootstrap.
+    found = _external_imports_reachable_from("personalkv.service_layer")
+    assert {name: sorted(found[name]) for name in ("celery", "kombu", "argparse")
+            if name in found} == {}
+    assert "torch" in found  # the walk reaches the model code, so it does see transitive imports
