@@ -72,7 +72,7 @@ def run() -> dict:
     settings = settings.model_copy(update={
         "service": settings.service.model_copy(update={"data_dir": work}),
         "model": settings.model.model_copy(update={"name": "tiny:qwen2_vl"})})
-    svc = bootstrap(settings.embedded(task_queue="inline"), adapter=load_adapter("tiny:qwen2_vl"))
+    svc = bootstrap(settings.embedded(task_queue="inline"), adapter=load_adapter("tiny:qwen2_vl", settings=settings.model))
     try:
         svc.keys  # encoders load once, outside the timings
         per_photo, cpu_per_photo, notes = [], [], []

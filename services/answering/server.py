@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 
 import grpc
 
@@ -30,7 +31,6 @@ SERVICE_NAME = answering_pb2.DESCRIPTOR.services_by_name["AnsweringService"].ful
 _OPTION_FIELDS = ("top_k", "recompute_ratio", "max_new_tokens", "temperature", "top_p", "seed")
 _KINDS = {"profile_text": common_pb2.CHUNK_KIND_PROFILE_TEXT,
           "image_patch": common_pb2.CHUNK_KIND_IMAGE_PATCH}
-_STAGES = ("retrieve", "load", "place", "prefill", "decode", "total", "recompute")
 
 
 def options_from_proto(options: answering_pb2.AskOptions):
@@ -40,28 +40,25 @@ def options_from_proto(options: answering_pb2.AskOptions):
     )
 
 
-def _timings_ms(timings: dict) -> answering_pb2.Timings:
-    out = answering_pb2.Timings()
-    for stage in _STAGES:
-        if f"{stage}_ms" in timings:
-            setattr(out, f"{stage}_ms", float(timings[f"{stage}_ms"]))
-        elif stage in timings or f"{stage}_s" in timings:  # seconds
-            setattr(out, f"{stage}_ms", 1000.0 * float(timings.get(stage, timings.get(f"{stage}_s"))))
-    if not out.total_ms:
-        out.total_ms = sum(getattr(out, f"{s}_ms") for s in _STAGES if s != "total")
-    return out
+def timings_to_proto(timings: answering.Timings) -> answering_pb2.Timings:
+    """The service's seconds per stage as the API's milliseconds (``total_ms``: their sum)."""
+    stages = {f.name: 1000.0 * getattr(timings, f.name) for f in fields(timings)}
+    return answering_pb2.Timings(**{f"{name}_ms": ms for name, ms in stages.items()},
+                                 total_ms=1000.0 * timings.total)
 
 
-def result_to_proto(result) -> answering_pb2.AskResponse:
+def result_to_proto(result: answering.AskResult) -> answering_pb2.AskResponse:
     return answering_pb2.AskResponse(
         answer=result.answer,
-        concepts=[answering_pb2.UsedConcept(concept_id=c, score=float(s)) for c, s in result.concepts],
+        concepts=[answering_pb2.UsedConcept(concept_id=c.concept_id, score=float(c.score))
+                  for c in result.concepts],
         chunks=[
-            answering_pb2.UsedChunk(chunk_id=chunk_id, concept_id=concept_id, score=float(score),
-                                    kind=_KINDS.get(kind, common_pb2.CHUNK_KIND_UNSPECIFIED))
-            for chunk_id, concept_id, kind, score in result.chunks
+            answering_pb2.UsedChunk(chunk_id=c.chunk_id, concept_id=c.concept_id,
+                                    score=float(c.score),
+                                    kind=_KINDS.get(c.kind, common_pb2.CHUNK_KIND_UNSPECIFIED))
+            for c in result.chunks
         ],
-        timings=_timings_ms(result.timings or {}),
+        timings=timings_to_proto(result.timings),
         personal_evidence_used=bool(result.personal_evidence_used),
     )  # fmt: skip
 

@@ -136,7 +136,7 @@ def format_ask_table(r: dict) -> str:
 def run_mine(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.dataset import PHOTO_SUFFIXES, load_dataset
-    from personalkv.mining.features import load_rgb
+    from personalkv.images import rgb_array
     from personalkv.mining.miner import Miner, build_library
     from personalkv.mining.profile import ProfileWriter
     from personalkv.mining.sheets import write_sheet
@@ -145,11 +145,11 @@ def run_mine(args: argparse.Namespace) -> int:
     base = get_settings()  # the command is an entry point
     settings = base.mining
     ds = load_dataset(args.dataset)
-    photos = {c.concept_id: [load_rgb(p, settings.max_side) for p in c.train] for c in ds.concepts}
+    photos = {c.concept_id: [rgb_array(p, settings.max_side) for p in c.train] for c in ds.concepts}
     neg_dir = args.negatives or (Path(settings.negative_pool) if settings.negative_pool else None)
     negatives = []
     if neg_dir is not None:
-        negatives = [load_rgb(p, settings.max_side) for p in sorted(neg_dir.iterdir())
+        negatives = [rgb_array(p, settings.max_side) for p in sorted(neg_dir.iterdir())
                      if p.suffix.lower() in PHOTO_SUFFIXES]
     ids = {c.concept_id: [p.name for p in c.train] for c in ds.concepts}
     library = build_library(settings, photos, negatives, ids, progress=lambda s: print(s, file=sys.stderr),

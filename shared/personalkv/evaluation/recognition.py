@@ -24,7 +24,7 @@ import numpy as np
 
 from personalkv.config import MiningSettings
 from personalkv.evaluation.dataset import Dataset
-from personalkv.mining.features import load_rgb
+from personalkv.images import rgb_array
 from personalkv.mining.miner import Miner, MinedConcept, build_library
 from personalkv.mining.recognizer import ConceptRecognizer
 
@@ -43,10 +43,10 @@ class Scored:
 
 def _build(ds: Dataset, settings: MiningSettings, pool: list[Path], log, cache: dict,
            adapter=None) -> tuple[ConceptRecognizer, dict]:
-    photos = {c.concept_id: [load_rgb(p, settings.max_side) for p in c.train] for c in ds.concepts}
+    photos = {c.concept_id: [rgb_array(p, settings.max_side) for p in c.train] for c in ds.concepts}
     extra = sorted(Path(settings.negative_pool).glob("*.jpg")) if settings.negative_pool else []
     pool = list(pool) + extra
-    negatives = [load_rgb(p, settings.max_side) for p in pool]
+    negatives = [rgb_array(p, settings.max_side) for p in pool]
     library = build_library(settings, photos, negatives,
                             {c.concept_id: [str(p) for p in c.train] for c in ds.concepts},
                             [str(p) for p in pool], cache, progress=log, adapter=adapter)
@@ -78,12 +78,11 @@ def choose_threshold(rows: list[Scored]) -> float:
     return float(best)
 
 
-def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
+def evaluate_recognition(ds: Dataset, settings: MiningSettings,
                          sheets_dir: Path | None = None, log: Callable[[str], None] = print,
                          cache: dict | None = None, adapter=None) -> dict:
     """``cache`` (optional, photo path -> described photo) lets repeated runs skip extraction.
     ``adapter``: a model adapter or a callable returning one, for the ``vlm`` embedder only."""
-    settings = settings or MiningSettings.model_construct()  # defaults, no env read
     negs = list(ds.negatives)
     folds = [negs[0::2], negs[1::2]] if negs else [[]]
     rows: list[Scored] = []
@@ -106,7 +105,7 @@ def evaluate_recognition(ds: Dataset, settings: MiningSettings | None = None,
         if other is not None:
             todo += [("neg", -1, (2 * i + other) % 2, p) for i, p in enumerate(folds[other])]
         for kind, ci, half, path in todo:
-            image = load_rgb(path, settings.max_side)
+            image = rgb_array(path, settings.max_side)
             t = time.perf_counter()
             res = rec.recognize(image)
             seconds += time.perf_counter() - t

@@ -164,8 +164,3 @@ def _hellinger(hist: np.ndarray) -> np.ndarray:
     return hist / np.maximum(np.linalg.norm(hist, axis=1, keepdims=True), 1e-9)
 
 
-def load_rgb(path, max_side: int = 640) -> np.ndarray:
-    """Reads a photo as uint8 RGB, EXIF-rotated, downscaled so its longer side <= max_side."""
-    from personalkv.images import rgb_array
-
-    return rgb_array(path, max_side)

@@ -4,7 +4,7 @@
     mined = Miner(library, settings).mine("bo")          # MinedConcept, patches best first
     records = mined.patch_records()                      # personalkv.manifest.PatchRecord list
 
-``mine_concept(photos, others=..., negatives=...)`` does both for one concept.
+``mine_concept(photos, others=..., negatives=..., settings=...)`` does both for one concept.
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ def build_library(settings: MiningSettings, concepts: Mapping[str, Sequence[np.n
 
 
 class Miner:
-    def __init__(self, library: PhotoLibrary, settings: MiningSettings | None = None,
+    def __init__(self, library: PhotoLibrary, settings: MiningSettings,
                  prior: SubjectPrior | None = None, relevance: RelevanceScorer | None = None):
         self.library = library
-        self.settings = settings or MiningSettings.model_construct()  # defaults, no env read
+        self.settings = settings
         self.prior = prior or get_subject_prior(self.settings.subject_prior)
         if relevance is None and self.settings.relevance:
             relevance = get_relevance_scorer(self.settings.relevance)
@@ -143,10 +143,9 @@ def get_relevance_scorer(name: str) -> RelevanceScorer:
 
 def mine_concept(concept_id: str, photos: Sequence[np.ndarray],
                  others: Mapping[str, Sequence[np.ndarray]] | None = None,
-                 negatives: Sequence[np.ndarray] = (), settings: MiningSettings | None = None,
+                 negatives: Sequence[np.ndarray] = (), *, settings: MiningSettings,
                  photo_ids: Sequence[str] | None = None) -> MinedConcept:
     """Mines one concept against the user's ``others`` concepts and a generic ``negatives`` pool."""
-    settings = settings or MiningSettings.model_construct()  # defaults, no env read
     concepts = {concept_id: photos, **(others or {})}
     ids = {concept_id: photo_ids} if photo_ids is not None else None
     library = build_library(settings, concepts, negatives, ids)

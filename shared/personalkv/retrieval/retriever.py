@@ -39,7 +39,7 @@ from personalkv.config import RetrievalSettings
 from personalkv.ids import validate_user_id
 from personalkv.index.base import KeyIndex, SearchHit, SearchRequest
 from personalkv.manifest import ChunkRecord
-from personalkv.retrieval.encoders import ImageLike, to_pil
+from personalkv.images import ImageLike, upright
 from personalkv.retrieval.keys import NAME_PREFIX, KeyBuilder
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Retriever:
         names = self._names(user_id, model_fingerprint)
         named = names_in(question, names)
         image: dict[str, float] = {}
-        pil = to_pil(photo) if photo is not None else None
+        pil = upright(photo) if photo is not None else None  # Ask's: decoded already
         if pil is not None:
             if self.visual_reranker is not None:
                 image = {c: float(v) for c, v in

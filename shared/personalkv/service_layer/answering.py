@@ -20,12 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 from personalkv.kv.codec import ChunkFormatError, decode_chunk
 from personalkv.kv.engine import GenerationOptions, answer
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.images import ValidatedPhoto
 from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import ObjectNotFound
 from personalkv.service_layer.services import Services
@@ -45,12 +47,44 @@ class AskOptions:
     seed: int | None = None
 
 
+class UsedConcept(NamedTuple):
+    """A concept the answer rests on, with its retrieval score."""
+
+    concept_id: str
+    score: float
+
+
+class UsedChunk(NamedTuple):
+    """A KV chunk placed in front of the question."""
+
+    chunk_id: str
+    concept_id: str
+    kind: str  # "profile_text" | "image_patch"
+    score: float  # its concept's retrieval score
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds spent in each stage of one Ask (see the module docstring)."""
+
+    retrieve: float = 0.0
+    load: float = 0.0
+    place: float = 0.0
+    recompute: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
 @dataclass
 class AskResult:
     answer: str
-    concepts: list[tuple[str, float]]  # (concept_id, score), best first
-    chunks: list[tuple[str, str, str, float]]  # (chunk_id, concept_id, kind, concept score)
-    timings: dict[str, float]  # seconds: retrieve, load, place, prefill, decode (+ recompute)
+    concepts: list[UsedConcept]  # best first
+    chunks: list[UsedChunk]  # in placement order
+    timings: Timings
     personal_evidence_used: bool
     token_ids: list[int] = field(default_factory=list)
     skipped_chunks: int = 0
@@ -59,13 +93,24 @@ class AskResult:
     def describe_evidence(self) -> str:
         """What the answer rested on, for a terminal (``personalkv ask``, the demo)."""
         concepts = ", ".join(f"{c} ({s:.2f})" for c, s in self.concepts) or "none of yours"
-        timings = " ".join(f"{k}={v * 1000:.0f}ms" for k, v in self.timings.items())
+        timings = " ".join(f"{f.name}={getattr(self.timings, f.name) * 1000:.0f}ms"
+                           for f in fields(self.timings))
         return (f"  concepts: {concepts}\n  chunks placed: {len(self.chunks)} "
                 f"(cache hits {self.cache_hits}, skipped {self.skipped_chunks})\n"
                 f"  timings: {timings}")
 
 
-def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes], options: AskOptions):
+@dataclass(frozen=True)
+class _Checked:
+    """An Ask that passed ``_check``: the stripped question and its validated photo (decoded
+    once, here; every later step takes ``photo.image``)."""
+
+    question: str
+    photo: ValidatedPhoto | None
+
+
+def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes],
+           options: AskOptions) -> _Checked:
     check_ids(user_id)
     limits = svc.settings.service
     if not isinstance(question, str) or not question.strip():
@@ -85,28 +130,29 @@ def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes], 
         raise InvalidArgument("temperature must be between 0 and 5")
     if not 0.0 < options.top_p <= 1.0:
         raise InvalidArgument("top_p must be in (0, 1]")
-    images = []
+    validated = []
     for data in photos:
         try:
-            images.append(validate_photo(data, max_bytes=limits.max_photo_bytes,
-                                         max_pixels=limits.max_photo_pixels).to_pil())
+            validated.append(validate_photo(data, max_bytes=limits.max_photo_bytes,
+                                            max_pixels=limits.max_photo_pixels))
         except (InvalidArgument, ResourceExhausted) as exc:
             raise type(exc)(f"question photo: {exc.message}") from None
-    return question.strip(), images
+    return _Checked(question.strip(), validated[0] if validated else None)
 
 
-def _retrieve(svc: Services, user_id: str, question: str, image, top_k: int | None, fingerprint: str):
+def _retrieve(svc: Services, user_id: str, checked: _Checked, top_k: int | None, fingerprint: str):
+    image = checked.photo.image if checked.photo is not None else None
     with dependencies("the retrieval index"):
-        return svc.retriever.retrieve(user_id, question, image, top_k, model_fingerprint=fingerprint)
+        return svc.retriever.retrieve(user_id, checked.question, image, top_k,
+                                      model_fingerprint=fingerprint)
 
 
 def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
              top_k: int | None = None):
     """Ask's retrieve step alone (same checks, photo decoding and retriever; no chunks loaded,
     nothing generated): what ``personalkv eval ask`` and the ingest benchmark measure."""
-    question, images = _check(svc, user_id, question, list(photos), AskOptions(top_k=top_k))
-    return _retrieve(svc, user_id, question, images[0] if images else None, top_k,
-                     svc.adapter.fingerprint())
+    checked = _check(svc, user_id, question, list(photos), AskOptions(top_k=top_k))
+    return _retrieve(svc, user_id, checked, top_k, svc.adapter.fingerprint())
 
 
 def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
@@ -114,14 +160,17 @@ def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = ()
     """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
     ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it)."""
     options = options or AskOptions()
-    question, images = _check(svc, user_id, question, list(photos), options)
-    image = images[0] if images else None
+    return _answer(svc, user_id, _check(svc, user_id, question, list(photos), options), options,
+                   on_token)
+
+
+def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
+            on_token=None) -> AskResult:
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
-    timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    result = _retrieve(svc, user_id, question, image, options.top_k, fingerprint)
+    result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
     t1 = time.perf_counter()
     chunks, used, skipped, hits = [], [], 0, 0
     for concept in result.concepts:
@@ -149,7 +198,7 @@ def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = ()
                 continue
             hits += hit
             chunks.append(chunk)
-            used.append((record.chunk_id, concept.concept_id, record.kind, concept.score))
+            used.append(UsedChunk(record.chunk_id, concept.concept_id, record.kind, concept.score))
     t2 = time.perf_counter()
     ratio = svc.settings.model.recompute_ratio if options.recompute_ratio is None else options.recompute_ratio
     generation = GenerationOptions(
@@ -158,14 +207,15 @@ def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = ()
         recompute_strategy=svc.settings.model.recompute_strategy,
     )
     # A text-only model cannot see the photo: it found the concepts (retrieval), that is all.
-    model_image = image if adapter.supports_images else None
-    out = answer(adapter, chunks, question, image=model_image, options=generation, on_token=on_token)
-    timings.update(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
-                   recompute=out.timings["recompute"], prefill=out.timings["prefill"],
-                   decode=out.timings["decode"])
+    model_image = checked.photo.image if checked.photo and adapter.supports_images else None
+    out = answer(adapter, chunks, checked.question, image=model_image, options=generation,
+                 on_token=on_token)
+    timings = Timings(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
+                      recompute=out.timings["recompute"], prefill=out.timings["prefill"],
+                      decode=out.timings["decode"])
     return AskResult(
         answer=out.text.strip(),
-        concepts=[(c.concept_id, c.score) for c in result.concepts],
+        concepts=[UsedConcept(c.concept_id, c.score) for c in result.concepts],
         chunks=used, timings=timings, personal_evidence_used=bool(chunks),
         token_ids=out.token_ids, skipped_chunks=skipped, cache_hits=hits,
     )
@@ -180,7 +230,7 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
     Validation errors raise before the first yield. Closing the generator early stops the
     generation at the next token."""
     options = options or AskOptions()
-    _check(svc, user_id, question, list(photos), options)  # fail fast, in the caller
+    checked = _check(svc, user_id, question, list(photos), options)  # fail fast, in the caller
     tokenizer = svc.adapter.tokenizer
     events: queue.Queue = queue.Queue()
     cancelled = threading.Event()
@@ -195,7 +245,7 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
 
     def run() -> None:
         try:
-            events.put(("result", ask(svc, user_id, question, photos, options, on_token)))
+            events.put(("result", _answer(svc, user_id, checked, options, on_token)))
         except _Cancelled:
             pass
         except BaseException as exc:  # re-raised in the consumer

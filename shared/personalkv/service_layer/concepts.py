@@ -74,7 +74,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
     for i, data in enumerate(photos):
         try:
             validated.append(validate_photo(data, max_bytes=limits.max_photo_bytes,
-                                            max_pixels=limits.max_photo_pixels))
+                                            max_pixels=limits.max_photo_pixels, keep_image=False))
         except (InvalidArgument, ResourceExhausted) as exc:
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
     new: list = []
@@ -99,7 +99,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
         return None  # nothing new, and the concept's work is in hand (or done)
 
     with dependencies("the object store"):
-        records = [svc.store.put_photo(user_id, concept_id, v.data, v.media_type) for v in validated]
+        records = [svc.store.put_photo(user_id, concept_id, v) for v in validated]
         fresh = svc.store.update_manifest(user_id, concept_id, add)
     if fresh is None:
         raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")

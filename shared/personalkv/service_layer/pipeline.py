@@ -21,8 +21,11 @@ its state); anything else marks the concept ``failed`` with a reason and re-rais
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+
+from PIL import Image
 
 from personalkv.kv.chunk import ChunkMeta
 from personalkv.kv.codec import ChunkFormatError, decode_chunk, encode_chunk
@@ -173,7 +176,8 @@ def _cache(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | No
     if manifest is None:
         return None
     writer = _ChunkWriter(svc, user_id, concept_id, known)
-    records = _store_chunks(writer, _plan_evidence(svc, manifest))
+    photos = _photo_loader(svc, user_id, concept_id)
+    records = _store_chunks(writer, _plan_evidence(svc, manifest, photos))
     try:
         staged, superseded = _stage_chunks(svc, manifest, records, writer.fingerprint)
         if staged is None:
@@ -184,7 +188,7 @@ def _cache(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | No
             log.info("cache %s/%s superseded by newer mining; %d chunks stored", user_id,
                      concept_id, writer.encoded)
             return staged
-        ready = _publish(svc, staged, records)
+        ready = _publish(svc, staged, records, photos)
     except MissingObjectsError:
         if svc.store.read_manifest(user_id, concept_id) is None:
             # Deleted while we published: take back any keys we wrote, then stop.
@@ -211,18 +215,26 @@ def _enter_caching(svc: Services, manifest: ConceptManifest) -> ConceptManifest 
     return _write_state(svc, manifest.user_id, manifest.concept_id, "caching", failure_reason=None)
 
 
-def _plan_evidence(svc: Services, manifest: ConceptManifest) -> Iterator[Evidence]:
+def _photo_loader(svc: Services, user_id: str, concept_id: str) -> Callable[[str], Image.Image]:
+    """The concept's photos, each fetched and decoded at most once per caching run: its patch
+    crops (the chunks) and its index keys take the same decoded image."""
+
+    @functools.cache
+    def load(photo_id: str) -> Image.Image:
+        return decode(svc.store.get_photo(user_id, concept_id, photo_id))
+
+    return load
+
+
+def _plan_evidence(svc: Services, manifest: ConceptManifest,
+                   photos: Callable[[str], Image.Image]) -> Iterator[Evidence]:
     """The evidence the concept's chunks hold, in placement order: the profile, then each
-    patch (each photo decoded once, when its first patch comes up)."""
+    patch (cropped from ``photos``, the run's decoded photos)."""
     yield profile_chunk_evidence(manifest.profile)
     # A text-only model gets the profile chunk alone; its photos still serve retrieval.
     patches = manifest.patches if svc.adapter.supports_images else []
-    photos: dict = {}
     for i, patch in enumerate(patches):
-        if patch.photo_id not in photos:
-            photos[patch.photo_id] = decode(svc.store.get_photo(
-                manifest.user_id, manifest.concept_id, patch.photo_id))
-        crop = photos[patch.photo_id].crop(patch.box)
+        crop = photos(patch.photo_id).crop(patch.box)
         yield patch_evidence(crop, manifest.profile.name, source=str(i))
 
 
@@ -307,12 +319,12 @@ def _stage_chunks(svc: Services, planned: ConceptManifest, records: list[ChunkRe
     return staged, superseded
 
 
-def _publish(svc: Services, staged: ConceptManifest, records: list[ChunkRecord]) -> ConceptManifest | None:
+def _publish(svc: Services, staged: ConceptManifest, records: list[ChunkRecord],
+             photos: Callable[[str], Image.Image]) -> ConceptManifest | None:
     """Index the staged concept's keys (visible to every reader), then compare-and-set it
     ``ready`` if it is still caching these very chunks; None when it is not."""
     user_id, concept_id = staged.user_id, staged.concept_id
-    index_concept(svc.index, svc.keys, staged,
-                  lambda photo_id: svc.store.get_photo(user_id, concept_id, photo_id))
+    index_concept(svc.index, svc.keys, staged, photos)
     with dependencies("the object store"):
         return svc.store.update_manifest(user_id, concept_id, lambda fresh: fresh.model_copy(
             update={"state": "ready", "lease_until": None})

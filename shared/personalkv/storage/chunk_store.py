@@ -42,16 +42,11 @@ from personalkv.ids import (
     validate_hex_digest,
     validate_user_id,
 )
+from personalkv.images import PHOTO_FORMATS, ValidatedPhoto
 from personalkv.manifest import ConceptManifest, PhotoRecord
 from personalkv.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
 from personalkv.storage.factory import open_object_store
 
-# PIL format -> (media type, file extension) of the photos we accept.
-PHOTO_FORMATS = {
-    "JPEG": ("image/jpeg", "jpg"),
-    "PNG": ("image/png", "png"),
-    "WEBP": ("image/webp", "webp"),
-}
 _EXT_BY_MEDIA_TYPE = dict(PHOTO_FORMATS.values())
 _CHUNK_KEY_RE = re.compile(r"users/([^/]+)/concepts/([^/]+)/chunks/([0-9a-f]{64})\.kv")
 _UNCONDITIONAL = object()
@@ -105,18 +100,27 @@ class ChunkStore:
 
     # -- photos -----------------------------------------------------------------------------
     def put_photo(
-        self, user_id: str, concept_id: str, data: bytes, media_type: str | None = None
+        self, user_id: str, concept_id: str, photo: bytes | ValidatedPhoto,
+        media_type: str | None = None,
     ) -> PhotoRecord:
         """Store a reference photo; its id is sha256 over (user id, bytes), so two users who
-        upload the same file get different ids and objects. Re-uploading is idempotent."""
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InvalidPhotoError(f"not a readable image: {exc}") from None
-        if fmt not in PHOTO_FORMATS:
-            raise InvalidPhotoError(f"image format {fmt} is not one of {list(PHOTO_FORMATS)}")
-        detected = PHOTO_FORMATS[fmt][0]
+        upload the same file get different ids and objects. Re-uploading is idempotent.
+
+        ``photo``: a ``ValidatedPhoto`` (the service's uploads: format and size come from its
+        validation, nothing is read again), or raw bytes (tools, tests), whose header is read
+        here and must be one of ``PHOTO_FORMATS`` (and match ``media_type`` when given)."""
+        if isinstance(photo, ValidatedPhoto):
+            data, detected, width, height = photo.data, photo.media_type, photo.width, photo.height
+        else:
+            data = photo
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    fmt, (width, height) = image.format, image.size
+            except (UnidentifiedImageError, OSError) as exc:
+                raise InvalidPhotoError(f"not a readable image: {exc}") from None
+            if fmt not in PHOTO_FORMATS:
+                raise InvalidPhotoError(f"image format {fmt} is not one of {list(PHOTO_FORMATS)}")
+            detected = PHOTO_FORMATS[fmt][0]
         if media_type is not None and media_type != detected:
             raise InvalidPhotoError(f"media type {media_type!r} given; the bytes are {detected}")
         photo_id = user_scoped_digest(user_id, data, domain="photo")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from personalkv.config import ModelSettings
 from personalkv.kv.codec import decode_chunk, encode_chunk
 from personalkv.kv.engine import GenerationOptions, answer, encode_evidence
 from personalkv.models import load_adapter
@@ -44,7 +45,7 @@ def _chunks(adapter, parts_list, quantization="none"):
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
 def test_placed_chunks_on_gpu_equal_block_reference_and_full_recompute(kind):
-    adapter = load_adapter(f"tiny:{kind}", device="cuda")
+    adapter = load_adapter(f"tiny:{kind}", device="cuda", settings=ModelSettings())
     parts_list = evidence(adapter, make_photo)
     chunks = _chunks(adapter, parts_list)
     assert all(c.keys[0].device.type == "cuda" for c in chunks)  # decoded straight onto the device
@@ -62,7 +63,7 @@ def test_placed_chunks_on_gpu_equal_block_reference_and_full_recompute(kind):
 
 
 def test_bf16_single_chunk_matches_bf16_full_prefill():
-    adapter = load_adapter("tiny:causal_lm", device="cuda", dtype="bfloat16")
+    adapter = load_adapter("tiny:causal_lm", device="cuda", dtype="bfloat16", settings=ModelSettings())
     parts_list = evidence(adapter, make_photo)[:1]
     chunks = _chunks(adapter, parts_list)
     assert chunks[0].keys[0].dtype == torch.bfloat16
@@ -73,7 +74,7 @@ def test_bf16_single_chunk_matches_bf16_full_prefill():
 
 
 def test_int8_chunks_on_gpu_stay_close_to_full_precision():
-    adapter = load_adapter("tiny:qwen2_vl", device="cuda")
+    adapter = load_adapter("tiny:qwen2_vl", device="cuda", settings=ModelSettings())
     parts_list = evidence(adapter, make_photo)
     exact = answer(adapter, _chunks(adapter, parts_list), QUESTION, options=GenerationOptions(max_new_tokens=1))
     int8 = answer(adapter, _chunks(adapter, parts_list, "int8"), QUESTION,

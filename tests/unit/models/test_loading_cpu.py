@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from personalkv.config import ModelSettings
 from personalkv.kv.engine import GenerationOptions, answer, encode
 from personalkv.kv.evidence import profile_evidence
 from personalkv.models import load_adapter
@@ -23,7 +24,8 @@ def test_load_adapter_from_local_directory(tmp_path, kind):
     if original.image_processor is not None:
         original.image_processor.save_pretrained(tmp_path)
 
-    loaded = load_adapter(str(tmp_path), device="cpu", dtype="float32")
+    loaded = load_adapter(str(tmp_path), device="cpu", dtype="float32",
+                          settings=ModelSettings(cache_dir=str(tmp_path / "cache")))
     assert type(loaded) is type(original)
     chunk = encode(original, profile_evidence("Concept <bo>: a small brown dog."), user_id="alice", concept_id="bo")
     options = GenerationOptions(max_new_tokens=5)
@@ -37,7 +39,7 @@ def test_load_adapter_from_local_directory(tmp_path, kind):
 
 def test_unknown_tiny_kind_and_architecture_are_refused(tmp_path):
     with pytest.raises(ValueError, match="known: qwen2_vl"):
-        load_adapter("tiny:gpt5")
+        load_adapter("tiny:gpt5", settings=ModelSettings())
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
-        load_adapter(str(tmp_path))
+        load_adapter(str(tmp_path), settings=ModelSettings())

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from personalkv.images import decode
 from personalkv.retrieval.encoders import (
-    GlobalDescriptorEncoder, HashingTextEncoder, get_image_encoder, get_text_encoder, to_pil,
+    GlobalDescriptorEncoder, HashingTextEncoder, get_image_encoder, get_text_encoder,
 )
 from tests.plugins.milvus import png, scene
 
@@ -38,8 +39,8 @@ def test_global_descriptor_same_object_beats_clutter():
 
 def test_inputs_of_any_form_become_rgb():
     image, _ = scene(None, 1)
-    assert to_pil(np.asarray(image)).mode == "RGB"
-    assert to_pil(png(image.convert("L"))).mode == "RGB"
+    assert decode(np.asarray(image)).mode == "RGB"
+    assert decode(png(image.convert("L"))).mode == "RGB"
 
 
 def test_unknown_encoder_names_list_the_known_ones():

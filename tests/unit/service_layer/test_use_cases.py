@@ -4,6 +4,7 @@ the tiny Qwen2-VL, tasks run inline."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import pytest
 from personalkv.bootstrap import task_handlers
@@ -118,7 +119,7 @@ def test_ask_uses_the_named_concept_and_the_hot_chunk_cache(svc, photo_of):
     assert [c for c, _ in first.concepts][0] == "mug"
     assert first.personal_evidence_used and first.chunks
     assert {cid for _, cid, _, _ in first.chunks} >= {"mug"}
-    assert set(first.timings) >= {"retrieve", "load", "place", "prefill", "decode"}
+    assert set(asdict(first.timings)) >= {"retrieve", "load", "place", "prefill", "decode"}
     assert first.cache_hits == 0
     second = answering.ask(svc, "alice", "Where is Bobo?", [], options)
     assert second.cache_hits == len(second.chunks) and second.token_ids == first.token_ids
