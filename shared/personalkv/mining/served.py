@@ -5,9 +5,11 @@ windows) and every mined photo's stored descriptors (``personalkv.mining.descrip
 photo whose descriptors are missing, e.g. ingested before they were stored, is described
 once and stored). A user's recognizer is kept per process and rebuilt only when the user's
 mined content changes: its version is a hash over each concept's mined photos, patches and
-support (read from the manifests on each Ask; a re-mining in progress keeps the last state until
-it publishes new patches). Descriptors already in memory are reused across rebuilds, so a new
-concept costs its own photos plus one keypoint-index build.
+support. An Ask reads the manifests only when the user's concepts stamp
+(``ChunkStore.concepts_stamp``, one small object rewritten after every manifest change) differs
+from the one the kept recognizer was checked against; otherwise it reads that stamp alone.
+Descriptors already in memory are reused across rebuilds, so a new concept costs its own photos
+plus one keypoint-index build.
 
     served = ServedRecognizers(store, DescriptorStore(store.objects, settings), settings)
     retriever = Retriever(..., visual_reranker=served.rerank)
@@ -40,6 +42,8 @@ class _UserState:
     recognizer: ConceptRecognizer | None
     memo: dict = field(default_factory=dict)  # photo id -> described photo
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: the concepts stamp the version was last checked against (None: none existed)
+    stamp: str | None = None
 
 
 def mined_photos(manifest: ConceptManifest) -> list[str]:
@@ -118,17 +122,22 @@ class ServedRecognizers:
         return out
 
     def state(self, user_id: str) -> _UserState:
-        manifests = self._manifests(user_id)
-        version = _version(manifests)
+        stamp = self.store.concepts_stamp(user_id)
         with self._lock:
             state = self._states.get(user_id)
             if state is not None:
                 self._states.move_to_end(user_id)
+        if state is not None and stamp is not None and state.stamp == stamp:
+            return state  # no manifest changed since the last check: nothing more to read
+        manifests = self._manifests(user_id)
+        version = _version(manifests)
         if state is not None and state.version == version:
+            state.stamp = stamp  # changed, but not in anything the recognizer uses
             return state
         with (state.lock if state is not None else threading.Lock()):
             memo = dict(state.memo) if state is not None else {}
             fresh = self._build(user_id, manifests, version, memo)
+            fresh.stamp = stamp
         with self._lock:
             self._states[user_id] = fresh
             self._states.move_to_end(user_id)

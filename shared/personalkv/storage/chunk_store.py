@@ -9,6 +9,7 @@ Layout in the underlying ObjectStore (every id validated before it becomes part 
     users/<user>/concepts/<concept>/manifest.json
     users/<user>/concepts/<concept>/photos/<photo_id>.<ext>
     users/<user>/concepts/<concept>/chunks/<chunk_id>.kv
+    users/<user>/concepts.stamp          changes whenever any of the user's manifests does
 
 A concept exists exactly when its manifest exists. The manifest is written last, after every
 object it names (write_manifest checks they are there), and a put is atomic in every backend,
@@ -20,6 +21,11 @@ through `update_manifest`: read with a version, apply a change, write back with 
 compare-and-set (`ObjectStore.put_if`), and on a lost race read again and re-apply. No writer
 ever overwrites a manifest it has not seen, so no update is lost. `create_manifest` writes only
 if there is no manifest yet.
+
+The concepts stamp lets a reader that keeps something derived from all of a user's manifests
+(the answering process's recognizer) learn with one small read that nothing changed. It is
+written after every manifest write or delete that changes more than the work lease (renewals
+do not touch it), so a reader that sees a stamp sees at least the manifests written before it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import io
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
@@ -92,6 +99,10 @@ class ChunkStore:
             raise InvalidPhotoError(f"media type {media_type!r} is not one of {known}")
         photo_id = validate_hex_digest(photo_id, "photo id")
         return f"{cls.concept_prefix(user_id, concept_id)}photos/{photo_id}.{ext}"
+
+    @classmethod
+    def stamp_key(cls, user_id: str) -> str:
+        return cls.user_prefix(user_id) + "concepts.stamp"
 
     @classmethod
     def chunk_key(cls, user_id: str, concept_id: str, chunk_id: str) -> str:
@@ -177,11 +188,11 @@ class ChunkStore:
         check_objects, keys whose objects are not stored yet (MissingObjectsError): the
         manifest must be the last thing written.
         """
-        return self._publish(manifest, check_objects, _UNCONDITIONAL)
+        return self._publish(manifest, check_objects, _UNCONDITIONAL, stamp=True)
 
     def create_manifest(self, manifest: ConceptManifest) -> ConceptManifest:
         """Publish a new concept's manifest; PreconditionFailed when the concept exists."""
-        return self._publish(manifest, True, None)
+        return self._publish(manifest, True, None, stamp=True)
 
     def update_manifest(
         self, user_id: str, concept_id: str,
@@ -203,7 +214,9 @@ class ChunkStore:
             if wanted is None:
                 return current
             try:
-                return self._publish(wanted, check_objects, version)
+                # A change of the lease alone (renewals, claims) leaves the stamp as it is.
+                lease_only = wanted.model_copy(update={"lease_until": current.lease_until}) == current
+                return self._publish(wanted, check_objects, version, stamp=not lease_only)
             except ObjectNotFound:  # deleted between our read and write
                 return None
             except PreconditionFailed:
@@ -212,7 +225,8 @@ class ChunkStore:
         raise StorageError(f"manifest {user_id}/{concept_id}: {attempts} concurrent updates "
                            "in a row lost the race; giving up")
 
-    def _publish(self, manifest: ConceptManifest, check_objects: bool, version) -> ConceptManifest:
+    def _publish(self, manifest: ConceptManifest, check_objects: bool, version, *,
+                 stamp: bool) -> ConceptManifest:
         user, concept = manifest.user_id, manifest.concept_id
         photos, chunks = manifest.photos, manifest.chunks
         expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in photos]
@@ -235,6 +249,8 @@ class ChunkStore:
             self.objects.put(key, stored.to_json(), "application/json")
         else:
             self.objects.put_if(key, stored.to_json(), version, "application/json")
+        if stamp:
+            self._touch_stamp(user)
         return stored
 
     def read_manifest(self, user_id: str, concept_id: str) -> ConceptManifest | None:
@@ -253,6 +269,18 @@ class ChunkStore:
             raise StorageError(f"manifest at {user_id}/{concept_id} belongs to another concept")
         return manifest, version
 
+    # -- the concepts stamp ------------------------------------------------------------------
+    def concepts_stamp(self, user_id: str) -> str | None:
+        """The user's concepts stamp (module doc); None when none was written (no manifest
+        written since it was introduced, or the user was deleted)."""
+        try:
+            return self.objects.get(self.stamp_key(user_id)).decode()
+        except ObjectNotFound:
+            return None
+
+    def _touch_stamp(self, user_id: str) -> None:
+        self.objects.put(self.stamp_key(user_id), uuid.uuid4().hex.encode(), "text/plain")
+
     def list_concepts(self, user_id: str) -> list[str]:
         """Concepts of `user_id` that have a manifest (i.e. exist), sorted."""
         concepts = _valid_ids(self.objects.list_children(self.user_prefix(user_id) + "concepts/"))
@@ -268,6 +296,7 @@ class ChunkStore:
         Idempotent; after a crash half way, calling it again removes what is left."""
         manifest_key = self.manifest_key(user_id, concept_id)
         self.objects.delete(manifest_key)  # first: the concept is gone for readers from here on
+        self._touch_stamp(user_id)
         return self.objects.delete_prefix(self.concept_prefix(user_id, concept_id))
 
     def delete_user(self, user_id: str) -> int:
