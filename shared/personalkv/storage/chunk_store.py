@@ -9,7 +9,7 @@ Layout in the underlying ObjectStore (every id validated before it becomes part 
     users/<user>/concepts/<concept>/manifest.json
     users/<user>/concepts/<concept>/photos/<photo_id>.<ext>
     users/<user>/concepts/<concept>/chunks/<chunk_id>.kv
-    users/<user>/concepts.stamp          changes whenever any of the user's manifests does
+    stamps/<user>                        changes whenever any of the user's manifests does
 
 A concept exists exactly when its manifest exists. The manifest is written last, after every
 object it names (write_manifest checks they are there), and a put is atomic in every backend,
@@ -23,7 +23,9 @@ ever overwrites a manifest it has not seen, so no update is lost. `create_manife
 if there is no manifest yet.
 
 The concepts stamp lets a reader that keeps something derived from all of a user's manifests
-(the answering process's recognizer) learn with one small read that nothing changed. It is
+(the answering process's recognizer) learn with one small read that nothing changed. It lies
+outside ``users/<user>/`` so that deleting a user's last concept leaves nothing under that
+prefix; ``delete_user`` deletes it with the rest. It is
 written after every manifest write or delete that changes more than the work lease (renewals
 do not touch it), so a reader that sees a stamp sees at least the manifests written before it.
 """
@@ -102,7 +104,7 @@ class ChunkStore:
 
     @classmethod
     def stamp_key(cls, user_id: str) -> str:
-        return cls.user_prefix(user_id) + "concepts.stamp"
+        return f"stamps/{validate_user_id(user_id)}"
 
     @classmethod
     def chunk_key(cls, user_id: str, concept_id: str, chunk_id: str) -> str:
@@ -304,7 +306,9 @@ class ChunkStore:
         prefix = self.user_prefix(user_id)
         for concept_id in _valid_ids(self.objects.list_children(prefix + "concepts/")):
             self.objects.delete(self.manifest_key(user_id, concept_id))
-        return self.objects.delete_prefix(prefix)
+        removed = self.objects.delete_prefix(prefix)
+        self.objects.delete(self.stamp_key(user_id))  # last: readers re-read (no manifests) till then
+        return removed
 
 
 def _valid_ids(names: Iterable[str]) -> list[str]:

@@ -45,7 +45,7 @@ class _Counting:
 
     @property
     def stamp_reads(self) -> int:
-        return sum(key.endswith("/concepts.stamp") for key in self.keys)
+        return sum(key.startswith("stamps/") for key in self.keys)
 
 
 def test_an_ask_with_a_photo_decodes_it_once_and_reads_no_manifest_when_nothing_changed(
