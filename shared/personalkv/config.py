@@ -2,7 +2,7 @@
 
 Every field maps to ``PERSONALKV_<SECTION>_<FIELD>`` (e.g. ``PERSONALKV_MODEL_DEVICE=cuda``).
 Sections are separate classes so each subsystem depends only on what it uses; ``get_settings()``
-returns the process-wide instance. The README's configuration table is generated from these
+returns the process-wide instance. The table in docs/configuration.md is generated from these
 docstrings' field descriptions, so keep them accurate.
 """
 
@@ -62,7 +62,7 @@ class ModelSettings(BaseSettings):
         0.15, ge=0.0, le=1.0,
         description="Default share of placed chunk tokens recomputed per Ask. 0.15: the lowest "
         "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
-        "(`personalkv eval qa`, README 'Profile QA').",
+        "(`personalkv eval qa`, docs/evaluation.md 'Profile QA').",
     )
     recompute_strategy: Literal["deviation", "first"] = Field(
         "deviation",
@@ -462,7 +462,7 @@ def apply_process_environment(settings: Settings) -> None:
 
 
 def markdown_table() -> str:
-    """Every setting as a Markdown table (the README's configuration section is this output)."""
+    """Every setting as a Markdown table (the table in docs/configuration.md is this output)."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for section in Settings.model_fields.values():
         cls = section.default_factory

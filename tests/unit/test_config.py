@@ -1,4 +1,4 @@
-"""Settings: every field is documented, and the README's table is the generated one."""
+"""Settings: every field is documented, and docs/configuration.md's table is the generated one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pathlib
 
 from personalkv.config import Settings, markdown_table
 
-README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+CONFIGURATION_DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_every_setting_has_a_description():
@@ -15,12 +15,13 @@ def test_every_setting_has_a_description():
             assert field.description, f"{section.default_factory.__name__}.{name} has no description"
 
 
-def test_readme_configuration_table_is_current():
-    text = README.read_text()
+def test_docs_configuration_table_is_current():
+    text = CONFIGURATION_DOC.read_text()
     start = text.index("<!-- config-table:start -->") + len("<!-- config-table:start -->")
     end = text.index("<!-- config-table:end -->")
     assert text[start:end].strip() == markdown_table().strip(), (
-        "README configuration table is stale: regenerate with `python -m personalkv.config`"
+        "docs/configuration.md's settings table is stale: "
+        "regenerate it with `python -m personalkv.config`"
     )
 
 
