@@ -24,8 +24,8 @@ if there is no manifest yet.
 
 The concepts stamp lets a reader that keeps something derived from all of a user's manifests
 (the answering process's recognizer) learn with one small read that nothing changed. It lies
-outside ``users/<user>/`` so that deleting a user's last concept leaves nothing under that
-prefix; ``delete_user`` deletes it with the rest. It is
+outside ``users/<user>/`` (no listing of the user's concepts sees it) and is deleted with the
+user's last concept and by ``delete_user``: a reader that finds none reads the manifests. It is
 written after every manifest write or delete that changes more than the work lease (renewals
 do not touch it), so a reader that sees a stamp sees at least the manifests written before it.
 """
@@ -298,8 +298,12 @@ class ChunkStore:
         Idempotent; after a crash half way, calling it again removes what is left."""
         manifest_key = self.manifest_key(user_id, concept_id)
         self.objects.delete(manifest_key)  # first: the concept is gone for readers from here on
-        self._touch_stamp(user_id)
-        return self.objects.delete_prefix(self.concept_prefix(user_id, concept_id))
+        removed = self.objects.delete_prefix(self.concept_prefix(user_id, concept_id))
+        if self.list_concepts(user_id):
+            self._touch_stamp(user_id)
+        else:  # the user's last concept: nothing of theirs is left (no stamp reads as changed)
+            self.objects.delete(self.stamp_key(user_id))
+        return removed
 
     def delete_user(self, user_id: str) -> int:
         """Forget a user: every manifest first (all concepts vanish), then every object."""
