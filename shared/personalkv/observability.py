@@ -17,7 +17,6 @@ hit/miss), never user or concept ids, so cardinality stays bounded.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pythonjsonlogger.json import JsonFormatter as _LibJsonFormatter
 
 from personalkv.config import ServerSettings
 
@@ -161,29 +161,24 @@ def start_metrics_server(port: int, host: str = "127.0.0.1"):
 _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, service, plus any `extra=` fields."""
+class JsonFormatter(_LibJsonFormatter):
+    """One JSON object per line: ts, level, logger, msg, service, plus any `extra=` fields and
+    exc (the formatted traceback), by python-json-logger. Extras that JSON cannot encode are
+    written as str()."""
+
+    converter = time.gmtime  # ts: UTC, milliseconds, e.g. 2024-05-01T12:00:00.123Z
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
 
     def __init__(self, service: str = "") -> None:
-        super().__init__()
-        self.service = service
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if self.service:
-            entry["service"] = self.service
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger",
+                           "message": "msg", "exc_info": "exc"},
+            static_fields={"service": service} if service else None,
+            reserved_attrs=sorted(_STANDARD_ATTRS),  # every other record attribute is an extra
+            json_default=str,
+        )
 
 
 def setup_logging(service: str, settings: ServerSettings, level: str | None = None,

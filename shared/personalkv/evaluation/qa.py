@@ -482,39 +482,35 @@ def format_table(report: dict) -> str:
 
 def write_png(report: dict, path: Path) -> Path:
     """Accuracy per scored condition (raw and calibrated, with 95% intervals); placed-k KL and
-    TTFT over the recompute share r per strategy. Drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+    TTFT over the recompute share r per strategy. Drawn with matplotlib (Agg, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     rows = report["conditions"]
-    width, height = 1500, 560
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    colours = {"deviation": (200, 60, 40), "first": (40, 90, 200), "raw": (60, 60, 60),
-               "calibrated": (40, 160, 90)}
-
-    def panel(x0, y0, x1, y1, title):
-        draw.rectangle((x0, y0, x1, y1), outline=(0, 0, 0))
-        draw.text((x0, y0 - 18), title, fill=(0, 0, 0))
+    colours = {"deviation": "tab:red", "first": "tab:blue", "raw": "0.35", "calibrated": "tab:green"}
+    fig = Figure(figsize=(17, 6.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    acc, kl, ttft = fig.subplots(1, 3, width_ratios=(1.3, 1, 1))
+    fig.suptitle(f"Profile QA: {report.get('model', '?')} on {Path(str(report.get('dataset', '?'))).name}, "
+                 f"{report.get('questions', '?')} questions, placed KV chunks vs profile in the prompt")
 
     # 1: accuracy bars
     scored = [(n, r) for n, r in rows.items() if "accuracy" in r]
-    x0, y0, x1, y1 = 40, 40, 640, 520
-    panel(x0, y0, x1, y1, "accuracy (raw: grey, calibrated: green), 95% Wilson intervals; dotted: 0.5")
-    bar_h = (y1 - y0) / max(1, len(scored))
-    label_w = 230
-    scale = lambda v: x0 + label_w + v * (x1 - x0 - label_w - 10)  # noqa: E731
-    draw.line((scale(0.5), y0, scale(0.5), y1), fill=(180, 180, 180))
-    for i, (name, r) in enumerate(scored):
-        top = y0 + i * bar_h
-        draw.text((x0 + 4, top + bar_h / 2 - 6), name[:34], fill=(0, 0, 0))
-        for j, (key, ci_key, colour) in enumerate((("accuracy", "accuracy_ci95", "raw"),
-                                                   ("accuracy_calibrated", "accuracy_calibrated_ci95",
-                                                    "calibrated"))):
-            yb = top + 3 + j * (bar_h - 6) / 2
-            ye = yb + (bar_h - 6) / 2 - 1
-            draw.rectangle((scale(0), yb, scale(r[key]), ye), fill=colours[colour])
-            low, high = r[ci_key]
-            draw.line((scale(low), (yb + ye) / 2, scale(high), (yb + ye) / 2), fill=(0, 0, 0), width=1)
+    height = 0.4
+    for j, (key, label) in enumerate((("accuracy", "raw"), ("accuracy_calibrated", "calibrated"))):
+        values = [r[key] for _, r in scored]
+        errors = [[v - r[f"{key}_ci95"][0] for v, (_, r) in zip(values, scored)],
+                  [r[f"{key}_ci95"][1] - v for v, (_, r) in zip(values, scored)]]
+        acc.barh([i + (j - 0.5) * height for i in range(len(scored))], values, height, xerr=errors,
+                 color=colours[label], label=label, error_kw={"elinewidth": 1, "capsize": 2})
+    acc.axvline(0.5, color="0.6", linestyle=":", label="0.5")
+    acc.set_yticks(range(len(scored)), [n for n, _ in scored])
+    acc.invert_yaxis()
+    acc.set_xlim(0, 1)
+    acc.set_xlabel("accuracy (error bars: 95% Wilson intervals)")
+    acc.set_ylabel("condition")
+    acc.set_title("Accuracy per condition")
+    acc.legend(loc="best")
 
     # 2 and 3: curves over r for the placed-k and placed-big conditions
     curves: dict[tuple[int, str], list[tuple[float, dict]]] = {}
@@ -523,47 +519,37 @@ def write_png(report: dict, path: Path) -> Path:
             for strategy in ("deviation", "first"):
                 if r["recompute_ratio"] in (0.0, 1.0) or r["recompute_strategy"] == strategy:
                     curves.setdefault((r["k"], strategy), []).append((r["recompute_ratio"], r))
+    ks = sorted({kk for kk, _ in curves})
 
-    def curve_panel(x0, y0, x1, y1, key, title, log_scale, ks, floor=1e-12):
-        """Points below ``floor`` (KL of full recompute, ~1e-11) sit on the bottom edge."""
-        panel(x0, y0, x1, y1, title)
-        values = [r[key] for (kk, _), pts in curves.items() if kk in ks for _, r in pts if key in r]
-        values += [rows[f"prompt{kk}"][key] for kk in ks if key in rows.get(f"prompt{kk}", {})]
-        values = [max(v, floor) for v in values]
-        if not values:
-            return
-        tr = (lambda v: math.log10(max(v, floor))) if log_scale else (lambda v: v)
-        lo, hi = min(map(tr, values)), max(map(tr, values))
-        hi = hi if hi > lo else lo + 1
-        px = lambda v: x0 + 30 + v * (x1 - x0 - 60)  # noqa: E731
-        py = lambda v: y1 - 20 - (tr(v) - lo) / (hi - lo) * (y1 - y0 - 40)  # noqa: E731
-        for tick in (0.0, 0.05, 0.15, 0.3, 1.0):
-            draw.text((px(tick) - 8, y1 - 16), f"{tick:g}", fill=(90, 90, 90))
-        draw.text((x0 + 4, y0 + 4), f"max {10 ** hi if log_scale else hi:.3g}", fill=(90, 90, 90))
-        draw.text((x0 + 4, y1 - 32), f"min {10 ** lo if log_scale else lo:.3g}", fill=(90, 90, 90))
+    def curve_panel(ax, key, title, ylabel, ks, floor=0.0):
+        """Log scale; points below ``floor`` (KL of full recompute, ~1e-11) are drawn at it."""
         for (kk, strategy), pts in sorted(curves.items()):
             if kk not in ks:
                 continue
-            pts = sorted((ratio, r[key]) for ratio, r in pts if key in r)
-            xy = [(px(ratio), py(v)) for ratio, v in pts]
-            dash = kk != ks[0]
-            draw.line(xy, fill=colours[strategy], width=1 if dash else 2)
-            for x, y in xy:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[strategy])
+            pts = sorted((ratio, max(r[key], floor)) for ratio, r in pts if key in r)
+            if pts:
+                first = kk == ks[0]
+                ax.plot(*zip(*pts), marker="o", color=colours[strategy], linewidth=2 if first else 1,
+                        linestyle="-" if first else "--", label=f"placed{kk}, {strategy}")
         if key == "ttft_ms_median":
-            for kk in ks:
+            for kk, style in zip(ks, ("-", "--", ":", "-.")):
                 prompt = rows.get(f"prompt{kk}")
                 if prompt:
-                    y = py(prompt["ttft_ms_median"])
-                    draw.line((x0, y, x1, y), fill=(120, 120, 120))
-                    draw.text((x0 + 40, y - 14), f"prompt{kk} {prompt['ttft_ms_median']:.0f} ms", fill=(90, 90, 90))
+                    ax.axhline(prompt["ttft_ms_median"], color="0.5", linestyle=style,
+                               label=f"prompt{kk}: {prompt['ttft_ms_median']:.0f} ms")
+        ax.set_xlabel("recompute share r")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if ax.has_data():
+            ax.set_yscale("log")
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no placed-k conditions", ha="center", va="center", transform=ax.transAxes)
 
-    ks = sorted({kk for kk, _ in curves})
-    curve_panel(680, 40, 1080, 520, "kl_mean", "placed-k KL(prompt || placed) mean over r "
-                "(log, floor 1e-3; red: deviation, blue: first)", True, ks[:1], floor=1e-3)
-    curve_panel(1100, 40, 1480, 520, "ttft_ms_median", "TTFT ms over r (log; thick: k=%s, thin: k=%s)"
-                % (ks[0] if ks else "-", ks[-1] if ks else "-"), True, ks)
+    curve_panel(kl, "kl_mean", f"placed{ks[0] if ks else '-'}: KL(prompt || placed) over r",
+                "KL mean (log; below 1e-3 drawn at 1e-3)", ks[:1], floor=1e-3)
+    curve_panel(ttft, "ttft_ms_median", "TTFT over r", "TTFT median, ms (log)", ks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    fig.savefig(path, dpi=100)
     return path

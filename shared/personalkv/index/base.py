@@ -18,12 +18,12 @@ dropped and rebuilt at any time. Backends are opened by URI in ``personalkv.inde
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 
 @dataclass(frozen=True)
@@ -113,17 +113,21 @@ def poll_until_visible(user_id: str, key_ids: Sequence[str], seen_now: Callable[
     was seen; raises ``KeysNotVisible`` (with ``hint`` appended) after ``timeout_s``."""
     wanted = set(key_ids)
     seen: set[str] = set()
-    deadline = time.monotonic() + timeout_s
-    while wanted - seen:
-        seen |= seen_now(wanted - seen)
-        missing = wanted - seen
-        if not missing:
-            return
-        if time.monotonic() >= deadline:
-            raise KeysNotVisible(
-                f"{len(missing)} of {len(wanted)} index keys of user {user_id!r} not visible to "
-                f"search after {timeout_s:g}s (e.g. {sorted(missing)[:3]}){hint}")
-        time.sleep(poll_s)
+    if not wanted:
+        return
+
+    def missing() -> set[str]:
+        seen.update(seen_now(wanted - seen))
+        return wanted - seen
+
+    try:
+        Retrying(retry=retry_if_result(bool), stop=stop_after_delay(timeout_s),
+                 wait=wait_fixed(poll_s))(missing)
+    except RetryError as gave_up:
+        still = gave_up.last_attempt.result()
+        raise KeysNotVisible(
+            f"{len(still)} of {len(wanted)} index keys of user {user_id!r} not visible to "
+            f"search after {timeout_s:g}s (e.g. {sorted(still)[:3]}){hint}") from None
 
 
 @dataclass

@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from cachetools import LRUCache, cachedmethod
 
 from personalkv.mining.features import PatchEmbedder
 
@@ -211,21 +211,13 @@ class ClipRelevance(_ClipBase):
     def __init__(self, name_or_path: str, batch: int = 32, device: str = "cpu", dtype: str = "float32",
                  text_cache: int = 32):
         super().__init__(name_or_path, batch, device, dtype)
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._text_cache_size = text_cache
+        self._text_cache = LRUCache(maxsize=text_cache)  # 0: nothing kept
         self._cache_lock = threading.Lock()
 
+    @cachedmethod(lambda self: self._text_cache, lock=lambda self: self._cache_lock)
     def text_features(self, text: str) -> torch.Tensor:
-        with self._cache_lock:
-            if text in self._text_cache:
-                self._text_cache.move_to_end(text)
-                return self._text_cache[text]
-        feats = self._text_features(text)
-        with self._cache_lock:
-            self._text_cache[text] = feats
-            while len(self._text_cache) > self._text_cache_size:
-                self._text_cache.popitem(last=False)
-        return feats
+        """The text's features, computed outside the cache lock, cached per text (LRU)."""
+        return self._text_features(text)
 
     def rescale(self, cos: np.ndarray) -> np.ndarray:
         """The documented map of cosines onto [0, 1] (strictly increasing)."""

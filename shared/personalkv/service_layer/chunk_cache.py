@@ -11,9 +11,10 @@ at them) and age out. Thread-safe. Cached chunks are shared read-only: placement
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cachetools import LRUCache
 
 from personalkv.kv.chunk import KVChunk
 
@@ -30,38 +31,45 @@ class CacheStats:
     evictions: int
 
 
+class _CountingLRU(LRUCache):
+    """cachetools' LRU by bytes (``getsizeof`` = the chunk's size) that counts its evictions:
+    ``popitem`` is what it calls to make room (cachetools' documented hook)."""
+
+    evictions = 0
+
+    def popitem(self):
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
 class ChunkCache:
     def __init__(self, budget_bytes: int):
         self.budget_bytes = int(budget_bytes)
-        self._entries: OrderedDict[CacheKey, tuple[KVChunk, int]] = OrderedDict()
-        self._bytes = 0
+        self._lru = _CountingLRU(max(self.budget_bytes, 0), getsizeof=KVChunk.nbytes)
         self._lock = threading.Lock()
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = 0
+
+    @property
+    def evictions(self) -> int:
+        return self._lru.evictions
 
     def get(self, key: CacheKey) -> KVChunk | None:
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
+            try:
+                chunk = self._lru[key]
+            except KeyError:
                 self.misses += 1
                 return None
-            self._entries.move_to_end(key)
             self.hits += 1
-            return entry[0]
+            return chunk
 
     def put(self, key: CacheKey, chunk: KVChunk) -> None:
-        size = chunk.nbytes()
-        if size > self.budget_bytes:
-            return  # larger than the whole budget: never cached
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._entries[key] = (chunk, size)
-            self._bytes += size
-            while self._bytes > self.budget_bytes:
-                _, (_, evicted) = self._entries.popitem(last=False)
-                self._bytes -= evicted
-                self.evictions += 1
+            try:
+                self._lru[key] = chunk
+            except ValueError:  # cachetools' "value too large"
+                pass  # larger than the whole budget: never cached
 
     def get_or_load(self, key: CacheKey, load: Callable[[], KVChunk]) -> tuple[KVChunk, bool]:
         """The cached chunk, or ``load()``'s (then cached). Returns (chunk, was_hit)."""
@@ -75,21 +83,20 @@ class ChunkCache:
     def invalidate(self, user_id: str, concept_id: str | None = None) -> int:
         """Drop a user's (or one concept's) entries; returns how many."""
         with self._lock:
-            doomed = [k for k in self._entries
+            doomed = [k for k in self._lru
                       if k[0] == user_id and (concept_id is None or k[1] == concept_id)]
             for key in doomed:
-                self._bytes -= self._entries.pop(key)[1]
+                del self._lru[key]
             return len(doomed)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+            self._lru.clear()
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self.hits, self.misses, len(self._entries), self._bytes,
+            return CacheStats(self.hits, self.misses, len(self._lru), self._lru.currsize,
                               self.budget_bytes, self.evictions)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._lru)

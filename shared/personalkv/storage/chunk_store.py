@@ -33,14 +33,15 @@ do not touch it), so a reader that sees a stamp sees at least the manifests writ
 from __future__ import annotations
 
 import io
-import random
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from PIL import Image, UnidentifiedImageError
+from tenacity import (
+    RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential,
+)
 
 from personalkv.config import StorageSettings
 from personalkv.ids import (
@@ -208,7 +209,7 @@ class ChunkStore:
         manifest, so it must be a pure function of its argument. Returns what is stored, or
         None when the concept does not exist (or is deleted meanwhile).
         """
-        for attempt in range(attempts):
+        def attempt() -> ConceptManifest | None:
             current, version = self.read_manifest_versioned(user_id, concept_id)
             if current is None:
                 return None
@@ -221,11 +222,16 @@ class ChunkStore:
                 return self._publish(wanted, check_objects, version, stamp=not lease_only)
             except ObjectNotFound:  # deleted between our read and write
                 return None
-            except PreconditionFailed:
-                # Another writer won; back off a little (jittered, growing) and re-apply.
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** min(attempt, 6))))
-        raise StorageError(f"manifest {user_id}/{concept_id}: {attempts} concurrent updates "
-                           "in a row lost the race; giving up")
+
+        # Another writer won (PreconditionFailed): back off a little (jittered, growing: uniform
+        # in [0, 0.01 * 2**n] before re-apply n + 1, at most 0.5 s) and re-apply.
+        try:
+            return Retrying(retry=retry_if_exception_type(PreconditionFailed),
+                            stop=stop_after_attempt(attempts),
+                            wait=wait_random_exponential(multiplier=0.01, max=0.5))(attempt)
+        except RetryError:
+            raise StorageError(f"manifest {user_id}/{concept_id}: {attempts} concurrent updates "
+                               "in a row lost the race; giving up") from None
 
     def _publish(self, manifest: ConceptManifest, check_objects: bool, version, *,
                  stamp: bool) -> ConceptManifest:
