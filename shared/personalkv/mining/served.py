@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from cachetools import LRUCache
 
 from personalkv.config import MiningSettings
 from personalkv.images import pixels, rgb_array, upright
@@ -107,7 +108,7 @@ class ServedRecognizers:
         self.descriptors = descriptors
         self.settings = settings
         self.max_users = max_users
-        self._states: OrderedDict[str, _UserState] = OrderedDict()
+        self._states: LRUCache[str, _UserState] = LRUCache(maxsize=max_users)
         self._lock = threading.Lock()
         self._pool_memo: dict = {}  # generic negative pool (path -> described), shared by users
         self.builds = 0  # recognizers built (tests, metrics)
@@ -124,9 +125,7 @@ class ServedRecognizers:
     def state(self, user_id: str) -> _UserState:
         stamp = self.store.concepts_stamp(user_id)
         with self._lock:
-            state = self._states.get(user_id)
-            if state is not None:
-                self._states.move_to_end(user_id)
+            state = self._states.get(user_id)  # a hit is the most recently used now
         if state is not None and stamp is not None and state.stamp == stamp:
             return state  # no manifest changed since the last check: nothing more to read
         manifests = self._manifests(user_id)
@@ -139,10 +138,7 @@ class ServedRecognizers:
             fresh = self._build(user_id, manifests, version, memo)
             fresh.stamp = stamp
         with self._lock:
-            self._states[user_id] = fresh
-            self._states.move_to_end(user_id)
-            while len(self._states) > self.max_users:
-                self._states.popitem(last=False)
+            self._states[user_id] = fresh  # evicts the least recently used beyond max_users
         return fresh
 
     def _build(self, user_id: str, manifests: list[ConceptManifest], version: str,

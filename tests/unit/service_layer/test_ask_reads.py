@@ -97,3 +97,16 @@ def test_a_lease_renewal_leaves_the_stamp_alone(svc):
     svc.store.update_manifest("alice", m.concept_id,
                               lambda fresh: fresh.model_copy(update={"lease_until": lease_from_now(60)}))
     assert svc.store.concepts_stamp("alice") == changed  # the lease alone: no change
+
+
+def test_recognizers_keep_the_most_recently_used_users(svc):
+    from personalkv.mining.served import ServedRecognizers
+
+    for user in ("alice", "bob", "carol"):
+        _ingest(svc, 0, user=user)
+    served = ServedRecognizers(svc.store, svc.descriptors, svc.settings.mining, max_users=2)
+    for user in ("alice", "bob", "alice", "carol"):  # bob is the least recently used
+        served.state(user)
+    assert served.builds == 3 and sorted(served._states) == ["alice", "carol"]
+    served.state("alice")  # kept: no rebuild
+    assert served.builds == 3
