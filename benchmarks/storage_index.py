@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.config import BenchSettings
 from personalkv.index.base import IndexEntry, SearchRequest, VectorSpace
 
@@ -60,9 +61,10 @@ def _load(index, space: VectorSpace, users: int, keys: int, batch_users: int = 1
             for k, vec in enumerate(_user_vectors(u, keys)):
                 entries.append(IndexEntry(
                     key_id=f"u{u}-k{k}", user_id=f"u{u}", concept_id=f"c{k // 5}",
-                    kind="image_patch", model_fingerprint=FP, vector=vec,
-                    chunk_id=f"{u * keys + k:064x}", object_key=f"users/u{u}/chunks/{k}.kv",
-                    token_count=64, position_span=64, source=str(k % 5)))
+                    kind="image_patch", model_fingerprint=FP, vector=vec, source=str(k % 5),
+                    chunk=ChunkRef(chunk_id=f"{u * keys + k:064x}", kind="image_patch",
+                                   object_key=f"users/u{u}/chunks/{k}.kv", token_count=64,
+                                   position_span=64, model_fingerprint=FP, source=str(k % 5))))
         index.insert(space, entries)
         done = min(users, first + batch_users) * keys
         if (first // batch_users) % 10 == 0 or done == users * keys:
@@ -221,7 +223,7 @@ def _photo(seed: int) -> tuple[bytes, tuple[int, int, int, int]]:
 
 
 def _write_concepts(store, n: int) -> int:
-    from personalkv.manifest import ChunkRecord, ConceptManifest, ConceptProfile, PatchRecord
+    from personalkv.manifest import ConceptManifest, ConceptProfile, PatchRecord
 
     chunks_total = 0
     for i in range(n):
@@ -236,9 +238,9 @@ def _write_concepts(store, n: int) -> int:
             blob = f"{user}/{concept}/{source}".encode()
             chunk_id = hashlib.sha256(blob).hexdigest()
             key = store.put_chunk(user, concept, chunk_id, blob)
-            chunks.append(ChunkRecord(chunk_id=chunk_id, kind=kind, object_key=key,
-                                      token_count=64, position_span=64,
-                                      model_fingerprint=FP, source=source))
+            chunks.append(ChunkRef(chunk_id=chunk_id, kind=kind, object_key=key,
+                                   token_count=64, position_span=64,
+                                   model_fingerprint=FP, source=source))
         store.write_manifest(ConceptManifest(
             user_id=user, concept_id=concept, state="ready", model_fingerprint=FP,
             profile=ConceptProfile(name=f"Thing {i}", category="object",

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.ids import validate_concept_id, validate_hex_digest, validate_user_id
 
 MANIFEST_FORMAT_VERSION = 2  # 2: lease_until
@@ -68,31 +69,6 @@ class PatchRecord(_Model):
         return box
 
 
-class ChunkRecord(_Model):
-    """One KV chunk blob: its content hash, where it lies and what produced it."""
-
-    chunk_id: str = Field(description="sha256 hex content hash of the KV chunk.")
-    kind: Literal["profile_text", "image_patch"]
-    object_key: str
-    token_count: int = Field(ge=0)
-    position_span: int = Field(ge=0, description=(
-        "RoPE positions the chunk spans when placed (ChunkMeta.position_span: its next free "
-        "position minus its start)."))
-    model_fingerprint: str
-    source: str = Field(description='"profile" or the index of the patch it encodes.')
-
-    _check_id = field_validator("chunk_id")(lambda v: validate_hex_digest(v, "chunk id"))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _read_old_span_name(cls, data):
-        # Manifests written before issue 11 stored the span as "position_extent", a name that
-        # means "next free position" in ChunkMeta. Same value, new name; rewritten on save.
-        if isinstance(data, dict) and "position_extent" in data and "position_span" not in data:
-            data = {("position_span" if k == "position_extent" else k): v for k, v in data.items()}
-        return data
-
-
 class ConceptManifest(_Model):
     """One concept: profile, photos, mined patches, chunks, lifecycle state."""
 
@@ -108,7 +84,7 @@ class ConceptManifest(_Model):
     #: photo): the recognizer lets only keypoints inside them (and the patches) vote, not the
     #: shared home background. Not encoded as chunks.
     support: list[PatchRecord] = Field(default_factory=list)
-    chunks: list[ChunkRecord] = Field(default_factory=list)
+    chunks: list[ChunkRef] = Field(default_factory=list)
     #: What the miner reported on its last run: which miner, the profile's source, errors
     #: (``miner_error``, ``profile_error``), photos described vs. read back from storage.
     mining_notes: dict[str, str | int | float | bool] = Field(default_factory=dict)

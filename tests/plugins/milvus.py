@@ -129,10 +129,9 @@ def build_concept(user_id: str, concept_id: str, name: str, info: str, look_seed
     import hashlib
     import zlib
 
+    from personalkv.chunk_ref import ChunkRef
     from personalkv.ids import user_scoped_digest
-    from personalkv.manifest import (
-        ChunkRecord, ConceptManifest, ConceptProfile, PatchRecord, PhotoRecord,
-    )
+    from personalkv.manifest import ConceptManifest, ConceptProfile, PatchRecord, PhotoRecord
     from personalkv.storage.chunk_store import ChunkStore
 
     photos, patches, blobs = [], [], {}
@@ -147,11 +146,11 @@ def build_concept(user_id: str, concept_id: str, name: str, info: str, look_seed
                                                              "image/png")))
         patches.append(PatchRecord(photo_id=photo_id, box=box, score=1.0))
 
-    def chunk(kind: str, source: str) -> ChunkRecord:
+    def chunk(kind: str, source: str) -> ChunkRef:
         chunk_id = hashlib.sha256(f"{user_id}/{concept_id}/{kind}/{source}".encode()).hexdigest()
-        return ChunkRecord(chunk_id=chunk_id, kind=kind, token_count=10, position_span=10,
-                           object_key=ChunkStore.chunk_key(user_id, concept_id, chunk_id),
-                           model_fingerprint=fingerprint, source=source)
+        return ChunkRef(chunk_id=chunk_id, kind=kind, token_count=10, position_span=10,
+                        object_key=ChunkStore.chunk_key(user_id, concept_id, chunk_id),
+                        model_fingerprint=fingerprint, source=source)
 
     chunks = [chunk("profile_text", "profile")]
     chunks += [chunk("image_patch", str(i)) for i in range(len(patches))]

@@ -6,9 +6,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.manifest import (
     MANIFEST_FORMAT_VERSION,
-    ChunkRecord,
     ConceptManifest,
     ConceptProfile,
     PatchRecord,
@@ -32,9 +32,9 @@ def make_manifest(**overrides) -> ConceptManifest:
                             width=640, height=480, bytes=1234)],
         patches=[PatchRecord(photo_id=PHOTO, box=(1, 2, 30, 40), score=0.9,
                              scores={"clip": 0.8, "saliency": 1.0})],
-        chunks=[ChunkRecord(chunk_id=CHUNK, kind="image_patch", object_key="k/c.kv",
-                            token_count=64, position_span=64, model_fingerprint="fp1",
-                            source="0")],
+        chunks=[ChunkRef(chunk_id=CHUNK, kind="image_patch", object_key="k/c.kv",
+                         token_count=64, position_span=64, model_fingerprint="fp1",
+                         source="0")],
         model_fingerprint="fp1",
     )  # fmt: skip
     fields.update(overrides)
@@ -98,8 +98,8 @@ def test_record_ids_must_be_sha256_hex(bad_id):
         PhotoRecord(photo_id=bad_id, object_key="k", media_type="image/png",
                     width=1, height=1, bytes=1)  # fmt: skip
     with pytest.raises(ValidationError, match="sha256"):
-        ChunkRecord(chunk_id=bad_id, kind="profile_text", object_key="k", token_count=1,
-                    position_span=1, model_fingerprint="fp", source="profile")  # fmt: skip
+        ChunkRef(chunk_id=bad_id, kind="profile_text", object_key="k", token_count=1,
+                 position_span=1, model_fingerprint="fp", source="profile")  # fmt: skip
 
 
 def test_tampered_json_is_refused_on_read():
@@ -118,3 +118,11 @@ def test_manifest_written_with_the_old_span_name_still_loads():
     assert [c.position_span for c in old.chunks] == [c.position_span for c in make_manifest().chunks]
     assert '"position_extent"' not in old.to_json().decode()
     assert old.chunks == make_manifest().chunks
+
+
+def test_a_chunk_ref_is_immutable():
+    # Manifests, index entries and search hits share one ChunkRef: nobody may change it in place.
+    chunk = make_manifest().chunks[0]
+    with pytest.raises(ValidationError, match="frozen"):
+        chunk.token_count = 1
+    assert chunk.model_copy(update={"source": "1"}).source == "1" and chunk.source == "0"

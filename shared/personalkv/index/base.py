@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from personalkv.chunk_ref import ChunkRef
+
 
 @dataclass(frozen=True)
 class VectorSpace:
@@ -41,26 +43,36 @@ class IndexEntry:
     kind, source), never the bare chunk id, because chunk ids are content hashes and two users
     with identical photos or texts must never share (and overwrite) an entry.
 
-    ``chunk_id``/``object_key``/``token_count``/``position_span`` name the KV chunk this key
-    leads to; a key without a chunk (e.g. a whole-photo key) has ``chunk_id == ""``.
+    ``chunk`` is the KV chunk this key leads to (the manifest's ``ChunkRef``, passed through);
+    None for a key without a chunk (a name key, a whole-photo key). A key's ``kind``,
+    ``model_fingerprint`` and ``source`` are its chunk's when it has one (checked here): a
+    backend stores them once and reads the chunk back from the key's columns (Milvus keeps the
+    flat columns, ``index.milvus._row`` / ``_hit``).
     """
 
     key_id: str
     user_id: str
     concept_id: str
-    kind: str  # "profile_text" | "image_patch" | "photo"
+    kind: str  # "profile_text" | "image_patch" | "name" | "photo"
     model_fingerprint: str
     vector: np.ndarray
-    chunk_id: str = ""
-    object_key: str = ""
-    token_count: int = 0
-    position_span: int = 0
     source: str = ""
+    chunk: ChunkRef | None = None
+
+    def __post_init__(self) -> None:
+        c = self.chunk
+        if c is not None and (c.kind, c.model_fingerprint, c.source) != \
+                (self.kind, self.model_fingerprint, self.source):
+            raise ValueError(
+                f"entry {self.key_id}: kind/model_fingerprint/source "
+                f"{(self.kind, self.model_fingerprint, self.source)} differ from its chunk's "
+                f"{(c.kind, c.model_fingerprint, c.source)}")
 
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result; ``score`` is cosine similarity (vectors are L2-normalised)."""
+    """One search result; ``score`` is cosine similarity (vectors are L2-normalised).
+    ``chunk`` as in ``IndexEntry``: the KV chunk the key leads to, None for chunkless keys."""
 
     key_id: str
     user_id: str
@@ -68,11 +80,8 @@ class SearchHit:
     kind: str
     score: float
     model_fingerprint: str = ""
-    chunk_id: str = ""
-    object_key: str = ""
-    token_count: int = 0
-    position_span: int = 0
     source: str = ""
+    chunk: ChunkRef | None = None
 
 
 @dataclass(frozen=True)

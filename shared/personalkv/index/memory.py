@@ -109,13 +109,17 @@ def _checked(e: IndexEntry, dim: int) -> IndexEntry:
     vector = np.asarray(e.vector, dtype=np.float32).reshape(-1)
     if vector.shape[0] != dim:
         raise ValueError(f"entry {e.key_id}: vector dim {vector.shape[0]} != space dim {dim}")
-    # Milvus keeps at most 512 characters of ``source``; the reference index does the same.
-    return replace(e, vector=vector.copy(), source=e.source[:512])
+    # Milvus keeps at most 512 characters of ``source`` (its chunk's too, read back from that
+    # column); the reference index does the same.
+    source, chunk = e.source[:512], e.chunk
+    if chunk is not None and chunk.source != source:
+        chunk = chunk.model_copy(update={"source": source})
+    return replace(e, vector=vector.copy(), source=source, chunk=chunk)
 
 
 def _hit(e: IndexEntry, score: float) -> SearchHit:
+    # ``chunk`` is an immutable ChunkRef: the entry's own is handed out.
     return SearchHit(
         key_id=e.key_id, user_id=e.user_id, concept_id=e.concept_id, kind=e.kind, score=score,
-        model_fingerprint=e.model_fingerprint, chunk_id=e.chunk_id, object_key=e.object_key,
-        token_count=int(e.token_count), position_span=int(e.position_span), source=e.source,
+        model_fingerprint=e.model_fingerprint, source=e.source, chunk=e.chunk,
     )

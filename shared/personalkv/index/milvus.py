@@ -43,14 +43,16 @@ from typing import Sequence
 
 import numpy as np
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.index.base import (
     IndexEntry, IndexRequestError, IndexUnavailable, KeyIndex, SearchHit, SearchRequest,
     VectorSpace, poll_until_visible,
 )
 
-#: The stored column of ``IndexEntry.position_span`` (the positions the chunk spans) keeps its
-#: original name ``position_extent``, so existing collections load without a reindex; it is
-#: mapped to and from ``position_span`` in ``_row`` / ``_hit`` only.
+#: A key's chunk (``IndexEntry.chunk``, a ``ChunkRef``) is stored in flat columns (chunk_id,
+#: object_key, token_count, the span; kind, fingerprint and source are the key's own), mapped
+#: in ``_chunk_columns`` / ``_chunk`` only. The span's column keeps its original name
+#: ``position_extent`` (``ChunkRef.position_span``): existing collections load without a reindex.
 _SPAN_COLUMN = "position_extent"
 _FIELDS = ("key_id", "user_id", "concept_id", "kind", "model_fingerprint", "chunk_id",
            "object_key", "token_count", _SPAN_COLUMN, "source")
@@ -344,10 +346,8 @@ def _row(e: IndexEntry, dim: int) -> dict:
         raise ValueError(f"entry {e.key_id}: vector dim {vector.shape[0]} != space dim {dim}")
     return {
         "key_id": e.key_id, "user_id": e.user_id, "concept_id": e.concept_id, "kind": e.kind,
-        "model_fingerprint": e.model_fingerprint, "chunk_id": e.chunk_id,
-        "object_key": e.object_key, "token_count": int(e.token_count),
-        _SPAN_COLUMN: int(e.position_span), "source": e.source[:512],
-        "vector": vector.tolist(),
+        "model_fingerprint": e.model_fingerprint, **_chunk_columns(e.chunk),
+        "source": e.source[:512], "vector": vector.tolist(),
     }
 
 
@@ -355,7 +355,27 @@ def _hit(row: dict, score: float) -> SearchHit:
     return SearchHit(
         key_id=row["key_id"], user_id=row["user_id"], concept_id=row["concept_id"],
         kind=row["kind"], score=score, model_fingerprint=row.get("model_fingerprint", ""),
-        chunk_id=row.get("chunk_id", ""), object_key=row.get("object_key", ""),
-        token_count=int(row.get("token_count", 0)),
-        position_span=int(row.get(_SPAN_COLUMN, 0)), source=row.get("source", ""),
+        source=row.get("source", ""), chunk=_chunk(row),
+    )
+
+
+# A key's ChunkRef <-> its row: the only two places that know the chunk columns.
+def _chunk_columns(chunk: ChunkRef | None) -> dict:
+    """The chunk columns of a key (kind, fingerprint and source are the key's own columns,
+    equal to the chunk's: ``IndexEntry`` checks it); a chunkless key has ``chunk_id == ""``."""
+    if chunk is None:
+        return {"chunk_id": "", "object_key": "", "token_count": 0, _SPAN_COLUMN: 0}
+    return {"chunk_id": chunk.chunk_id, "object_key": chunk.object_key,
+            "token_count": int(chunk.token_count), _SPAN_COLUMN: int(chunk.position_span)}
+
+
+def _chunk(row: dict) -> ChunkRef | None:
+    """The chunk a stored key leads to (its chunk columns plus the key's kind, fingerprint and
+    source); None for a chunkless key."""
+    if not row.get("chunk_id"):
+        return None
+    return ChunkRef(
+        chunk_id=row["chunk_id"], kind=row["kind"], object_key=row.get("object_key", ""),
+        token_count=int(row.get("token_count", 0)), position_span=int(row.get(_SPAN_COLUMN, 0)),
+        model_fingerprint=row.get("model_fingerprint", ""), source=row.get("source", ""),
     )

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.ids import user_scoped_digest
 from personalkv.index.base import IndexEntry, VectorSpace
 from personalkv.manifest import ConceptManifest
@@ -72,16 +73,13 @@ class KeyBuilder:
         )
 
     def _entry(self, m: ConceptManifest, fingerprint: str, kind: str, ref: str,
-               vector: np.ndarray, chunk=None, source: str = "") -> IndexEntry:
+               vector: np.ndarray, chunk: ChunkRef | None = None,
+               source: str = "") -> IndexEntry:
         return IndexEntry(
             key_id=key_id(m, fingerprint, kind, ref), user_id=m.user_id,
             concept_id=m.concept_id, kind=kind, vector=vector,
             model_fingerprint=chunk.model_fingerprint if chunk else fingerprint,
-            chunk_id=chunk.chunk_id if chunk else "",
-            object_key=chunk.object_key if chunk else "",
-            token_count=chunk.token_count if chunk else 0,
-            position_span=chunk.position_span if chunk else 0,
-            source=chunk.source if chunk else source,
+            source=chunk.source if chunk else source, chunk=chunk,
         )
 
     def _text_keys(self, m: ConceptManifest, fingerprint: str) -> list[IndexEntry]:

@@ -2,8 +2,9 @@
 return the KV chunks to place.
 
 Called by the answering service once per Ask, before it loads and places chunks
-(``RetrievedConcept.chunks`` are ``ChunkRecord``s: chunk id, object key, token count, position
-extent). Reads only the key index - never a manifest - so an Ask costs a few index round trips.
+(``RetrievedConcept.chunks`` are the ``ChunkRef``s the index hits carry: chunk id, object key,
+token count, position span). Reads only the key index - never a manifest - so an Ask costs a
+few index round trips.
 
 Scoring, per concept of this user and model fingerprint:
 
@@ -35,10 +36,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.config import RetrievalSettings
 from personalkv.ids import validate_user_id
 from personalkv.index.base import KeyIndex, SearchHit, SearchRequest
-from personalkv.manifest import ChunkRecord
 from personalkv.images import ImageLike, upright
 from personalkv.retrieval.keys import NAME_PREFIX, KeyBuilder
 
@@ -55,7 +56,7 @@ class RetrievedConcept:
     text_score: float = 0.0
     image_score: float = 0.0
     named: bool = False
-    chunks: tuple[ChunkRecord, ...] = ()
+    chunks: tuple[ChunkRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RetrievalResult:
     def none_matched(self) -> bool:
         return not self.concepts
 
-    def chunks(self) -> list[ChunkRecord]:
+    def chunks(self) -> list[ChunkRef]:
         """All chunks to place, best concept first."""
         return [c for concept in self.concepts for c in concept.chunks]
 
@@ -179,19 +180,16 @@ class Retriever:
                 for h in self._own(hits, user_id, fingerprint)}
 
     def _chunks(self, user_id: str, fingerprint: str,
-                concept_ids: list[str]) -> dict[str, list[ChunkRecord]]:
+                concept_ids: list[str]) -> dict[str, list[ChunkRef]]:
         if not concept_ids:
             return {}
         kinds = ["profile_text", "image_patch"]
         hits = [h for space in (self.keys.text_space, self.keys.image_space)
                 for h in self.index.entries_of(space, user_id, fingerprint, concept_ids, kinds)]
-        out: dict[str, dict[str, ChunkRecord]] = {}
+        out: dict[str, dict[str, ChunkRef]] = {}
         for h in self._own(hits, user_id, fingerprint):
-            if h.chunk_id:
-                out.setdefault(h.concept_id, {})[h.chunk_id] = ChunkRecord(
-                    chunk_id=h.chunk_id, kind=h.kind, object_key=h.object_key,
-                    token_count=h.token_count, position_span=h.position_span,
-                    model_fingerprint=h.model_fingerprint, source=h.source)
+            if h.chunk is not None:
+                out.setdefault(h.concept_id, {})[h.chunk.chunk_id] = h.chunk
         # Placement order: the profile text first, then patches in mining order.
         order = lambda c: (c.kind != "profile_text", int(c.source) if c.source.isdigit() else 1 << 30,
                            c.chunk_id)

@@ -33,7 +33,8 @@ from personalkv.kv.engine import encode
 from personalkv.kv.evidence import (
     Evidence, evidence_chunk_id, patch_evidence, profile_chunk_evidence,
 )
-from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.chunk_ref import ChunkRef
+from personalkv.manifest import ConceptManifest
 from personalkv.images import decode
 from personalkv.mining.output import PhotoRef
 from personalkv.retrieval.indexing import index_concept
@@ -242,14 +243,14 @@ class _ChunkWriter:
     """Makes sure one piece of evidence has its chunk stored, and returns its record: reused
     from the manifest, verified from an earlier run's blob, or encoded and written now."""
 
-    def __init__(self, svc: Services, user_id: str, concept_id: str, known: dict[str, ChunkRecord]) -> None:
+    def __init__(self, svc: Services, user_id: str, concept_id: str, known: dict[str, ChunkRef]) -> None:
         self.store, self.adapter = svc.store, svc.adapter
         self.fingerprint = self.adapter.fingerprint()
         self.quantization = svc.settings.model.chunk_quantization
         self.user_id, self.concept_id, self.known = user_id, concept_id, known
         self.encoded = self.reused = 0
 
-    def record_for(self, evidence: Evidence) -> ChunkRecord:
+    def record_for(self, evidence: Evidence) -> ChunkRef:
         user_id, concept_id, store = self.user_id, self.concept_id, self.store
         chunk_id = evidence_chunk_id(self.adapter, evidence, user_id=user_id, concept_id=concept_id)
         known = self.known.get(chunk_id)
@@ -274,8 +275,8 @@ class _ChunkWriter:
         self.encoded += 1
         return self._record(evidence, chunk.meta)
 
-    def _record(self, evidence: Evidence, meta: ChunkMeta) -> ChunkRecord:
-        return ChunkRecord(
+    def _record(self, evidence: Evidence, meta: ChunkMeta) -> ChunkRef:
+        return ChunkRef(
             chunk_id=meta.chunk_id, kind=evidence.kind,
             object_key=self.store.chunk_key(self.user_id, self.concept_id, meta.chunk_id),
             token_count=meta.token_count, position_span=meta.position_span,
@@ -283,9 +284,9 @@ class _ChunkWriter:
         )
 
 
-def _store_chunks(writer: _ChunkWriter, evidence: Iterable[Evidence]) -> list[ChunkRecord]:
+def _store_chunks(writer: _ChunkWriter, evidence: Iterable[Evidence]) -> list[ChunkRef]:
     """Every piece of evidence's chunk stored; one record per distinct chunk, in order."""
-    records: list[ChunkRecord] = []
+    records: list[ChunkRef] = []
     seen: set[str] = set()
     for piece in evidence:
         record = writer.record_for(piece)
@@ -295,7 +296,7 @@ def _store_chunks(writer: _ChunkWriter, evidence: Iterable[Evidence]) -> list[Ch
     return records
 
 
-def _stage_chunks(svc: Services, planned: ConceptManifest, records: list[ChunkRecord],
+def _stage_chunks(svc: Services, planned: ConceptManifest, records: list[ChunkRef],
                   fingerprint: str) -> tuple[ConceptManifest | None, bool]:
     """Compare-and-set the chunk records into the freshest manifest unless its patches or
     profile changed since ``planned`` (then it is left alone: superseded). Returns the manifest
@@ -319,7 +320,7 @@ def _stage_chunks(svc: Services, planned: ConceptManifest, records: list[ChunkRe
     return staged, superseded
 
 
-def _publish(svc: Services, staged: ConceptManifest, records: list[ChunkRecord],
+def _publish(svc: Services, staged: ConceptManifest, records: list[ChunkRef],
              photos: Callable[[str], Image.Image]) -> ConceptManifest | None:
     """Index the staged concept's keys (visible to every reader), then compare-and-set it
     ``ready`` if it is still caching these very chunks; None when it is not."""

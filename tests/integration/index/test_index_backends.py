@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
 
 SPACE = VectorSpace("contract", 16)
@@ -17,8 +18,11 @@ def unit(seed: int) -> np.ndarray:
 def entries(user: str, concept: str, n: int, seed0: int = 0) -> list[IndexEntry]:
     return [IndexEntry(key_id=f"{user}.{concept}.{i}", user_id=user, concept_id=concept,
                        kind="image_patch", model_fingerprint="fp", vector=unit(seed0 + i),
-                       chunk_id=f"{i:064x}", object_key=f"users/{user}/k{i}", token_count=i,
-                       position_span=2 * i, source=str(i)) for i in range(n)]
+                       source=str(i),
+                       chunk=ChunkRef(chunk_id=f"{i:064x}", kind="image_patch",
+                                      object_key=f"users/{user}/k{i}", token_count=i,
+                                      position_span=2 * i, model_fingerprint="fp",
+                                      source=str(i))) for i in range(n)]
 
 
 def search(index, user, vector, **kw):
@@ -29,7 +33,9 @@ def test_fresh_writes_are_searchable_without_make_searchable(key_index):
     key_index.upsert(SPACE, entries("alice", "mug", 30))
     hits = search(key_index, "alice", unit(7), limit=5)
     assert hits[0].key_id == "alice.mug.7" and hits[0].score > 0.99
-    assert (hits[0].token_count, hits[0].position_span, hits[0].source) == (7, 14, "7")
+    chunk = hits[0].chunk
+    assert (chunk.token_count, chunk.position_span, chunk.source) == (7, 14, "7")
+    assert hits[0].source == "7" and chunk == entries("alice", "mug", 30)[7].chunk
 
 
 def test_identical_vectors_of_two_users_stay_apart(key_index):
@@ -37,7 +43,7 @@ def test_identical_vectors_of_two_users_stay_apart(key_index):
     for user in ("alice", "bob"):
         hits = search(key_index, user, unit(3), limit=20)
         assert len(hits) == 10 and {h.user_id for h in hits} == {user}
-        assert all(h.object_key.startswith(f"users/{user}/") for h in hits)
+        assert all(h.chunk.object_key.startswith(f"users/{user}/") for h in hits)
 
 
 def test_make_searchable_keeps_results(key_index):

@@ -83,7 +83,7 @@ def test_no_retrieval_returns_another_users_data(key_index, keys, data):
                               (keys.image_space, keys.image_encoder.encode([scene(look, 1)[0]]))):
             hits = key_index.search(SearchRequest(space, user, FINGERPRINT, vector, limit=50))
             assert all(h.user_id == user for h in hits)
-            assert {h.chunk_id for h in hits if h.chunk_id} <= chunk_ids[user]
+            assert {h.chunk.chunk_id for h in hits if h.chunk} <= chunk_ids[user]
         result = retriever.retrieve(user, question, photo, top_k=5, model_fingerprint=FINGERPRINT)
         for chunk in result.chunks():
             assert chunk.chunk_id in chunk_ids[user]

@@ -176,7 +176,7 @@ def test_sigkill_mid_caching_is_redelivered_and_completes(stack_env, tmp_path):
         space = check.keys.text_space, check.keys.image_space
         fingerprint = manifest.model_fingerprint
         hits = [h for s in space for h in check.index.entries_of(s, USER, fingerprint, [CONCEPT])]
-        with_chunks = [h.chunk_id for h in hits if h.chunk_id]
+        with_chunks = [h.chunk.chunk_id for h in hits if h.chunk]
         assert sorted(with_chunks) == sorted(ids)
         result = check.retriever.retrieve(USER, "my teapot", _photo(0), model_fingerprint=fingerprint)
         assert [c.concept_id for c in result.concepts] == [CONCEPT]

@@ -7,8 +7,9 @@ import threading
 import pytest
 from PIL import Image
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.ids import InvalidIdError
-from personalkv.manifest import ChunkRecord, ConceptManifest, PatchRecord
+from personalkv.manifest import ConceptManifest, PatchRecord
 from personalkv.storage import ChunkStore, MissingObjectsError, ObjectNotFound, StorageUnavailable
 from personalkv.storage.chunk_store import InvalidPhotoError
 
@@ -30,9 +31,9 @@ def build_concept(store: ChunkStore, user="alice", concept="rex", n_chunks=2) ->
     for i in range(n_chunks):
         cid = chunk_id(f"{user}/{concept}/{i}")
         key = store.put_chunk(user, concept, cid, f"kv-{i}".encode() * 100)
-        chunks.append(ChunkRecord(chunk_id=cid, kind="image_patch", object_key=key,
-                                  token_count=8, position_span=8, model_fingerprint="fp",
-                                  source=str(i)))  # fmt: skip
+        chunks.append(ChunkRef(chunk_id=cid, kind="image_patch", object_key=key,
+                               token_count=8, position_span=8, model_fingerprint="fp",
+                               source=str(i)))  # fmt: skip
     manifest = ConceptManifest(
         user_id=user, concept_id=concept, state="ready", profile={"name": concept},
         photos=[photo], chunks=chunks, model_fingerprint="fp",

@@ -9,7 +9,8 @@ import hashlib
 import time
 
 import pytest
-from personalkv.manifest import ChunkRecord, ConceptManifest
+from personalkv.chunk_ref import ChunkRef
+from personalkv.manifest import ConceptManifest
 from personalkv.storage import ChunkStore, StorageUnavailable
 from personalkv.storage.s3 import S3ObjectStore
 
@@ -33,8 +34,8 @@ def test_outage_during_publish_leaves_no_manifest(proxied_store):
     key = store.put_chunk("alice", "rex", cid, b"kv" * 1000)
     manifest = ConceptManifest(
         user_id="alice", concept_id="rex", state="ready", profile={"name": "Rex"},
-        chunks=[ChunkRecord(chunk_id=cid, kind="profile_text", object_key=key, token_count=4,
-                            position_span=4, model_fingerprint="fp", source="profile")],
+        chunks=[ChunkRef(chunk_id=cid, kind="profile_text", object_key=key, token_count=4,
+                         position_span=4, model_fingerprint="fp", source="profile")],
     )  # fmt: skip
 
     proxy.cut()

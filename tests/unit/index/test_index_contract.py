@@ -6,18 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from personalkv.chunk_ref import ChunkRef
 from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
 
 SPACE = VectorSpace("unit", 8)
+C1, C9 = "c1" * 32, "c9" * 32  # chunk ids (sha256 hex)
+
+
+def chunk_ref(user: str, chunk_id: str, fp: str = "fp") -> ChunkRef:
+    return ChunkRef(chunk_id=chunk_id, kind="image_patch", object_key=f"users/{user}/x",
+                    token_count=7, position_span=9, model_fingerprint=fp, source="0")
 
 
 def entry(user: str, concept: str, key: str, vector, fp: str = "fp", kind: str = "image_patch",
           chunk: str = "") -> IndexEntry:
     v = np.asarray(vector, np.float32)
     return IndexEntry(key_id=f"{user}-{key}", user_id=user, concept_id=concept, kind=kind,
-                      model_fingerprint=fp, vector=v / np.linalg.norm(v), chunk_id=chunk,
-                      object_key=f"users/{user}/x" if chunk else "", token_count=7,
-                      position_span=9, source="0")
+                      model_fingerprint=fp, vector=v / np.linalg.norm(v), source="0",
+                      chunk=chunk_ref(user, chunk, fp) if chunk else None)
 
 
 def onehot(i: int) -> np.ndarray:
@@ -39,7 +45,7 @@ def local_key_index(request):
 @pytest.fixture
 def filled(local_key_index):
     index = local_key_index
-    index.upsert(SPACE, [entry("alice", "mug", "a1", onehot(0), chunk="c1"),
+    index.upsert(SPACE, [entry("alice", "mug", "a1", onehot(0), chunk=C1),
                          entry("alice", "dog", "a2", onehot(1)),
                          entry("bob", "mug", "b1", onehot(0)),
                          entry("alice", "mug", "a3", onehot(0), fp="other")])
@@ -51,7 +57,9 @@ def test_search_is_scoped_to_user_and_fingerprint(filled):
     assert [h.key_id for h in hits][0] == "alice-a1"
     assert {h.user_id for h in hits} == {"alice"}
     assert {h.model_fingerprint for h in hits} == {"fp"}
-    assert hits[0].chunk_id == "c1" and hits[0].token_count == 7 and hits[0].position_span == 9
+    assert hits[0].chunk == chunk_ref("alice", C1)  # the whole ChunkRef comes back
+    assert hits[0].chunk.token_count == 7 and hits[0].chunk.position_span == 9
+    assert all(h.chunk is None for h in hits[1:])  # chunkless keys
     assert hits[0].score == pytest.approx(1.0, abs=1e-3)
     assert search(filled, "carol", onehot(0)) == []
     assert {h.key_id for h in search(filled, "alice", onehot(0), fp="other")} == {"alice-a3"}
@@ -71,9 +79,9 @@ def test_entries_of_filters_concepts_and_kinds(filled):
 
 
 def test_upsert_replaces_by_key_id(filled):
-    filled.upsert(SPACE, [entry("alice", "mug", "a1", onehot(5), chunk="c9")])
+    filled.upsert(SPACE, [entry("alice", "mug", "a1", onehot(5), chunk=C9)])
     hits = search(filled, "alice", onehot(5), limit=1)
-    assert hits[0].key_id == "alice-a1" and hits[0].chunk_id == "c9"
+    assert hits[0].key_id == "alice-a1" and hits[0].chunk.chunk_id == C9
     assert filled.count(SPACE, "alice") == 3
 
 
@@ -124,3 +132,16 @@ def test_every_registered_backend_implements_the_whole_interface():
         module, name = target.split(":")
         cls = getattr(importlib.import_module(module), name)
         assert issubclass(cls, KeyIndex) and not inspect.isabstract(cls), target
+
+
+
+@pytest.mark.parametrize("key", [{"kind": "profile_text"}, {"model_fingerprint": "other"},
+                                 {"source": "1"}])
+def test_an_entry_and_its_chunk_agree_on_kind_fingerprint_and_source(key):
+    # A backend stores kind, fingerprint and source once (Milvus' flat columns) and reads the
+    # chunk back from them, so an entry whose chunk says otherwise is refused up front.
+    fields = dict(key_id="k", user_id="u", concept_id="c", kind="image_patch",
+                  model_fingerprint="fp", vector=onehot(0), source="0")
+    IndexEntry(**fields, chunk=chunk_ref("u", C1))
+    with pytest.raises(ValueError, match="differ from its chunk"):
+        IndexEntry(**{**fields, **key}, chunk=chunk_ref("u", C1))

@@ -12,13 +12,14 @@ KEYS = KeyBuilder(HashingTextEncoder(), GlobalDescriptorEncoder())
 def test_every_chunk_gets_one_key_and_names_are_kept():
     manifest, photos = build_concept("alice", "bobo", "Bobo", "my dog", 1, n_photos=3)
     built = KEYS.build(manifest, photos.__getitem__)
-    chunk_keys = [e for e in built.text + built.image if e.chunk_id]
-    assert sorted(e.chunk_id for e in chunk_keys) == sorted(c.chunk_id for c in manifest.chunks)
+    chunk_keys = [e for e in built.text + built.image if e.chunk]
+    assert [e.chunk for e in sorted(chunk_keys, key=lambda e: e.chunk.chunk_id)] == \
+        sorted(manifest.chunks, key=lambda c: c.chunk_id)  # the manifest's ChunkRefs
     assert [e.source for e in built.text if e.kind == "name"] == [NAME_PREFIX + "Bobo"]
     assert sum(e.kind == "photo" for e in built.image) == 3
     for patch_index in range(3):  # patch i's crop key leads to the chunk whose source is i
         (e,) = [e for e in built.image if e.kind == "image_patch" and e.source == str(patch_index)]
-        assert e.chunk_id and e.object_key.startswith("users/alice/concepts/bobo/chunks/")
+        assert e.chunk and e.chunk.object_key.startswith("users/alice/concepts/bobo/chunks/")
     assert all(e.model_fingerprint == manifest.model_fingerprint for e in built.text + built.image)
     assert len({e.key_id for e in built.text + built.image}) == len(built.text + built.image)
 

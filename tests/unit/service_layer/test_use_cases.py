@@ -77,7 +77,7 @@ def test_pipeline_makes_a_concept_ready_with_one_chunk_per_patch(svc, photo_of):
     keys = svc.keys
     hits = [h for space in (keys.text_space, keys.image_space)
             for h in svc.index.entries_of(space, "alice", m.model_fingerprint, ["mug"])]
-    assert sorted(h.chunk_id for h in hits if h.chunk_id) == sorted(c.chunk_id for c in m.chunks)
+    assert sorted(h.chunk.chunk_id for h in hits if h.chunk) == sorted(c.chunk_id for c in m.chunks)
 
 
 def test_redelivered_tasks_change_nothing(svc, photo_of):
