@@ -32,6 +32,7 @@ from personalkv.models.base import ModelAdapter
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.service_layer import mining_port, pipeline
 from personalkv.service_layer.chunk_cache import ChunkCache
+from personalkv.service_layer.conversation_cache import ConversationCache
 from personalkv.service_layer.services import Builders, Services
 from personalkv.service_layer.task_queue import (
     TASK_CACHE, TASK_MINE, InProcessTaskQueue, TaskHandler, TaskQueue,
@@ -125,6 +126,8 @@ def bootstrap(
     services = Services(
         settings=settings, store=ChunkStore.open(settings.storage.url, settings.storage),
         chunk_cache=ChunkCache(settings.service.chunk_cache_bytes), task_queue=queue,
+        conversations=ConversationCache(settings.service.conversation_cache_bytes,
+                                        settings.service.conversation_idle_s),
         builders=builders, miner=mining_port.mine,
     )
     queue.bind(task_handlers(services))

@@ -295,6 +295,25 @@ class ServiceSettings(BaseSettings):
         "`serve --embedded`, the demo): where the object dir (objects/) and the milvus-lite file "
         "(index/milvus.db) live."
     )
+    conversation_cache_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Byte budget of the live conversations' KV kept per answering process (LRU; "
+        "a conversation evicted or idle past conversation_idle_s is rebuilt from its record on "
+        "its next turn). 0 keeps none: every follow-up rebuilds.",
+    )
+    conversation_idle_s: float = Field(
+        1800.0, gt=0, description="A live conversation's KV is dropped after this many seconds "
+        "without a turn (its record stays: the next turn rebuilds it).",
+    )
+    max_conversation_turns: int = Field(
+        32, ge=1, description="Most questions in one conversation; the next one answers "
+        "FAILED_PRECONDITION (start a new conversation).",
+    )
+    max_conversation_tokens: int = Field(
+        0, ge=0, description="Most tokens a conversation's KV may hold, the next answer's "
+        "max_new_tokens included; 0: the model's context window. Past it a question answers "
+        "FAILED_PRECONDITION (nothing is dropped silently).",
+    )
     task_queue: Literal["celery", "inprocess", "inline"] = Field(
         "celery", description="How use cases hand work to the mining and caching workers: "
         "'celery' (the broker, PERSONALKV_CELERY_BROKER_URL), 'inprocess' (a background thread "

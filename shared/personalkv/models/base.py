@@ -37,10 +37,14 @@ SYSTEM_PROMPT = (
 # Rendered in the model's chat template as the user's turn, then split on: what comes before
 # it is the system prefix, what follows it closes the question and opens the answer.
 _USER_TURN = "PERSONALKVUSERTURN"
+# A follow-up: rendered after an answer, what lies between the answer and the next user turn
+# closes the assistant's turn and opens the user's.
+_ANSWER, _NEXT_TURN = "PERSONALKVANSWER", "PERSONALKVNEXTTURN"
 # Llama-3.x templates print today's date into the system turn unless given one; a fixed date
 # keeps the prefix (and so every chunk's framing hash) stable from one day to the next.
 _TEMPLATE_DATE = "26 Jul 2024"
 _CHATML = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+_CHATML_NEXT_TURN = "<|im_end|>\n<|im_start|>user\n"
 
 
 @dataclass
@@ -112,6 +116,7 @@ class ModelAdapter(ABC):
         self._weights_id = weights_id
         self.max_image_pixels = max_image_pixels
         self.chat_framing = self._chat_framing()
+        self.next_turn_text = self._next_turn_text()
         self._prefix: PrefixCache | None = None
         self._prefix_lock = threading.Lock()
         self._fingerprint: str | None = None
@@ -204,8 +209,36 @@ class ModelAdapter(ABC):
         before, after = _CHATML
         return before.format(system=SYSTEM_PROMPT), after
 
+    def _next_turn_text(self) -> str:
+        """What follows an answer before the next question of a conversation (the template's
+        end of the assistant's turn and start of the user's): ``<|im_end|>\n<|im_start|>user\n``
+        in ChatML, ``<|eot_id|>`` and the user header for Llama-3."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
+                messages = [{"role": "system", "content": wrap(SYSTEM_PROMPT)},
+                            {"role": "user", "content": wrap(_USER_TURN)},
+                            {"role": "assistant", "content": wrap(_ANSWER)},
+                            {"role": "user", "content": wrap(_NEXT_TURN)}]
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, tokenize=False, add_generation_prompt=True, date_string=_TEMPLATE_DATE
+                    )
+                except Exception:  # a template that rejects this form: try the next one
+                    continue
+                if isinstance(text, str) and text.count(_ANSWER) == 1 and text.count(_NEXT_TURN) == 1:
+                    between = text.split(_ANSWER)[1].split(_NEXT_TURN)[0]
+                    if between.strip():
+                        return between
+        return _CHATML_NEXT_TURN
+
     def system_prefix_text(self) -> str:
         return self.chat_framing[0]
+
+    def followup_parts(self, question: str, image: ImageInput | None = None) -> list:
+        """A follow-up question's parts: the end of the previous answer's turn and the start of
+        the user's (``next_turn_text``), then the question as ``question_parts`` frames it."""
+        return [self.next_turn_text, *self.question_parts(question, image)]
 
     def question_parts(self, question: str, image: ImageInput | None = None) -> list:
         parts: list = []
@@ -337,6 +370,12 @@ class ModelAdapter(ABC):
     def cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``(1, kv_heads, tokens, head_dim)`` of one layer."""
         return cache.layers[layer].keys, cache.layers[layer].values
+
+    @staticmethod
+    def cache_nbytes(cache) -> int:
+        """Bytes of every layer's keys and values."""
+        return sum(t.numel() * t.element_size() for layer in cache.layers
+                   for t in (layer.keys, layer.values) if t is not None and hasattr(t, "numel"))
 
     @staticmethod
     def set_cache_kv(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:

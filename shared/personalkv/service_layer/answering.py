@@ -11,6 +11,9 @@ streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
 
 A chunk that vanished (concept deleted meanwhile) or is unreadable is skipped and counted in
 ``AskResult.skipped_chunks``; the answer then rests on the remaining evidence.
+
+With ``start_conversation`` / ``conversation_id`` the Ask is a turn of a conversation whose KV
+is kept between turns (``service_layer.conversations``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from personalkv.kv.codec import ChunkFormatError, decode_chunk
+from personalkv.conversation_record import PlacedEvidence
+from personalkv.images import ValidatedPhoto
 from personalkv.kv.engine import GenerationOptions, answer
+from personalkv.service_layer import conversations
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
-from personalkv.images import ValidatedPhoto
+from personalkv.service_layer.evidence import load_chunks
 from personalkv.service_layer.photos import validate_photo
-from personalkv.storage.base import ObjectNotFound
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,8 @@ class AskResult:
     token_ids: list[int] = field(default_factory=list)
     skipped_chunks: int = 0
     cache_hits: int = 0
+    #: the conversation this turn belongs to (None: a single-turn Ask, nothing kept)
+    conversation_id: str | None = None
 
     def describe_evidence(self) -> str:
         """What the answer rested on, for a terminal (``personalkv ask``, the demo)."""
@@ -156,68 +162,68 @@ def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes]
 
 
 def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
-        options: AskOptions | None = None, on_token=None) -> AskResult:
+        options: AskOptions | None = None, on_token=None, *, conversation_id: str | None = None,
+        start_conversation: bool = False) -> AskResult:
     """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
-    ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it)."""
+    ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it).
+    ``start_conversation``: keep this turn's KV and return the new conversation's id;
+    ``conversation_id``: a follow-up in that conversation (``service_layer.conversations``)."""
     options = options or AskOptions()
     return _answer(svc, user_id, _check(svc, user_id, question, list(photos), options), options,
-                   on_token)
+                   on_token, conversation_id, start_conversation)
 
 
 def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
-            on_token=None) -> AskResult:
+            on_token=None, conversation_id: str | None = None,
+            start_conversation: bool = False) -> AskResult:
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
 
-    t0 = time.perf_counter()
-    result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
-    t1 = time.perf_counter()
-    chunks, used, skipped, hits = [], [], 0, 0
-    for concept in result.concepts:
-        for record in concept.chunks:
-            key = (user_id, concept.concept_id, record.chunk_id)
-
-            def load(record=record):
-                blob = svc.store.get_chunk_by_key(user_id, record.object_key)
-                return decode_chunk(blob, expected_model=fingerprint, dtype=adapter.dtype,
-                                    expected_user=user_id, expected_chunk_id=record.chunk_id,
-                                    device=adapter.device)
-
-            try:
-                with dependencies("the object store"):
-                    chunk, hit = svc.chunk_cache.get_or_load(key, load)
-            except ObjectNotFound:
-                skipped += 1
-                log.warning("chunk %s of %s/%s is gone (deleted meanwhile?)",
-                            record.chunk_id[:12], user_id, concept.concept_id)
-                continue
-            except ChunkFormatError as exc:
-                skipped += 1
-                log.error("chunk %s of %s/%s unusable: %s", record.chunk_id[:12], user_id,
-                          concept.concept_id, exc)
-                continue
-            hits += hit
-            chunks.append(chunk)
-            used.append(UsedChunk(record.chunk_id, concept.concept_id, record.kind, concept.score))
-    t2 = time.perf_counter()
-    ratio = svc.settings.model.recompute_ratio if options.recompute_ratio is None else options.recompute_ratio
-    generation = GenerationOptions(
-        max_new_tokens=options.max_new_tokens, temperature=options.temperature,
-        top_p=options.top_p, seed=options.seed, recompute_ratio=ratio,
-        recompute_strategy=svc.settings.model.recompute_strategy,
-    )
-    # A text-only model cannot see the photo: it found the concepts (retrieval), that is all.
-    model_image = checked.photo.image if checked.photo and adapter.supports_images else None
-    out = answer(adapter, chunks, checked.question, image=model_image, options=generation,
-                 on_token=on_token)
+    with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
+        t0 = time.perf_counter()
+        result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
+        t1 = time.perf_counter()
+        picked = result.concepts
+        if conv is not None and conv.is_followup:
+            # A follow-up brings only its own evidence: concepts its photo shows or its
+            # question names, and not already in the conversation (conversations module doc).
+            have = set(conv.record.concept_ids)
+            picked = [c for c in picked if c.concept_id not in have
+                      and (c.named or (checked.photo is not None and c.image_score > 0))]
+        loaded = load_chunks(svc, user_id, [(c.concept_id, ref) for c in picked for ref in c.chunks])
+        scores = {c.concept_id: c.score for c in result.concepts}
+        used = [UsedChunk(ref.chunk_id, concept_id, ref.kind, scores[concept_id])
+                for concept_id, ref in loaded.refs]
+        t2 = time.perf_counter()
+        ratio = svc.settings.model.recompute_ratio if options.recompute_ratio is None else options.recompute_ratio
+        generation = GenerationOptions(
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+            top_p=options.top_p, seed=options.seed, recompute_ratio=ratio,
+            recompute_strategy=svc.settings.model.recompute_strategy,
+        )
+        # A text-only model cannot see the photo: it found the concepts (retrieval), that is all.
+        model_photo = checked.photo if checked.photo and adapter.supports_images else None
+        model_image = model_photo.image if model_photo is not None else None
+        if conv is None:
+            out = answer(adapter, loaded.chunks, checked.question, image=model_image,
+                         options=generation, on_token=on_token)
+        else:
+            conv.check_room(adapter, loaded.chunks, checked.question, generation.max_new_tokens)
+            out = conv.state.turn(adapter, loaded.chunks, checked.question, model_image,
+                                  options=generation, on_token=on_token)
+            conv.record_turn(checked.question,
+                             [PlacedEvidence(concept_id=c, chunk=ref) for c, ref in loaded.refs],
+                             model_photo, out.text.strip(), out.token_ids, generation)
     timings = Timings(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
                       recompute=out.timings["recompute"], prefill=out.timings["prefill"],
                       decode=out.timings["decode"])
     return AskResult(
         answer=out.text.strip(),
-        concepts=[UsedConcept(c.concept_id, c.score) for c in result.concepts],
-        chunks=used, timings=timings, personal_evidence_used=bool(chunks),
-        token_ids=out.token_ids, skipped_chunks=skipped, cache_hits=hits,
+        concepts=[UsedConcept(c.concept_id, c.score) for c in picked],
+        chunks=used, timings=timings,
+        personal_evidence_used=bool(loaded.chunks) or bool(conv and conv.record.concept_ids),
+        token_ids=out.token_ids, skipped_chunks=loaded.skipped, cache_hits=loaded.cache_hits,
+        conversation_id=conv.conversation_id if conv is not None else None,
     )
 
 
@@ -225,7 +231,8 @@ _DONE = object()
 
 
 def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
-               options: AskOptions | None = None) -> Iterator[str | AskResult]:
+               options: AskOptions | None = None, *, conversation_id: str | None = None,
+               start_conversation: bool = False) -> Iterator[str | AskResult]:
     """Yield the answer's text as it is generated (str pieces), then the final AskResult.
     Validation errors raise before the first yield. Closing the generator early stops the
     generation at the next token."""
@@ -245,7 +252,8 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
 
     def run() -> None:
         try:
-            events.put(("result", _answer(svc, user_id, checked, options, on_token)))
+            events.put(("result", _answer(svc, user_id, checked, options, on_token,
+                                          conversation_id, start_conversation)))
         except _Cancelled:
             pass
         except BaseException as exc:  # re-raised in the consumer

@@ -141,12 +141,15 @@ def delete_concept(svc: Services, user_id: str, concept_id: str) -> bool:
         svc.index.delete_concept(user_id, concept_id)
         svc.store.delete_concept(user_id, concept_id)
     svc.chunk_cache.invalidate(user_id, concept_id)
+    # Live conversations may hold its KV: the next turn rebuilds, and refuses without it.
+    svc.conversations.drop(user_id)
     log.info("deleted concept %s/%s (existed: %s)", user_id, concept_id, existed)
     return existed
 
 
 def delete_user(svc: Services, user_id: str) -> int:
-    """Forget the user: every concept in the index, the store and the cache. Idempotent;
+    """Forget the user: every concept in the index, the store and the caches, and every
+    conversation (records under the user's prefix, live KV). Idempotent;
     returns how many concepts existed."""
     check_ids(user_id)
     with dependencies("the index or the object store"):
@@ -154,5 +157,6 @@ def delete_user(svc: Services, user_id: str) -> int:
         svc.index.delete_user(user_id)
         svc.store.delete_user(user_id)
     svc.chunk_cache.invalidate(user_id)
+    svc.conversations.drop(user_id)  # their records went with the user's prefix
     log.info("deleted user %s (%d concepts)", user_id, len(concepts))
     return len(concepts)

@@ -3,7 +3,8 @@
 Raised by every use case in ``personalkv.service_layer``; the gRPC servicers map each class to one
 status code (``InvalidArgument`` -> INVALID_ARGUMENT, ``AlreadyExists`` -> ALREADY_EXISTS (or
 INVALID_ARGUMENT, it is a subclass), ``NotFound`` -> NOT_FOUND, ``PermissionDenied`` ->
-PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``Unavailable`` -> UNAVAILABLE),
+PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``FailedPrecondition`` ->
+FAILED_PRECONDITION, ``Aborted`` -> ABORTED, ``Unavailable`` -> UNAVAILABLE),
 and the Celery tasks retry on ``Unavailable`` only. ``str(error)`` is the human message.
 """
 
@@ -44,6 +45,19 @@ class ResourceExhausted(ServiceError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(ServiceError):
+    """The request cannot run in the state things are in (a conversation at its limit, or
+    whose model or evidence changed); retrying the same request will not help."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Aborted(ServiceError):
+    """A concurrent request won (another question in the same conversation); retry after it."""
+
+    code = "ABORTED"
+
+
 class Unavailable(ServiceError):
     """A dependency (object store, index, broker) is down; retrying later may succeed."""
 
@@ -51,6 +65,6 @@ class Unavailable(ServiceError):
 
 
 __all__ = [
-    "AlreadyExists", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
-    "ServiceError", "Unavailable",
+    "Aborted", "AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound",
+    "PermissionDenied", "ResourceExhausted", "ServiceError", "Unavailable",
 ]

@@ -1,7 +1,7 @@
 """``Services``: what every use case takes as its first argument.
 
 Built by the composition root (``personalkv.bootstrap``), once per process. The store, the
-hot-chunk cache and the task queue are there from the start; the key index, the model adapter,
+hot-chunk cache, the live conversations' KV and the task queue are there from the start; the key index, the model adapter,
 the retrieval encoders, the stored photo descriptors, the per-user recognizers and the
 retriever open lazily on first use, from the ``Builders`` the composition root passes, so a
 process that never answers (the ingestion API) never loads a model.
@@ -21,6 +21,7 @@ from personalkv.models.base import ModelAdapter
 from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
 from personalkv.service_layer.chunk_cache import ChunkCache
+from personalkv.service_layer.conversation_cache import ConversationCache
 from personalkv.service_layer.task_queue import TaskQueue
 from personalkv.storage.chunk_store import ChunkStore
 
@@ -50,6 +51,7 @@ class Services:
     store: ChunkStore
     chunk_cache: ChunkCache
     task_queue: TaskQueue
+    conversations: ConversationCache
     builders: Builders = field(repr=False)
     miner: Miner = field(repr=False)
     _built: dict[str, object] = field(default_factory=dict, repr=False)

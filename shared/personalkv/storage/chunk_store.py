@@ -9,6 +9,8 @@ Layout in the underlying ObjectStore (every id validated before it becomes part 
     users/<user>/concepts/<concept>/manifest.json
     users/<user>/concepts/<concept>/photos/<photo_id>.<ext>
     users/<user>/concepts/<concept>/chunks/<chunk_id>.kv
+    users/<user>/conversations/<id>.json     a conversation's record (conversation_record)
+    users/<user>/conversations/<id>/<turn>.<ext>   the photo of a turn the model saw
     stamps/<user>                        changes whenever any of the user's manifests does
 
 A concept exists exactly when its manifest exists. The manifest is written last, after every
@@ -52,6 +54,7 @@ from personalkv.ids import (
     validate_hex_digest,
     validate_user_id,
 )
+from personalkv.conversation_record import ConversationRecord
 from personalkv.images import PHOTO_FORMATS, ValidatedPhoto
 from personalkv.manifest import ConceptManifest, PhotoRecord
 from personalkv.storage.base import ObjectNotFound, ObjectStore, PreconditionFailed, StorageError
@@ -276,6 +279,76 @@ class ChunkStore:
         if (manifest.user_id, manifest.concept_id) != (user_id, concept_id):
             raise StorageError(f"manifest at {user_id}/{concept_id} belongs to another concept")
         return manifest, version
+
+    # -- conversations ------------------------------------------------------------------------
+    @classmethod
+    def conversation_key(cls, user_id: str, conversation_id: str) -> str:
+        conversation_id = validate_hex_digest(conversation_id, "conversation id")
+        return f"{cls.user_prefix(user_id)}conversations/{conversation_id}.json"
+
+    def create_conversation(self, record: ConversationRecord) -> ConversationRecord:
+        """Store a new conversation's record; PreconditionFailed if the id exists."""
+        key = self.conversation_key(record.user_id, record.conversation_id)
+        self.objects.put_if(key, record.to_json(), None, "application/json")
+        return record
+
+    def read_conversation(self, user_id: str, conversation_id: str
+                          ) -> tuple[ConversationRecord | None, str | None]:
+        """(record, its version for a compare-and-set), or (None, None): no such conversation
+        of this user (another user's id reads as missing: the key holds the caller's user)."""
+        try:
+            data, version = self.objects.get_versioned(self.conversation_key(user_id, conversation_id))
+        except ObjectNotFound:
+            return None, None
+        record = ConversationRecord.from_json(data)
+        if (record.user_id, record.conversation_id) != (user_id, conversation_id):
+            raise StorageError(f"conversation at {user_id}/{conversation_id} belongs to another")
+        return record, version
+
+    def update_conversation(self, record: ConversationRecord, version: str) -> ConversationRecord:
+        """Write ``record`` if the stored one is still at ``version`` (else PreconditionFailed;
+        ObjectNotFound when it was ended meanwhile)."""
+        stored = record.model_copy(update={"updated_at": datetime.now(timezone.utc)})
+        self.objects.put_if(self.conversation_key(record.user_id, record.conversation_id),
+                            stored.to_json(), version, "application/json")
+        return stored
+
+    def put_conversation_photo(self, user_id: str, conversation_id: str, turn: int,
+                               photo: ValidatedPhoto) -> str:
+        """Store the photo of a conversation's turn (the model saw it); returns its key."""
+        ext = _EXT_BY_MEDIA_TYPE[photo.media_type]
+        key = self.conversation_key(user_id, conversation_id)[: -len(".json")] + f"/{int(turn)}.{ext}"
+        self.objects.put(key, photo.data, content_type=photo.media_type)
+        return key
+
+    def get_conversation_photo(self, user_id: str, conversation_id: str, key: str) -> bytes:
+        """A turn's photo by the key its record holds, refusing any key outside that
+        conversation's folder: a record is data, not a trusted pointer."""
+        folder = self.conversation_key(user_id, conversation_id)[: -len(".json")] + "/"
+        if not key.startswith(folder) or "/" in key[len(folder):] or ".." in key:
+            raise InvalidIdError(f"object key {key!r} is not a photo of this conversation")
+        return self.objects.get(key)
+
+    def list_conversations(self, user_id: str) -> list[ConversationRecord]:
+        """The user's conversations, oldest first."""
+        prefix = self.user_prefix(user_id) + "conversations/"
+        records = []
+        for key in self.objects.list(prefix):
+            name = key[len(prefix):]
+            if "/" in name or not name.endswith(".json"):
+                continue
+            record, _ = self.read_conversation(user_id, name[: -len(".json")])
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda r: (r.created_at, r.conversation_id))
+
+    def delete_conversation(self, user_id: str, conversation_id: str) -> bool:
+        """Remove a conversation's record and photos; returns whether it existed. Idempotent."""
+        key = self.conversation_key(user_id, conversation_id)
+        existed = self.objects.exists(key)
+        self.objects.delete(key)  # first: the conversation is gone for every process
+        self.objects.delete_prefix(key[: -len(".json")] + "/")
+        return existed
 
     # -- the concepts stamp ------------------------------------------------------------------
     def concepts_stamp(self, user_id: str) -> str | None:

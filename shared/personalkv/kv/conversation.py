@@ -1,0 +1,141 @@
+"""A conversation's KV: placed evidence and every turn so far, kept so that a follow-up question
+costs only its own tokens.
+
+Layout of the cache (positions ascending, no gaps)::
+
+    [system prefix][evidence chunks of turn 1][question 1][answer 1]
+    [end of answer / start of the user's turn][evidence new in turn 2][question 2][answer 2] ...
+
+Turn 1 is exactly the single-turn Ask (``engine.answer`` runs it this way): the chunks are placed
+behind the system prefix (``place_chunks``), a share is recomputed, the question is prefilled
+and the answer decoded. A follow-up feeds what the cache still lacks of the previous answer (its
+last token when the answer stopped at ``max_new_tokens``: decoding never feeds the token it
+ends on) and the template's turn separator (``ModelAdapter.next_turn_text``); evidence new in
+this turn is then appended at the next free positions (its keys rotated there, like any
+placement) and its own tokens are recomputed against everything before it (the earlier turns are
+context it never saw), then the question is prefilled and the answer decoded. Evidence already
+in the conversation is never placed twice, and nothing placed before is moved: the history is a
+stable prefix.
+
+``ConversationKV.replay`` rebuilds the same cache from a turn record (chunks, question, photo,
+answer token ids) with the same operations in the same order, so a conversation continues on any
+process: greedy decoding from a rebuilt cache gives the answer the kept one gives (tests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from personalkv.kv.chunk import KVChunk
+from personalkv.kv.generation import AnswerResult, GenerationOptions, decode, prefill
+from personalkv.kv.placement import PlacedChunk, PlacedContext, chunk_offsets, place_chunks
+from personalkv.kv.recompute import recompute
+from personalkv.kv.rope import shift_keys
+from personalkv.models.base import ModelAdapter, Segment
+
+
+@dataclass
+class ConversationKV:
+    """A conversation's live cache (see the module docstring). Not thread-safe: one turn at a
+    time (the service layer serialises a conversation's turns)."""
+
+    #: the cache and its bookkeeping; None before the first turn
+    ctx: PlacedContext | None = None
+    turns: int = 0
+    #: generated tokens the cache does not hold yet (fed at the start of the next turn)
+    pending: list[int] = field(default_factory=list)
+    #: chunk ids placed so far, in order
+    evidence: list[str] = field(default_factory=list)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens in the cache (what the model's context window bounds)."""
+        return 0 if self.ctx is None else self.ctx.kv_length
+
+    def nbytes(self) -> int:
+        """Bytes of the cache's keys and values."""
+        return 0 if self.ctx is None else ModelAdapter.cache_nbytes(self.ctx.cache)
+
+    def turn(self, adapter: ModelAdapter, chunks: Sequence[KVChunk], question: str,
+             image: Image.Image | None = None, *, options: GenerationOptions, on_token=None,
+             answer_ids: Sequence[int] | None = None) -> AnswerResult:
+        """Answer one question: ``chunks`` are this turn's new evidence (already placed ones are
+        skipped), ``options`` the engine's ``GenerationOptions``. With ``answer_ids`` (a replay)
+        the answer is not generated: those tokens are fed as the decode loop fed them."""
+        if self.turns and self.ctx is None:
+            raise ValueError("a conversation's cache was dropped")
+        chunks = [c for c in chunks if c.chunk_id not in self.evidence]
+        timings: dict[str, float] = {}
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if self.turns == 0:
+                self.ctx = place_chunks(adapter, list(chunks))
+                placed = self.ctx
+            else:
+                between = [*self.pending, *adapter.tokenize(adapter.next_turn_text)]
+                prefill(adapter, self.ctx, Segment(token_ids=torch.tensor(between)))
+                placed = append_chunks(adapter, self.ctx, list(chunks))
+            self.pending = []
+            t1 = time.perf_counter()
+            recomputed = recompute(adapter, placed, options.recompute_ratio, options.recompute_strategy)
+            t2 = time.perf_counter()
+            photo = adapter.encode_image(image) if image is not None else None
+            logits = prefill(adapter, self.ctx, adapter.build_segment(adapter.question_parts(question, photo)))
+            t3 = time.perf_counter()
+            if answer_ids is None:
+                tokens = decode(adapter, self.ctx, logits, options, on_token)
+            else:
+                tokens = list(answer_ids)
+                fed = tokens[:-1] if len(tokens) == options.max_new_tokens else tokens
+                for token in fed:  # one at a time, as decode fed them: the same arithmetic
+                    prefill(adapter, self.ctx, Segment(token_ids=torch.tensor([token])))
+            t4 = time.perf_counter()
+        # decode feeds every token but the one it stops on at max_new_tokens (an EOS is never
+        # appended): that one opens the next turn.
+        self.pending = tokens[-1:] if len(tokens) == options.max_new_tokens else []
+        self.evidence += [c.chunk_id for c in chunks]
+        self.turns += 1
+        timings.update(place=t1 - t0, recompute=t2 - t1, prefill=t3 - t2, decode=t4 - t3)
+        text = adapter.tokenizer.decode(tokens, skip_special_tokens=True)
+        return AnswerResult(text=text, token_ids=tokens, first_logits=logits,
+                          recomputed_tokens=recomputed, timings=timings)
+
+
+def append_chunks(adapter: ModelAdapter, ctx: PlacedContext, chunks: list[KVChunk]) -> PlacedContext:
+    """Lay ``chunks`` at ``ctx``'s next free positions (keys rotated there, values copied),
+    extending its cache in place; returns a view for ``recompute`` in which everything before
+    the new chunks is context (``prefix_tokens``) and the new chunks are the placed ones."""
+    before = ctx.kv_length
+    if not chunks:
+        return PlacedContext(cache=ctx.cache, prefix_tokens=before, next_position=ctx.next_position)
+    prefix = adapter.system_prefix()
+    for chunk in chunks:
+        if chunk.meta.framing != prefix.framing:
+            raise ValueError(f"chunk {chunk.chunk_id[:12]} was computed after a different system prefix")
+    offsets = chunk_offsets(ctx.next_position, chunks)
+    placed, cursor = [], before
+    for chunk, start in zip(chunks, offsets):
+        delta = start - chunk.meta.start_position
+        placed.append(PlacedChunk(chunk=chunk, kv_start=cursor, positions=chunk.positions + delta, delta=delta))
+        cursor += chunk.meta.token_count
+    inv_freq = adapter.inv_freq
+    for layer in range(adapter.num_layers):
+        old_k, old_v = adapter.cache_kv(ctx.cache, layer)
+        keys = old_k.new_empty(1, old_k.shape[1], cursor, old_k.shape[-1])
+        values = old_v.new_empty(1, old_v.shape[1], cursor, old_v.shape[-1])
+        keys[..., :before, :] = old_k
+        values[..., :before, :] = old_v
+        for p in placed:
+            shift_keys(p.chunk.keys[layer].to(keys.device), p.delta, inv_freq,
+                       out=keys[0, :, p.kv_start:p.kv_end, :])
+            values[0, :, p.kv_start:p.kv_end, :] = p.chunk.values[layer]
+        adapter.set_cache_kv(ctx.cache, layer, keys, values)
+    ctx.next_position = offsets[-1] + chunks[-1].meta.position_span
+    ctx.placed += placed
+    return PlacedContext(cache=ctx.cache, prefix_tokens=before, next_position=ctx.next_position,
+                         placed=placed)
