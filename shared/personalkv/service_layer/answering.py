@@ -8,6 +8,7 @@ streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
   place     rotate and lay the chunks behind the system prefix (+ selective recompute)
   prefill   the question (and its photo) after the placed chunks
   decode    token by token
+  rebuild   (a follow-up whose conversation KV this process does not hold) replaying its record
 
 A chunk that vanished (concept deleted meanwhile) or is unreadable is skipped and counted in
 ``AskResult.skipped_chunks``; the answer then rests on the remaining evidence.
@@ -77,6 +78,8 @@ class Timings:
     recompute: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
+    #: a conversation's KV rebuilt from its record (0: kept in this process, or no conversation)
+    rebuild: float = 0.0
 
     @property
     def total(self) -> float:
@@ -179,6 +182,7 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
 
+    opened = time.perf_counter()
     with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
         t0 = time.perf_counter()
         result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
@@ -216,7 +220,7 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
                              model_photo, out.text.strip(), out.token_ids, generation)
     timings = Timings(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
                       recompute=out.timings["recompute"], prefill=out.timings["prefill"],
-                      decode=out.timings["decode"])
+                      decode=out.timings["decode"], rebuild=t0 - opened if conv is not None else 0.0)
     return AskResult(
         answer=out.text.strip(),
         concepts=[UsedConcept(c.concept_id, c.score) for c in picked],

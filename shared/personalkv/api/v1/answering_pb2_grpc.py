@@ -45,6 +45,16 @@ class AnsweringServiceStub:
                 request_serializer=personalkv_dot_v1_dot_answering__pb2.AskRequest.SerializeToString,
                 response_deserializer=personalkv_dot_v1_dot_answering__pb2.AskStreamResponse.FromString,
                 _registered_method=True)
+        self.ListConversations = channel.unary_unary(
+                '/personalkv.v1.AnsweringService/ListConversations',
+                request_serializer=personalkv_dot_v1_dot_answering__pb2.ListConversationsRequest.SerializeToString,
+                response_deserializer=personalkv_dot_v1_dot_answering__pb2.ListConversationsResponse.FromString,
+                _registered_method=True)
+        self.EndConversation = channel.unary_unary(
+                '/personalkv.v1.AnsweringService/EndConversation',
+                request_serializer=personalkv_dot_v1_dot_answering__pb2.EndConversationRequest.SerializeToString,
+                response_deserializer=personalkv_dot_v1_dot_answering__pb2.EndConversationResponse.FromString,
+                _registered_method=True)
 
 
 class AnsweringServiceServicer:
@@ -66,6 +76,20 @@ class AnsweringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListConversations(self, request, context):
+        """The caller's conversations, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndConversation(self, request, context):
+        """End a conversation: its record, photos and kept KV are deleted. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnsweringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +102,16 @@ def add_AnsweringServiceServicer_to_server(servicer, server):
                     servicer.AskStream,
                     request_deserializer=personalkv_dot_v1_dot_answering__pb2.AskRequest.FromString,
                     response_serializer=personalkv_dot_v1_dot_answering__pb2.AskStreamResponse.SerializeToString,
+            ),
+            'ListConversations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConversations,
+                    request_deserializer=personalkv_dot_v1_dot_answering__pb2.ListConversationsRequest.FromString,
+                    response_serializer=personalkv_dot_v1_dot_answering__pb2.ListConversationsResponse.SerializeToString,
+            ),
+            'EndConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndConversation,
+                    request_deserializer=personalkv_dot_v1_dot_answering__pb2.EndConversationRequest.FromString,
+                    response_serializer=personalkv_dot_v1_dot_answering__pb2.EndConversationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +169,60 @@ class AnsweringService:
             '/personalkv.v1.AnsweringService/AskStream',
             personalkv_dot_v1_dot_answering__pb2.AskRequest.SerializeToString,
             personalkv_dot_v1_dot_answering__pb2.AskStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConversations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/personalkv.v1.AnsweringService/ListConversations',
+            personalkv_dot_v1_dot_answering__pb2.ListConversationsRequest.SerializeToString,
+            personalkv_dot_v1_dot_answering__pb2.ListConversationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/personalkv.v1.AnsweringService/EndConversation',
+            personalkv_dot_v1_dot_answering__pb2.EndConversationRequest.SerializeToString,
+            personalkv_dot_v1_dot_answering__pb2.EndConversationResponse.FromString,
             options,
             channel_credentials,
             insecure,
