@@ -23,7 +23,7 @@ from personalkv.api.context import caller, client_gone
 from personalkv.api.errors import grpc_errors
 from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
-from personalkv.service_layer import answering
+from personalkv.service_layer import answering, conversations
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,23 @@ def result_to_proto(result: answering.AskResult) -> answering_pb2.AskResponse:
         ],
         timings=timings_to_proto(result.timings),
         personal_evidence_used=bool(result.personal_evidence_used),
+        conversation_id=result.conversation_id or "",
     )  # fmt: skip
+
+
+def conversation_to_proto(record) -> answering_pb2.Conversation:
+    ms = lambda t: int(t.timestamp() * 1000)  # noqa: E731
+    return answering_pb2.Conversation(
+        conversation_id=record.conversation_id, turns=len(record.turns),
+        concept_ids=record.concept_ids, kv_tokens=record.kv_tokens,
+        created_unix_ms=ms(record.created_at), updated_unix_ms=ms(record.updated_at),
+        first_question=record.turns[0].question if record.turns else "",
+    )
+
+
+def _conversation_kw(request) -> dict:
+    return {"conversation_id": request.conversation_id or None,
+            "start_conversation": request.start_conversation}
 
 
 class _CallGone(Exception):
@@ -79,7 +95,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
         stream = answering.ask_stream(
             self.svc, user_id, request.question, [p.data for p in request.photos],
-            options_from_proto(request.options),
+            options_from_proto(request.options), **_conversation_kw(request),
         )  # fmt: skip
         try:
             for item in stream:
@@ -105,6 +121,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
             result = answering.ask(
                 self.svc, user_id, request.question, [p.data for p in request.photos],
                 options_from_proto(request.options), on_token=on_token,
+                **_conversation_kw(request),
             )  # fmt: skip
         except _CallGone:
             log.info("ask stopped: client cancelled or deadline passed")
@@ -127,6 +144,18 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
             if item.answer.startswith(sent) and len(item.answer) > len(sent):
                 yield answering_pb2.AskStreamResponse(text_delta=item.answer[len(sent):])
             yield answering_pb2.AskStreamResponse(final=result_to_proto(item))
+
+    @grpc_errors
+    def ListConversations(self, request, context):
+        records = conversations.list_conversations(self.svc, caller(request.user_id))
+        return answering_pb2.ListConversationsResponse(
+            conversations=[conversation_to_proto(r) for r in records])
+
+    @grpc_errors
+    def EndConversation(self, request, context):
+        existed = conversations.end_conversation(self.svc, caller(request.user_id),
+                                                 request.conversation_id)
+        return answering_pb2.EndConversationResponse(existed=existed)
 
 
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,

@@ -61,10 +61,7 @@ class ConversationRecord(BaseModel):
     @property
     def concept_ids(self) -> list[str]:
         """Every concept whose evidence the conversation holds, in placement order."""
-        seen: list[str] = []
-        for turn in self.turns:
-            seen += [e.concept_id for e in turn.evidence if e.concept_id not in seen]
-        return seen
+        return list(dict.fromkeys(e.concept_id for turn in self.turns for e in turn.evidence))
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

@@ -56,10 +56,12 @@ def upload_messages(concept_id: str, photos: Sequence[bytes], *, user_id: str = 
                 data=piece, end_of_photo=i == len(pieces) - 1))
 
 
-def ask_request(question: str, photos: Iterable[bytes] = (), **options) -> answering_pb2.AskRequest:
+def ask_request(question: str, photos: Iterable[bytes] = (), *, conversation_id: str = "",
+                start_conversation: bool = False, **options) -> answering_pb2.AskRequest:
     return answering_pb2.AskRequest(
         question=question, photos=[common_pb2.Photo(data=p) for p in photos],
-        options=answering_pb2.AskOptions(**options),
+        options=answering_pb2.AskOptions(**options), conversation_id=conversation_id,
+        start_conversation=start_conversation,
     )
 
 
@@ -124,6 +126,15 @@ class PersonalKVClient:
     def ask_stream(self, question: str, photos: Iterable[bytes] = (), timeout_s: float | None = None,
                    **options) -> Iterator[answering_pb2.AskStreamResponse]:
         return self.answering.AskStream(ask_request(question, photos, **options), **self._kw(timeout_s))
+
+    def list_conversations(self) -> list[answering_pb2.Conversation]:
+        reply = self.answering.ListConversations(answering_pb2.ListConversationsRequest(),
+                                                 **self._kw())
+        return list(reply.conversations)
+
+    def end_conversation(self, conversation_id: str) -> bool:
+        request = answering_pb2.EndConversationRequest(conversation_id=conversation_id)
+        return self.answering.EndConversation(request, **self._kw()).existed
 
     def close(self) -> None:
         for channel in self._channels:

@@ -182,7 +182,6 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
 
-    opened = time.perf_counter()
     with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
         t0 = time.perf_counter()
         result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
@@ -220,7 +219,7 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
                              model_photo, out.text.strip(), out.token_ids, generation)
     timings = Timings(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
                       recompute=out.timings["recompute"], prefill=out.timings["prefill"],
-                      decode=out.timings["decode"], rebuild=t0 - opened if conv is not None else 0.0)
+                      decode=out.timings["decode"], rebuild=conv.rebuild_s if conv is not None else 0.0)
     return AskResult(
         answer=out.text.strip(),
         concepts=[UsedConcept(c.concept_id, c.score) for c in picked],

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class ConversationTurn:
     record: ConversationRecord
     version: str | None  # None: a new conversation, not stored yet
     state: ConversationKV
+    rebuild_s: float = 0.0  # seconds spent replaying the record (0: the KV was kept here)
 
     @property
     def conversation_id(self) -> str:
@@ -156,10 +158,12 @@ def turn(svc: Services, user_id: str, conversation_id: str | None, start: bool,
         raise Aborted("another question in this conversation is being answered; ask again "
                       "when it is done")
     try:
-        state = svc.conversations.take(key) if version is not None else None
+        state, rebuild_s = svc.conversations.take(key) if version is not None else None, 0.0
         if state is None or state.turns != len(record.turns):
+            started = time.perf_counter()
             state = _rebuild(svc, record, adapter) if record.turns else ConversationKV()
-        yield ConversationTurn(svc, record, version, state)
+            rebuild_s = time.perf_counter() - started if record.turns else 0.0
+        yield ConversationTurn(svc, record, version, state, rebuild_s)
     finally:
         svc.conversations.end(key)
 
