@@ -4,6 +4,7 @@
   ingest DIR --user U --concept C [--name --category --info] [--stack]
                                   create the concept (if new), add DIR's photos, wait for ready
   ask --user U "question" [--photo P] [--stack] [--stream]
+      [--start-conversation | --conversation ID]   keep the KV for follow-ups / ask one
   reindex [--user U] [--stack]    rebuild the key index from the manifests
   recache [--user U] [--stack]    re-run caching for every concept (after a model change)
   demo [--data-dir D]             the offline, embedded end-to-end demo (``make demo``)
@@ -42,6 +43,11 @@ def register(subparsers) -> None:
     ask.add_argument("--top-k", type=int, default=None)
     ask.add_argument("--stream", action="store_true")
     ask.add_argument("--stack", action="store_true", help="use the running stack")
+    talk = ask.add_mutually_exclusive_group()
+    talk.add_argument("--start-conversation", action="store_true",
+                      help="keep this question's KV and print the conversation id (on stderr)")
+    talk.add_argument("--conversation", metavar="ID",
+                      help="a follow-up in this conversation (the id --start-conversation printed)")
     ask.set_defaults(func=_ask)
 
     reindex = subparsers.add_parser("reindex", help="rebuild the retrieval index from manifests")
@@ -117,17 +123,18 @@ def _ask(args) -> int:
     svc = _services(args.stack)
     photos = [args.photo.read_bytes()] if args.photo else []
     options = answering.AskOptions(top_k=args.top_k, max_new_tokens=args.max_new_tokens)
+    talk = {"conversation_id": args.conversation, "start_conversation": args.start_conversation}
     try:
         if args.stream:
             result = None
-            for piece in answering.ask_stream(svc, args.user, args.question, photos, options):
+            for piece in answering.ask_stream(svc, args.user, args.question, photos, options, **talk):
                 if isinstance(piece, answering.AskResult):
                     result = piece
                 else:
                     print(piece, end="", flush=True)
             print()
         else:
-            result = answering.ask(svc, args.user, args.question, photos, options)
+            result = answering.ask(svc, args.user, args.question, photos, options, **talk)
             print(result.answer)
     except ServiceError as exc:
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
@@ -135,6 +142,9 @@ def _ask(args) -> int:
     finally:
         svc.close()
     print(result.describe_evidence(), file=sys.stderr)
+    if result.conversation_id:
+        print(f"  conversation: {result.conversation_id} (follow up with --conversation)",
+              file=sys.stderr)
     return 0
 
 

