@@ -19,4 +19,4 @@ def test_stubs_import_as_personalkv_api_v1_and_name_the_v1_package():
     assert ingestion_pb2.DESCRIPTOR.package == "personalkv.v1"
     assert set(ingestion_pb2.DESCRIPTOR.services_by_name) == {"IngestionService"}
     assert set(answering_pb2.DESCRIPTOR.services_by_name["AnsweringService"].methods_by_name) == {
-        "Ask", "AskStream"}
+        "Ask", "AskStream", "ListConversations", "EndConversation"}
