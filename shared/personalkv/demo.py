@@ -190,10 +190,11 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
                               start_conversation=True)
         follow = answering.ask(svc, USER, "And where does he love to go?", [], options,
                                conversation_id=first.conversation_id)
-        out(f"\nconversation {first.conversation_id[:12]}...")
-        for question, result in (("Tell me about my dog Rex.", first),
-                                 ("And where does he love to go?", follow)):
-            out(f"Q: {question}\nA: {result.answer!r}")
+        out(f"\nA conversation ({first.conversation_id[:12]}...): the follow-up is answered "
+            f"from the kept KV of the first turn")
+        for turn, (question, result) in enumerate((("Tell me about my dog Rex.", first),
+                                                   ("And where does he love to go?", follow)), 1):
+            out(f"turn {turn}: {question}\n  answer: {result.answer!r}")
             out(result.describe_evidence())
         stats = svc.chunk_cache.stats()
         out(f"\nhot-chunk cache: {stats.hits} hits, {stats.misses} misses, {stats.entries} "

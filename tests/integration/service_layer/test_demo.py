@@ -74,5 +74,9 @@ def test_demo_without_a_vlm_answers_from_real_weights_and_placed_profiles(tmp_pa
     assert "concepts: rex" in by_question[DOG] and "park" in _answer_text(by_question[DOG])
     assert "concepts: fern" in by_question[FERN] and "sunday" in _answer_text(by_question[FERN])
     assert "personal evidence used: no" in by_question[FRANCE]
+    # The conversation: "he" in the follow-up is Rex, whose profile only the first turn placed.
+    follow = out.split("turn 2: And where does he love to go?")[1]
+    assert "park" in follow.splitlines()[1].lower()
+    assert "none new (the conversation's evidence is kept)" in follow
     # Text-only: one profile chunk per concept, no image-patch chunks.
     assert all(" 1 KV chunks" in line for line in out.splitlines() if line.split()[1:2] == ["ready"])
