@@ -186,26 +186,36 @@ class ModelAdapter(ABC):
         return self._fingerprint
 
     # --- framing: the model's own chat template ----------------------------------------------
+    def _render_chat(self, turns: Sequence[tuple[str, str]], accept) -> str | None:
+        """The tokenizer's chat template rendered over our system prompt and ``turns`` (role,
+        text), with the generation prompt; the first rendering ``accept(text)`` takes, or None
+        (no template, or none accepted). Plain-string content first; multimodal templates may
+        want a list of parts."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
+            messages = [{"role": role, "content": wrap(text)}
+                        for role, text in [("system", SYSTEM_PROMPT), *turns]]
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, date_string=_TEMPLATE_DATE
+                )
+            except Exception:  # a template that rejects this form: try the next one
+                continue
+            if isinstance(text, str) and accept(text):
+                return text
+        return None
+
     def _chat_framing(self) -> tuple[str, str]:
         """(text before the user's turn, text after it) from the tokenizer's chat template with
         our system prompt: ChatML for Qwen2(-VL) and SmolLM2, ``<|begin_of_text|>`` ... headers
         ... ``<|eot_id|>`` for Llama-3. Chunks and the question sit inside the user's turn.
         ChatML when the tokenizer has no usable template."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if template:
-            # Plain-string content first; multimodal templates may want a list of parts.
-            for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
-                messages = [{"role": "system", "content": wrap(SYSTEM_PROMPT)},
-                            {"role": "user", "content": wrap(_USER_TURN)}]
-                try:
-                    text = self.tokenizer.apply_chat_template(
-                        messages, tokenize=False, add_generation_prompt=True, date_string=_TEMPLATE_DATE
-                    )
-                except Exception:  # a template that rejects this form: try the next one
-                    continue
-                if isinstance(text, str) and text.count(_USER_TURN) == 1 and SYSTEM_PROMPT in text:
-                    before, after = text.split(_USER_TURN)
-                    return before, after
+        text = self._render_chat([("user", _USER_TURN)],
+                                 lambda t: t.count(_USER_TURN) == 1 and SYSTEM_PROMPT in t)
+        if text is not None:
+            before, after = text.split(_USER_TURN)
+            return before, after
         before, after = _CHATML
         return before.format(system=SYSTEM_PROMPT), after
 
@@ -213,24 +223,11 @@ class ModelAdapter(ABC):
         """What follows an answer before the next question of a conversation (the template's
         end of the assistant's turn and start of the user's): ``<|im_end|>\n<|im_start|>user\n``
         in ChatML, ``<|eot_id|>`` and the user header for Llama-3."""
-        template = getattr(self.tokenizer, "chat_template", None)
-        if template:
-            for wrap in (lambda text: text, lambda text: [{"type": "text", "text": text}]):
-                messages = [{"role": "system", "content": wrap(SYSTEM_PROMPT)},
-                            {"role": "user", "content": wrap(_USER_TURN)},
-                            {"role": "assistant", "content": wrap(_ANSWER)},
-                            {"role": "user", "content": wrap(_NEXT_TURN)}]
-                try:
-                    text = self.tokenizer.apply_chat_template(
-                        messages, tokenize=False, add_generation_prompt=True, date_string=_TEMPLATE_DATE
-                    )
-                except Exception:  # a template that rejects this form: try the next one
-                    continue
-                if isinstance(text, str) and text.count(_ANSWER) == 1 and text.count(_NEXT_TURN) == 1:
-                    between = text.split(_ANSWER)[1].split(_NEXT_TURN)[0]
-                    if between.strip():
-                        return between
-        return _CHATML_NEXT_TURN
+        between = lambda t: t.split(_ANSWER)[1].split(_NEXT_TURN)[0]  # noqa: E731
+        text = self._render_chat(
+            [("user", _USER_TURN), ("assistant", _ANSWER), ("user", _NEXT_TURN)],
+            lambda t: t.count(_ANSWER) == 1 and t.count(_NEXT_TURN) == 1 and between(t).strip() != "")
+        return _CHATML_NEXT_TURN if text is None else between(text)
 
     def system_prefix_text(self) -> str:
         return self.chat_framing[0]
