@@ -17,6 +17,7 @@ BENCHMARKS = [
     "benchmarks.kv_core",
     "benchmarks.storage_index",
     "benchmarks.ingest",
+    "benchmarks.conversation",
 ]
 
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -140,6 +140,8 @@ class BenchSettings(BaseSettings):
     ingest_concepts: int = Field(30, ge=2, description="ingest: concepts ingested one by one.")
     ingest_photos: int = Field(3, ge=1, description="ingest: photos per concept.")
     ingest_queries: int = Field(20, ge=1, description="ingest: timed Ask retrievals.")
+    conversation_turns: int = Field(8, ge=2, le=8, description="conversation: turns of the "
+                                    "timed conversation (SmolLM2).")
 
 
 class IndexSettings(BaseSettings):
