@@ -26,7 +26,6 @@ PERSONALKV_BENCH_CONVERSATION_TURNS (8). ~1-2 min on 2 busy cores.
 from __future__ import annotations
 
 import tempfile
-import time
 
 import numpy as np
 
