@@ -286,6 +286,11 @@ class ChunkStore:
         conversation_id = validate_hex_digest(conversation_id, "conversation id")
         return f"{cls.user_prefix(user_id)}conversations/{conversation_id}.json"
 
+    @classmethod
+    def conversation_folder(cls, user_id: str, conversation_id: str) -> str:
+        """Where a conversation's turn photos lie (beside its record)."""
+        return cls.conversation_key(user_id, conversation_id)[: -len(".json")] + "/"
+
     def create_conversation(self, record: ConversationRecord) -> ConversationRecord:
         """Store a new conversation's record; PreconditionFailed if the id exists."""
         key = self.conversation_key(record.user_id, record.conversation_id)
@@ -317,14 +322,14 @@ class ChunkStore:
                                photo: ValidatedPhoto) -> str:
         """Store the photo of a conversation's turn (the model saw it); returns its key."""
         ext = _EXT_BY_MEDIA_TYPE[photo.media_type]
-        key = self.conversation_key(user_id, conversation_id)[: -len(".json")] + f"/{int(turn)}.{ext}"
+        key = self.conversation_folder(user_id, conversation_id) + f"{int(turn)}.{ext}"
         self.objects.put(key, photo.data, content_type=photo.media_type)
         return key
 
     def get_conversation_photo(self, user_id: str, conversation_id: str, key: str) -> bytes:
         """A turn's photo by the key its record holds, refusing any key outside that
         conversation's folder: a record is data, not a trusted pointer."""
-        folder = self.conversation_key(user_id, conversation_id)[: -len(".json")] + "/"
+        folder = self.conversation_folder(user_id, conversation_id)
         if not key.startswith(folder) or "/" in key[len(folder):] or ".." in key:
             raise InvalidIdError(f"object key {key!r} is not a photo of this conversation")
         return self.objects.get(key)
@@ -347,7 +352,7 @@ class ChunkStore:
         key = self.conversation_key(user_id, conversation_id)
         existed = self.objects.exists(key)
         self.objects.delete(key)  # first: the conversation is gone for every process
-        self.objects.delete_prefix(key[: -len(".json")] + "/")
+        self.objects.delete_prefix(self.conversation_folder(user_id, conversation_id))
         return existed
 
     # -- the concepts stamp ------------------------------------------------------------------
