@@ -316,6 +316,24 @@ class ServiceSettings(BaseSettings):
         "max_new_tokens included; 0: the model's context window. Past it a question answers "
         "FAILED_PRECONDITION (nothing is dropped silently).",
     )
+    answer_scheduler: Literal["batched", "threads"] = Field(
+        "batched", description="How an answering process runs the model for concurrent Asks: "
+        "'batched' (one loop; requests decoding at the same time advance one token per batched "
+        "forward: continuous batching, personalkv.service_layer.scheduler) or 'threads' (each "
+        "Ask drives the model alone in its RPC thread).",
+    )
+    answer_queue_size: int = Field(
+        64, ge=1, description="Batched scheduler: most Asks waiting for the model; the next one "
+        "answers RESOURCE_EXHAUSTED (retry later).",
+    )
+    answer_max_batch: int = Field(
+        16, ge=1, description="Batched scheduler: most requests decoding in one batched forward.",
+    )
+    answer_max_tokens_in_flight: int = Field(
+        65_536, ge=1, description="Batched scheduler: most KV tokens (placed evidence, question, "
+        "answer so far) of the requests being answered at once; a request that would pass it "
+        "waits in the queue.",
+    )
     task_queue: Literal["celery", "inprocess", "inline"] = Field(
         "celery", description="How use cases hand work to the mining and caching workers: "
         "'celery' (the broker, PERSONALKV_CELERY_BROKER_URL), 'inprocess' (a background thread "
