@@ -9,6 +9,7 @@ streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
   prefill   the question (and its photo) after the placed chunks
   decode    token by token
   rebuild   (a follow-up whose conversation KV this process does not hold) replaying its record
+  queue     waiting for the model (the batched scheduler's queue)
 
 A chunk that vanished (concept deleted meanwhile) or is unreadable is skipped and counted in
 ``AskResult.skipped_chunks``; the answer then rests on the remaining evidence.
@@ -80,6 +81,8 @@ class Timings:
     decode: float = 0.0
     #: a conversation's KV rebuilt from its record (0: kept in this process, or no conversation)
     rebuild: float = 0.0
+    #: waiting in the answering process's queue for the model (the batched scheduler)
+    queue: float = 0.0
 
     @property
     def total(self) -> float:
@@ -96,6 +99,9 @@ class AskResult:
     token_ids: list[int] = field(default_factory=list)
     skipped_chunks: int = 0
     cache_hits: int = 0
+    #: prompt tokens whose KV was not computed for this Ask: placed chunk tokens, and the kept
+    #: conversation KV a follow-up continued from
+    reused_tokens: int = 0
     #: the conversation this turn belongs to (None: a single-turn Ask, nothing kept)
     conversation_id: str | None = None
 
@@ -209,6 +215,9 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
         # A text-only model cannot see the photo: it found the concepts (retrieval), that is all.
         model_photo = checked.photo if checked.photo and adapter.supports_images else None
         model_image = model_photo.image if model_photo is not None else None
+        reused = sum(c.meta.token_count for c in loaded.chunks)
+        if conv is not None and not conv.rebuild_s:
+            reused += conv.state.kv_tokens  # the kept history (0 on a first turn)
         if conv is None:
             out = answer(adapter, loaded.chunks, checked.question, image=model_image,
                          options=generation, on_token=on_token)
@@ -228,6 +237,7 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
         chunks=used, timings=timings,
         personal_evidence_used=bool(loaded.chunks) or bool(conv and conv.record.concept_ids),
         token_ids=out.token_ids, skipped_chunks=loaded.skipped, cache_hits=loaded.cache_hits,
+        reused_tokens=reused,
         conversation_id=conv.conversation_id if conv is not None else None,
     )
 

@@ -60,7 +60,7 @@ class UsedChunk(_message.Message):
     def __init__(self, chunk_id: _Optional[str] = ..., concept_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ChunkKind, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("retrieve_ms", "load_ms", "place_ms", "prefill_ms", "decode_ms", "total_ms", "recompute_ms", "rebuild_ms")
+    __slots__ = ("retrieve_ms", "load_ms", "place_ms", "prefill_ms", "decode_ms", "total_ms", "recompute_ms", "rebuild_ms", "queue_ms")
     RETRIEVE_MS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     PLACE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class Timings(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     REBUILD_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     retrieve_ms: float
     load_ms: float
     place_ms: float
@@ -77,7 +78,8 @@ class Timings(_message.Message):
     total_ms: float
     recompute_ms: float
     rebuild_ms: float
-    def __init__(self, retrieve_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., place_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., recompute_ms: _Optional[float] = ..., rebuild_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, retrieve_ms: _Optional[float] = ..., load_ms: _Optional[float] = ..., place_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., recompute_ms: _Optional[float] = ..., rebuild_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("answer", "concepts", "chunks", "timings", "personal_evidence_used", "conversation_id")
