@@ -9,7 +9,10 @@ check what is stored). Tiny random-weight Qwen2-VL, so it runs on CPU in minutes
 Scenario: create a concept and upload photos over gRPC, wait until ready, Ask without and
 with a photo (unary and streaming), add a photo (only its chunks are computed), delete the
 user (Ask then uses no personal evidence; S3 and Milvus hold nothing of theirs), SIGTERM the
-servers (graceful exit 0).
+servers (graceful exit 0). In between, a conversation outlives its answering process: two
+identical conversations are started; one's follow-up is answered from the kept KV, the
+answering process is SIGKILLed, and the other's follow-up, answered by a fresh process that
+rebuilds the KV from the stored record, is the same answer.
 """
 
 from __future__ import annotations
@@ -114,7 +117,8 @@ def stack(tmp_path, redis_server, s3_server, milvus_server):
     try:
         for port in (ports["ing"], ports["ans"]):
             _wait_serving(f"127.0.0.1:{port}", procs)
-        yield {"procs": {p.name: p for p in procs}, "ports": ports, "s3": s3_server,
+        # "started": processes the test starts later go here too, so that they are stopped
+        yield {"procs": {p.name: p for p in procs}, "started": procs, "env": env, "ports": ports, "s3": s3_server,
                "bucket": bucket, "milvus": milvus_server, "prefix": prefix}
     except BaseException:
         print("\n".join(p.tail() for p in procs))
@@ -207,6 +211,26 @@ def test_full_stack(stack):
         text = _metrics(ports["ing_m"])
         assert "personalkv_grpc_request_duration_seconds_bucket" in text
         assert 'personalkv_queue_depth{queue="caching"} 0.0' in text
+
+        # A pod killed between turns: the next turn on another process gives the same answer.
+        first = "What does Bo love?"
+        x = client.ask(first, max_new_tokens=6, start_conversation=True)
+        y = client.ask(first, max_new_tokens=6, start_conversation=True)
+        assert x.conversation_id and y.conversation_id and x.conversation_id != y.conversation_id
+        assert x.answer == y.answer
+        followup = "And where does he love to go?"
+        kept = client.ask(followup, max_new_tokens=6, conversation_id=x.conversation_id)
+        assert kept.timings.rebuild_ms == 0
+        procs["answering"].stop(signal.SIGKILL, timeout=10)
+        revived = Proc("answering-2", [sys.executable, "-m", "services.answering.server"],
+                       stack["env"], procs["answering"].log.parent)
+        stack["started"].append(revived)
+        procs["answering"] = revived
+        _wait_serving(f"127.0.0.1:{ports['ans']}", [revived])
+        rebuilt = client.ask(followup, max_new_tokens=6, conversation_id=y.conversation_id)
+        assert rebuilt.timings.rebuild_ms > 0  # nothing kept in the new process
+        assert rebuilt.answer == kept.answer
+        assert [c.chunk_id for c in rebuilt.chunks] == [c.chunk_id for c in kept.chunks]
 
         # Delete the user: Ask uses no personal evidence; S3 and Milvus hold nothing of theirs.
         assert client.delete_user_data().concepts_deleted == 1
