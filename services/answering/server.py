@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import fields
 
 import grpc
@@ -79,6 +80,14 @@ def _conversation_kw(request) -> dict:
             "start_conversation": request.start_conversation}
 
 
+def _call_limits(context) -> answering.CallLimits:
+    """The call's deadline and liveness, for the model scheduler's queue."""
+    remaining = context.time_remaining()
+    return answering.CallLimits(
+        deadline=None if remaining is None else time.monotonic() + remaining,
+        cancelled=lambda: client_gone(context))
+
+
 class _CallGone(Exception):
     """Raised from the token callback to stop generation for a call nobody waits for."""
 
@@ -96,6 +105,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         stream = answering.ask_stream(
             self.svc, user_id, request.question, [p.data for p in request.photos],
             options_from_proto(request.options), **_conversation_kw(request),
+            call=_call_limits(context),
         )  # fmt: skip
         try:
             for item in stream:
@@ -121,7 +131,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
             result = answering.ask(
                 self.svc, user_id, request.question, [p.data for p in request.photos],
                 options_from_proto(request.options), on_token=on_token,
-                **_conversation_kw(request),
+                **_conversation_kw(request), call=_call_limits(context),
             )  # fmt: skip
         except _CallGone:
             log.info("ask stopped: client cancelled or deadline passed")
@@ -165,10 +175,17 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
     settings = settings or services.settings.server
     auth = auth or services.settings.auth
     servicer = AnsweringServicer(services)
+    limits = services.settings.service
+    # With the batched scheduler an Ask's thread mostly waits for the model: every Ask the
+    # scheduler may hold (queued or answered) gets a thread, so that the one after them is
+    # refused at once (RESOURCE_EXHAUSTED) rather than left waiting for a thread.
+    workers = settings.max_workers + (limits.answer_queue_size + limits.answer_max_batch
+                                      if limits.answer_scheduler == "batched" else 0)
     return GrpcServer(
         "answering",
         lambda server: answering_pb2_grpc.add_AnsweringServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings, auth=auth,
+        max_workers=workers,
     )  # fmt: skip
 
 

@@ -95,6 +95,17 @@ def _task_queue(settings: Settings) -> TaskQueue:
     return InProcessTaskQueue(synchronous=kind == "inline")
 
 
+def _answerer(services: Services):
+    from personalkv.service_layer.scheduler import BatchScheduler, ThreadAnswerer
+
+    limits = services.settings.service
+    if limits.answer_scheduler == "threads":
+        return ThreadAnswerer(lambda: services.adapter)
+    return BatchScheduler(lambda: services.adapter, queue_size=limits.answer_queue_size,
+                          max_batch=limits.answer_max_batch,
+                          max_tokens_in_flight=limits.answer_max_tokens_in_flight)
+
+
 def task_handlers(services: Services) -> dict[str, TaskHandler]:
     """What an in-process queue runs for each task name: the pipeline's use cases."""
     return {TASK_MINE: partial(pipeline.mine_concept, services),
@@ -121,6 +132,7 @@ def bootstrap(
         index=lambda: open_key_index(index.uri, prefix=index.collection_prefix, token=index.token),
         adapter=adapter_factory, keys=default_keys_factory(settings),
         descriptors=_descriptors, recognizers=_recognizers, retriever=_retriever,
+        answerer=_answerer,
     )
     queue = task_queue or _task_queue(settings)
     services = Services(

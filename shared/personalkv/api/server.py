@@ -47,7 +47,9 @@ class GrpcServer:
     def __init__(
         self, name: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
         *, port: int, settings: ServerSettings, auth: AuthSettings, metrics_port: int = 0,
+        max_workers: int | None = None,
     ) -> None:  # fmt: skip
+        """``max_workers``: RPC threads (default ``settings.max_workers``)."""
         self.name = name
         self.settings = settings
         self.port = port
@@ -55,7 +57,8 @@ class GrpcServer:
         self.service_names = list(service_names)
         limit = self.settings.max_message_bytes
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix=f"{name}-rpc"),
+            futures.ThreadPoolExecutor(max_workers or self.settings.max_workers,
+                                       thread_name_prefix=f"{name}-rpc"),
             interceptors=[MetricsInterceptor(name), AuthInterceptor(auth)],
             options=[
                 ("grpc.max_receive_message_length", limit),

@@ -69,10 +69,27 @@ class ConversationKV:
         """Answer one question: ``chunks`` are this turn's new evidence (already placed ones are
         skipped), ``options`` the engine's ``GenerationOptions``. With ``answer_ids`` (a replay)
         the answer is not generated: those tokens are fed as the decode loop fed them."""
+        started = self.begin_turn(adapter, chunks, question, image, options=options)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            if answer_ids is None:
+                tokens = decode(adapter, self.ctx, started.logits, options, on_token)
+            else:
+                tokens = list(answer_ids)
+                fed = tokens[:-1] if len(tokens) == options.max_new_tokens else tokens
+                if fed:  # one forward for the whole answer: the same KV up to float rounding
+                    prefill(adapter, self.ctx, Segment(token_ids=torch.tensor(fed)))
+        started.timings["decode"] = time.perf_counter() - t0
+        return self.end_turn(adapter, started, tokens, options)
+
+    def begin_turn(self, adapter: ModelAdapter, chunks: Sequence[KVChunk], question: str,
+                   image: Image.Image | None = None, *, options: GenerationOptions) -> TurnStart:
+        """The turn up to its first logits: place (or append) the new evidence, recompute, and
+        prefill the question. The answer is then decoded from ``self.ctx`` (alone, ``decode``,
+        or in a batch, ``kv.batch``) and handed to ``end_turn``."""
         if self.turns and self.ctx is None:
             raise ValueError("a conversation's cache was dropped")
         chunks = [c for c in chunks if c.chunk_id not in self.evidence]
-        timings: dict[str, float] = {}
         with torch.inference_mode():
             t0 = time.perf_counter()
             if self.turns == 0:
@@ -89,23 +106,31 @@ class ConversationKV:
             photo = adapter.encode_image(image) if image is not None else None
             logits = prefill(adapter, self.ctx, adapter.build_segment(adapter.question_parts(question, photo)))
             t3 = time.perf_counter()
-            if answer_ids is None:
-                tokens = decode(adapter, self.ctx, logits, options, on_token)
-            else:
-                tokens = list(answer_ids)
-                fed = tokens[:-1] if len(tokens) == options.max_new_tokens else tokens
-                if fed:  # one forward for the whole answer: the same KV up to float rounding
-                    prefill(adapter, self.ctx, Segment(token_ids=torch.tensor(fed)))
-            t4 = time.perf_counter()
-        # decode feeds every token but the one it stops on at max_new_tokens (an EOS is never
-        # appended): that one opens the next turn.
+        return TurnStart(logits=logits, new_evidence=[c.chunk_id for c in chunks],
+                         recomputed_tokens=recomputed,
+                         timings={"place": t1 - t0, "recompute": t2 - t1, "prefill": t3 - t2})
+
+    def end_turn(self, adapter: ModelAdapter, started: TurnStart, tokens: list[int],
+                 options: GenerationOptions) -> AnswerResult:
+        """Close the turn whose answer ``tokens`` the cache now holds (all but the one decoding
+        stopped on at ``max_new_tokens``: it opens the next turn; an EOS is never appended)."""
         self.pending = tokens[-1:] if len(tokens) == options.max_new_tokens else []
-        self.evidence += [c.chunk_id for c in chunks]
+        self.evidence += started.new_evidence
         self.turns += 1
-        timings.update(place=t1 - t0, recompute=t2 - t1, prefill=t3 - t2, decode=t4 - t3)
         text = adapter.tokenizer.decode(tokens, skip_special_tokens=True)
-        return AnswerResult(text=text, token_ids=tokens, first_logits=logits,
-                          recomputed_tokens=recomputed, timings=timings)
+        return AnswerResult(text=text, token_ids=tokens, first_logits=started.logits,
+                            recomputed_tokens=started.recomputed_tokens, timings=started.timings)
+
+
+@dataclass
+class TurnStart:
+    """A turn between ``begin_turn`` and ``end_turn``: the question's next-token logits."""
+
+    logits: torch.Tensor
+    new_evidence: list[str]
+    recomputed_tokens: int
+    #: seconds per stage so far (place, recompute, prefill); the decoder adds "decode"
+    timings: dict[str, float]
 
 
 def append_chunks(adapter: ModelAdapter, ctx: PlacedContext, chunks: list[KVChunk]) -> PlacedContext:

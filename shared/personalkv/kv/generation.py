@@ -39,7 +39,9 @@ def prefill(adapter: ModelAdapter, ctx: PlacedContext, segment: Segment) -> torc
     return adapter.logits(hidden[:, -1:])[0, -1]
 
 
-def _sample(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
+def sample_token(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
+    """The next token from ``(vocab,)`` logits: argmax when greedy, else temperature / top-p
+    sampling from ``generator`` (one per request: a seeded answer is reproducible)."""
     if options.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / options.temperature, dim=-1)
@@ -58,7 +60,7 @@ def decode(
     tokens: list[int] = []
     logits = first_logits
     for _ in range(options.max_new_tokens):
-        token = _sample(logits, options, generator)
+        token = sample_token(logits, options, generator)
         if token in adapter.eos_token_ids:
             break
         tokens.append(token)

@@ -351,6 +351,27 @@ class ModelAdapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
+    def decode_step(self, token_ids: torch.Tensor, positions: torch.Tensor, cache,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One generated token for each of ``B`` rows in one forward: ``token_ids`` and
+        ``positions`` are ``(B,)`` (a text token's position is the same on every axis), ``cache``
+        holds the rows' KV ``(B, kv_heads, tokens, head_dim)`` and ``attention_mask`` (4-D
+        additive, ``(B, 1, 1, tokens + 1)``) hides each row's padding. Returns ``(B, vocab)``
+        next-token logits. With ``B == 1`` and no mask this is the arithmetic of feeding one
+        token through ``run_decoder``, so a batch of one answers exactly as the solo loop."""
+        ids = token_ids.to(self.device)[:, None]
+        position_ids = positions.to(self.device)[:, None]
+        if self.position_axes == 3:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        out = self.language_model(
+            inputs_embeds=self.language_model.get_input_embeddings()(ids),
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        return self.logits(out.last_hidden_state[:, -1])
+
     # --- KV cache: the only place that touches transformers' cache classes ----------------
     def new_cache(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """A request-owned cache, optionally holding ``kv`` per layer (adopted, not copied:

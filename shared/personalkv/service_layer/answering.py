@@ -7,7 +7,7 @@ streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
   load      chunk blobs -> KVChunk through the hot-chunk LRU (``svc.chunk_cache``)
   place     rotate and lay the chunks behind the system prefix (+ selective recompute)
   prefill   the question (and its photo) after the placed chunks
-  decode    token by token
+  decode    token by token (batched with other Asks' tokens: ``service_layer.scheduler``)
   rebuild   (a follow-up whose conversation KV this process does not hold) replaying its record
   queue     waiting for the model (the batched scheduler's queue)
 
@@ -24,18 +24,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from personalkv.conversation_record import PlacedEvidence
 from personalkv.images import ValidatedPhoto
-from personalkv.kv.engine import GenerationOptions, answer
+from personalkv.kv.conversation import ConversationKV
+from personalkv.kv.generation import GenerationOptions
 from personalkv.service_layer import conversations
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
 from personalkv.service_layer.evidence import load_chunks
 from personalkv.service_layer.photos import validate_photo
+from personalkv.service_layer.scheduler import ModelJob
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -172,25 +174,38 @@ def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes]
     return _retrieve(svc, user_id, checked, top_k, svc.adapter.fingerprint())
 
 
+@dataclass(frozen=True)
+class CallLimits:
+    """What the caller's call allows: ``deadline`` (``time.monotonic()``; None: none) after
+    which nobody waits, and ``cancelled()``, true once the caller is gone. The model scheduler
+    refuses queued work past either (``service_layer.scheduler``)."""
+
+    deadline: float | None = None
+    cancelled: Callable[[], bool] = lambda: False
+
+
 def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
         options: AskOptions | None = None, on_token=None, *, conversation_id: str | None = None,
-        start_conversation: bool = False) -> AskResult:
+        start_conversation: bool = False, call: CallLimits = CallLimits()) -> AskResult:
     """Answer ``question`` for ``user_id`` with their retrieved concepts' chunks in front.
     ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it).
     ``start_conversation``: keep this turn's KV and return the new conversation's id;
-    ``conversation_id``: a follow-up in that conversation (``service_layer.conversations``)."""
+    ``conversation_id``: a follow-up in that conversation (``service_layer.conversations``).
+    RESOURCE_EXHAUSTED when the answering process's queue is full (retry later)."""
     options = options or AskOptions()
     return _answer(svc, user_id, _check(svc, user_id, question, list(photos), options), options,
-                   on_token, conversation_id, start_conversation)
+                   on_token, conversation_id, start_conversation, call)
 
 
 def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
             on_token=None, conversation_id: str | None = None,
-            start_conversation: bool = False) -> AskResult:
+            start_conversation: bool = False, call: CallLimits = CallLimits()) -> AskResult:
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
+    answerer = svc.answerer
 
-    with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
+    with answerer.admit(call.deadline), \
+            conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
         t0 = time.perf_counter()
         result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
         t1 = time.perf_counter()
@@ -218,19 +233,21 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
         reused = sum(c.meta.token_count for c in loaded.chunks)
         if conv is not None and not conv.rebuild_s:
             reused += conv.state.kv_tokens  # the kept history (0 on a first turn)
-        if conv is None:
-            out = answer(adapter, loaded.chunks, checked.question, image=model_image,
-                         options=generation, on_token=on_token)
-        else:
+        if conv is not None:
             conv.check_room(adapter, loaded.chunks, checked.question, generation.max_new_tokens)
-            out = conv.state.turn(adapter, loaded.chunks, checked.question, model_image,
-                                  options=generation, on_token=on_token)
+        job = ModelJob(state=conv.state if conv is not None else ConversationKV(),
+                       chunks=loaded.chunks, question=checked.question, image=model_image,
+                       options=generation, on_token=on_token, keep=conv is not None,
+                       deadline=call.deadline, cancelled=call.cancelled)
+        out = answerer.run(job)
+        if conv is not None:
             conv.record_turn(checked.question,
                              [PlacedEvidence(concept_id=c, chunk=ref) for c, ref in loaded.refs],
                              model_photo, out.text.strip(), out.token_ids, generation)
     timings = Timings(retrieve=t1 - t0, load=t2 - t1, place=out.timings["place"],
                       recompute=out.timings["recompute"], prefill=out.timings["prefill"],
-                      decode=out.timings["decode"], rebuild=conv.rebuild_s if conv is not None else 0.0)
+                      decode=out.timings["decode"], rebuild=conv.rebuild_s if conv is not None else 0.0,
+                      queue=job.queue_s)
     return AskResult(
         answer=out.text.strip(),
         concepts=[UsedConcept(c.concept_id, c.score) for c in picked],
@@ -247,7 +264,8 @@ _DONE = object()
 
 def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
                options: AskOptions | None = None, *, conversation_id: str | None = None,
-               start_conversation: bool = False) -> Iterator[str | AskResult]:
+               start_conversation: bool = False,
+               call: CallLimits = CallLimits()) -> Iterator[str | AskResult]:
     """Yield the answer's text as it is generated (str pieces), then the final AskResult.
     Validation errors raise before the first yield. Closing the generator early stops the
     generation at the next token."""
@@ -267,8 +285,9 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
 
     def run() -> None:
         try:
+            limits = CallLimits(call.deadline, lambda: cancelled.is_set() or call.cancelled())
             events.put(("result", _answer(svc, user_id, checked, options, on_token,
-                                          conversation_id, start_conversation)))
+                                          conversation_id, start_conversation, limits)))
         except _Cancelled:
             pass
         except BaseException as exc:  # re-raised in the consumer

@@ -4,7 +4,8 @@ Raised by every use case in ``personalkv.service_layer``; the gRPC servicers map
 status code (``InvalidArgument`` -> INVALID_ARGUMENT, ``AlreadyExists`` -> ALREADY_EXISTS (or
 INVALID_ARGUMENT, it is a subclass), ``NotFound`` -> NOT_FOUND, ``PermissionDenied`` ->
 PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``FailedPrecondition`` ->
-FAILED_PRECONDITION, ``Aborted`` -> ABORTED, ``Unavailable`` -> UNAVAILABLE),
+FAILED_PRECONDITION, ``Aborted`` -> ABORTED, ``DeadlineExceeded`` -> DEADLINE_EXCEEDED,
+``Unavailable`` -> UNAVAILABLE),
 and the Celery tasks retry on ``Unavailable`` only. ``str(error)`` is the human message.
 """
 
@@ -56,6 +57,12 @@ class Aborted(ServiceError):
     """A concurrent request won (another question in the same conversation); retry after it."""
 
     code = "ABORTED"
+
+
+class DeadlineExceeded(ServiceError):
+    """The call's deadline passes (or passed) before the work could be done for it."""
+
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(ServiceError):

@@ -2,8 +2,8 @@
 
 Built by the composition root (``personalkv.bootstrap``), once per process. The store, the
 hot-chunk cache, the live conversations' KV and the task queue are there from the start; the key index, the model adapter,
-the retrieval encoders, the stored photo descriptors, the per-user recognizers and the
-retriever open lazily on first use, from the ``Builders`` the composition root passes, so a
+the retrieval encoders, the stored photo descriptors, the per-user recognizers, the
+retriever and the model scheduler (``answerer``) open lazily on first use, from the ``Builders`` the composition root passes, so a
 process that never answers (the ingestion API) never loads a model.
 """
 
@@ -28,6 +28,7 @@ from personalkv.storage.chunk_store import ChunkStore
 if TYPE_CHECKING:  # OpenCV and the recognizer load only where photos are recognized
     from personalkv.mining.descriptors import DescriptorStore
     from personalkv.mining.served import ServedRecognizers
+    from personalkv.service_layer.scheduler import Answerer
 
 #: The pipeline's miner (``service_layer.mining_port.mine`` unless a test swaps it).
 Miner = Callable[..., MiningOutput]
@@ -43,6 +44,7 @@ class Builders:
     descriptors: Callable[[Services], DescriptorStore]
     recognizers: Callable[[Services], ServedRecognizers]
     retriever: Callable[[Services], Retriever]
+    answerer: Callable[[Services], Answerer]
 
 
 @dataclass
@@ -106,8 +108,17 @@ class Services:
     def retriever(self) -> Retriever:
         return self._once("retriever", lambda: self.builders.retriever(self))
 
+    @property
+    def answerer(self) -> Answerer:
+        """Runs the model part of every Ask (``service_layer.scheduler``: batched or threads)."""
+        return self._once("answerer", lambda: self.builders.answerer(self))
+
     def close(self) -> None:
         self.task_queue.close()
+        with self._lock:
+            answerer = self._built.pop("answerer", None)
+        if answerer is not None:
+            answerer.close()
         with self._lock:
             index = self._built.pop("index", None)
         if index is not None:

