@@ -94,7 +94,9 @@ class DecodeBatch:
             self._lay_out()
         valid = torch.cat([self._valid, self._valid.new_ones(len(self.rows), 1)], dim=1)
         # No padding anywhere (a batch of one, or equal lengths): no mask, as the solo loop.
-        mask = None if bool(valid.all()) else additive_mask(valid, self.adapter.dtype)[0, 0][:, None, None, :]
+        # Decided from the rows' lengths on the host: no device sync per step.
+        padded = any(r.length != self._valid.shape[1] for r in self.rows)
+        mask = additive_mask(valid, self.adapter.dtype)[0, 0][:, None, None, :] if padded else None
         token_ids = torch.tensor([r.next_token for r in self.rows])
         positions = torch.tensor([r.position for r in self.rows])
         logits = self.adapter.decode_step(token_ids, positions, self._cache, mask)

@@ -304,14 +304,20 @@ class BatchScheduler:
             order = {id(row): i for i, row in enumerate(batch.rows)}
             logits = batch.step()
         self.observer.batch(len(rows))
+        greedy = logits.argmax(dim=-1).tolist()  # one device sync per step for every greedy row
         for r in rows:
-            if not self._advance(adapter, r, logits[order[id(r.row)]]):
+            i = order[id(r.row)]
+            token = greedy[i] if r.job.options.temperature <= 0 else None
+            if not self._advance(adapter, r, logits[i], token):
                 self._close(batch, r)
 
-    def _advance(self, adapter: ModelAdapter, r: _Running, logits: torch.Tensor) -> bool:
-        """Sample the next token of ``r`` (as ``kv.generation.decode`` does); returns whether
-        it goes on (the sampled token is then fed by the next step)."""
-        token = sample_token(logits, r.job.options, r.generator)
+    def _advance(self, adapter: ModelAdapter, r: _Running, logits: torch.Tensor,
+                 token: int | None = None) -> bool:
+        """Take the next token of ``r`` (``token`` when already chosen, else sampled as
+        ``kv.generation.decode`` does); returns whether it goes on (the token is then fed by
+        the next step)."""
+        if token is None:
+            token = sample_token(logits, r.job.options, r.generator)
         if token in adapter.eos_token_ids:
             return False
         r.tokens.append(token)
