@@ -233,9 +233,7 @@ def test_autoscaling_keda_on_queue_lengths_and_cpu_hpa():
 
 @needs_helm
 def test_answering_scales_on_queued_and_in_flight_asks_or_on_cpu_without_keda():
-    from prometheus_client import REGISTRY
-
-    import personalkv.observability  # noqa: F401  (registers the serving metrics)
+    from personalkv.observability import REGISTRY  # with the serving metrics registered
 
     docs = render("services.answering.autoscaling.enabled=true",
                   "services.answering.autoscaling.keda.threshold=6",
