@@ -18,6 +18,7 @@ BENCHMARKS = [
     "benchmarks.storage_index",
     "benchmarks.ingest",
     "benchmarks.conversation",
+    "benchmarks.serving",
 ]
 
 RESULTS = pathlib.Path(__file__).parent / "results"

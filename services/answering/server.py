@@ -6,7 +6,8 @@
 Retrieval, the hot-chunk LRU, placement and generation live in the service layer. Both RPCs
 check the call between generated tokens (Ask through the service's token callback, AskStream
 between deltas), so a cancelled call or a passed deadline stops generation instead of
-finishing an answer nobody will read.
+finishing an answer nobody will read. Every answered Ask is reported to the serving metrics
+(``observability.SERVING.answered``), whichever answer scheduler ran it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from personalkv.api.context import caller, client_gone
 from personalkv.api.errors import grpc_errors
 from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
+from personalkv.observability import SERVING
 from personalkv.service_layer import answering, conversations
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
             log.info("ask stopped: client cancelled or deadline passed")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                           "deadline passed or call cancelled during generation")
+        SERVING.answered(result)
         return result_to_proto(result)
 
     @grpc_errors
@@ -148,6 +151,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
                     streamed += item
                     yield answering_pb2.AskStreamResponse(text_delta=item)
                 continue
+            SERVING.answered(item)
             # Text the token stream held back (a trailing partial character): send it, so the
             # deltas always add up to the final answer (up to surrounding whitespace).
             sent = streamed.strip()

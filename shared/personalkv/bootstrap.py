@@ -96,14 +96,16 @@ def _task_queue(settings: Settings) -> TaskQueue:
 
 
 def _answerer(services: Services):
+    from personalkv.observability import SERVING
     from personalkv.service_layer.scheduler import BatchScheduler, ThreadAnswerer
 
     limits = services.settings.service
     if limits.answer_scheduler == "threads":
-        return ThreadAnswerer(lambda: services.adapter)
+        return ThreadAnswerer(lambda: services.adapter, observer=SERVING)
     return BatchScheduler(lambda: services.adapter, queue_size=limits.answer_queue_size,
                           max_batch=limits.answer_max_batch,
-                          max_tokens_in_flight=limits.answer_max_tokens_in_flight)
+                          max_tokens_in_flight=limits.answer_max_tokens_in_flight,
+                          observer=SERVING)
 
 
 def task_handlers(services: Services) -> dict[str, TaskHandler]:

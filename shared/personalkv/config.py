@@ -142,6 +142,8 @@ class BenchSettings(BaseSettings):
     ingest_queries: int = Field(20, ge=1, description="ingest: timed Ask retrievals.")
     conversation_turns: int = Field(8, ge=2, le=8, description="conversation: turns of the "
                                     "timed conversation (SmolLM2).")
+    serving_rounds: int = Field(2, ge=1, description="serving: Asks per client per concurrency "
+                                "level (1, 4, 8, 16 clients in closed loop; SmolLM2).")
 
 
 class IndexSettings(BaseSettings):

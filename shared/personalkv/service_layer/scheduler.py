@@ -108,12 +108,24 @@ class Answerer(Protocol):
 class ThreadAnswerer:
     """Each Ask drives the model alone in its own thread (no queue, no batching)."""
 
-    def __init__(self, adapter: Callable[[], ModelAdapter]):
+    def __init__(self, adapter: Callable[[], ModelAdapter], observer: SchedulerObserver | None = None):
         self._adapter = adapter
+        self.observer = observer or _NoObserver()
+        self._lock = threading.Lock()
+        self._in_flight = 0
 
     @contextmanager
     def admit(self, deadline: float | None = None) -> Iterator[None]:
-        yield
+        """No queue: every Ask runs at once (reported as in flight, for autoscaling)."""
+        with self._lock:
+            self._in_flight += 1
+            self.observer.running(self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.observer.running(self._in_flight)
 
     def run(self, job: ModelJob) -> AnswerResult:
         return job.state.turn(self._adapter(), job.chunks, job.question, job.image,

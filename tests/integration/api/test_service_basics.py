@@ -59,6 +59,27 @@ def test_latency_metrics_by_method_and_code(api):
     assert _latency_count("ingestion", "ListConcepts", "UNAUTHENTICATED") == before_unauth + 1
 
 
+def _answered_count() -> float:
+    return REGISTRY.get_sample_value("personalkv_answer_time_to_first_token_seconds_count") or 0.0
+
+
+def test_every_answered_ask_reaches_the_serving_metrics(api):
+    """Unary Ask and AskStream's final result are each reported once; a refused Ask is not."""
+    before = _answered_count()
+    with api.client("metrics-asker") as client:
+        client.ask("hello there", max_new_tokens=3)
+        assert _answered_count() == before + 1
+        events = list(client.ask_stream("hello there", max_new_tokens=3))
+        assert events[-1].WhichOneof("event") == "final"
+        assert _answered_count() == before + 2
+        try:
+            client.ask("", max_new_tokens=3)
+            raise AssertionError("an empty question was answered")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _answered_count() == before + 2
+
+
 def test_full_flow_embedded(api):
     with api.client("carol") as carol:
         created = carol.create_concept("bo", "Bo", "dog", "my corgi, loves the beach")

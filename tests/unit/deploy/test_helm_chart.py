@@ -85,6 +85,9 @@ def _set(values, path, value):
         ("services.ingestion.autoscaling.minReplicas", 0),
         ("serviceAccount.automountToken", "no"),
         ("keda.redisAddress", "redis://redis:6379"),  # HOST:PORT, not a URL
+        ("services.answering.autoscaling.keda.serverAddress", "prometheus:9090"),  # a URL
+        ("services.answering.autoscaling.keda.threshold", 0),
+        ("services.answering.autoscaling.keda.scaler", "cpu"),  # unknown key
         ("secrets.hfToken", "hf_abc"),  # a value where a reference belongs
     ],
 )

@@ -230,6 +230,47 @@ def test_autoscaling_keda_on_queue_lengths_and_cpu_hpa():
     assert deployments["answering"]["spec"]["replicas"] == 1
 
 
+
+@needs_helm
+def test_answering_scales_on_queued_and_in_flight_asks_or_on_cpu_without_keda():
+    from personalkv.observability import REGISTRY  # with the serving metrics registered
+
+    docs = render("services.answering.autoscaling.enabled=true",
+                  "services.answering.autoscaling.keda.threshold=6",
+                  "services.answering.autoscaling.maxReplicas=5")
+    scaled = by_kind(docs, "ScaledObject")
+    assert set(scaled) == {"answering"} and not by_kind(docs, "HorizontalPodAutoscaler")
+    spec = scaled["answering"]["spec"]
+    assert spec["scaleTargetRef"]["name"] == "r-personalkv-answering"
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 5)
+    (trigger,) = spec["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "prometheus" and meta["threshold"] == "6"
+    assert meta["serverAddress"] == VALUES["services"]["answering"]["autoscaling"]["keda"][
+        "serverAddress"]
+    # the query reads the gauges the answering process exports, from this release's Service
+    service = by_kind(docs, "Service")["answering"]["metadata"]["name"]
+    names = set(re.findall(r"personalkv_\w+", meta["query"]))
+    assert names == {"personalkv_answer_requests_queued", "personalkv_answer_requests_in_flight"}
+    for name in names:
+        assert REGISTRY.get_sample_value(name) is not None, name
+    assert meta["query"].count(f'service="{service}"') == 2
+    assert meta["query"].count('namespace="default"') == 2
+    assert "replicas" not in by_kind(docs, "Deployment")["answering"]["spec"]
+
+    custom = render("services.answering.autoscaling.enabled=true",
+                    "services.answering.autoscaling.keda.query=sum(up)")
+    assert by_kind(custom, "ScaledObject")["answering"]["spec"]["triggers"][0]["metadata"][
+        "query"] == "sum(up)"
+
+    fallback = render("services.answering.autoscaling.enabled=true",
+                      "services.answering.autoscaling.keda.enabled=false")
+    assert not by_kind(fallback, "ScaledObject")
+    (hpa,) = by_kind(fallback, "HorizontalPodAutoscaler").values()
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "r-personalkv-answering"
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
 @needs_helm
 def test_service_monitor_and_network_policies_cover_every_component():
     docs = render("metrics.serviceMonitor.enabled=true", "networkPolicy.enabled=true")
@@ -311,6 +352,11 @@ def test_production_values_gpu_answering_irsa_and_guaranteed_gpu_pods(monkeypatc
     assert c["image"] == "ghcr.io/personalkv/personalkv@sha256:" + "2" * 64
     assert answering["runtimeClassName"] == "nvidia"
     assert answering["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # answering scales on the serving signal, read from the Prometheus the ServiceMonitor feeds
+    (trigger,) = by_kind(docs, "ScaledObject")["answering"]["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and "kube-prometheus-stack" in trigger["metadata"][
+        "serverAddress"]
+    assert by_kind(docs, "ServiceMonitor")
     # IRSA: the role on the ServiceAccount, no static S3 keys; empty keys reach the settings,
     # and the S3 store then signs with the pod's identity (web identity token), not a dev key.
     (account,) = by_kind(docs, "ServiceAccount").values()
