@@ -214,7 +214,12 @@ class AuthSettings(BaseSettings):
     token_ttl_s: int = Field(
         86_400, gt=0, description="Lifetime of tokens minted by `personalkv token` (seconds)."
     )
-    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking expiry.")
+    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking a token's "
+                          "issue time and expiry.")
+    max_token_lifetime_s: int = Field(
+        30 * 86_400, gt=0, description="Longest token lifetime (exp - iat) accepted; longer ones "
+        "are refused (UNAUTHENTICATED), as is minting one. Keep it >= token_ttl_s.",
+    )
 
 
 class ServerSettings(BaseSettings):
