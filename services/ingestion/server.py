@@ -16,11 +16,9 @@ import sys
 import threading
 from contextlib import contextmanager
 
-import grpc
-
 from personalkv.api.cli import add_server_arguments
 from personalkv.api.context import caller, client_gone
-from personalkv.api.errors import abort_cancelled, grpc_errors
+from personalkv.api.errors import abort_client_gone, grpc_errors
 from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
@@ -97,7 +95,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         current = bytearray()
         for message in request_iterator:
             if client_gone(context):
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during upload")
+                abort_client_gone(context, "IngestionServicer.UploadPhotos")
             if message.WhichOneof("item") != "chunk":
                 raise InvalidArgument("only the first UploadPhotos message may be a header")
             current += message.chunk.data
@@ -112,7 +110,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 if len(photos) > max_count:
                     raise ResourceExhausted(f"more than {max_count} photos in one upload")
         if current and client_gone(context, wait_s=0.5):
-            abort_cancelled(context, "IngestionServicer.UploadPhotos")
+            abort_client_gone(context, "IngestionServicer.UploadPhotos")
         if current:
             raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
         if not photos:

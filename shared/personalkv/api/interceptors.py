@@ -1,7 +1,8 @@
 """The gRPC server interceptors of both servers: authentication and metrics.
 
 Installed by ``personalkv.api.server.GrpcServer`` in this order: ``MetricsInterceptor``
-(outermost, so it also times rejected calls), then ``AuthInterceptor``.
+(outermost, so it also times rejected calls), then ``AuthInterceptor``, then
+``RequestDecodingInterceptor`` (undecodable requests -> INVALID_ARGUMENT).
 
 A server interceptor in grpc-python sees only the method name and metadata; to run code
 *around* the servicer (with its context), it returns a copy of the handler whose behaviour is
@@ -22,6 +23,7 @@ from personalkv.auth import (
     PUBLIC_METHOD_PREFIXES, InvalidTokenError, acting_as, check_secret, token_from_metadata,
     verify_token,
 )
+from personalkv.api.errors import abort_undecodable, client_gone_status
 from personalkv.config import AuthSettings
 from personalkv.observability import GRPC_LATENCY, rpc_log
 
@@ -98,6 +100,9 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         code = None
         try:
             yield
+        except GeneratorExit:  # gRPC closed a response stream early: nobody reads it any more
+            code, _ = client_gone_status(context, method)
+            raise
         except Exception:
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
@@ -112,3 +117,50 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         return wrap_handler(continuation(handler_call_details),
                             lambda context: self._timed(method, context))
+
+
+class _Undecodable:
+    """What the lenient deserializer hands on for bytes that are not the request message."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+class RequestDecodingInterceptor(grpc.ServerInterceptor):
+    """Requests (or messages of a request stream) whose bytes do not parse are refused with
+    INVALID_ARGUMENT and a request id. grpc-python's own answer to a deserializer that raises
+    is INTERNAL "Exception deserializing request!" with a traceback in the log; so the
+    deserializer here never raises, and the wrapped behaviour refuses what it could not parse."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        message_type = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        type_name = message_type.full_name if message_type is not None else "request"
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except Exception:  # noqa: BLE001 - any failure to parse is the caller's bytes
+                return _UNDECODABLE
+
+        def check(request, context):
+            if request is _UNDECODABLE:
+                abort_undecodable(context, method, type_name)
+            return request
+
+        attr, behavior = _kind(handler)
+        if handler.request_streaming:
+
+            def checked(request_iterator, context):
+                return behavior((check(r, context) for r in request_iterator), context)
+
+        else:
+
+            def checked(request, context):
+                return behavior(check(request, context), context)
+
+        return handler._replace(request_deserializer=lenient, **{attr: checked})

@@ -12,7 +12,8 @@ itself (they are public for the transport tests, ``tests/integration/api/test_tl
 
 Every server gets, in this order around the servicer: the metrics interceptor (latency by
 method and status, unauthenticated calls included), the auth interceptor (every RPC but health
-and reflection needs a bearer token; both in ``personalkv.api.interceptors``), message size
+and reflection needs a bearer token), the request decoding interceptor (bytes that do not parse
+are INVALID_ARGUMENT, not INTERNAL; all three in ``personalkv.api.interceptors``), message size
 limits from ServerSettings, the standard health service (one status per service name plus "";
 probed by ``personalkv.api.health``) and server reflection.
 
@@ -36,7 +37,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from personalkv.api.interceptors import AuthInterceptor, MetricsInterceptor
+from personalkv.api.interceptors import (
+    AuthInterceptor, MetricsInterceptor, RequestDecodingInterceptor,
+)
 from personalkv.config import AuthSettings, ServerSettings
 from personalkv.observability import start_metrics_server
 
@@ -56,7 +59,8 @@ class GrpcServer:
         limit = self.settings.max_message_bytes
         self.server = grpc.server(
             futures.ThreadPoolExecutor(self.settings.max_workers, thread_name_prefix=f"{name}-rpc"),
-            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth)],
+            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth),
+                          RequestDecodingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
