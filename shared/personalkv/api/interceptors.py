@@ -1,7 +1,8 @@
 """The gRPC server interceptors of both servers: authentication and metrics.
 
 Installed by ``personalkv.api.server.GrpcServer`` in this order: ``MetricsInterceptor``
-(outermost, so it also times rejected calls), then ``AuthInterceptor``, then
+(outermost, so it also times rejected calls), ``AdmissionInterceptor`` (at most a fixed number
+of RPCs but health at once, so health always finds a free thread), ``AuthInterceptor``, then
 ``RequestDecodingInterceptor`` (undecodable requests -> INVALID_ARGUMENT).
 
 A server interceptor in grpc-python sees only the method name and metadata; to run code
@@ -13,9 +14,12 @@ iteration, so a contextvar set around the call stays set while the servicer's ge
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+
+import logging
 
 import grpc
 
@@ -23,9 +27,11 @@ from personalkv.auth import (
     PUBLIC_METHOD_PREFIXES, InvalidTokenError, acting_as, check_secret, token_from_metadata,
     verify_token,
 )
-from personalkv.api.errors import abort_undecodable, client_gone_status
+from personalkv.api.errors import abort_undecodable, client_gone_status, new_request_id
 from personalkv.config import AuthSettings
 from personalkv.observability import GRPC_LATENCY, rpc_log
+
+log = logging.getLogger(__name__)
 
 Around = Callable[[grpc.ServicerContext], AbstractContextManager]
 
@@ -86,6 +92,37 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except InvalidTokenError as exc:
             return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         return wrap_handler(handler, lambda _context: acting_as(user_id))
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """At most ``slots`` RPCs other than health and reflection run at once; one more is
+    refused at once with UNAVAILABLE ("busy"), so it never waits for a thread. gRPC queues
+    calls for a free thread of its pool, health included: with ``slots`` below the pool size,
+    whatever the other RPCs wait on (a hung S3, a hung broker), health finds a thread."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+
+    @contextlib.contextmanager
+    def _admitted(self, method: str, context) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            request_id = new_request_id()
+            log.warning("rpc refused: all %d slots busy", self.slots,
+                        extra={"method": method, "code": "UNAVAILABLE", "request_id": request_id})
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"the server is busy; retry in a moment (request id {request_id})")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES):
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        return wrap_handler(handler, lambda context: self._admitted(method, context))
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
