@@ -18,11 +18,9 @@ import sys
 import time
 from dataclasses import fields
 
-import grpc
-
 from personalkv.api.cli import add_server_arguments
 from personalkv.api.context import caller, client_gone
-from personalkv.api.errors import grpc_errors
+from personalkv.api.errors import abort_client_gone, grpc_errors
 from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
 from personalkv.observability import SERVING
@@ -103,7 +101,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         is cancelled or past its deadline (closing the generator stops generation)."""
         user_id = caller(request.user_id)
         if client_gone(context):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
+            abort_client_gone(context, "AnsweringServicer.AskStream")
         stream = answering.ask_stream(
             self.svc, user_id, request.question, [p.data for p in request.photos],
             options_from_proto(request.options), **_conversation_kw(request),
@@ -112,9 +110,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         try:
             for item in stream:
                 if client_gone(context):
-                    log.info("ask stopped: client cancelled or deadline passed")
-                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "deadline passed or call cancelled during generation")
+                    abort_client_gone(context, "AnsweringServicer.AskStream")
                 yield item
         finally:
             stream.close()
@@ -123,7 +119,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
     def Ask(self, request, context):
         user_id = caller(request.user_id)
         if client_gone(context):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the Ask began")
+            abort_client_gone(context, "AnsweringServicer.Ask")
 
         def on_token(_token_id: int) -> None:  # between tokens: stop when nobody waits
             if client_gone(context):
@@ -136,9 +132,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
                 **_conversation_kw(request), call=_call_limits(context),
             )  # fmt: skip
         except _CallGone:
-            log.info("ask stopped: client cancelled or deadline passed")
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          "deadline passed or call cancelled during generation")
+            abort_client_gone(context, "AnsweringServicer.Ask")
         SERVING.answered(result)
         return result_to_proto(result)
 

@@ -16,11 +16,9 @@ import sys
 import threading
 from contextlib import contextmanager
 
-import grpc
-
 from personalkv.api.cli import add_server_arguments
 from personalkv.api.context import caller, client_gone
-from personalkv.api.errors import abort_cancelled, grpc_errors
+from personalkv.api.errors import abort_client_gone, grpc_errors
 from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
@@ -54,24 +52,39 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
     def __init__(self, services, max_workers: int | None = None) -> None:
         self.svc = services
         self.limits = services.settings.service
-        # Writes wait on the object store and the broker; they may hold all but two of the
-        # server's threads, so that health and reads still answer while a dependency hangs.
+        self.write_wait_s = services.settings.server.write_wait_s
+        # Writes wait on the object store and the broker. Of the server's RPC slots
+        # (api.server.rpc_slots: all threads but health's two), writes running or waiting for
+        # a slot may hold all but two more, so reads still answer while a dependency hangs;
+        # half the threads run writes at once, the others queue briefly (a phone syncing ten
+        # photos at once is served, not told to retry).
         workers = max_workers or services.settings.server.max_workers
-        self._writes = threading.BoundedSemaphore(max(1, workers - 2))
+        self._write_admission = threading.BoundedSemaphore(max(1, workers - 4))
+        self._writes = threading.BoundedSemaphore(max(1, min(workers - 4, workers // 2)))
 
     @contextmanager
-    def _write_slot(self):
-        if not self._writes.acquire(blocking=False):
-            raise Unavailable("the server is busy with other writes; retry in a moment")
+    def _write_slot(self, context):
+        """A write slot, waited for up to write_wait_s (and half the call's remaining time)."""
+        busy = Unavailable("the server is busy with other writes; retry in a moment")
+        if not self._write_admission.acquire(blocking=False):
+            raise busy
         try:
-            yield
+            remaining = context.time_remaining()
+            wait_s = self.write_wait_s if remaining is None else min(self.write_wait_s,
+                                                                     remaining / 2)
+            if not self._writes.acquire(timeout=max(0.0, wait_s)):
+                raise busy
+            try:
+                yield
+            finally:
+                self._writes.release()
         finally:
-            self._writes.release()
+            self._write_admission.release()
 
     @grpc_errors
     def CreateConcept(self, request, context):
         facts = request.facts
-        with self._write_slot():
+        with self._write_slot(context):
             manifest = concepts.create_concept(
                 self.svc, caller(request.user_id), request.concept_id,
                 facts.name, facts.category, facts.info,
@@ -85,7 +98,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
             raise InvalidArgument("the first UploadPhotos message must be the header")
         user_id = caller(first.header.user_id)
         photos = self._read_photos(request_iterator, context)
-        with self._write_slot():
+        with self._write_slot(context):
             manifest = concepts.add_photos(self.svc, user_id, first.header.concept_id, photos)
         return ingestion_pb2.UploadPhotosResponse(
             concept=concept_to_proto(manifest), photos_received=len(photos)
@@ -97,7 +110,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
         current = bytearray()
         for message in request_iterator:
             if client_gone(context):
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed during upload")
+                abort_client_gone(context, "IngestionServicer.UploadPhotos")
             if message.WhichOneof("item") != "chunk":
                 raise InvalidArgument("only the first UploadPhotos message may be a header")
             current += message.chunk.data
@@ -112,7 +125,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
                 if len(photos) > max_count:
                     raise ResourceExhausted(f"more than {max_count} photos in one upload")
         if current and client_gone(context, wait_s=0.5):
-            abort_cancelled(context, "IngestionServicer.UploadPhotos")
+            abort_client_gone(context, "IngestionServicer.UploadPhotos")
         if current:
             raise InvalidArgument("the stream ended inside a photo (no chunk with end_of_photo)")
         if not photos:
@@ -134,7 +147,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
     @grpc_errors
     def DeleteConcept(self, request, context):
-        with self._write_slot():
+        with self._write_slot(context):
             existed = concepts.delete_concept(self.svc, caller(request.user_id), request.concept_id)
         if not existed and not request.allow_missing:
             raise NotFound(f"concept {request.concept_id!r} does not exist")
@@ -142,7 +155,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServiceServicer):
 
     @grpc_errors
     def DeleteUserData(self, request, context):
-        with self._write_slot():
+        with self._write_slot(context):
             deleted = concepts.delete_user(self.svc, caller(request.user_id))
         return ingestion_pb2.DeleteUserDataResponse(concepts_deleted=int(deleted or 0))
 

@@ -4,8 +4,10 @@ every RPC.
 A token is ``pkv1.<payload>.<signature>``: payload is base64url JSON ``{"sub": user_id,
 "iat": issued, "exp": expires}`` (unix seconds), signature is base64url HMAC-SHA256 over
 ``pkv1.<payload>`` with the secret from AuthSettings (PERSONALKV_AUTH_SECRET). Verification
-recomputes the MAC and compares in constant time before parsing anything, then checks expiry
-(with AuthSettings.leeway_s) and validates the user id, so a token can never carry a bad id
+recomputes the MAC and compares in constant time before parsing anything, then checks the times
+(finite numbers; not issued in the future nor expired, with AuthSettings.leeway_s of clock skew;
+not valid for longer than AuthSettings.max_token_lifetime_s, so a leaked signing step cannot
+mint a token that never expires) and validates the user id, so a token can never carry a bad id
 into a storage key. Who calls what:
 
     mint_token(user_id, settings=)  `personalkv token --user U`, tests, an upstream login service
@@ -21,6 +23,7 @@ import contextvars
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Iterator
 
@@ -83,6 +86,9 @@ def mint_token(
     validate_user_id(user_id)
     issued = int(time.time() if now is None else now)
     ttl = settings.token_ttl_s if ttl_s is None else ttl_s
+    if ttl > settings.max_token_lifetime_s:
+        raise ValueError(f"a token lifetime of {ttl} s is over PERSONALKV_AUTH_MAX_TOKEN_LIFETIME_S "
+                         f"({settings.max_token_lifetime_s} s); verification would refuse it")
     return sign_claims({"sub": user_id, "iat": issued, "exp": issued + ttl}, settings)
 
 
@@ -96,13 +102,21 @@ def verify_token(token: str, *, settings: AuthSettings, now: float | None = None
         raise InvalidTokenError("token signature does not verify")
     try:
         claims = json.loads(_b64d(parts[1]))
-        user_id, expires = claims["sub"], claims["exp"]
+        user_id, issued, expires = claims["sub"], claims["iat"], claims["exp"]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidTokenError("token payload is unreadable") from exc
-    if not isinstance(expires, (int, float)):
-        raise InvalidTokenError("token expiry is not a number")
-    if (time.time() if now is None else now) > expires + settings.leeway_s:
+    for name, value in (("issue time", issued), ("expiry", expires)):
+        # json reads NaN and Infinity; bool is an int: neither is a time
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidTokenError(f"token {name} is not a number")
+    now = time.time() if now is None else now
+    if issued > now + settings.leeway_s:
+        raise InvalidTokenError("token is issued in the future (check the issuer's clock)")
+    if now > expires + settings.leeway_s:
         raise InvalidTokenError("token has expired")
+    if expires - issued > settings.max_token_lifetime_s:  # with iat <= now: exp is bounded too
+        raise InvalidTokenError(f"token lifetime is over the {settings.max_token_lifetime_s} s this "
+                                "server accepts")
     try:
         return validate_user_id(user_id)
     except InvalidIdError as exc:

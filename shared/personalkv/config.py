@@ -216,7 +216,12 @@ class AuthSettings(BaseSettings):
     token_ttl_s: int = Field(
         86_400, gt=0, description="Lifetime of tokens minted by `personalkv token` (seconds)."
     )
-    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking expiry.")
+    leeway_s: int = Field(30, ge=0, description="Clock skew tolerated when checking a token's "
+                          "issue time and expiry.")
+    max_token_lifetime_s: int = Field(
+        30 * 86_400, gt=0, description="Longest token lifetime (exp - iat) accepted; longer ones "
+        "are refused (UNAUTHENTICATED), as is minting one. Keep it >= token_ttl_s.",
+    )
 
 
 class ServerSettings(BaseSettings):
@@ -233,7 +238,15 @@ class ServerSettings(BaseSettings):
     answering_metrics_port: int = Field(
         9452, ge=0, le=65535, description="Prometheus /metrics port of answering (0: off)."
     )
-    max_workers: int = Field(8, ge=1, description="Threads serving RPCs per server.")
+    max_workers: int = Field(
+        16, ge=1, description="Threads serving RPCs per server; two are kept for health, so at "
+        "most max_workers - 2 other RPCs run at once (more: UNAVAILABLE at once). Ingestion "
+        "writes run max_workers / 2 at a time, and up to max_workers - 4 wait or run.",
+    )
+    write_wait_s: float = Field(
+        5.0, ge=0, description="How long an ingestion write (upload, create, delete) waits for "
+        "a write slot (at most half of its remaining deadline) before UNAVAILABLE 'busy'.",
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent."
     )

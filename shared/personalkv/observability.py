@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -286,3 +287,22 @@ def setup_logging(service: str, settings: ServerSettings, level: str | None = No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel((level or settings.log_level).upper())
+    if (fmt or settings.log_format) == "json":
+        only_json_output()
+
+
+# --- JSON-only output (issue 20) ------------------------------------------------------------
+
+
+def only_json_output() -> None:
+    """With JSON logs, nothing else may reach stdout/stderr: Python warnings go through logging
+    (as JSON lines), and the progress bars of tqdm, huggingface_hub and transformers are off
+    (the environment variables they read when first imported, set before that; transformers'
+    own switch as well in case it is already loaded)."""
+    logging.captureWarnings(True)
+    for variable in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(variable, "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()

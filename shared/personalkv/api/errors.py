@@ -7,9 +7,10 @@ logged with its traceback and answered INTERNAL with a message that reveals noth
 
 Server-side failures (UNAVAILABLE, INTERNAL, ...) get a request id: the log line holds the
 details (exception chain: endpoint, library error) under it, the caller's message only says
-what failed, whether to retry, and the id to quote. A call the client cancelled (or whose
-deadline passed: ``personalkv.api.context.client_gone``) is logged as such at INFO and
-recorded as CANCELLED, not as an error.
+what failed, whether to retry, and the id to quote. A call nobody waits for any more
+(``personalkv.api.context.client_gone``) is logged at INFO and recorded as what happened, not
+as an error: CANCELLED when the client cancelled, DEADLINE_EXCEEDED when its deadline passed
+(``abort_client_gone``, the one place that tells them apart).
 """
 
 from __future__ import annotations
@@ -52,17 +53,42 @@ def new_request_id() -> str:
     return secrets.token_hex(6)
 
 
-def abort_cancelled(context: grpc.ServicerContext, method: str) -> None:
-    """Log the cancelled call at INFO and record it as CANCELLED (raises, like abort)."""
-    log.info("rpc cancelled by the client", extra={"method": method, "code": "CANCELLED"})
-    context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
+def abort_client_gone(context: grpc.ServicerContext, method: str) -> None:
+    """End a call whose client is gone (raises, like abort), logged at INFO: DEADLINE_EXCEEDED
+    when its deadline passed, else CANCELLED (the client cancelled it or went away)."""
+    code, message = client_gone_status(context, method)
+    context.abort(code, message)
+
+
+def client_gone_status(context: grpc.ServicerContext, method: str) -> tuple[grpc.StatusCode, str]:
+    """What a call whose client is gone ended as (logged at INFO): DEADLINE_EXCEEDED when its
+    deadline passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed"
+    else:
+        code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+    log.info("rpc ended: %s", message, extra={"method": method, "code": code.name})
+    return code, message
+
+
+def abort_undecodable(context: grpc.ServicerContext, method: str, message_type: str) -> None:
+    """Refuse a request whose bytes do not parse as ``message_type`` (malformed protobuf,
+    invalid UTF-8 in a string field): INVALID_ARGUMENT with a request id, logged at INFO
+    (the caller's bytes are at fault; nothing to trace back). Raises, like abort."""
+    request_id = new_request_id()
+    log.info("rpc refused", extra={"method": method, "code": "INVALID_ARGUMENT",
+                                   "reason": "undecodable request", "request_id": request_id})
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                  f"the request is not a valid {message_type} message (malformed protobuf or a "
+                  f"string that is not UTF-8) (request id {request_id})")
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     if context.code() is not None:  # the servicer already aborted (context.abort raised)
         raise exc
     if client_gone(context):  # the client cancelled or its deadline passed
-        abort_cancelled(context, method)
+        abort_client_gone(context, method)
     code, message = status_for(exc)
     if code in _SERVER_SIDE:
         request_id = new_request_id()

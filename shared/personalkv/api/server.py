@@ -11,8 +11,11 @@ itself (they are public for the transport tests, ``tests/integration/api/test_tl
     server.serve_forever()  # blocks; SIGTERM/SIGINT -> NOT_SERVING, stop(grace), return
 
 Every server gets, in this order around the servicer: the metrics interceptor (latency by
-method and status, unauthenticated calls included), the auth interceptor (every RPC but health
-and reflection needs a bearer token; both in ``personalkv.api.interceptors``), message size
+method and status, unauthenticated calls included), the admission interceptor (at most
+``rpc_slots(max_workers)`` RPCs but health at once; the rest of the pool is health's, so a hung
+dependency never delays health), the auth interceptor (every RPC but health
+and reflection needs a bearer token), the request decoding interceptor (bytes that do not parse
+are INVALID_ARGUMENT, not INTERNAL; all three in ``personalkv.api.interceptors``), message size
 limits from ServerSettings, the standard health service (one status per service name plus "";
 probed by ``personalkv.api.health``) and server reflection.
 
@@ -36,11 +39,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from personalkv.api.interceptors import AuthInterceptor, MetricsInterceptor
+from personalkv.api.interceptors import (
+    AdmissionInterceptor, AuthInterceptor, MetricsInterceptor, RequestDecodingInterceptor,
+)
 from personalkv.config import AuthSettings, ServerSettings
 from personalkv.observability import start_metrics_server
 
 log = logging.getLogger(__name__)
+
+#: Threads of the pool that only health and reflection may use (see ``rpc_slots``).
+HEALTH_THREADS = 2
+
+
+def rpc_slots(max_workers: int) -> int:
+    """How many RPCs other than health and reflection a server runs at once: all threads but
+    HEALTH_THREADS (at least one), so health answers at once whatever the others wait on."""
+    return max(1, max_workers - HEALTH_THREADS)
 
 
 class GrpcServer:
@@ -56,10 +70,12 @@ class GrpcServer:
         self.metrics_port = metrics_port
         self.service_names = list(service_names)
         limit = self.settings.max_message_bytes
+        workers = max_workers or self.settings.max_workers
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers or self.settings.max_workers,
-                                       thread_name_prefix=f"{name}-rpc"),
-            interceptors=[MetricsInterceptor(name), AuthInterceptor(auth)],
+            futures.ThreadPoolExecutor(workers, thread_name_prefix=f"{name}-rpc"),
+            interceptors=[MetricsInterceptor(name),
+                          AdmissionInterceptor(rpc_slots(workers)),
+                          AuthInterceptor(auth), RequestDecodingInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

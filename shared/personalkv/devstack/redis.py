@@ -2,8 +2,10 @@
 
 Used by the Celery test fixture (tests/plugins/redis.py) and by ``make up``
 (``python -m personalkv.devstack.redis DIR [--port P]`` runs one in the foreground). Each server
-gets its own directory, no persistence (the queue is transient work: manifests are the state),
-and dies with its parent on Linux.
+gets its own directory and dies with its parent on Linux. Test servers keep nothing on disk
+(``durable=False``: a restart loses every queued task, the worst case the reconciler must
+handle); ``make up`` and the command run with REDIS_DURABILITY, the append-only file fsynced
+every second, so a broker restart loses at most the last second of enqueued work.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from personalkv.devstack.process import terminate
 from personalkv.devstack.s3 import _die_with_parent, free_port
 
 
+#: redis-server options of a broker that keeps its queues across a restart (``make up``,
+#: deploy/compose.yaml; docs/operations.md asks the same of an external Redis).
+REDIS_DURABILITY = ("--appendonly", "yes", "--appendfsync", "everysec")
+
+
 def redis_binary() -> str:
     path = shutil.which("redis-server")
     if path is None:
@@ -36,6 +43,7 @@ class RedisServer:
     data_dir: Path
     port: int = 0
     host: str = "127.0.0.1"
+    durable: bool = False
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -49,7 +57,8 @@ class RedisServer:
         log = open(self.data_dir / "redis.log", "ab")
         self.process = subprocess.Popen(
             [redis_binary(), "--bind", self.host, "--port", str(self.port), "--dir",
-             str(self.data_dir), "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+             str(self.data_dir), "--save", "", "--protected-mode", "no",
+             *(REDIS_DURABILITY if self.durable else ("--appendonly", "no"))],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         log.close()
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", nargs="?", default="var/redis")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    server = RedisServer(Path(args.data_dir), port=args.port).start()
+    server = RedisServer(Path(args.data_dir), port=args.port, durable=True).start()
     print(server.url, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
     try:

@@ -110,7 +110,7 @@ def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0,
     runs the workers and servers (``personalkv worker`` / ``personalkv serve``).
     ``token_secret``: the gRPC token secret the stack gets ('': a random one of its own)."""
     from personalkv.devstack.milvus import free_ports
-    from personalkv.devstack.redis import redis_binary
+    from personalkv.devstack.redis import REDIS_DURABILITY, redis_binary
 
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0,
 
     proc = _spawn(directory, "redis", [redis_binary(), "--bind", "127.0.0.1", "--port",
                                        str(redis_port), "--dir", str(directory), "--save", "",
-                                       "--appendonly", "no"], env)
+                                       *REDIS_DURABILITY], env)
     _wait_port(redis_port, proc, "redis", directory, 20)
     print(f"redis     redis://127.0.0.1:{redis_port}/0")
 

@@ -4,6 +4,7 @@ stored. Runs over real gRPC against in-process servers (see conftest)."""
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 
 import grpc
@@ -106,7 +107,8 @@ def test_user_id_like_dot_dot_slash(api, alice):
         lambda: alice.ingestion.ListConcepts(req, metadata=alice.metadata, timeout=10))
     assert code == C.INVALID_ARGUMENT and "user id '../x'" in message
     # In a correctly signed token: the token is refused.
-    token = sign_claims({"sub": "../x", "iat": 0, "exp": 2**40}, AUTH)
+    now = int(time.time())
+    token = sign_claims({"sub": "../x", "iat": now, "exp": now + 600}, AUTH)
     with api.client(token=token) as bad:
         code, message = status_of(lambda: bad.list_concepts())
     assert code == C.UNAUTHENTICATED and "invalid user id" in message
@@ -131,7 +133,7 @@ def test_bad_options(api, alice):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_bearer", "garbage", "forged", "other_secret",
-                                  "expired"])
+                                  "expired", "issued_next_year", "never_expires"])
 def test_bad_tokens_are_unauthenticated_on_every_service(api, alice, case):
     good = mint_token("alice", settings=AUTH)
     metadata = {
@@ -141,6 +143,10 @@ def test_bad_tokens_are_unauthenticated_on_every_service(api, alice, case):
         "forged": bearer_metadata(good[:-2] + ("AA" if not good.endswith("AA") else "BB")),
         "other_secret": bearer_metadata(mint_token("alice", settings=AuthSettings(secret="y" * 40))),
         "expired": bearer_metadata(mint_token("alice", settings=AUTH, now=0)),
+        "issued_next_year": bearer_metadata(mint_token("alice", settings=AUTH,
+                                                       now=time.time() + 365 * 86_400)),
+        "never_expires": bearer_metadata(sign_claims(
+            {"sub": "alice", "iat": int(time.time()), "exp": 1e308}, AUTH)),
     }[case]
     calls = [
         lambda: alice.ingestion.ListConcepts(ingestion_pb2.ListConceptsRequest(), metadata=metadata, timeout=10),
@@ -193,3 +199,35 @@ def test_upload_stream_framing(api, alice):
             iter(msgs), metadata=alice.metadata, timeout=10))
         assert code == C.INVALID_ARGUMENT and words in message, message
     assert_no_photos_stored(api)
+
+
+# A string field (GetConceptRequest.concept_id, field 2) holding bytes that are not UTF-8, a
+# length prefix running past the end, and a field number 0: none parses as the request.
+UNDECODABLE = {
+    "invalid utf-8": b"\x12\x02\xff\xfe",
+    "truncated": b"\x12\x50abc",
+    "field zero": b"\x00\x01",
+}
+
+
+@pytest.mark.parametrize("data", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+def test_undecodable_requests_are_invalid_argument_with_a_request_id(api, alice, data, caplog):
+    raw = lambda method: grpc.insecure_channel(api.ingestion_addr).unary_unary(  # noqa: E731
+        f"/personalkv.v1.IngestionService/{method}")  # bytes in, bytes out
+    with caplog.at_level("INFO"):
+        code, details = status_of(lambda: raw("GetConcept")(data, metadata=alice.metadata,
+                                                            timeout=10))
+    assert code == C.INVALID_ARGUMENT, details
+    assert "not a valid personalkv.v1.GetConceptRequest" in details and "request id" in details
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= 40]
+    # a request stream: the second message (a photo chunk) does not parse
+    stream = grpc.insecure_channel(api.ingestion_addr).stream_unary(
+        "/personalkv.v1.IngestionService/UploadPhotos")
+    header = ingestion_pb2.UploadPhotosRequest(
+        header=ingestion_pb2.UploadHeader(concept_id="mug")).SerializeToString()
+    code, details = status_of(lambda: stream(iter([header, data]), metadata=alice.metadata,
+                                             timeout=10))
+    assert code == C.INVALID_ARGUMENT and "UploadPhotosRequest" in details, details
+    assert_no_photos_stored(api)
+    assert_serving(api, alice)

@@ -53,3 +53,44 @@ def test_cancelled_upload_is_logged_as_cancelled_not_as_an_error(api, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
         r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert client.get_concept("kite").photo_count == 0
+
+
+def _answering_count(method: str, code: str) -> float:
+    value = REGISTRY.get_sample_value("personalkv_grpc_request_duration_seconds_count",
+                                      {"service": "answering", "method": method, "code": code})
+    return value or 0.0
+
+
+def _wait_count(method: str, code: str, above: float, timeout_s: float = 30) -> float:
+    deadline = time.monotonic() + timeout_s
+    while _answering_count(method, code) <= above and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _answering_count(method, code)
+
+
+def test_cancelled_asks_are_recorded_as_cancelled_not_as_deadline_exceeded(api, caplog):
+    """AskStream cancelled after its first delta, and Ask cancelled while it generates (its
+    256 tokens take the tiny model well over the 0.5 s we wait): CANCELLED, logged at INFO."""
+    from personalkv.api.client import ask_request
+    from personalkv.api.v1 import answering_pb2_grpc
+
+    client = api.client("cancelling-asker")
+    stub = answering_pb2_grpc.AnsweringServiceStub(grpc.insecure_channel(api.answering_addr))
+    request = ask_request("Describe everything you know in great detail.", max_new_tokens=256)
+    with caplog.at_level(logging.INFO):
+        before = {m: (_answering_count(m, "CANCELLED"), _answering_count(m, "DEADLINE_EXCEEDED"))
+                  for m in ("Ask", "AskStream")}
+        stream = stub.AskStream(request, metadata=client.metadata, timeout=60)
+        next(stream)  # the first delta: generation is under way
+        stream.cancel()
+        assert _wait_count("AskStream", "CANCELLED", before["AskStream"][0]) == \
+            before["AskStream"][0] + 1
+        future = stub.Ask.future(request, metadata=client.metadata, timeout=60)
+        time.sleep(0.5)
+        future.cancel()
+        assert _wait_count("Ask", "CANCELLED", before["Ask"][0]) == before["Ask"][0] + 1
+    for method in ("Ask", "AskStream"):
+        assert _answering_count(method, "DEADLINE_EXCEEDED") == before[method][1]
+    assert any("cancelled by the client" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

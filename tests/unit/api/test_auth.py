@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from personalkv.auth import (
@@ -56,7 +58,8 @@ def test_expiry_with_leeway():
 def test_mint_refuses_bad_user_ids_and_verify_refuses_them_even_when_signed():
     with pytest.raises(InvalidIdError):
         mint_token("../x", settings=SETTINGS)
-    signed = sign_claims({"sub": "../x", "iat": 0, "exp": 2**40}, SETTINGS)
+    now = int(time.time())
+    signed = sign_claims({"sub": "../x", "iat": now, "exp": now + 60}, SETTINGS)
     with pytest.raises(InvalidTokenError, match="invalid user id"):
         verify_token(signed, settings=SETTINGS)
 
@@ -65,6 +68,35 @@ def test_unreadable_payload_and_missing_claims():
     for claims in ({"iat": 0}, {"sub": "a"}, {"sub": "a", "exp": "later"}):
         with pytest.raises(InvalidTokenError):
             verify_token(sign_claims(claims, SETTINGS), settings=SETTINGS)
+
+
+YEAR_S = 365 * 86_400
+
+
+@pytest.mark.parametrize("claims, reason", [
+    ({"iat": 1000 + YEAR_S, "exp": 1000 + YEAR_S + 60}, "issued in the future"),
+    ({"iat": 1000 + 6, "exp": 1000 + 60}, "issued in the future"),  # past the 5 s leeway
+    ({"iat": 1000, "exp": 1e308}, "lifetime"),
+    ({"iat": 1000, "exp": 1000 + SETTINGS.max_token_lifetime_s + 1}, "lifetime"),
+    ({"iat": 0, "exp": 2**40}, "lifetime"),
+    ({"iat": 1000, "exp": float("inf")}, "expiry is not a number"),
+    ({"iat": float("nan"), "exp": 1060}, "issue time is not a number"),
+    ({"iat": True, "exp": 1060}, "issue time is not a number"),
+    ({"exp": 1060}, "unreadable"),  # every token we mint has iat
+])
+def test_tokens_from_the_future_or_living_too_long_are_refused(claims, reason):
+    token = sign_claims({"sub": "alice", **claims}, SETTINGS)
+    with pytest.raises(InvalidTokenError, match=reason):
+        verify_token(token, settings=SETTINGS, now=1000)
+
+
+def test_clock_skew_within_the_leeway_and_the_longest_lifetime_are_accepted():
+    longest = SETTINGS.max_token_lifetime_s
+    for claims in ({"iat": 1005, "exp": 1060}, {"iat": 1000, "exp": 1000 + longest}):
+        assert verify_token(sign_claims({"sub": "alice", **claims}, SETTINGS),
+                            settings=SETTINGS, now=1000) == "alice"
+    with pytest.raises(ValueError, match="MAX_TOKEN_LIFETIME"):
+        mint_token("alice", settings=SETTINGS, ttl_s=longest + 1)
 
 
 def test_require_secret_refuses_the_dev_default():

@@ -75,3 +75,29 @@ def test_json_log_lines_carry_extras_and_exceptions():
 
         record = logging.makeLogRecord({"msg": "failed", "exc_info": sys.exc_info()})
     assert "RuntimeError: bad" in json.loads(JsonFormatter().format(record))["exc"]
+
+
+def test_with_json_logs_every_line_on_stderr_is_json(tmp_path):
+    """A process that configures JSON logs, then warns and runs a tqdm progress bar (as model
+    loading does): every line it writes is a JSON object, the warning among them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings\n"
+        "from personalkv.config import ServerSettings\n"
+        "from personalkv.observability import setup_logging\n"
+        "setup_logging('test', ServerSettings(log_format='json'))\n"
+        "warnings.warn('a library complains')\n"
+        "from tqdm import tqdm\n"
+        "for _ in tqdm(range(3)): pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE",
+                                                              "HF_HUB_DISABLE_PROGRESS_BARS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert any("a library complains" in r.get("msg", "") for r in records), records
