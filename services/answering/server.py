@@ -25,6 +25,7 @@ from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
 from personalkv.observability import SERVING
 from personalkv.service_layer import answering, conversations
+from personalkv.service_layer.errors import CallEnded
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
                 options_from_proto(request.options), on_token=on_token,
                 **_conversation_kw(request), call=_call_limits(context),
             )  # fmt: skip
-        except _CallGone:
+        except (_CallGone, CallEnded):
             abort_client_gone(context, "AnsweringServicer.Ask")
         SERVING.answered(result)
         return result_to_proto(result)

@@ -65,6 +65,13 @@ class DeadlineExceeded(ServiceError):
     code = "DEADLINE_EXCEEDED"
 
 
+class CallEnded(ServiceError):
+    """The caller went away (cancelled, or its deadline passed) while its work waited or ran:
+    the work was stopped; nobody reads this answer."""
+
+    code = "CANCELLED"
+
+
 class Unavailable(ServiceError):
     """A dependency (object store, index, broker) is down; retrying later may succeed."""
 

@@ -52,7 +52,7 @@ from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
 from personalkv.kv.generation import AnswerResult, GenerationOptions, sample_token
 from personalkv.models.base import ModelAdapter
-from personalkv.service_layer.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from personalkv.service_layer.errors import CallEnded, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class BatchScheduler:
         job.queue_s = now - job.queued_at
         self.observer.queue_wait(job.queue_s)
         if job.cancelled():
-            return self._finish(job, error=DeadlineExceeded("the call ended while it waited for the model"))
+            return self._finish(job, error=CallEnded("the call ended while it waited for the model"))
         if job.deadline is not None and now >= job.deadline:
             self.observer.rejected("deadline")
             return self._finish(job, error=DeadlineExceeded(
@@ -308,7 +308,7 @@ class BatchScheduler:
         rows = [r for r in self._running]
         for r in rows:  # cancelled or expired calls leave before the forward
             if r.job.cancelled() or (r.job.deadline is not None and time.monotonic() >= r.job.deadline):
-                self._drop(batch, r, DeadlineExceeded("the call ended during generation"))
+                self._drop(batch, r, CallEnded("the call ended during generation"))
         rows = [r for r in self._running]
         if not rows:
             return
