@@ -88,6 +88,12 @@ def mine_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifes
 
 
 def _mine(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
+    current = svc.store.read_manifest(user_id, concept_id)
+    if current is not None and not current.photos:
+        # Nothing to mine (a task enqueued by hand, or by an older reconciler): a concept
+        # stays queued until its photos arrive, as the API promises.
+        log.info("mine %s/%s: no photos yet; stays %s", user_id, concept_id, current.state)
+        return current
     manifest = _write_state(svc, user_id, concept_id, "mining", failure_reason=None)
     if manifest is None:
         log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)

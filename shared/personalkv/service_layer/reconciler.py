@@ -43,8 +43,9 @@ def utcnow() -> datetime:
 
 
 def lease_lapsed(manifest: ConceptManifest, now: datetime | None = None) -> bool:
-    """Whether the concept waits for work that nobody has in hand (no lease, or lease past)."""
-    if manifest.state not in ACTIVE_STATES:
+    """Whether the concept waits for work that nobody has in hand (no lease, or lease past).
+    A queued concept without photos waits for its photos, not for work: it stays queued."""
+    if manifest.state not in ACTIVE_STATES or (manifest.state == "queued" and not manifest.photos):
         return False
     return manifest.lease_until is None or manifest.lease_until <= (now or utcnow())
 
