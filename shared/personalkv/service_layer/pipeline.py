@@ -41,7 +41,7 @@ from personalkv.retrieval.indexing import index_concept
 from personalkv.service_layer import reconciler
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.service_layer.errors import Unavailable
-from personalkv.storage.chunk_store import MissingObjectsError
+from personalkv.storage.chunk_store import DamagedManifestError, MissingObjectsError
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def _run(svc: Services, user_id: str, concept_id: str, body):
             return body()
     except Unavailable:
         raise
+    except DamagedManifestError:
+        # Nothing to do and nowhere to record a failure: clients see the concept FAILED
+        # (service_layer._common.damaged_concept) until it is deleted.
+        log.warning("concept %s/%s: its manifest is damaged; task dropped", user_id, concept_id)
+        return None
     except Exception as exc:
         _fail(svc, user_id, concept_id, exc)
         raise
@@ -148,13 +153,9 @@ def _other_concepts_photos(svc: Services, user_id: str, concept_id: str) -> list
     concepts so that each one counts: what this concept's patches must not look like. Only this
     user's objects are read, and a photo only when the miner lacks its stored descriptors."""
     limit = svc.settings.mining.user_negatives
-    queues = []
-    for other in sorted(svc.store.list_concepts(user_id)):
-        if other == concept_id:
-            continue
-        m = svc.store.read_manifest(user_id, other)
-        if m is not None and m.photos:
-            queues.append((other, [p.photo_id for p in m.photos]))
+    queues = [(m.concept_id, [p.photo_id for p in m.photos])
+              for m in svc.store.read_manifests(user_id)  # a damaged one is skipped
+              if m.concept_id != concept_id and m.photos]
     picked: list[tuple[str, str]] = []
     for depth in range(max((len(q) for _, q in queues), default=0)):
         picked += [(other, ids[depth]) for other, ids in queues if depth < len(ids)]
