@@ -6,7 +6,8 @@
   ask --user U "question" [--photo P] [--stack] [--stream]
       [--start-conversation | --conversation ID]   keep the KV for follow-ups / ask one
   reindex [--user U] [--stack]    rebuild the key index from the manifests
-  recache [--user U] [--stack]    re-run caching for every concept (after a model change)
+  recache [--user U] [--stack]    re-run caching for every concept (after a model change, or
+                                  to repair chunks an Ask refused)
   demo [--data-dir D]             the offline, embedded end-to-end demo (``make demo``)
 
 ``--stack`` uses the configured S3 / Milvus server / Celery (``make up``); without it, the
@@ -56,7 +57,8 @@ def register(subparsers) -> None:
     reindex.set_defaults(func=_reindex)
 
     recache = subparsers.add_parser(
-        "recache", help="enqueue caching for every concept (after a model change)")
+        "recache", help="enqueue caching for every concept (after a model change, or to "
+        "repair refused or missing chunks)")
     recache.add_argument("--user", action="append", help="only these users (repeatable)")
     recache.add_argument("--stack", action="store_true", help="use the running stack")
     recache.set_defaults(func=_recache)
@@ -163,7 +165,8 @@ def _reindex(args) -> int:
 
 def _recache(args) -> int:
     """Enqueue ``caching.cache_concept`` for every concept: with a new model (fingerprint) every
-    chunk is encoded again and the old ones deleted; with the same model it is a no-op."""
+    chunk is encoded again and the old ones deleted; with the same model every stored chunk is
+    verified and only those missing or refused (tampered, corrupt) are encoded again."""
     svc = _services(args.stack)
     count = 0
     try:

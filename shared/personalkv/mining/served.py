@@ -114,13 +114,9 @@ class ServedRecognizers:
         self.builds = 0  # recognizers built (tests, metrics)
 
     def _manifests(self, user_id: str) -> list[ConceptManifest]:
-        out = []
-        for cid in self.store.list_concepts(user_id):
-            m = self.store.read_manifest(user_id, cid)
-            # answerable concepts only: cached at least once, with mined photos
-            if m is not None and m.chunks and mined_photos(m):
-                out.append(m)
-        return out
+        # answerable concepts only: cached at least once, with mined photos (a damaged
+        # manifest is skipped: the user's other concepts are still recognized)
+        return [m for m in self.store.read_manifests(user_id) if m.chunks and mined_photos(m)]
 
     def state(self, user_id: str) -> _UserState:
         stamp = self.store.concepts_stamp(user_id)

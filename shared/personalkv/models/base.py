@@ -34,6 +34,16 @@ SYSTEM_PROMPT = (
     "answer questions about the user's things."
 )
 
+#: The most elongated image a model is given: a longer one is padded (centred on a grey canvas,
+#: nothing cropped or squeezed) to this aspect ratio. Qwen2-VL's processor refuses 200:1 and
+#: more, and LLaVA-OneVision's anyres resize would round the short side of such a tile to 0
+#: pixels; no photo needs more (a 360-degree panorama is about 8:1).
+MAX_IMAGE_ASPECT = 20
+#: The shortest side a model is given (Qwen2-VL merges 28x28-pixel patches): a thinner image is
+#: upscaled, aspect kept, after the padding.
+MIN_IMAGE_SIDE = 28
+_PAD_GREY = (128, 128, 128)
+
 # Rendered in the model's chat template as the user's turn, then split on: what comes before
 # it is the system prefix, what follows it closes the question and opens the answer.
 _USER_TURN = "PERSONALKVUSERTURN"
@@ -264,15 +274,28 @@ class ModelAdapter(ABC):
                     ids.append(token_id)
         return ids
 
-    def capped_image(self, image: Image.Image) -> Image.Image:
-        """The RGB image, downscaled (aspect kept) to at most ``max_image_pixels`` pixels: the
-        vision tower's cost and the chunk's token count grow with the pixels it is given."""
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """The RGB image in a shape every image processor takes, so that any photo validation
+        accepts (a 1x1 PNG, a 20000x1 strip) can be asked about: padded to at most
+        ``MAX_IMAGE_ASPECT``, downscaled (aspect kept) to at most ``max_image_pixels`` pixels
+        (the vision tower's cost and the chunk's token count grow with them), then upscaled to
+        a short side of at least ``MIN_IMAGE_SIDE`` (which wins over a cap below 28x560)."""
         image = image.convert("RGB")
-        cap = self.max_image_pixels
         width, height = image.size
+        if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
+            long = max(width, height)
+            short = -(-long // MAX_IMAGE_ASPECT)  # ceil: the ratio is at most the limit
+            canvas = Image.new("RGB", (long, short) if width >= height else (short, long), _PAD_GREY)
+            canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+            image, (width, height) = canvas, canvas.size
+        cap = self.max_image_pixels
         if cap and width * height > cap:
             scale = (cap / (width * height)) ** 0.5
-            size = (max(1, int(width * scale)), max(1, int(height * scale)))
+            width, height = max(1, int(width * scale)), max(1, int(height * scale))
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        if min(width, height) < MIN_IMAGE_SIDE:
+            scale = MIN_IMAGE_SIDE / min(width, height)
+            size = (max(MIN_IMAGE_SIDE, round(width * scale)), max(MIN_IMAGE_SIDE, round(height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC)
         return image
 

@@ -23,7 +23,7 @@ class LlavaOnevisionAdapter(ModelAdapter):
         return [], [self.image_token_id] * image.num_tokens, self.tokenize("\n")
 
     def encode_image(self, image: Image.Image) -> ImageInput:
-        processed = self.image_processor(images=[self.capped_image(image)], return_tensors="pt")
+        processed = self.image_processor(images=[self.model_image(image)], return_tensors="pt")
         pixel_values = processed["pixel_values"].to(self.device, self.dtype)
         image_sizes = processed["image_sizes"].to(self.device)
         with torch.inference_mode():

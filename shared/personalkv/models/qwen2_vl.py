@@ -33,7 +33,7 @@ class Qwen2VLAdapter(ModelAdapter):
         )
 
     def encode_image(self, image: Image.Image) -> ImageInput:
-        processed = self.image_processor(images=[self.capped_image(image)], return_tensors="pt")
+        processed = self.image_processor(images=[self.model_image(image)], return_tensors="pt")
         pixel_values = processed["pixel_values"].to(self.device, self.dtype)
         grid = processed["image_grid_thw"].to(self.device)
         with torch.inference_mode():

@@ -88,12 +88,12 @@ def reindex(store, index: KeyIndex, keys: KeyBuilder, *, users: Iterable[str] | 
 
     for user_id in user_ids:
         report.users += 1
-        for concept_id in store.list_concepts(user_id):
-            manifest = store.read_manifest(user_id, concept_id)
-            if manifest is None or manifest.state not in INDEXED_STATES:
+        for manifest in store.read_manifests(user_id):  # a damaged one is logged and skipped
+            if manifest.state not in INDEXED_STATES:
                 report.skipped += 1
                 continue
-            built = keys.build(manifest, lambda pid: store.get_photo(user_id, concept_id, pid))
+            built = keys.build(manifest, lambda pid, concept_id=manifest.concept_id:
+                               store.get_photo(user_id, concept_id, pid))
             text += built.text
             image += built.image
             report.concepts += 1

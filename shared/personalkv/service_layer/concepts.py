@@ -16,7 +16,9 @@ from pydantic import ValidationError
 
 from personalkv.manifest import ConceptManifest, ConceptProfile
 from personalkv.service_layer import reconciler
-from personalkv.service_layer._common import check_ids, dependencies, require_manifest
+from personalkv.service_layer._common import (
+    check_ids, damaged_concept, dependencies, refuse_damaged, require_manifest,
+)
 from personalkv.service_layer.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -26,6 +28,7 @@ from personalkv.service_layer.errors import (
 )
 from personalkv.service_layer.photos import validate_photo
 from personalkv.storage.base import PreconditionFailed
+from personalkv.storage.chunk_store import DamagedManifestError
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
     stay recorded, the lease is cleared so that the reconciler enqueues the work as soon as the
     broker is back, and the caller gets Unavailable saying so: nothing is left that no task
     will pick up, and sending the same photos again is harmless."""
-    manifest = require_manifest(svc, user_id, concept_id)
+    require_manifest(svc, user_id, concept_id, to_change=True)
     limits = svc.settings.service
     if not photos:
         raise InvalidArgument("no photos given")
@@ -100,7 +103,10 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
 
     with dependencies("the object store"):
         records = [svc.store.put_photo(user_id, concept_id, v) for v in validated]
-        fresh = svc.store.update_manifest(user_id, concept_id, add)
+        try:
+            fresh = svc.store.update_manifest(user_id, concept_id, add)
+        except DamagedManifestError as exc:  # damaged since our read
+            raise refuse_damaged(exc) from None
     if fresh is None:
         raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")
     if changed:  # new photos, or a stuck concept taken over: enqueue its work
@@ -116,20 +122,16 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
 
 
 def get_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest:
-    """The concept's manifest; NotFound when it does not exist."""
+    """The concept's manifest; NotFound when it does not exist; FAILED with a reason to delete
+    it when its manifest is damaged."""
     return require_manifest(svc, user_id, concept_id)
 
 
 def list_concepts(svc: Services, user_id: str) -> list[ConceptManifest]:
-    """Every concept of the user, by concept id."""
+    """Every concept of the user, by concept id (one whose manifest is damaged as FAILED)."""
     check_ids(user_id)
-    out = []
     with dependencies("the object store"):
-        for concept_id in svc.store.list_concepts(user_id):
-            manifest = svc.store.read_manifest(user_id, concept_id)
-            if manifest is not None:  # deleted between the listing and the read
-                out.append(manifest)
-    return out
+        return svc.store.read_manifests(user_id, on_damaged=damaged_concept)
 
 
 def delete_concept(svc: Services, user_id: str, concept_id: str) -> bool:
@@ -137,7 +139,7 @@ def delete_concept(svc: Services, user_id: str, concept_id: str) -> bool:
     whether it existed. Raises Unavailable when a dependency is down; retry then."""
     check_ids(user_id, concept_id)
     with dependencies("the index or the object store"):
-        existed = svc.store.read_manifest(user_id, concept_id) is not None
+        existed = svc.store.has_concept(user_id, concept_id)  # (readable or not)
         svc.index.delete_concept(user_id, concept_id)
         svc.store.delete_concept(user_id, concept_id)
     svc.chunk_cache.invalidate(user_id, concept_id)

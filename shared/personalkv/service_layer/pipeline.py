@@ -9,14 +9,19 @@ Both are idempotent and safe to redeliver (acks_late: a task whose worker died r
   indices (and the chunks pointing at them) never move;
 * caching derives every chunk id from content (sha256 over model, framing, owner, kind and the
   exact text or crop pixels) *before* running the model, and encodes only chunks the store does
-  not hold yet - a redelivered task re-encodes nothing already stored, a new photo adds only its
-  own chunks, and an object key can never be written with two different contents;
+  not hold in a form that verifies - a redelivered task re-encodes nothing already stored, a new
+  photo adds only its own chunks, and an object key can never be written with two different
+  contents. Every stored chunk is read back and verified (``decode_chunk``: checksum, owner,
+  model, id) before it is reused, so a blob that was tampered with or lost is encoded again:
+  any caching run repairs it (an upload of a new photo, or ``personalkv recache``);
 * the manifest is written after the blobs it names; index keys are written, and confirmed
   visible to every reader (``index_concept`` waits for it), before the concept turns
   ``ready``, so a ready concept is always findable, by an Ask in another process too.
 
 Failures: a dependency outage raises ``Unavailable`` (the task is retried, the manifest keeps
-its state); anything else marks the concept ``failed`` with a reason and re-raises.
+its state); anything else marks the concept ``failed`` with a reason and re-raises. The reason
+is shown to clients: it names the stage and what to do, never an object key or an exception
+class (those go to the worker's log).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from personalkv.mining.output import PhotoRef
 from personalkv.retrieval.indexing import index_concept
 from personalkv.service_layer import reconciler
 from personalkv.service_layer._common import check_ids, dependencies
-from personalkv.service_layer.errors import Unavailable
-from personalkv.storage.chunk_store import MissingObjectsError
+from personalkv.service_layer.errors import ServiceError, Unavailable
+from personalkv.storage.base import ObjectNotFound
+from personalkv.storage.chunk_store import DamagedManifestError, MissingObjectsError
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -49,16 +55,20 @@ log = logging.getLogger(__name__)
 
 def _write_state(svc: Services, user_id: str, concept_id: str, state: str, **update) -> ConceptManifest | None:
     """Move the concept to ``state`` (compare-and-set on the freshest manifest) with a fresh
-    lease; None when the concept no longer exists."""
+    lease; None when the concept no longer exists. Names no new object, so the objects are not
+    checked: a chunk lost from a ready concept must not stop the caching run that repairs it."""
     lease = reconciler.lease_from_now(svc.settings.celery.lease_s)
     with dependencies("the object store"):
         return svc.store.update_manifest(user_id, concept_id, lambda m: m.model_copy(
-            update={"state": state, "lease_until": lease, **update}))
+            update={"state": state, "lease_until": lease, **update}), check_objects=False)
 
 
-def _fail(svc: Services, user_id: str, concept_id: str, exc: BaseException) -> None:
-    reason = f"{type(exc).__name__}: {exc}"[:500]
-    log.error("concept %s/%s failed: %s", user_id, concept_id, reason)
+def _fail(svc: Services, user_id: str, concept_id: str, stage: str, exc: BaseException) -> None:
+    if isinstance(exc, ServiceError):  # its message is written for the caller
+        reason = f"{stage} failed: {exc.message}"[:500]
+    else:
+        reason = f"{stage} failed on an internal error; sending the photos again retries it"
+    log.error("concept %s/%s failed in %s", user_id, concept_id, stage, exc_info=exc)
     try:
         svc.store.update_manifest(user_id, concept_id, lambda m: m.model_copy(update={
             "state": "failed", "failure_reason": reason, "lease_until": None}), check_objects=False)
@@ -66,7 +76,7 @@ def _fail(svc: Services, user_id: str, concept_id: str, exc: BaseException) -> N
         log.exception("could not record the failure of %s/%s", user_id, concept_id)
 
 
-def _run(svc: Services, user_id: str, concept_id: str, body):
+def _run(svc: Services, user_id: str, concept_id: str, stage: str, body):
     check_ids(user_id, concept_id)
     try:
         # The lease keeper renews the concept's lease while the task works: should this
@@ -75,8 +85,13 @@ def _run(svc: Services, user_id: str, concept_id: str, body):
             return body()
     except Unavailable:
         raise
+    except DamagedManifestError:
+        # Nothing to do and nowhere to record a failure: clients see the concept FAILED
+        # (service_layer._common.damaged_concept) until it is deleted.
+        log.warning("concept %s/%s: its manifest is damaged; task dropped", user_id, concept_id)
+        return None
     except Exception as exc:
-        _fail(svc, user_id, concept_id, exc)
+        _fail(svc, user_id, concept_id, stage, exc)
         raise
 
 
@@ -84,10 +99,16 @@ def _run(svc: Services, user_id: str, concept_id: str, body):
 def mine_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Mine patches for the photos that have none yet, update the profile, enqueue caching.
     Returns the manifest written, or None when the concept no longer exists."""
-    return _run(svc, user_id, concept_id, lambda: _mine(svc, user_id, concept_id))
+    return _run(svc, user_id, concept_id, "mining", lambda: _mine(svc, user_id, concept_id))
 
 
 def _mine(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
+    current = svc.store.read_manifest(user_id, concept_id)
+    if current is not None and not current.photos:
+        # Nothing to mine (a task enqueued by hand, or by an older reconciler): a concept
+        # stays queued until its photos arrive, as the API promises.
+        log.info("mine %s/%s: no photos yet; stays %s", user_id, concept_id, current.state)
+        return current
     manifest = _write_state(svc, user_id, concept_id, "mining", failure_reason=None)
     if manifest is None:
         log.info("mine %s/%s: concept deleted, nothing to do", user_id, concept_id)
@@ -142,13 +163,9 @@ def _other_concepts_photos(svc: Services, user_id: str, concept_id: str) -> list
     concepts so that each one counts: what this concept's patches must not look like. Only this
     user's objects are read, and a photo only when the miner lacks its stored descriptors."""
     limit = svc.settings.mining.user_negatives
-    queues = []
-    for other in sorted(svc.store.list_concepts(user_id)):
-        if other == concept_id:
-            continue
-        m = svc.store.read_manifest(user_id, other)
-        if m is not None and m.photos:
-            queues.append((other, [p.photo_id for p in m.photos]))
+    queues = [(m.concept_id, [p.photo_id for p in m.photos])
+              for m in svc.store.read_manifests(user_id)  # a damaged one is skipped
+              if m.concept_id != concept_id and m.photos]
     picked: list[tuple[str, str]] = []
     for depth in range(max((len(q) for _, q in queues), default=0)):
         picked += [(other, ids[depth]) for other, ids in queues if depth < len(ids)]
@@ -164,7 +181,7 @@ def _other_concepts_photos(svc: Services, user_id: str, concept_id: str) -> list
 def cache_concept(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
     """Encode and store the chunks the concept lacks, index its keys, mark it ready.
     Returns the manifest written, or None when the concept no longer exists."""
-    return _run(svc, user_id, concept_id, lambda: _cache(svc, user_id, concept_id))
+    return _run(svc, user_id, concept_id, "caching", lambda: _cache(svc, user_id, concept_id))
 
 
 def _cache(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | None:
@@ -202,8 +219,8 @@ def _cache(svc: Services, user_id: str, concept_id: str) -> ConceptManifest | No
         return None
     # Chunks the previous manifest named and this one does not (new profile, new model).
     _delete_stale_chunks(svc.store, user_id, concept_id, set(known) - {r.chunk_id for r in records})
-    log.info("cached %s/%s: %d chunks (%d encoded, %d reused); ready", user_id, concept_id,
-             len(records), writer.encoded, writer.reused)
+    log.info("cached %s/%s: %d chunks (%d encoded, of which %d repairs; %d reused); ready",
+             user_id, concept_id, len(records), writer.encoded, writer.repaired, writer.reused)
     return ready
 
 
@@ -240,34 +257,40 @@ def _plan_evidence(svc: Services, manifest: ConceptManifest,
 
 
 class _ChunkWriter:
-    """Makes sure one piece of evidence has its chunk stored, and returns its record: reused
-    from the manifest, verified from an earlier run's blob, or encoded and written now."""
+    """Makes sure one piece of evidence has its chunk stored, and returns its record: the
+    stored blob when it verifies (whether the manifest named it or an earlier run that died
+    stored it), else encoded and written now (``repaired`` counts the chunks the manifest named
+    whose blob was missing or refused)."""
 
     def __init__(self, svc: Services, user_id: str, concept_id: str, known: dict[str, ChunkRef]) -> None:
         self.store, self.adapter = svc.store, svc.adapter
         self.fingerprint = self.adapter.fingerprint()
         self.quantization = svc.settings.model.chunk_quantization
         self.user_id, self.concept_id, self.known = user_id, concept_id, known
-        self.encoded = self.reused = 0
+        self.encoded = self.reused = self.repaired = 0
 
     def record_for(self, evidence: Evidence) -> ChunkRef:
         user_id, concept_id, store = self.user_id, self.concept_id, self.store
         chunk_id = evidence_chunk_id(self.adapter, evidence, user_id=user_id, concept_id=concept_id)
-        known = self.known.get(chunk_id)
-        if known is not None and known.kind == evidence.kind:
-            self.reused += 1
-            return known.model_copy(update={"source": evidence.source})
-        if store.has_chunk(user_id, concept_id, chunk_id):
-            # Stored by an earlier run that died before its manifest write: verify, don't redo
-            # (a blob that fails verification is encoded again and overwritten).
+        # Verified, not trusted: reading a chunk back costs far less than encoding it, and this
+        # is the one place a tampered or lost blob gets repaired (the Ask path only skips it).
+        try:
+            blob = store.get_chunk(user_id, concept_id, chunk_id)
+        except ObjectNotFound:
+            blob = None
+            if chunk_id in self.known:
+                self.repaired += 1
+                log.warning("chunk %s of %s/%s is missing; encoding it again", chunk_id[:12],
+                            user_id, concept_id)
+        if blob is not None:
             try:
-                meta = decode_chunk(store.get_chunk(user_id, concept_id, chunk_id),
-                                    expected_model=self.fingerprint, expected_user=user_id,
+                meta = decode_chunk(blob, expected_model=self.fingerprint, expected_user=user_id,
                                     expected_chunk_id=chunk_id).meta
                 self.reused += 1
                 return self._record(evidence, meta)
             except ChunkFormatError as exc:
-                log.warning("stored chunk %s of %s/%s is unusable (%s); encoding it again",
+                self.repaired += 1
+                log.warning("stored chunk %s of %s/%s is refused (%s); encoding it again",
                             chunk_id[:12], user_id, concept_id, exc)
         chunk = encode(self.adapter, evidence, user_id=user_id, concept_id=concept_id)
         assert chunk.chunk_id == chunk_id, "content hash drifted between planning and encoding"

@@ -20,7 +20,10 @@ concept finishes within about lease_s + reconcile_interval_s + the task's own ti
 long the broker's visibility timeout is.
 
 A pass lists every user's manifests: one LIST per user and a GET per concept. That is fine for
-thousands of concepts per interval; beyond that, keep a work ledger instead of scanning.
+thousands of concepts per interval; beyond that, keep a work ledger instead of scanning. One
+concept never stops a pass: a damaged manifest (or any error but an outage) on one concept is
+logged, counted in ``personalkv_reconciler_skipped_total{reason}`` and skipped; only
+``Unavailable`` (the broker or the store is down) ends the pass.
 """
 
 from __future__ import annotations
@@ -29,13 +32,24 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
+from prometheus_client import Counter
+
 from personalkv.manifest import ConceptManifest
+from personalkv.service_layer._common import transient_errors
 from personalkv.service_layer.errors import Unavailable
 from personalkv.service_layer.services import Services
+from personalkv.storage.chunk_store import DamagedManifestError
 
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("queued", "mining", "caching")
+
+# Defined here, not in personalkv.observability (which reaches Celery, and the use cases must
+# not): it is in the same default registry, exported by every process's /metrics endpoint.
+RECONCILER_SKIPPED = Counter(
+    "personalkv_reconciler_skipped_total",
+    "Concepts a reconciler pass skipped (it carried on with the others), by reason.", ["reason"],
+)  # fmt: skip
 
 
 def utcnow() -> datetime:
@@ -43,8 +57,9 @@ def utcnow() -> datetime:
 
 
 def lease_lapsed(manifest: ConceptManifest, now: datetime | None = None) -> bool:
-    """Whether the concept waits for work that nobody has in hand (no lease, or lease past)."""
-    if manifest.state not in ACTIVE_STATES:
+    """Whether the concept waits for work that nobody has in hand (no lease, or lease past).
+    A queued concept without photos waits for its photos, not for work: it stays queued."""
+    if manifest.state not in ACTIVE_STATES or (manifest.state == "queued" and not manifest.photos):
         return False
     return manifest.lease_until is None or manifest.lease_until <= (now or utcnow())
 
@@ -98,21 +113,43 @@ def claim_and_enqueue(svc: Services, user_id: str, concept_id: str) -> str | Non
 
 def reconcile(svc: Services) -> list[tuple[str, str, str]]:
     """One pass over every concept: enqueue those whose lease lapsed. Returns (user, concept,
-    queue) of each concept enqueued. Stops at the first Unavailable (the broker or the store is
-    down: the next pass tries again)."""
+    queue) of each concept enqueued. A concept that cannot be handled (damaged manifest, any
+    error but an outage) is skipped and reported (``skipped``); the pass stops at the first
+    outage (Unavailable, or the store's or index's transient errors: the next pass tries
+    again)."""
     done = []
     now = utcnow()
+
+    def damaged(error: DamagedManifestError) -> None:
+        skipped(error.user_id, error.concept_id, "damaged_manifest")
+
     for user_id in svc.store.list_users():
-        for concept_id in svc.store.list_concepts(user_id):
-            manifest = svc.store.read_manifest(user_id, concept_id)
-            if manifest is None or not lease_lapsed(manifest, now):
+        for manifest in svc.store.read_manifests(user_id, on_damaged=damaged):
+            if not lease_lapsed(manifest, now):
                 continue
-            queue = claim_and_enqueue(svc, user_id, concept_id)
+            concept_id = manifest.concept_id
+            try:
+                queue = claim_and_enqueue(svc, user_id, concept_id)
+            except (Unavailable, *transient_errors()):
+                raise
+            except DamagedManifestError:  # damaged since the listing read it
+                skipped(user_id, concept_id, "damaged_manifest")
+                continue
+            except Exception:
+                skipped(user_id, concept_id, "error", exc_info=True)
+                continue
             if queue is not None:
                 log.warning("concept %s/%s was %s with its lease lapsed; enqueued %s again",
                             user_id, concept_id, manifest.state, queue)
                 done.append((user_id, concept_id, queue))
     return done
+
+
+def skipped(user_id: str, concept_id: str, reason: str, exc_info: bool = False) -> None:
+    """Report a concept a pass could not handle (log and counter); the pass carries on."""
+    RECONCILER_SKIPPED.labels(reason).inc()
+    log.warning("reconciler skipped concept %s/%s (%s); it carries on with the others",
+                user_id, concept_id, reason, exc_info=exc_info)
 
 
 class Reconciler:

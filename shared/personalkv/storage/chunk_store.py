@@ -30,17 +30,23 @@ outside ``users/<user>/`` (no listing of the user's concepts sees it) and is del
 user's last concept and by ``delete_user``: a reader that finds none reads the manifests. It is
 written after every manifest write or delete that changes more than the work lease (renewals
 do not touch it), so a reader that sees a stamp sees at least the manifests written before it.
+
+A manifest that does not parse (truncated, edited by hand) raises `DamagedManifestError` for
+that concept alone: `read_manifests` (every listing of a user's concepts) reports and skips it
+or puts a caller's stand-in in its place, and `delete_concept` removes it like any other.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 from tenacity import (
     RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential,
 )
@@ -63,6 +69,7 @@ from personalkv.storage.factory import open_object_store
 _EXT_BY_MEDIA_TYPE = dict(PHOTO_FORMATS.values())
 _CHUNK_KEY_RE = re.compile(r"users/([^/]+)/concepts/([^/]+)/chunks/([0-9a-f]{64})\.kv")
 _UNCONDITIONAL = object()
+log = logging.getLogger(__name__)
 
 
 class InvalidPhotoError(ValueError):
@@ -71,6 +78,15 @@ class InvalidPhotoError(ValueError):
 
 class MissingObjectsError(StorageError):
     """write_manifest was asked to publish a manifest naming objects that are not stored."""
+
+
+class DamagedManifestError(StorageError):
+    """A concept's manifest is stored but cannot be read (not JSON, not a manifest, another
+    concept's). Concerns that concept only; the parse error is chained, not in the message."""
+
+    def __init__(self, user_id: str, concept_id: str) -> None:
+        super().__init__(f"the manifest of {user_id}/{concept_id} is damaged")
+        self.user_id, self.concept_id = user_id, concept_id
 
 
 class ChunkStore:
@@ -275,10 +291,37 @@ class ChunkStore:
             data, version = self.objects.get_versioned(self.manifest_key(user_id, concept_id))
         except ObjectNotFound:
             return None, None
-        manifest = ConceptManifest.from_json(data)
+        try:
+            manifest = ConceptManifest.from_json(data)
+        except (ValidationError, ValueError) as exc:  # truncated, not JSON, not a manifest
+            raise DamagedManifestError(user_id, concept_id) from exc
         if (manifest.user_id, manifest.concept_id) != (user_id, concept_id):
-            raise StorageError(f"manifest at {user_id}/{concept_id} belongs to another concept")
+            raise DamagedManifestError(user_id, concept_id)  # another concept's, copied here
         return manifest, version
+
+    def read_manifests(
+        self, user_id: str,
+        on_damaged: Callable[[DamagedManifestError], ConceptManifest | None] | None = None,
+    ) -> list[ConceptManifest]:
+        """The manifest of each of the user's concepts, by concept id. A damaged one never stops
+        the listing: it is replaced by ``on_damaged(error)``, or skipped when that returns None
+        (without ``on_damaged``: logged and skipped)."""
+        out = []
+        for concept_id in self.list_concepts(user_id):
+            try:
+                manifest = self.read_manifest(user_id, concept_id)
+            except DamagedManifestError as exc:
+                if on_damaged is None:
+                    log.warning("skipping concept %s/%s: its manifest is damaged", user_id, concept_id)
+                    continue
+                manifest = on_damaged(exc)
+            if manifest is not None:  # (None also: deleted between the listing and the read)
+                out.append(manifest)
+        return out
+
+    def has_concept(self, user_id: str, concept_id: str) -> bool:
+        """Whether the concept exists (its manifest is stored, readable or not)."""
+        return self.objects.exists(self.manifest_key(user_id, concept_id))
 
     # -- conversations ------------------------------------------------------------------------
     @classmethod
@@ -370,7 +413,7 @@ class ChunkStore:
     def list_concepts(self, user_id: str) -> list[str]:
         """Concepts of `user_id` that have a manifest (i.e. exist), sorted."""
         concepts = _valid_ids(self.objects.list_children(self.user_prefix(user_id) + "concepts/"))
-        return [c for c in concepts if self.objects.exists(self.manifest_key(user_id, c))]
+        return [c for c in concepts if self.has_concept(user_id, c)]
 
     def list_users(self) -> list[str]:
         """Users with any stored object, sorted."""

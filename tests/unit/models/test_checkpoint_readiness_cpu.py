@@ -136,10 +136,10 @@ def test_images_are_capped_to_the_configured_pixels():
     previous = adapter.max_image_pixels
     try:
         adapter.max_image_pixels = 112 * 112
-        capped = adapter.capped_image(big)
+        capped = adapter.model_image(big)
         assert capped.size[0] * capped.size[1] <= 112 * 112
         assert abs(capped.size[0] / capped.size[1] - 4 / 3) < 0.02
-        assert adapter.capped_image(Image.new("RGB", (50, 40))).size == (50, 40)  # small: untouched
+        assert adapter.model_image(Image.new("RGB", (50, 40))).size == (50, 40)  # small: untouched
         # The vision tower sees the capped image: same token count as the image pre-shrunk.
         assert adapter.encode_image(big).num_tokens == adapter.encode_image(capped).num_tokens
     finally:

@@ -98,3 +98,42 @@ def test_pixel_limit_checked_before_decoding():
 def test_not_bytes_refused():
     with pytest.raises(InvalidArgument):
         validate_photo("a string", **LIMITS)  # type: ignore[arg-type]
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A complete 16x16 baseline JPEG (about 630 bytes, end-of-image marker included) whose
+    frame header is rewritten to claim width x height: libjpeg decodes it without an error."""
+    data = bytearray(encode("JPEG", (16, 16)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_jpeg_too_short_for_its_header_is_refused_as_truncated():
+    data = jpeg_claiming(6000, 6000)
+    assert len(data) < 700
+    with pytest.raises(InvalidArgument, match="JPEG image is truncated.*6000x6000"):
+        validate_photo(data, max_bytes=10**6, max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize("mode,progressive", [("L", True), ("RGB", False)])
+def test_flat_jpegs_at_the_lowest_quality_pass_the_truncation_bound(mode, progressive):
+    # The most compressible real JPEGs (one colour, quality 1, optimized tables) are ~32x
+    # above the bound (47 KB for 4000x3000 grey, the bound 1.5 KB): no false refusals.
+    buf = io.BytesIO()
+    Image.new(mode, (4000, 3000), 0).save(buf, "JPEG", quality=1, optimize=True,
+                                          progressive=progressive)
+    photo = validate_photo(buf.getvalue(), max_bytes=10**7, max_pixels=20_000_000, keep_image=False)
+    assert (photo.width, photo.height) == (4000, 3000)
+
+
+def test_bmp_with_a_negative_width_is_invalid_not_too_large():
+    data = bytearray(encode("BMP", (100, 100)))
+    data[18:22] = struct.pack("<i", -100)  # BITMAPINFOHEADER width; PIL reads it unsigned
+    with pytest.raises(InvalidArgument, match="header is malformed.*4294967196x100"):
+        validate_photo(bytes(data), **LIMITS)
+
+
+def test_a_bomb_refused_by_pil_names_its_size():
+    with pytest.raises(ResourceExhausted, match="30000x30000 = 900000000 pixels"):
+        validate_photo(png_claiming(30000, 30000), **LIMITS)

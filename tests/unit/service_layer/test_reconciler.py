@@ -80,3 +80,16 @@ def test_the_lease_keeper_renews_while_a_task_runs(svc, photo_of):
     with reconciler.LeaseKeeper(svc, "alice", "mug"):
         time.sleep(1.0)
         assert not reconciler.lease_lapsed(concepts.get_concept(svc, "alice", "mug"))
+
+
+def test_a_concept_without_photos_stays_queued(svc):
+    concepts.create_concept(svc, "alice", "empty", "Bobo", "mug", "blue mug")
+    empty = concepts.get_concept(svc, "alice", "empty")
+    assert empty.state == "queued" and empty.lease_until is None
+    assert not reconciler.lease_lapsed(empty)
+    assert reconciler.reconcile(svc) == []  # nothing to enqueue: it waits for photos
+    from personalkv.service_layer import pipeline
+
+    pipeline.mine_concept(svc, "alice", "empty")  # a mining task that arrives anyway
+    after = concepts.get_concept(svc, "alice", "empty")
+    assert (after.state, after.chunks) == ("queued", [])

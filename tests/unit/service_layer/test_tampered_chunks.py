@@ -1,6 +1,7 @@
 """Ask over tampered chunk blobs (one process: local store, the in-memory index, tiny
-Qwen2-VL): every malformed blob is skipped, counted and logged; the request still answers from the rest. A
-caching run that finds a tampered blob at a chunk's key encodes the chunk again."""
+Qwen2-VL): every malformed blob is skipped, counted and logged (once per process); the request
+still answers from the rest. The next caching run (``personalkv recache`` enqueues one) encodes
+every tampered or missing chunk again, and the concept stays ready."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import json
 import logging
 import struct
 
+import pytest
 
 from personalkv.kv import codec
-from personalkv.service_layer import answering, concepts, pipeline
+from personalkv.service_layer import answering, concepts, evidence, pipeline
 from personalkv.service_layer.answering import AskOptions
 
 BLUE = (30, 60, 200)
@@ -53,18 +55,57 @@ def test_ask_skips_every_kind_of_tampered_chunk(svc, photo_of, caplog):
     for key, edit in tampered.items():
         store.put(key, edit(store.get(key)))
     svc.chunk_cache.invalidate("alice")
-    with caplog.at_level(logging.ERROR, logger="personalkv.service_layer.answering"):
+    evidence._reported.clear()  # (chunk ids repeat across tests: same user, concept, photos)
+    with caplog.at_level(logging.DEBUG, logger="personalkv.service_layer.evidence"):
         result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
-    assert result.skipped_chunks == len(tampered)
-    assert {c for c, *_ in result.chunks}.isdisjoint({k.rsplit("/", 1)[1][:-3] for k in tampered})
-    assert len(result.chunks) == len(m.chunks) - len(tampered)
-    assert sum("unusable" in r.getMessage() for r in caplog.records) == len(tampered)
+        assert result.skipped_chunks == len(tampered)
+        assert {c for c, *_ in result.chunks}.isdisjoint({k.rsplit("/", 1)[1][:-3] for k in tampered})
+        assert len(result.chunks) == len(m.chunks) - len(tampered)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert sum("unusable" in w for w in warnings) == len(tampered)
+        assert all("personalkv recache --user alice" in w for w in warnings)  # what repairs it
+        caplog.clear()
+        again = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
+        assert again.skipped_chunks == len(tampered)  # still skipped and counted, ...
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # ... logged once
 
-    # A caching run (redelivered, or `personalkv recache`) repairs what it can verify is bad:
-    # the manifest no longer lists them as known, so they are looked up by key and re-encoded.
-    current = concepts.get_concept(svc, "alice", "mug")
-    svc.store.write_manifest(current.model_copy(update={"chunks": []}))
-    pipeline.cache_concept(svc, "alice", "mug")
+    # The next caching run (what `personalkv recache` enqueues) verifies every stored chunk and
+    # encodes the refused ones again; the manifest, and so the chunk ids, stay as they were.
+    with caplog.at_level(logging.INFO, logger="personalkv.service_layer.pipeline"):
+        repaired = pipeline.cache_concept(svc, "alice", "mug")
+    assert repaired.state == "ready" and repaired.chunks == m.chunks
+    assert f"({len(tampered)} encoded, of which {len(tampered)} repairs;" in caplog.text
     svc.chunk_cache.invalidate("alice")
-    again = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
-    assert again.skipped_chunks == 0 and len(again.chunks) == len(m.chunks)
+    fixed = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
+    assert fixed.skipped_chunks == 0 and len(fixed.chunks) == len(m.chunks)
+
+
+def test_a_missing_chunk_object_is_encoded_again_and_the_concept_stays_ready(svc, photo_of):
+    concepts.create_concept(svc, "alice", "mug", "Bobo", "mug", "my Bobo mug")
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])
+    m = concepts.get_concept(svc, "alice", "mug")
+    svc.store.objects.delete(m.chunks[-1].object_key)
+    svc.chunk_cache.invalidate("alice")
+    assert answering.ask(svc, "alice", "Where is Bobo?", [],
+                         AskOptions(max_new_tokens=2)).skipped_chunks == 1
+    after = pipeline.cache_concept(svc, "alice", "mug")  # what `personalkv recache` runs
+    assert (after.state, after.failure_reason, after.chunks) == ("ready", None, m.chunks)
+    assert svc.store.objects.exists(m.chunks[-1].object_key)
+
+
+def test_a_failure_reason_names_no_object_key_or_exception_class(svc, photo_of, monkeypatch):
+    concepts.create_concept(svc, "alice", "mug", "Bobo", "mug", "my Bobo mug")
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])
+    m = concepts.get_concept(svc, "alice", "mug")
+
+    def broken(*args, **kwargs):
+        raise KeyError(f"{m.chunks[0].object_key} vanished")
+
+    monkeypatch.setattr(pipeline, "index_concept", broken)  # any internal error will do
+    with pytest.raises(KeyError):
+        pipeline.cache_concept(svc, "alice", "mug")
+    failed = concepts.get_concept(svc, "alice", "mug")
+    assert failed.state == "failed"
+    assert failed.failure_reason.startswith("caching failed on an internal error")
+    for leak in ("users/", "KeyError", ".kv"):
+        assert leak not in failed.failure_reason

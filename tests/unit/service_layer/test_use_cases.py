@@ -197,7 +197,8 @@ def test_a_failing_task_marks_the_concept_failed_and_a_retry_recovers(svc, photo
     with pytest.raises(Exception, match="image"):  # PIL's UnidentifiedImageError
         pipeline.mine_concept(svc, "alice", "mug")
     failed = concepts.get_concept(svc, "alice", "mug")
-    assert failed.state == "failed" and "Image" in failed.failure_reason
+    assert failed.state == "failed" and failed.failure_reason.startswith("mining failed")
+    assert "Error" not in failed.failure_reason  # the exception class is in the log only
     # The user re-sends a good photo: the concept leaves `failed` and becomes ready.
     svc.store.objects.delete(record.object_key)
     svc.store.write_manifest(failed.model_copy(update={"photos": []}), check_objects=False)
