@@ -349,6 +349,12 @@ class ServiceSettings(BaseSettings):
         "answer so far) of the requests being answered at once; a request that would pass it "
         "waits in the queue.",
     )
+    photo_recognitions: int = Field(
+        2, ge=1, description="Asks with a photo whose recognition (CPU-heavy: windows, "
+        "descriptors) runs at once per answering process; the next waits for a slot (within "
+        "its deadline), so that photo Asks never take the CPU from text Asks. About the "
+        "number of cores.",
+    )
     task_queue: Literal["celery", "inprocess", "inline"] = Field(
         "celery", description="How use cases hand work to the mining and caching workers: "
         "'celery' (the broker, PERSONALKV_CELERY_BROKER_URL), 'inprocess' (a background thread "

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ from personalkv.kv.conversation import ConversationKV
 from personalkv.kv.generation import GenerationOptions
 from personalkv.service_layer import conversations
 from personalkv.service_layer._common import check_ids, dependencies
-from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.service_layer.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from personalkv.service_layer.evidence import load_chunks
 from personalkv.service_layer.photos import validate_photo
 from personalkv.service_layer.scheduler import ModelJob
@@ -53,6 +54,16 @@ class AskOptions:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """What the caller's call allows: ``deadline`` (``time.monotonic()``; None: none) after
+    which nobody waits, and ``cancelled()``, true once the caller is gone. The model scheduler
+    refuses queued work past either (``service_layer.scheduler``)."""
+
+    deadline: float | None = None
+    cancelled: Callable[[], bool] = lambda: False
 
 
 class UsedConcept(NamedTuple):
@@ -159,11 +170,29 @@ def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes],
     return _Checked(question.strip(), validated[0] if validated else None)
 
 
-def _retrieve(svc: Services, user_id: str, checked: _Checked, top_k: int | None, fingerprint: str):
+def _retrieve(svc: Services, user_id: str, checked: _Checked, top_k: int | None, fingerprint: str,
+              call: CallLimits = CallLimits()):
     image = checked.photo.image if checked.photo is not None else None
-    with dependencies("the retrieval index"):
+    with _photo_slot(svc, image is not None, call), dependencies("the retrieval index"):
         return svc.retriever.retrieve(user_id, checked.question, image, top_k,
                                       model_fingerprint=fingerprint)
+
+
+@contextmanager
+def _photo_slot(svc: Services, needed: bool, call: CallLimits) -> Iterator[None]:
+    """One of ``service.photo_recognitions`` slots for a photo's recognition (text questions
+    take none): photo Asks queue for the CPU among themselves instead of starving text Asks."""
+    if not needed:
+        yield
+        return
+    slots = svc.photo_slots
+    timeout = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+    if not slots.acquire(timeout=timeout):
+        raise DeadlineExceeded("the photo waited past the call's deadline for recognition; retry later")
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
@@ -172,16 +201,6 @@ def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes]
     nothing generated): what ``personalkv eval ask`` and the ingest benchmark measure."""
     checked = _check(svc, user_id, question, list(photos), AskOptions(top_k=top_k))
     return _retrieve(svc, user_id, checked, top_k, svc.adapter.fingerprint())
-
-
-@dataclass(frozen=True)
-class CallLimits:
-    """What the caller's call allows: ``deadline`` (``time.monotonic()``; None: none) after
-    which nobody waits, and ``cancelled()``, true once the caller is gone. The model scheduler
-    refuses queued work past either (``service_layer.scheduler``)."""
-
-    deadline: float | None = None
-    cancelled: Callable[[], bool] = lambda: False
 
 
 def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),
@@ -207,7 +226,7 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
     with answerer.admit(call.deadline), \
             conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
         t0 = time.perf_counter()
-        result = _retrieve(svc, user_id, checked, options.top_k, fingerprint)
+        result = _retrieve(svc, user_id, checked, options.top_k, fingerprint, call)
         t1 = time.perf_counter()
         picked = result.concepts
         if conv is not None and conv.is_followup:

@@ -109,6 +109,12 @@ class Services:
         return self._once("retriever", lambda: self.builders.retriever(self))
 
     @property
+    def photo_slots(self) -> threading.BoundedSemaphore:
+        """Photo recognitions that may run at once (``service.photo_recognitions``)."""
+        return self._once("photo_slots", lambda: threading.BoundedSemaphore(
+            self.settings.service.photo_recognitions))
+
+    @property
     def answerer(self) -> Answerer:
         """Runs the model part of every Ask (``service_layer.scheduler``: batched or threads)."""
         return self._once("answerer", lambda: self.builders.answerer(self))
