@@ -223,6 +223,7 @@ def _overload(server: _Server, token: str, question: str) -> dict:
 
     def asker() -> None:
         with _client(server, token) as client:
+            client.list_conversations()  # connect first: the refusal is timed, not the handshake
             barrier.wait()
             start = time.perf_counter()
             try:
