@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,6 +88,8 @@ def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSetting
     from personalkv.models.checkpoint import SMOLLM2, smollm2_folder, weights_digest
 
     display = name
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"no model folder at {name}")  # else transformers blames the id
     # revision applies to hub ids only (transformers ignores it for a local folder)
     hub = {"revision": settings.revision} if settings.revision else {}
     if name == SMOLLM2:
