@@ -60,6 +60,8 @@ def register(subparsers) -> None:
         "recache", help="enqueue caching for every concept (after a model change)")
     recache.add_argument("--user", action="append", help="only these users (repeatable)")
     recache.add_argument("--stack", action="store_true", help="use the running stack")
+    recache.add_argument("--timeout", type=float, default=None,
+                         help="seconds to wait for the queue to be idle (default: no limit)")
     recache.set_defaults(func=_recache)
 
     demo = subparsers.add_parser("demo", help="offline end-to-end demo (embedded, one process)")
@@ -180,7 +182,8 @@ def _reindex(args) -> int:
 
 def _recache(args) -> int:
     """Enqueue ``caching.cache_concept`` for every concept: with a new model (fingerprint) every
-    chunk is encoded again and the old ones deleted; with the same model it is a no-op."""
+    chunk is encoded again and the old ones deleted; with the same model it is a no-op. Then
+    wait until the task queue is idle (the workers did it all); exit 1 if ``--timeout`` passed."""
     svc = _services(args.stack)
     count = 0
     try:
@@ -188,11 +191,13 @@ def _recache(args) -> int:
             for concept_id in svc.store.list_concepts(user_id):
                 svc.task_queue.enqueue_caching(user_id, concept_id)
                 count += 1
-        svc.task_queue.wait_idle()
+        idle = svc.task_queue.wait_idle(args.timeout)
     finally:
         svc.close()
-    print(f"enqueued caching for {count} concepts")
-    return 0
+    print(f"enqueued caching for {count} concepts; "
+          + ("done: the task queue is idle" if idle else
+             f"the task queue is still busy after {args.timeout:g}s"))
+    return 0 if idle else 1
 
 
 def _demo(args) -> int:
