@@ -89,13 +89,8 @@ def _services(stack: bool):
     return bootstrap(settings)
 
 
-#: The progress bar's steps: a concept goes queued -> mining -> caching -> ready (or failed).
-STEPS = ("queued", "mining", "caching", "ready")
-
-
 def _ingest(args) -> int:
-    from tqdm import tqdm
-
+    from personalkv.progress import wait_ready_with_progress
     from personalkv.service_layer import concepts
     from personalkv.service_layer.errors import NotFound
 
@@ -115,17 +110,7 @@ def _ingest(args) -> int:
             concepts.create_concept(svc, args.user, args.concept, args.name or args.concept,
                                     args.category, args.info)
         concepts.add_photos(svc, args.user, args.concept, [p.read_bytes() for p in files])
-        deadline = time.monotonic() + args.timeout
-        with tqdm(total=len(STEPS) - 1, desc=f"{args.concept}: queued", unit="step",
-                  file=sys.stderr, bar_format="{desc:24} {bar} {elapsed}") as bar:
-            while True:
-                manifest = concepts.get_concept(svc, args.user, args.concept)
-                step = STEPS.index(manifest.state) if manifest.state in STEPS else bar.total
-                bar.set_description_str(f"{args.concept}: {manifest.state}")
-                bar.update(step - bar.n)
-                if manifest.state in ("ready", "failed") or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        [manifest] = wait_ready_with_progress(svc, args.user, [args.concept], args.timeout)
     finally:
         svc.close()
     print(f"{args.user}/{args.concept}: {manifest.state}; {len(manifest.photos)} photos, "

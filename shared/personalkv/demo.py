@@ -142,6 +142,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
     from personalkv.config import Settings, apply_process_environment, get_settings
     from personalkv.service_layer import answering, concepts
     from personalkv.bootstrap import bootstrap
+    from personalkv.progress import wait_ready_with_progress
 
     base = get_settings()  # the demo is an entry point: settings built once, here
     if "hf_offline" not in base.model.model_fields_set:  # the demo runs offline unless told
@@ -170,6 +171,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
         for concept_id, (name, category, info, _) in CONCEPTS.items():
             concepts.create_concept(svc, USER, concept_id, name, category, info)
             concepts.add_photos(svc, USER, concept_id, photos[concept_id])
+        wait_ready_with_progress(svc, USER, list(CONCEPTS), timeout_s=1800)
         svc.task_queue.wait_idle()
         out(f"\ningested {len(CONCEPTS)} concepts in {time.perf_counter() - t0:.1f}s:")
         for m in concepts.list_concepts(svc, USER):
