@@ -209,5 +209,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             shutil.rmtree(root, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo())
+if __name__ == "__main__":  # `make demo`: as `personalkv demo`, with its one-line errors
+    from personalkv.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
