@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     from personalkv.api.cli import add_server_arguments
 
     serve = subparsers.add_parser("serve", help="run a gRPC server (ingestion or answering)")
-    serve.add_argument("service", choices=sorted(SERVERS))
+    serve.add_argument("service", choices=sorted(SERVERS), help="which server")
     add_server_arguments(serve)
     serve.set_defaults(func=_serve)
 
@@ -31,8 +31,9 @@ def register(subparsers) -> None:
                         help="mining, caching, or both comma-separated")
     worker.add_argument("--concurrency", type=int, default=None,
                         help="worker processes (default PERSONALKV_CELERY_WORKER_CONCURRENCY)")
-    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                        help="Celery execution pool (default prefork)")
+    worker.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING, ...")
     worker.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus /metrics from the process running the tasks "
                         "(the pool child with prefork: use with --concurrency 1)")

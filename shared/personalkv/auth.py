@@ -26,9 +26,12 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from personalkv.config import AuthSettings
 from personalkv.ids import InvalidIdError, validate_user_id
+
+if TYPE_CHECKING:  # annotations only: the Python client imports this module without pydantic
+    from personalkv.config import AuthSettings
 
 TOKEN_PREFIX = "pkv1"
 DEV_SECRET = "dev-insecure-secret-change-me"

@@ -131,7 +131,9 @@ def bootstrap(
     else:
         adapter_factory = adapter or default_adapter_factory(settings)
     builders = Builders(
-        index=lambda: open_key_index(index.uri, prefix=index.collection_prefix, token=index.token),
+        index=lambda: open_key_index(index.uri, prefix=index.collection_prefix, token=index.token,
+                                     db_name=index.db_name, ca_file=index.ca_file,
+                                     tls_server_name=index.tls_server_name),
         adapter=adapter_factory, keys=default_keys_factory(settings),
         descriptors=_descriptors, recognizers=_recognizers, retriever=_retriever,
         answerer=_answerer,

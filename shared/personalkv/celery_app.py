@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -146,6 +147,34 @@ class CeleryTaskQueue(TaskQueue):
 
     def enqueue_caching(self, user_id: str, concept_id: str) -> None:
         self._send(TASK_CACHE, user_id, concept_id)
+
+    def pending(self) -> int:
+        """Tasks not done yet: waiting in the ``mining`` and ``caching`` queues, plus delivered
+        and not acknowledged (running, or held by a worker for a retry's countdown: with
+        ``acks_late`` a task is acknowledged only when it ends). The Redis transport keeps the
+        unacknowledged messages of the broker's database in one hash (``unacked``), so the
+        broker database must be PersonalKV's own (PERSONALKV_CELERY_BROKER_URL)."""
+        with self.app.connection_for_read() as connection:
+            channel = connection.default_channel
+            waiting = sum(channel.queue_declare(queue=queue).message_count
+                          for queue in sorted(set(QUEUE_OF.values())))
+            return waiting + int(channel.client.hlen(channel.unacked_key))
+
+    def wait_idle(self, timeout_s: float | None = None, poll_s: float = 0.5) -> bool:
+        """Block until no task is pending (``pending() == 0``) on two polls in a row, ``poll_s``
+        apart: a worker moves a message from its queue to ``unacked`` in two steps, and a task
+        enqueues its successor (mining -> caching) before it is acknowledged, so one empty
+        look could fall between. True when idle, False when ``timeout_s`` passed first. Waits
+        for the workers' progress only: with no worker consuming, it waits until the timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        idle_polls = 0
+        while True:
+            idle_polls = idle_polls + 1 if self.pending() == 0 else 0
+            if idle_polls >= 2:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
     def close(self) -> None:
         self._publisher.shutdown(wait=False, cancel_futures=True)

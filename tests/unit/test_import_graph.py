@@ -157,3 +157,30 @@ def test_the_use_cases_import_neither_celery_nor_argparse():
     assert {name: sorted(found[name]) for name in ("celery", "kombu", "argparse")
             if name in found} == {}
     assert "torch" in found  # the walk reaches the model code, so it does see transitive imports
+
+
+def test_the_python_client_needs_grpc_and_protobuf_only():
+    """personalkv.api.client imports and builds a client with the model stack, Milvus, Celery,
+    the object store and pydantic made unimportable (``sys.modules[name] = None``), and loads
+    no third-party module but grpc (and its optional grpc_* helpers, when installed), protobuf
+    and typing_extensions: what `pip install --no-deps personalkv grpcio protobuf
+    typing-extensions` provides."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+for name in ("torch", "transformers", "pymilvus", "milvus_lite", "celery", "kombu", "redis",
+             "minio", "numpy", "PIL", "cv2", "pydantic", "pydantic_settings"):
+    sys.modules[name] = None
+from personalkv.api.client import PersonalKVClient
+PersonalKVClient("https://pkv.example.com", "127.0.0.1:1", "token").close()
+loaded = {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
+print(" ".join(sorted(loaded - set(sys.stdlib_module_names))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(LIBRARY), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    third_party = {name for name in done.stdout.split()
+                   if not name.startswith(("_", "grpc_")) and name != "cython_runtime"}
+    assert third_party == {"google", "grpc", "personalkv", "typing_extensions"}

@@ -1,20 +1,32 @@
-"""A small Python client of the PersonalKV gRPC API (tests, the demo, scripts).
+"""The Python client of the PersonalKV gRPC API (scripts, services, the tests).
 
-    with PersonalKVClient("127.0.0.1:50051", "127.0.0.1:50052", token) as client:
+    with PersonalKVClient("https://ingest.example.com", "https://ask.example.com", token) as client:
         client.create_concept("bo", "Bo", "dog", "my corgi")
         client.upload_photos("bo", [open("bo.jpg", "rb").read()])
         client.wait_ready("bo")
         print(client.ask("what is Bo doing?").answer)
 
-Every call sends the bearer token and a deadline (`timeout_s`); errors surface as
-grpc.RpcError with the server's status code and message. Against servers with TLS on
-(PERSONALKV_SERVER_TLS_CERT_FILE) pass the CA to trust: ``root_certificates=open(ca, "rb").read()``.
+Slim: it needs grpcio and protobuf only (no torch, transformers, Milvus, Celery or pydantic;
+tests/unit/test_import_graph.py checks), so `pip install --no-deps personalkv grpcio protobuf
+typing-extensions` is enough for it (docs/operations.md).
+
+Addresses: ``https://host[:port]`` is TLS (default port 443) trusting the system's CA bundle
+(``SSL_CERT_FILE``, else OpenSSL's default file), ``http://host[:port]`` or ``host:port``
+plaintext; ``tls=True`` or ``root_certificates=`` (PEM bytes of a private CA) turn TLS on for a
+``host:port`` too. Every call sends the bearer token and a deadline (``timeout_s``); a call
+answered UNAVAILABLE (a server restarting, a connection dropped) is retried by gRPC itself
+with exponential backoff (``RETRY_POLICY``: 4 attempts within the deadline); other errors
+surface as ``grpc.RpcError`` with the server's status code and message.
 """
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -29,19 +41,63 @@ from personalkv.auth import bearer_metadata
 
 CHUNK_BYTES = 1 << 20
 TERMINAL = (common_pb2.CONCEPT_STATE_READY, common_pb2.CONCEPT_STATE_FAILED)
+SERVICES = ("personalkv.v1.IngestionService", "personalkv.v1.AnsweringService")
+#: gRPC's retry policy for both services: UNAVAILABLE only (the request was not processed:
+#: no connection, a server draining). RESOURCE_EXHAUSTED (overload) is left to the caller,
+#: who knows whether waiting is worth it. A streamed upload is retried while it fits gRPC's
+#: per-call retry buffer (256 KiB by default); a longer one fails with UNAVAILABLE as before.
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.2s",
+    "maxBackoff": "5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 
-def open_channel(address: str, *, root_certificates: bytes | None = None, server_name: str = "",
-                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    """A channel to ``address``: TLS trusting ``root_certificates`` (PEM) when given, else
-    plaintext. ``server_name``: the name the server's certificate carries, if not the host."""
+def system_root_certificates() -> bytes | None:
+    """PEM of the system's CA bundle: ``SSL_CERT_FILE``, else OpenSSL's default file; None
+    when there is none (gRPC then uses the roots it ships)."""
+    cafile = ssl.get_default_verify_paths().cafile  # honours SSL_CERT_FILE
+    return Path(cafile).read_bytes() if cafile else None
+
+
+def parse_address(address: str) -> tuple[str, bool]:
+    """(``host:port``, whether the scheme asks for TLS): ``https://h`` -> ("h:443", True),
+    ``http://h`` -> ("h:80", False), ``h:p`` -> ("h:p", False)."""
+    if "://" not in address:
+        return address, False
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"address {address!r}: use https://HOST[:PORT], http://HOST[:PORT] "
+                         "or HOST:PORT")
+    secure = parts.scheme == "https"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or (443 if secure else 80)}", secure
+
+
+def open_channel(address: str, *, tls: bool | None = None, root_certificates: bytes | None = None,
+                 server_name: str = "", options: Sequence[tuple[str, object]] = (),
+                 retry: bool = True) -> grpc.Channel:
+    """A channel to ``address`` (see the module docstring for the forms). TLS when the address
+    is ``https://``, ``tls`` is True or ``root_certificates`` (PEM) are given: trusting those,
+    else the system's CA bundle; ``tls=False`` forces plaintext. ``server_name``: the name on
+    the server's certificate, if not the host. ``retry``: gRPC retries UNAVAILABLE
+    (``RETRY_POLICY``)."""
+    target, https = parse_address(address)
+    secure = (https or root_certificates is not None) if tls is None else tls
     options = list(options)
-    if root_certificates is None:
-        return grpc.insecure_channel(address, options)
+    if retry:
+        config = {"methodConfig": [{"name": [{"service": s} for s in SERVICES],
+                                    "retryPolicy": RETRY_POLICY}]}
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    if not secure:
+        return grpc.insecure_channel(target, options)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-    return grpc.secure_channel(address, credentials, options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=root_certificates or system_root_certificates())
+    return grpc.secure_channel(target, credentials, options)
 
 
 def upload_messages(concept_id: str, photos: Sequence[bytes], *, user_id: str = "",
@@ -66,13 +122,18 @@ def ask_request(question: str, photos: Iterable[bytes] = (), *, conversation_id:
 
 
 class PersonalKVClient:
+    """Both services' stubs behind one token. ``timeout_s``: the default deadline of a call
+    (``ask`` / ``ask_stream`` take their own); ``tls``, ``root_certificates``, ``server_name``
+    and ``retry`` as in ``open_channel``."""
+
     def __init__(self, ingestion: str, answering: str, token: str, *, timeout_s: float = 60.0,
-                 max_message_bytes: int = 64 << 20, root_certificates: bytes | None = None,
-                 server_name: str = "") -> None:
+                 max_message_bytes: int = 64 << 20, tls: bool | None = None,
+                 root_certificates: bytes | None = None, server_name: str = "",
+                 retry: bool = True) -> None:
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
-        self._channels = [open_channel(address, root_certificates=root_certificates,
-                                       server_name=server_name, options=opts)
+        self._channels = [open_channel(address, tls=tls, root_certificates=root_certificates,
+                                       server_name=server_name, options=opts, retry=retry)
                           for address in (ingestion, answering)]
         self.ingestion = ingestion_pb2_grpc.IngestionServiceStub(self._channels[0])
         self.answering = answering_pb2_grpc.AnsweringServiceStub(self._channels[1])

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
 
     evals = eval_subparsers(subparsers)
     rec = evals.add_parser("recognition", help="visual concept recognition")
-    rec.add_argument("dataset", type=Path)
+    rec.add_argument("dataset", type=Path, help="dataset folder (concepts/<id>/train|test/*.jpg)")
     rec.add_argument("--json", type=Path, metavar="FILE", help="write the figures here")
     rec.add_argument("--sheets", type=Path, metavar="DIR", help="write contact sheets here")
     rec.set_defaults(func=run_eval_recognition)
@@ -51,21 +51,23 @@ def register(subparsers) -> None:
     qa.add_argument("--model", default=None, help="model name (default PERSONALKV_MODEL_NAME), e.g. smollm2")
     qa.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
     qa.add_argument("--png", type=Path, metavar="FILE", help="write the figure here")
-    qa.add_argument("--max-concepts", type=int, default=None)
+    qa.add_argument("--max-concepts", type=int, default=None, help="only the first N concepts")
     qa.add_argument("--max-questions", type=int, default=None, help="per concept")
     qa.add_argument("--ratios", type=float, nargs="+", default=None, help="recompute shares")
-    qa.add_argument("--strategies", nargs="+", default=["deviation", "first"])
+    qa.add_argument("--strategies", nargs="+", default=["deviation", "first"],
+                    help="recompute strategies compared (deviation, first)")
     qa.add_argument("--k", type=int, default=3, help="concepts per multi-chunk context")
     qa.add_argument("--big-tokens", type=int, default=2088,
                     help="evidence tokens of the timing-only many-chunk condition (0: skip)")
-    qa.add_argument("--big-chunks", type=int, default=10)
+    qa.add_argument("--big-chunks", type=int, default=10,
+                    help="chunks the --big-tokens evidence is split into")
     qa.add_argument("--big-questions", type=int, default=4, help="questions timed at that size")
     qa.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     qa.set_defaults(func=run_eval_qa)
 
     p = evals.add_parser(
         "ask", help="ingest a dataset as one user, then Ask's retrieval for its photos and names")
-    p.add_argument("dataset", type=Path)
+    p.add_argument("dataset", type=Path, help="dataset folder (concepts/<id>/train|test/*.jpg)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures (and every query) here")
     p.add_argument("--sheet", type=Path, metavar="PNG", help="contact sheet of the misses "
                    "(default: next to --json, else none)")

@@ -28,7 +28,7 @@ def open_key_index(uri: str, **options) -> KeyIndex:
     """``uri``: a file path (milvus-lite, one process only), ``http(s)://host:port`` (a Milvus
     server or cluster) or ``memory://`` (in-process, tests); the service passes
     ``IndexSettings.uri`` (``personalkv.bootstrap``). ``options`` go to the backend (the Milvus
-    ones: ``prefix``, ``token``)."""
+    ones: ``prefix``, ``token``, ``db_name``, ``ca_file``, ``tls_server_name``)."""
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in _BACKENDS:
         raise ValueError(f"unknown index URI scheme {scheme!r}; known: {sorted(_BACKENDS)}")

@@ -126,7 +126,10 @@ class MilvusKeyIndex(KeyIndex):
 
     def __init__(self, uri: str, prefix: str = "pkv", token: str = "", hnsw_m: int = 16,
                  ef_construction: int = 100, ef_search: int = 64, num_partitions: int = 64,
-                 request_timeout_s: float = 10.0):
+                 request_timeout_s: float = 10.0, db_name: str = "", ca_file: str = "",
+                 tls_server_name: str = ""):
+        """``db_name``, ``ca_file`` and ``tls_server_name``: a server's database and TLS
+        (``IndexSettings``); TLS is on with a CA file or an https:// uri (system roots)."""
         from pymilvus import MilvusClient
 
         self.uri = uri
@@ -136,8 +139,21 @@ class MilvusKeyIndex(KeyIndex):
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "grpc://"))
         # Errors name the deployment kind, not the endpoint: messages may reach clients.
         self.uri_for_errors = "milvus-lite" if self.is_lite else "the Milvus server"
+        options: dict = {}
+        if self.is_lite:
+            # pymilvus pings every 10 s even when idle; milvus-lite's gRPC server allows far
+            # fewer pings and answers GOAWAY "too_many_pings" (an ERROR line on stderr). The
+            # connection is a local socket: no keepalive needed.
+            options["grpc_options"] = {"grpc.keepalive_time_ms": 2**31 - 1,
+                                       "grpc.keepalive_permit_without_calls": 0}
+        else:
+            options["db_name"] = db_name
+            if ca_file:
+                options.update(secure=True, server_pem_path=ca_file)
+            if tls_server_name:
+                options["server_name"] = tls_server_name
         try:
-            self.client = MilvusClient(uri=uri, token=token)
+            self.client = MilvusClient(uri=uri, token=token, **options)
         except Exception as exc:
             error = IndexUnavailable if is_transient(exc) else IndexRequestError
             raise error(f"cannot open {self.uri_for_errors}: {type(exc).__name__}: {exc}") from exc

@@ -115,8 +115,9 @@ def _new_photo_records(mined, ids: list[str], new: set[str],
 
 
 def _write_profile(manifest, first_photo: list, settings: MiningSettings, adapter, notes: dict):
-    """The profile from the VLM's description of the first photo (``profile_from_vlm``), else
-    from the user's facts; a VLM that cannot load or run is noted in ``notes``, not raised."""
+    """The profile from the VLM's description of the first photo (``profile_from_vlm`` and a
+    model that takes images), else from the user's facts; a VLM that cannot load or run is
+    noted in ``notes`` and logged as a warning, not raised."""
     from personalkv.mining.profile import ProfileWriter, vlm_generate
 
     p = manifest.profile
@@ -125,7 +126,9 @@ def _write_profile(manifest, first_photo: list, settings: MiningSettings, adapte
         if settings.profile_from_vlm:
             if adapter is None:
                 raise LookupError("no model adapter given to the miner")
-            generate = vlm_generate(adapter() if callable(adapter) else adapter)
+            model = adapter() if callable(adapter) else adapter
+            # A text-only model (smollm2) cannot describe a photo: facts, as expected, no warning
+            generate = vlm_generate(model) if model.supports_images else None
         return ProfileWriter(generate).write(p.name, p.category, p.info, first_photo)
     except Exception as exc:  # the VLM cannot load or run here: the patches still count
         log.warning("profile of %s/%s from the user's facts: the VLM failed (%s)",

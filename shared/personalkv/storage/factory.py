@@ -5,7 +5,9 @@ Called once per process by the service bootstrap (and by tests/benchmarks) with
 imports `minio`. Secrets never travel in the URL: S3 keys come from `StorageSettings`.
 
   file:///abs/dir, file://./rel/dir, /abs/dir, rel/dir   -> LocalObjectStore
-  s3://BUCKET?endpoint=HOST:PORT&secure=false&region=R    -> S3ObjectStore
+  s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false&region=R
+                                                          -> S3ObjectStore (objects under
+                                                             PREFIX/ in the bucket)
   memory://                                               -> InMemoryObjectStore (a new,
                                                              empty store each time; tests)
 """
@@ -47,8 +49,6 @@ def _open_s3(url: str, settings: StorageSettings | None) -> ObjectStore:
         raise ValueError(f"{url!r}: an s3:// store needs the StorageSettings (keys, timeouts)")
     s3 = importlib.import_module("personalkv.storage.s3")
     parts = urlsplit(url)
-    if parts.path not in ("", "/"):
-        raise ValueError(f"s3 URL {url!r}: key prefixes inside the bucket are not supported")
     query = {k: v[-1] for k, v in parse_qs(parts.query, strict_parsing=bool(parts.query)).items()}
     unknown = set(query) - {"endpoint", "secure", "region"}
     if unknown:
@@ -67,6 +67,7 @@ def _open_s3(url: str, settings: StorageSettings | None) -> ObjectStore:
         read_timeout_s=settings.read_timeout_s,
         retries=settings.retries,
         ca_file=settings.ca_file,
+        prefix=parts.path,
     )
 
 

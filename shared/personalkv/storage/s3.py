@@ -1,4 +1,7 @@
-"""`S3ObjectStore`: objects in one S3/MinIO bucket (URL `s3://bucket?endpoint=host:port`).
+"""`S3ObjectStore`: objects in one S3/MinIO bucket (URL `s3://bucket[/prefix]?endpoint=host:port`).
+
+With a prefix every object lives under `prefix/` in the bucket (a bucket shared with other
+data or other deployments); keys, listings and errors are the store's own keys, without it.
 
 Talks to any S3-compatible endpoint through the `minio` client with path-style addressing
 (`http://host:port/bucket/key`): virtual-host style needs DNS for every bucket, which MinIO in a
@@ -64,12 +67,17 @@ class S3ObjectStore(ObjectStore):
         retries: int = 1,
         cert_check: bool = True,
         ca_file: str | None = None,
+        prefix: str = "",
     ) -> None:
         if _BUCKET_RE.fullmatch(bucket) is None:
             raise InvalidIdError(f"bucket name {bucket!r} is not a valid S3 bucket name")
+        prefix = prefix.strip("/")
         self.bucket = bucket
         self.endpoint = endpoint
-        self.url = f"s3://{bucket}?endpoint={endpoint}&secure={str(secure).lower()}"
+        #: what every object key starts with in the bucket: "" or "<prefix>/"
+        self.root = check_key(prefix) + "/" if prefix else ""
+        self.url = (f"s3://{bucket}{'/' + prefix if prefix else ''}?endpoint={endpoint}"
+                    f"&secure={str(secure).lower()}")
         http = urllib3.PoolManager(
             timeout=Timeout(connect=connect_timeout_s, read=read_timeout_s),
             retries=Retry(
@@ -136,14 +144,14 @@ class S3ObjectStore(ObjectStore):
         self._ensure_bucket()
         with self._errors(f"put {key}"):
             self._client.put_object(
-                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+                self.bucket, self.root + key, io.BytesIO(data), len(data), content_type=content_type
             )
 
     def get(self, key: str) -> bytes:
         check_key(key)
         self._ensure_bucket()
         with self._errors(f"get {key}"):
-            response = self._client.get_object(self.bucket, key)
+            response = self._client.get_object(self.bucket, self.root + key)
             try:
                 return response.read()
             finally:
@@ -154,7 +162,7 @@ class S3ObjectStore(ObjectStore):
         check_key(key)
         self._ensure_bucket()
         with self._errors(f"get {key}"):
-            response = self._client.get_object(self.bucket, key)
+            response = self._client.get_object(self.bucket, self.root + key)
             try:
                 return response.read(), response.headers.get("ETag", "").strip('"')
             finally:
@@ -169,7 +177,7 @@ class S3ObjectStore(ObjectStore):
         with self._errors(f"conditional put {key}"):
             # minio's public put_object takes no request headers; _put_object is the single
             # PUT it wraps (the same call, plus our precondition).
-            self._client._put_object(self.bucket, key, data,
+            self._client._put_object(self.bucket, self.root + key, data,
                                      headers={"Content-Type": content_type, **condition})
 
     def exists(self, key: str) -> bool:
@@ -177,7 +185,7 @@ class S3ObjectStore(ObjectStore):
         self._ensure_bucket()
         try:
             with self._errors(f"stat {key}"):
-                self._client.stat_object(self.bucket, key)
+                self._client.stat_object(self.bucket, self.root + key)
             return True
         except ObjectNotFound:
             return False
@@ -186,23 +194,26 @@ class S3ObjectStore(ObjectStore):
         check_key(key)
         self._ensure_bucket()
         with self._errors(f"delete {key}"):
-            self._client.remove_object(self.bucket, key)  # S3 DELETE of a missing key is a 204
+            # S3 answers a DELETE of a missing key 204
+            self._client.remove_object(self.bucket, self.root + key)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
         self._ensure_bucket()
         with self._errors(f"list {prefix or '/'}"):
-            for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True):
+            for obj in self._client.list_objects(self.bucket, prefix=self.root + prefix,
+                                                 recursive=True):
                 if not obj.is_dir:
-                    yield obj.object_name
+                    yield obj.object_name[len(self.root):]
 
     def list_children(self, prefix: str = "") -> Iterator[str]:
         check_prefix(prefix)
         self._ensure_bucket()
         with self._errors(f"list {prefix or '/'}"):
-            for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=False):
+            for obj in self._client.list_objects(self.bucket, prefix=self.root + prefix,
+                                                 recursive=False):
                 if obj.is_dir:
-                    yield obj.object_name[len(prefix) :].rstrip("/")
+                    yield obj.object_name[len(self.root + prefix) :].rstrip("/")
 
     def delete_prefix(self, prefix: str) -> int:
         if check_prefix(prefix) == "":
@@ -214,7 +225,8 @@ class S3ObjectStore(ObjectStore):
 
     def _delete_batch(self, keys: Iterable[str]) -> None:
         with self._errors("delete objects"):
-            errors = list(self._client.remove_objects(self.bucket, map(DeleteObject, keys)))
+            objects = [DeleteObject(self.root + key) for key in keys]
+            errors = list(self._client.remove_objects(self.bucket, objects))
         if errors:
             first = errors[0]
             raise StorageError(

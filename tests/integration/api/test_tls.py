@@ -255,3 +255,30 @@ def test_health_probe_command_checks_tls_and_plaintext_servers(ca, tmp_path):
     finally:
         tls.stop(grace=0)
         plain.stop(grace=0)
+
+
+def test_an_https_address_speaks_tls_trusting_the_system_roots(ca, tmp_path, monkeypatch):
+    """``https://host:port`` with no CA given: TLS verified against the system's CA bundle
+    (SSL_CERT_FILE, as for OpenSSL clients; here it holds the test CA)."""
+    from personalkv.api.client import PersonalKVClient
+    from personalkv.auth import mint_token
+
+    cert, key = issue(ca, tmp_path / "tls")
+    bundle = tmp_path / "system-roots.pem"
+    bundle.write_bytes(ca_pem(ca))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    server = start_server(tls_cert_file=cert, tls_key_file=key)
+    address = f"https://localhost:{server.port}"
+    try:
+        with PersonalKVClient(address, address, mint_token("tina", settings=AUTH),
+                              timeout_s=10) as client, pytest.raises(grpc.RpcError) as arrived:
+            client.list_concepts()
+        assert arrived.value.code() == grpc.StatusCode.UNIMPLEMENTED  # handshake done
+        # Another CA in the system bundle: the server's certificate is not trusted.
+        bundle.write_bytes(ca_pem(make_ca("other")))
+        with PersonalKVClient(address, address, mint_token("tina", settings=AUTH),
+                              timeout_s=10) as client, pytest.raises(grpc.RpcError) as refused:
+            client.list_concepts()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=0)

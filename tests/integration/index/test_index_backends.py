@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from personalkv.chunk_ref import ChunkRef
 from personalkv.index import IndexEntry, SearchRequest, VectorSpace, open_key_index
@@ -77,3 +80,28 @@ def test_a_second_client_sees_a_delete_at_once(server_key_index):
         assert search(other, "alice", unit(1)) == []
     finally:
         other.close()
+
+
+def test_a_milvus_database_holds_the_collections_when_named(milvus_server):
+    """IndexSettings.db_name reaches pymilvus: the collections live in that database, not in
+    'default'; a database that does not exist is refused when the index is opened."""
+    from pymilvus import MilvusClient
+
+    from personalkv.index import IndexRequestError, IndexUnavailable, open_key_index
+
+    admin = MilvusClient(uri=milvus_server)
+    database = f"pkv_db_{os.getpid()}"
+    if database not in admin.list_databases():
+        admin.create_database(database)
+    prefix = f"db{os.getpid()}"
+    index = open_key_index(milvus_server, prefix=prefix, db_name=database)
+    try:
+        index.ensure_space(SPACE)
+        in_db = MilvusClient(uri=milvus_server, db_name=database).list_collections()
+        assert [c for c in in_db if c.startswith(prefix + "_")] == [index.collection(SPACE)]
+        assert not [c for c in admin.list_collections() if c.startswith(prefix + "_")]
+    finally:
+        index.drop_all()
+        index.close()
+    with pytest.raises((IndexRequestError, IndexUnavailable), match="database"):
+        open_key_index(milvus_server, prefix=prefix, db_name="no_such_db").ensure_space(SPACE)

@@ -222,3 +222,40 @@ def test_object_store_outage_is_retried_with_backoff_then_completes(stack_env, t
         proxy.cut()
     assert manifest.state == "ready", (manifest.state, manifest.failure_reason)
     assert "Unavailable" in log.read_text()
+
+
+def test_wait_idle_waits_for_the_workers_and_recache_stack_returns_when_done(
+        stack_env, tmp_path, monkeypatch, capsys):
+    """CeleryTaskQueue.wait_idle on a real broker: with no worker the concept's mining task
+    stays pending (not idle); with a worker it returns only once mining and the caching it
+    enqueued are done (the concept is ready at that moment, no polling). `personalkv recache
+    --stack` (the chart's hook Job) then returns after its caching tasks ran."""
+    from personalkv import cli
+    from personalkv.config import get_settings
+    from personalkv.service_layer import concepts
+    from personalkv.bootstrap import bootstrap
+
+    svc = bootstrap(_settings(stack_env))
+    try:
+        concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot")
+        concepts.add_photos(svc, USER, CONCEPT, [_photo(k) for k in range(2)])
+        assert svc.task_queue.pending() == 1  # the mining task, waiting for a worker
+        assert svc.task_queue.wait_idle(timeout_s=1.5) is False
+        worker = _start_worker(stack_env, tmp_path / "worker.log")
+        try:
+            assert svc.task_queue.wait_idle(timeout_s=300), (tmp_path / "worker.log").read_text()[-3000:]
+            assert concepts.get_concept(svc, USER, CONCEPT).state == "ready"
+            for name, value in stack_env.items():
+                monkeypatch.setenv(name, value)
+            get_settings.cache_clear()
+            assert cli.main(["recache", "--stack", "--timeout", "300"]) == 0
+            assert "enqueued caching for 1 concepts; done" in capsys.readouterr().out
+            assert svc.task_queue.pending() == 0
+        finally:
+            _stop(worker)
+            get_settings.cache_clear()
+        # No worker: the hook Job's command gives up after --timeout, exit 1.
+        assert cli.main(["recache", "--stack", "--timeout", "1"]) == 1
+        assert "still busy after 1s" in capsys.readouterr().out
+    finally:
+        svc.close()

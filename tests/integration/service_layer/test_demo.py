@@ -35,6 +35,19 @@ def _run_demo(tmp_path, **env_update) -> str:
     return out
 
 
+def test_demo_given_a_model_it_cannot_load_fails_naming_it(tmp_path):
+    """`make demo` (python -m personalkv.demo) with an unloadable model: exit 1, one line naming
+    it, no answers from any other model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALKV_")}
+    env.update(HF_HUB_OFFLINE="1", PERSONALKV_MODEL_NAME=str(tmp_path / "no-such-model"))
+    proc = subprocess.run([sys.executable, "-m", "personalkv.demo"], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"personalkv demo: error: cannot load model '{tmp_path / 'no-such-model'}'"), proc.stderr
+    assert "Traceback" not in proc.stderr and "A: " not in proc.stdout
+
+
 def _answers(out: str) -> tuple[dict[str, str], list[str]]:
     blocks = out.split("\nQ: ")[1:]
     assert len(blocks) == 5

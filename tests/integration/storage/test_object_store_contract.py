@@ -161,3 +161,23 @@ def test_concurrent_compare_and_set_loses_no_update(object_store):
     for t in threads:
         t.join(timeout=120)
     assert object_store.get("counter/n") == b"60"
+
+
+def test_an_s3_prefix_holds_every_object_with_the_local_stores_layout(
+        s3_server, s3_bucket, local_object_store):
+    """s3://bucket/prefix: every byte lands under prefix/ in the bucket, laid out exactly as
+    the same writes lay out a local store (keys are the store's own, the prefix is added)."""
+    prefixed = s3_server.open_store(s3_bucket, prefix="/team-a/pkv/")
+    for store in (prefixed, local_object_store):
+        store.put("users/ann/concepts/mug/manifest.json", b"{}")
+        store.put("users/ann/concepts/mug/photos/p1.jpg", b"jpeg")
+        store.put_if("users/bob/concepts/rex/manifest.json", b"{}", None)
+        store.delete_prefix("users/ann/concepts/mug/photos/")
+    expected = list(local_object_store.list())
+    assert list(prefixed.list()) == expected == [
+        "users/ann/concepts/mug/manifest.json", "users/bob/concepts/rex/manifest.json"]
+    assert list(prefixed.list_children("users/")) == ["ann", "bob"]
+    raw = s3_server.open_store(s3_bucket)  # the whole bucket, no prefix
+    assert list(raw.list()) == [f"team-a/pkv/{key}" for key in expected]
+    prefixed.close()
+    raw.close()

@@ -15,9 +15,9 @@ def test_token_command_prints_a_token_for_the_user(capsys):
     assert verify_token(capsys.readouterr().out.strip(), settings=AuthSettings()) == "alice"
 
 
-def test_token_command_refuses_bad_user_ids():
-    with pytest.raises(ValueError, match="user id"):
-        main(["token", "--user", "../x"])
+def test_token_command_refuses_bad_user_ids(capsys):
+    assert main(["token", "--user", "../x"]) == 1
+    assert capsys.readouterr().err.startswith("personalkv token: error: user id '../x' is invalid")
 
 
 def test_serve_parser():
@@ -25,3 +25,22 @@ def test_serve_parser():
     assert (args.service, args.port, args.embedded, args.metrics_port) == ("answering", 0, True, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "mining"])
+
+
+def test_a_server_whose_model_cannot_load_exits_naming_it(tmp_path):
+    """No silent fallback: the answering server loads its model before it serves (health
+    never turns SERVING) and exits 1 with one line naming the model (measured: ~10 s)."""
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-model"
+    env = {**os.environ, "PERSONALKV_MODEL_NAME": str(missing),
+           "PERSONALKV_SERVICE_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "serve", "answering", "--embedded", "--port", "0",
+         "--metrics-port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"personalkv serve: error: cannot load model '{missing}'"), done.stderr
+    assert "Traceback" not in done.stderr

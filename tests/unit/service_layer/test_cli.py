@@ -54,3 +54,56 @@ def test_ingest_ask_reindex(embedded_env, photo_of, capsys):
 def test_ingest_of_a_folder_without_photos_fails_cleanly(embedded_env, capsys):
     assert cli.main(["ingest", str(embedded_env), "--user", "bob", "--concept", "mug"]) == 2
     assert "no photos" in capsys.readouterr().err
+
+
+# -- misuse: one line on stderr, a non-zero exit, no traceback (issue 21) ---------------------
+@pytest.mark.parametrize(("argv", "code", "says"), [
+    (["token", "--user", "Alice!"], 1, "user id 'Alice!' is invalid"),
+    (["ingest", "/nonexistent", "--user", "bob", "--concept", "c"], 2, "/nonexistent is not a folder"),
+    (["ask", "--user", "bob"], 2, "required: question"),
+    (["ask", "--user", "bob", "q", "--top-k", "many"], 2, "invalid int value: 'many'"),
+    (["bogus"], 2, "invalid choice: 'bogus'"),
+])
+def test_misuse_is_one_line_and_a_nonzero_exit(argv, code, says, capsys):
+    try:
+        got = cli.main(argv)
+    except SystemExit as exit_:  # argparse
+        got = exit_.code
+    err = capsys.readouterr().err
+    assert got == code
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_model_that_cannot_load_is_one_line_naming_it(embedded_env, monkeypatch, capsys):
+    monkeypatch.setenv("PERSONALKV_MODEL_NAME", str(embedded_env / "no-such-model"))
+    get_settings.cache_clear()
+    assert cli.main(["ask", "--user", "bob", "Where is Rex?"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # the embedded note (where data goes, which model), then the error
+    assert err[0].startswith(f"embedded: data in {embedded_env / 'data'}") and "no-such-model" in err[0]
+    assert err[1:] == [f"personalkv ask: error: cannot load model '{embedded_env / 'no-such-model'}'"
+                       f" (HF_HUB_OFFLINE=1: only cached or local weights load): "
+                       f"FileNotFoundError: no model folder at {embedded_env / 'no-such-model'}"]
+
+
+def test_version_and_help_on_every_flag(capsys):
+    import argparse
+
+    from personalkv import __version__
+    from services.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"personalkv {__version__}"
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help:
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["personalkv"])
+    assert missing == []

@@ -44,6 +44,10 @@ def test_s3_url_builds_a_store_without_touching_the_network():
     assert isinstance(store, S3ObjectStore)
     assert (store.bucket, store.endpoint) == ("my-bucket", "127.0.0.1:1")
     assert "sk" not in store.url
+    assert store.root == ""
+    prefixed = open_object_store("s3://my-bucket/team-a/pkv/?endpoint=127.0.0.1:1", settings)
+    assert (prefixed.bucket, prefixed.root) == ("my-bucket", "team-a/pkv/")
+    assert prefixed.url.startswith("s3://my-bucket/team-a/pkv?endpoint=")
 
 
 def test_memory_url_opens_a_new_empty_store_each_time():
@@ -63,7 +67,7 @@ def test_memory_url_opens_a_new_empty_store_each_time():
     [
         ("redis://host/0", "known: file://, s3://"),
         ("s3://bucket", "endpoint"),
-        ("s3://bucket/prefix?endpoint=h:1", "prefixes"),
+        ("s3://bucket/../x?endpoint=h:1", "invalid segment"),
         ("s3://bucket?endpoint=h:1&secret=x", "unknown parameter"),
         ("s3://bucket?endpoint=h:1&secure=maybe", "boolean"),
         ("s3://Bad_Bucket?endpoint=h:1", "bucket name"),
