@@ -71,8 +71,10 @@ spec:
       {{- if or (and $loadsModel $root.Values.modelCache.prefetch.enabled) $root.Values.initContainers }}
       initContainers:
         {{- if and $loadsModel $root.Values.modelCache.prefetch.enabled }}
-        # Downloads the weights into the cache volume, so that the main container's startup
-        # probe times only the model load; skips tiny:* models and local paths.
+        # Downloads the weights (model.revision) into the cache volume, so that the main
+        # container's startup probe times only the model load; skips smollm2, tiny:* models and
+        # local paths. It reaches the hub whatever model.hfOffline says (that is the main
+        # container's switch).
         - name: prefetch-weights
           image: {{ include "personalkv.image" (dict "root" $root "gpu" $gpu) | quote }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
@@ -82,8 +84,9 @@ spec:
               import os
               from huggingface_hub import snapshot_download
               name = os.environ["PERSONALKV_MODEL_NAME"]
-              if not (name.startswith("tiny:") or os.path.exists(name)):
-                  print("cached at", snapshot_download(name))
+              revision = os.environ.get("PERSONALKV_MODEL_REVISION") or None
+              if not (name.startswith("tiny:") or name == "smollm2" or os.path.exists(name)):
+                  print("cached at", snapshot_download(name, revision=revision))
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           envFrom:
