@@ -375,3 +375,24 @@ def test_production_values_gpu_answering_irsa_and_guaranteed_gpu_pods(monkeypatc
     store = open_object_store(settings=config.StorageSettings())
     assert isinstance(store._client._provider, IamAwsProvider)
     assert set(configmap_data(docs)) <= settings_env_names()
+
+
+@needs_helm
+def test_recache_job_waits_for_the_workers_and_gives_up_before_its_deadline():
+    from services.cli import build_parser
+
+    for deadline in (VALUES["jobs"]["recache"]["activeDeadlineSeconds"], 600):
+        docs = render("jobs.recache.enabled=true", "jobs.reindex.enabled=true",
+                      f"jobs.recache.activeDeadlineSeconds={deadline}")
+        jobs = by_kind(docs, "Job")
+        args = build_parser().parse_args(jobs["recache"]["spec"]["template"]["spec"][
+            "containers"][0]["args"])
+        assert jobs["recache"]["spec"]["activeDeadlineSeconds"] == deadline
+        # the command's own timeout ends first, with time left to start and enqueue
+        assert args.stack and 0 < args.timeout <= deadline - 60, (deadline, args.timeout)
+        assert args.timeout >= 0.9 * deadline - 1e-9  # and most of the deadline is waiting
+        reindex = jobs["reindex"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert reindex == ["reindex", "--stack"]  # works in the pod itself: nothing to wait for
+    result = helm("template", "r", str(CHART), "--set", "jobs.recache.enabled=true",
+                  "--set", "jobs.recache.activeDeadlineSeconds=60", check=False)
+    assert result.returncode != 0 and "activeDeadlineSeconds must exceed 60" in result.stderr
