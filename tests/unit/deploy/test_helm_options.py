@@ -396,3 +396,34 @@ def test_recache_job_waits_for_the_workers_and_gives_up_before_its_deadline():
     result = helm("template", "r", str(CHART), "--set", "jobs.recache.enabled=true",
                   "--set", "jobs.recache.activeDeadlineSeconds=60", check=False)
     assert result.returncode != 0 and "activeDeadlineSeconds must exceed 60" in result.stderr
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("digest, ok", [
+    ("", True), (DIGEST, True),
+    (f"registry.example.com:5000/team/personalkv@{DIGEST}", True),  # a whole reference
+    ("sha256:abc", False), ("latest", False), ("ghcr.io/personalkv/personalkv:0.1.0", False),
+    (f"ghcr.io/personalkv/personalkv:0.1.0@{DIGEST[:-1]}", False),
+])
+def test_schema_accepts_a_digest_or_a_whole_digest_reference(digest, ok):
+    values = yaml.safe_load(yaml.safe_dump(VALUES))
+    values["image"]["gpuDigest"] = digest
+    if ok:
+        jsonschema.Draft7Validator(SCHEMA).validate(values)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.Draft7Validator(SCHEMA).validate(values)
+
+
+@needs_helm
+def test_pods_pull_by_digest_or_by_the_whole_reference_given():
+    reference = f"registry.example.com:5000/team/personalkv-cuda@{DIGEST}"
+    docs = render(f"image.digest={DIGEST}", f"image.gpuDigest={reference}",
+                  "jobs.recache.enabled=true")
+    images = {name: spec["containers"][0]["image"] for name, spec in pod_specs(docs).items()}
+    for name, image in images.items():
+        gpu = any(s in name for s in ("Deployment/r-personalkv-answering",
+                                      "Deployment/r-personalkv-caching"))
+        assert image == (reference if gpu else f"ghcr.io/personalkv/personalkv@{DIGEST}"), name

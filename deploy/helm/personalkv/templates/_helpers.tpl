@@ -46,14 +46,16 @@ s3://{{ .bucket }}?endpoint={{ .endpoint }}&secure={{ .secure }}&region={{ .regi
 namespace: {{ .Release.Namespace }}
 {{- end }}
 
-{{/* The image of a pod: (dict "root" $ "gpu" true|false); repository@digest when a digest is set. */}}
+{{/* The image of a pod: (dict "root" $ "gpu" true|false); repository@digest when a digest is set
+(a digest given as a whole reference, REPOSITORY@sha256:..., is used as it is). */}}
 {{- define "personalkv.image" -}}
 {{- $i := .root.Values.image }}
 {{- $app := .root.Chart.AppVersion }}
-{{- if .gpu }}
-{{- if $i.gpuDigest }}{{ $i.repository }}@{{ $i.gpuDigest }}{{ else }}{{ $i.repository }}:{{ $i.gpuTag | default (printf "%s-cuda" $app) }}{{ end }}
-{{- else }}
-{{- if $i.digest }}{{ $i.repository }}@{{ $i.digest }}{{ else }}{{ $i.repository }}:{{ $i.tag | default $app }}{{ end }}
+{{- $digest := .gpu | ternary $i.gpuDigest $i.digest }}
+{{- $tag := .gpu | ternary ($i.gpuTag | default (printf "%s-cuda" $app)) ($i.tag | default $app) }}
+{{- if contains "@" $digest }}{{ $digest }}
+{{- else if $digest }}{{ $i.repository }}@{{ $digest }}
+{{- else }}{{ $i.repository }}:{{ $tag }}
 {{- end }}
 {{- end }}
 
