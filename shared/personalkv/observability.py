@@ -1,9 +1,11 @@
-"""Prometheus metrics, the /metrics endpoint and structured (JSON) logging of every service.
+"""Prometheus metrics, the /metrics endpoint and the logs (JSON, or text with the same fields) of
+every service.
 
 Who calls what:
     gRPC servers     setup_logging(), start_metrics_server(port); GRPC_LATENCY and rpc_log
                      are written by personalkv.api.interceptors.MetricsInterceptor
     ingestion        track_celery_queues(broker_url, queues): queue depth = Redis LLEN per scrape
+                     (no sample, and personalkv_queue_depth_up 0, while Redis is unreachable)
     answering        watch_chunk_cache(cache): hits/misses/bytes read from ChunkCache.stats();
                      SERVING (ServingMetrics): the answer scheduler reports queue, batches and
                      refusals, the servicer every answered Ask (TTFT, TPOT, stages, tokens)
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -48,7 +51,6 @@ TASK_DURATION = Histogram(
     "personalkv_task_duration_seconds", "Duration of background tasks, by task and outcome.",
     ["task", "outcome"], buckets=_LATENCY_BUCKETS + (300, 600),
 )  # fmt: skip
-QUEUE_DEPTH = Gauge("personalkv_queue_depth", "Messages waiting in a task queue.", ["queue"])
 
 
 # -- helpers for workers and the chunk cache ------------------------------------------------
@@ -66,33 +68,67 @@ def observe_task(task: str) -> Iterator[None]:
         TASK_DURATION.labels(task, outcome).observe(time.perf_counter() - start)
 
 
+class _QueueDepthCollector:
+    """``personalkv_queue_depth{queue}`` and ``personalkv_queue_depth_up{queue}``, read from each
+    queue's probe at scrape time. A probe that raises (Redis unreachable) leaves that queue
+    without a depth sample in the scrape and with up 0: never a sentinel number, which sum()
+    and alert thresholds would take for a depth."""
+
+    def __init__(self) -> None:
+        self.probes: dict[str, Callable[[], float]] = {}
+        self._down: set[str] = set()
+
+    def _families(self):
+        return (GaugeMetricFamily("personalkv_queue_depth", "Messages waiting in a task queue "
+                                  "(no sample while it cannot be read: see _up).", labels=["queue"]),
+                GaugeMetricFamily("personalkv_queue_depth_up", "1 when this scrape read the "
+                                  "queue's depth, 0 when it could not (broker unreachable).",
+                                  labels=["queue"]))
+
+    def describe(self):
+        return list(self._families())  # names only: registering must not call the probes
+
+    def collect(self):
+        depth, up = self._families()
+        for queue, probe in sorted(self.probes.items()):
+            try:
+                value = float(probe())
+            except Exception as exc:  # whatever the probe hits, this scrape must still answer
+                if queue not in self._down:  # logged once per outage, not once per scrape
+                    logging.getLogger(__name__).warning(
+                        "queue depth unreadable", extra={"queue": queue, "error": repr(exc)})
+                self._down.add(queue)
+                up.add_metric([queue], 0)
+                continue
+            self._down.discard(queue)
+            depth.add_metric([queue], value)
+            up.add_metric([queue], 1)
+        yield depth
+        yield up
+
+
+QUEUE_DEPTH = _QueueDepthCollector()
+REGISTRY.register(QUEUE_DEPTH)
+
+
 def set_queue_depth(queue: str, depth: int) -> None:
-    QUEUE_DEPTH.labels(queue).set(depth)
+    QUEUE_DEPTH.probes[queue] = lambda: depth
 
 
 def track_queue_depth(queue: str, probe: Callable[[], float]) -> None:
-    """Make the gauge call `probe()` at every scrape (e.g. Redis LLEN of the queue)."""
-    QUEUE_DEPTH.labels(queue).set_function(probe)
+    """Read `probe()` at every scrape (e.g. Redis LLEN of the queue); a probe that raises means
+    "unknown" for that scrape (no depth sample, personalkv_queue_depth_up 0)."""
+    QUEUE_DEPTH.probes[queue] = probe
 
 
 def track_celery_queues(broker_url: str, queues: Sequence[str]) -> None:
     """Queue depth of Celery's Redis queues (a Redis list per queue), read at every scrape;
-    -1 while Redis cannot be reached (so an outage shows instead of a stale number)."""
+    while Redis cannot be reached the depth is absent and personalkv_queue_depth_up is 0."""
     import redis
 
     client = redis.Redis.from_url(broker_url, socket_timeout=1, socket_connect_timeout=1)
-
-    def probe(queue: str) -> Callable[[], float]:
-        def depth() -> float:
-            try:
-                return float(client.llen(queue))
-            except redis.RedisError:
-                return -1.0
-
-        return depth
-
     for queue in queues:
-        track_queue_depth(queue, probe(queue))
+        track_queue_depth(queue, lambda queue=queue: float(client.llen(queue)))
 
 
 class _ChunkCacheCollector:
@@ -272,6 +308,29 @@ class JsonFormatter(_LibJsonFormatter):
         )
 
 
+class TextFormatter(logging.Formatter):
+    """Human-readable lines, ``ts LEVEL service logger: message key=value ...``: the `extra=`
+    fields the JSON format carries are appended in the order given (a value with spaces,
+    quotes or '=' JSON-quoted, logfmt style), so a text log keeps an RPC's method, code,
+    duration and request id; a traceback follows on the next lines."""
+
+    def __init__(self, service: str = "") -> None:
+        service = f" {service}" if service else ""
+        super().__init__(f"%(asctime)s %(levelname)s{service} %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        fields = [f"{key}={_logfmt_value(value)}" for key, value in vars(record).items()
+                  if key not in _STANDARD_ATTRS]
+        return " ".join([super().formatMessage(record), *fields])
+
+
+def _logfmt_value(value) -> str:
+    text = str(value)
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text)
+    return text
+
+
 def setup_logging(service: str, settings: ServerSettings, level: str | None = None,
                   fmt: str | None = None) -> None:
     """Configure the root logger once per process (level/format default to ``settings``, the
@@ -280,8 +339,7 @@ def setup_logging(service: str, settings: ServerSettings, level: str | None = No
     if (fmt or settings.log_format) == "json":
         handler.setFormatter(JsonFormatter(service))
     else:
-        text_format = f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"
-        handler.setFormatter(logging.Formatter(text_format))
+        handler.setFormatter(TextFormatter(service))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

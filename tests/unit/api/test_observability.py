@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.request
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
 
 from personalkv.observability import (
     JsonFormatter,
+    TextFormatter,
     observe_task,
     set_queue_depth,
     start_metrics_server,
+    track_celery_queues,
     track_queue_depth,
     watch_chunk_cache,
 )  # fmt: skip
@@ -46,6 +49,44 @@ def test_queue_depth_and_chunk_cache_are_exported():
     watch_chunk_cache(cache)
     assert _value("personalkv_chunk_cache_requests_total", result="miss") == 1
     assert _value("personalkv_chunk_cache_budget_bytes") == 1 << 20
+
+
+def test_an_unreadable_queue_has_no_depth_sample_and_up_0_never_a_sentinel():
+    def broker_down():
+        raise ConnectionError("redis unreachable")
+
+    track_queue_depth("q.down", broker_down)
+    assert REGISTRY.get_sample_value("personalkv_queue_depth", {"queue": "q.down"}) is None
+    assert _value("personalkv_queue_depth_up", queue="q.down") == 0
+    # every value the gauge does export is a real depth (sum() over queues stays meaningful)
+    track_queue_depth("q.down", lambda: 4)
+    assert _value("personalkv_queue_depth", queue="q.down") == 4
+    assert _value("personalkv_queue_depth_up", queue="q.down") == 1
+
+
+def test_celery_queue_depth_follows_a_real_redis_through_an_outage(tmp_path):
+    import shutil
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    from personalkv.devstack.redis import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        redis.Redis.from_url(server.url).rpush("q.celery", b"a", b"b", b"c")
+        track_celery_queues(server.url, ["q.celery", "q.empty"])
+        assert _value("personalkv_queue_depth", queue="q.celery") == 3
+        assert _value("personalkv_queue_depth", queue="q.empty") == 0
+        assert _value("personalkv_queue_depth_up", queue="q.celery") == 1
+    finally:
+        server.stop()
+    for queue in ("q.celery", "q.empty"):  # Redis gone: unknown, not -1 and not a stale 3
+        assert REGISTRY.get_sample_value("personalkv_queue_depth", {"queue": queue}) is None
+        assert _value("personalkv_queue_depth_up", queue=queue) == 0
+    body = generate_latest(REGISTRY).decode()
+    assert not re.search(r"^personalkv_queue_depth\{.*\} -", body, re.M)  # no negative sample
 
 
 def test_metrics_endpoint_serves_the_registry():
@@ -101,3 +142,44 @@ def test_with_json_logs_every_line_on_stderr_is_json(tmp_path):
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
     assert any("a library complains" in r.get("msg", "") for r in records), records
+
+
+def test_text_log_lines_keep_the_extra_fields_before_the_traceback():
+    record = logging.makeLogRecord({
+        "name": "personalkv.rpc", "levelname": "INFO", "msg": "rpc", "grpc_service": "answering",
+        "method": "Ask", "code": "DEADLINE_EXCEEDED", "duration_ms": 12.5,
+        "request_id": "r-1", "reason": 'said "no" = refused', "empty": ""})
+    line = TextFormatter("answering").format(record)
+    assert line.endswith(" INFO answering personalkv.rpc: rpc grpc_service=answering method=Ask "
+                         'code=DEADLINE_EXCEEDED duration_ms=12.5 request_id=r-1 '
+                         'reason="said \\"no\\" = refused" empty=""'), line
+    try:
+        raise RuntimeError("bad")
+    except RuntimeError:
+        import sys
+
+        record = logging.makeLogRecord({"msg": "failed", "exc_info": sys.exc_info(), "port": 5})
+    first, *rest = TextFormatter().format(record).splitlines()
+    assert first.endswith("failed port=5") and rest[-1] == "RuntimeError: bad"
+
+
+def test_text_logs_of_a_process_carry_the_rpc_fields():
+    """A process configured for text logs (PERSONALKV_SERVER_LOG_FORMAT=text) writes the RPC
+    log line with its fields, as the server's interceptor logs it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from personalkv.config import ServerSettings\n"
+        "from personalkv.observability import rpc_log, setup_logging\n"
+        "setup_logging('ingestion', ServerSettings())\n"
+        "rpc_log.info('rpc', extra={'grpc_service': 'ingestion', 'method': 'AddPhotos',\n"
+        "                           'code': 'OK', 'duration_ms': 3.25})\n"
+    )
+    env = {**os.environ, "PERSONALKV_SERVER_LOG_FORMAT": "text"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    (line,) = [ln for ln in out.stderr.splitlines() if "personalkv.rpc" in ln]
+    assert line.endswith("INFO ingestion personalkv.rpc: rpc grpc_service=ingestion "
+                         "method=AddPhotos code=OK duration_ms=3.25"), line
