@@ -176,7 +176,9 @@ def by_kind(docs, kind):
 
 
 def configmap_data(docs) -> dict[str, str]:
-    (configmap,) = by_kind(docs, "ConfigMap").values()
+    """The settings ConfigMap (not the optional Grafana dashboard's)."""
+    (configmap,) = [c for c in by_kind(docs, "ConfigMap").values()
+                    if not c["metadata"]["name"].endswith("-dashboard")]
     return configmap["data"]
 
 

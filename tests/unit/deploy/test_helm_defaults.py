@@ -104,5 +104,6 @@ def test_prefetched_weights_run_offline_and_the_revision_reaches_loader_and_pref
         if "prefetch-weights" in inits:
             script = inits["prefetch-weights"]["args"][0]
             assert "revision=revision" in script and "PERSONALKV_MODEL_REVISION" in script
-            assert inits["prefetch-weights"]["envFrom"][0]["configMapRef"]["name"] == (
-                next(d for d in docs if d["kind"] == "ConfigMap")["metadata"]["name"])
+            assert inits["prefetch-weights"]["envFrom"][0]["configMapRef"]["name"] in {
+                d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"
+                and "PERSONALKV_MODEL_NAME" in d["data"]}
