@@ -62,11 +62,12 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
 
     The manifest update is a compare-and-set, so concurrent uploads to one concept all land.
     Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
-    enqueue failed) enqueues that work again. When the broker cannot take the task, the photos
+    enqueue failed) or whose queued task the broker lost (it restarted empty) enqueues that
+    work again. When the broker cannot take the task, the photos
     stay recorded, the lease is cleared so that the reconciler enqueues the work as soon as the
     broker is back, and the caller gets Unavailable saying so: nothing is left that no task
     will pick up, and sending the same photos again is harmless."""
-    require_manifest(svc, user_id, concept_id, to_change=True)
+    current = require_manifest(svc, user_id, concept_id, to_change=True)
     limits = svc.settings.service
     if not photos:
         raise InvalidArgument("no photos given")
@@ -82,6 +83,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
     new: list = []
     changed = False  # whether the stored manifest is our change (then we enqueue its work)
+    intact_since = None
     lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
 
     def add(fresh: ConceptManifest) -> ConceptManifest | None:
@@ -96,13 +98,19 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
         if new or fresh.state == "failed":
             return fresh.model_copy(update={"photos": list(fresh.photos) + new, "state": "queued",
                                             "failure_reason": None, "lease_until": lease})
-        if reconciler.lease_lapsed(fresh):  # stuck: take the lease, enqueue its work again
+        if reconciler.work_due(svc, fresh, intact_since):  # stuck or lost: enqueue it again
             return fresh.model_copy(update={"lease_until": lease})
         changed = False
         return None  # nothing new, and the concept's work is in hand (or done)
 
     with dependencies("the object store"):
         records = [svc.store.put_photo(user_id, concept_id, v) for v in validated]
+        # Known photos sent again to a concept whose task waits in the broker: the broker's
+        # look tells whether that task is still there (new photos are enqueued anyway).
+        known = {p.photo_id for p in current.photos}
+        if (current.state == "queued" and known and not reconciler.lease_lapsed(current)
+                and all(r.photo_id in known for r in records)):
+            intact_since = reconciler.broker_intact_since(svc)
         try:
             fresh = svc.store.update_manifest(user_id, concept_id, add)
         except DamagedManifestError as exc:  # damaged since our read
