@@ -64,10 +64,10 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
     Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
     enqueue failed) or whose queued task the broker lost (it restarted empty) enqueues that
     work again. When the broker cannot take the task, the photos
-    stay recorded, the lease is cleared so that the reconciler enqueues the work as soon as the
+    stay recorded without a lease (or it is cleared) so that the reconciler enqueues the work as soon as the
     broker is back, and the caller gets Unavailable saying so: nothing is left that no task
     will pick up, and sending the same photos again is harmless."""
-    current = require_manifest(svc, user_id, concept_id, to_change=True)
+    require_manifest(svc, user_id, concept_id, to_change=True)
     limits = svc.settings.service
     if not photos:
         raise InvalidArgument("no photos given")
@@ -83,8 +83,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
     new: list = []
     changed = False  # whether the stored manifest is our change (then we enqueue its work)
-    intact_since = None
-    lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
+    lease = None  # taken after the broker's look, below
 
     def add(fresh: ConceptManifest) -> ConceptManifest | None:
         nonlocal new, changed
@@ -105,12 +104,15 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
 
     with dependencies("the object store"):
         records = [svc.store.put_photo(user_id, concept_id, v) for v in validated]
-        # Known photos sent again to a concept whose task waits in the broker: the broker's
-        # look tells whether that task is still there (new photos are enqueued anyway).
-        known = {p.photo_id for p in current.photos}
-        if (current.state == "queued" and known and not reconciler.lease_lapsed(current)
-                and all(r.photo_id in known for r in records)):
-            intact_since = reconciler.broker_intact_since(svc)
+        # The broker's look comes before the lease, so that its epoch marker predates every
+        # lease taken while its data lives (reconciler.message_lost). A broker that does not
+        # answer gets no publish: the work is left due (no lease) for the reconciler.
+        try:
+            intact_since, broker_down = svc.task_queue.intact_since(), False
+        except Unavailable:
+            intact_since, broker_down = None, True
+        if not broker_down:
+            lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
         try:
             fresh = svc.store.update_manifest(user_id, concept_id, add)
         except DamagedManifestError as exc:  # damaged since our read
@@ -119,9 +121,12 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
         raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")
     if changed:  # new photos, or a stuck concept taken over: enqueue its work
         try:
+            if broker_down:
+                raise Unavailable("the task queue is unavailable")
             reconciler.enqueue_for(svc, fresh)
         except Unavailable:
-            reconciler.release_lease(svc, user_id, concept_id)
+            if not broker_down:
+                reconciler.release_lease(svc, user_id, concept_id)
             raise Unavailable("the photos are stored, but the task queue is unavailable: "
                               "processing starts by itself once it is back (sending them "
                               "again is harmless)") from None

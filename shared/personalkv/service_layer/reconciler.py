@@ -23,10 +23,14 @@ long the broker's visibility timeout is.
 a replica that had not received the messages) loses the tasks of concepts in ``queued`` while
 their ``queued_lease_s`` (600 s) still runs. The task queue port answers ``intact_since()``:
 when the broker's current data set began. A queued concept whose lease was taken (published:
-``lease_until - queued_lease_s``) before then, give or take ``CLOCK_SKEW_S``, lost its task and
-is due at once, in a reconciler pass and for ``add_photos`` (sending the same photos again
-enqueues it). So after a restart the work is enqueued again within one
-``reconcile_interval_s`` (20 s), not after the 600 s lease. (``mining`` and ``caching`` keep the
+``lease_until - queued_lease_s``) before then lost its task and is due at once, in a reconciler
+pass and for ``add_photos`` (sending the same photos again enqueues it). Both look at the
+broker before they take a lease, so the marker (below) predates every lease taken while its
+data lives, and a lease taken before it was published into data now gone. Hosts' clocks must
+agree (NTP) to better than a restart's gap (from the lease to the first look after the
+restart, the broker's downtime included); a larger skew errs as described below. So after a
+restart the work is enqueued again within one ``reconcile_interval_s`` (20 s), not after the
+600 s lease. (``mining`` and ``caching`` keep the
 short ``lease_s``: a worker holds their task, or mining enqueued caching a moment ago.)
 
 The Celery adapter keeps a marker key in the broker (``personalkv:broker-epoch``, the time of
@@ -40,11 +44,11 @@ alternatives, because the marker shares the fate of the queued messages and noth
 * Looking for the task in the broker (the queue list, Celery's ``unacked`` hash, a worker's
   reserved or ETA tasks) depends on the transport's private layout, costs a scan of the whole
   queue per pass, and races a worker between BRPOP and its ``unacked`` write.
-* The marker errs towards a duplicate task (the marker evicted; a publish between a restart
-  and the next look, at most one reconcile interval), which the tasks' idempotence makes
-  harmless. Where it cannot tell (another transport, the broker down, the in-process queue, a
-  Celery failover list of independent Redis servers switching back to one with an old marker)
-  the leases decide, as before.
+* The marker errs towards a duplicate task (the marker evicted; a clock behind the marker's),
+  which the tasks' idempotence makes harmless, or towards the lease (a clock ahead). Where it
+  cannot tell (another transport, the broker down, the in-process queue, a Celery failover
+  list of independent Redis servers switching back to one with an old marker) the leases
+  decide, as before.
 Every process must run with the same ``queued_lease_s`` (the publish time is read back from it).
 
 A pass lists every user's manifests: one LIST per user and a GET per concept. That is fine for
@@ -92,12 +96,6 @@ def lease_lapsed(manifest: ConceptManifest, now: datetime | None = None) -> bool
     return manifest.lease_until is None or manifest.lease_until <= (now or utcnow())
 
 
-#: How far the clocks of two hosts may disagree: the broker's epoch marker and a lease are timed
-#: on different hosts. A message published up to this long after the broker's data set began
-#: still counts as lost; enqueueing it again costs a duplicate task, which is harmless.
-CLOCK_SKEW_S = 5.0
-
-
 def message_lost(manifest: ConceptManifest, intact_since: datetime | None,
                  queued_lease_s: float) -> bool:
     """Whether a queued concept's task was published before the broker's current data set
@@ -107,7 +105,7 @@ def message_lost(manifest: ConceptManifest, intact_since: datetime | None,
             or manifest.lease_until is None):
         return False
     enqueued_at = manifest.lease_until - timedelta(seconds=queued_lease_s)
-    return enqueued_at < intact_since + timedelta(seconds=CLOCK_SKEW_S)
+    return enqueued_at < intact_since
 
 
 def work_due(svc: Services, manifest: ConceptManifest, intact_since: datetime | None,
