@@ -19,7 +19,10 @@ Redelivery after a whole worker (or node) dies does not wait for Redis' visibili
 delivered twice): a task renews its concept's lease while it runs, and the reconciler
 (``personalkv.service_layer.reconciler``), started in every worker process by
 ``services/worker.py``,
-enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
+enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again. A broker that lost
+its data (restarted without persistence): ``CeleryTaskQueue.intact_since`` reads a marker key
+(``BROKER_EPOCH_KEY``) that dies with the queues, and the reconciler re-sends a queued concept
+published before it at once, not after its queued lease.
 
 Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services.worker worker
 -Q caching``).
@@ -181,4 +184,5 @@ class CeleryTaskQueue(TaskQueue):
         self._publisher.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["BROKER_EPOCH_KEY", "TASK_CACHE", "TASK_MINE", "CeleryTaskQueue", "make_celery", "task_options"]
+__all__ = ["BROKER_EPOCH_KEY", "TASK_CACHE", "TASK_MINE", "CeleryTaskQueue", "make_celery",
+           "task_options"]

@@ -63,9 +63,9 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
     The manifest update is a compare-and-set, so concurrent uploads to one concept all land.
     Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
     enqueue failed) or whose queued task the broker lost (it restarted empty) enqueues that
-    work again. When the broker cannot take the task, the photos
-    stay recorded without a lease (or it is cleared) so that the reconciler enqueues the work as soon as the
-    broker is back, and the caller gets Unavailable saying so: nothing is left that no task
+    work again. When the broker cannot take the task, the photos stay recorded without a lease
+    (or it is cleared) so that the reconciler enqueues the work as soon as the broker is back,
+    and the caller gets Unavailable saying so: nothing is left that no task
     will pick up, and sending the same photos again is harmless."""
     require_manifest(svc, user_id, concept_id, to_change=True)
     limits = svc.settings.service

@@ -176,10 +176,10 @@ def claim_and_enqueue(svc: Services, user_id: str, concept_id: str,
 
 def reconcile(svc: Services) -> list[tuple[str, str, str]]:
     """One pass over every concept: enqueue those whose work is due (lease lapsed, or task lost
-    with the broker's data). Returns (user, concept, queue) of each concept enqueued. A concept that cannot be handled (damaged manifest, any
-    error but an outage) is skipped and reported (``skipped``); the pass stops at the first
-    outage (Unavailable, or the store's or index's transient errors: the next pass tries
-    again)."""
+    with the broker's data). Returns (user, concept, queue) of each concept enqueued. A concept
+    that cannot be handled (damaged manifest, any error but an outage) is skipped and reported
+    (``skipped``); the pass stops at the first outage (Unavailable, or the store's or index's
+    transient errors: the next pass tries again)."""
     done = []
     intact_since = broker_intact_since(svc)
     now = utcnow()
