@@ -74,7 +74,9 @@ def _start_reconciler() -> None:
 
 def run(args) -> int:
     """``personalkv worker``: a Celery worker of ``args.queue`` (comma-separated for both)."""
-    from personalkv.observability import instrument_celery, setup_logging, start_metrics_server
+    from personalkv.observability import (
+        instrument_celery, only_json_worker_output, setup_logging, start_metrics_server,
+    )
 
     queues = [q.strip() for q in args.queue.split(",") if q.strip()]
     unknown = set(queues) - {"mining", "caching"}
@@ -82,6 +84,7 @@ def run(args) -> int:
         print(f"unknown queue(s) {sorted(unknown)}; known: mining, caching", file=sys.stderr)
         return 2
     setup_logging(f"worker-{'+'.join(queues)}", settings.server, level=args.loglevel)
+    options = only_json_worker_output() if settings.server.log_format == "json" else []
     instrument_celery(app)
     if args.metrics_port:
         host = settings.server.host  # 0.0.0.0 in a pod: the kubelet probes it
@@ -90,7 +93,7 @@ def run(args) -> int:
                 lambda **_: start_metrics_server(args.metrics_port, host), weak=False)
         else:
             start_metrics_server(args.metrics_port, host)
-    argv = ["worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
+    argv = [*options, "worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle"]
     if args.concurrency:

@@ -19,7 +19,10 @@ Redelivery after a whole worker (or node) dies does not wait for Redis' visibili
 delivered twice): a task renews its concept's lease while it runs, and the reconciler
 (``personalkv.service_layer.reconciler``), started in every worker process by
 ``services/worker.py``,
-enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again.
+enqueues a concept whose lease lapsed (``PERSONALKV_CELERY_LEASE_S``) again. A broker that lost
+its data (restarted without persistence): ``CeleryTaskQueue.intact_since`` reads a marker key
+(``BROKER_EPOCH_KEY``) that dies with the queues, and the reconciler re-sends a queued concept
+published before it at once, not after its queued lease.
 
 Run a worker with ``personalkv worker --queue caching`` (or ``celery -A services.worker worker
 -Q caching``).
@@ -32,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timezone
 
 from celery import Celery
 
@@ -40,6 +44,9 @@ from personalkv.service_layer.errors import Unavailable
 from personalkv.service_layer.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE, TaskQueue
 
 log = logging.getLogger(__name__)
+
+#: The broker's epoch marker (``CeleryTaskQueue.intact_since``), beside Celery's own keys.
+BROKER_EPOCH_KEY = "personalkv:broker-epoch"
 
 
 def make_celery(settings: CelerySettings) -> Celery:
@@ -118,29 +125,54 @@ class CeleryTaskQueue(TaskQueue):
                           "interval_max": 0.1},
         )
 
-    def _send(self, name: str, user_id: str, concept_id: str) -> None:
+    def _bounded(self, what: str, call, *args):
+        """``call(*args)`` on the publisher pool, waited for at most the publish deadline;
+        Unavailable when it fails or does not answer in time."""
         probing = self._suspect
         if probing and not self._probe.acquire(blocking=False):
             raise Unavailable("the task queue is unavailable; retry later")
         try:
-            future = self._publisher.submit(self._publish, name, user_id, concept_id)
+            future = self._publisher.submit(call, *args)
             try:
-                future.result(timeout=self.publish_timeout_s)
+                result = future.result(timeout=self.publish_timeout_s)
             except FutureTimeout:
                 future.cancel()
                 self._suspect = True
-                log.warning("publishing %s(%s, %s) took over %.1fs; the broker is not answering",
-                            name, user_id, concept_id, self.publish_timeout_s)
+                log.warning("%s took over %.1fs; the broker is not answering", what,
+                            self.publish_timeout_s)
                 raise Unavailable("the task queue is not answering; retry later") from None
             except Exception as exc:  # kombu OperationalError, redis ConnectionError, ...
                 self._suspect = True
-                log.warning("publishing %s(%s, %s) failed: %s: %s", name, user_id, concept_id,
-                            type(exc).__name__, exc)
+                log.warning("%s failed: %s: %s", what, type(exc).__name__, exc)
                 raise Unavailable("the task queue is unavailable; retry later") from exc
             self._suspect = False
+            return result
         finally:
             if probing:
                 self._probe.release()
+
+    def _send(self, name: str, user_id: str, concept_id: str) -> None:
+        self._bounded(f"publishing {name}({user_id}, {concept_id})", self._publish, name,
+                      user_id, concept_id)
+
+    def intact_since(self) -> datetime | None:
+        """When the broker's current data set began, from a marker key in it
+        (``BROKER_EPOCH_KEY``, the time of the first look after the data set began, set only
+        if absent): it lives and dies with the queued messages (gone after a restart without
+        persistence or a FLUSHALL, kept by AOF and by replication to a promoted replica), and
+        plain SET / GET pass through any Redis proxy. None for a transport that is not Redis."""
+        return self._bounded("reading the broker epoch", self._read_epoch)
+
+    def _read_epoch(self) -> datetime | None:
+        with self.app.pool.acquire(block=True) as conn:
+            if conn.transport.driver_type != "redis":
+                return None
+            with conn.default_channel.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                pipe.set(BROKER_EPOCH_KEY, repr(time.time()), nx=True)
+                pipe.get(BROKER_EPOCH_KEY)
+                _, value = pipe.execute()
+        return datetime.fromtimestamp(float(value), timezone.utc)
 
     def enqueue_mining(self, user_id: str, concept_id: str) -> None:
         self._send(TASK_MINE, user_id, concept_id)
@@ -180,4 +212,5 @@ class CeleryTaskQueue(TaskQueue):
         self._publisher.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["TASK_CACHE", "TASK_MINE", "CeleryTaskQueue", "make_celery", "task_options"]
+__all__ = ["BROKER_EPOCH_KEY", "TASK_CACHE", "TASK_MINE", "CeleryTaskQueue", "make_celery",
+           "task_options"]

@@ -364,3 +364,21 @@ def only_json_output() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+
+
+def only_json_worker_output() -> list[str]:
+    """With JSON logs, a Celery worker's own terminal output goes through logging too: its
+    shutdown notices (``celery.apps.worker.safe_say`` writes them straight to the file
+    descriptor, past any handler) become log records, and its start-up banner is off (the
+    returned global options, placed before ``worker``; what the banner said, the worker's
+    name, queues and transport, its "Connected to" and "ready" records say). Everything else
+    it prints after start-up, Celery already redirects into logging (worker_redirect_stdouts)."""
+    from celery.apps import worker as celery_worker
+
+    notices = logging.getLogger("celery.apps.worker")
+
+    def say(msg, f=None):  # called from signal handlers, as the original is
+        notices.warning("%s", str(msg).strip())
+
+    celery_worker.safe_say = say
+    return ["--quiet"]

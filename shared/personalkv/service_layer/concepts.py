@@ -62,9 +62,10 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
 
     The manifest update is a compare-and-set, so concurrent uploads to one concept all land.
     Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
-    enqueue failed) enqueues that work again. When the broker cannot take the task, the photos
-    stay recorded, the lease is cleared so that the reconciler enqueues the work as soon as the
-    broker is back, and the caller gets Unavailable saying so: nothing is left that no task
+    enqueue failed) or whose queued task the broker lost (it restarted empty) enqueues that
+    work again. When the broker cannot take the task, the photos stay recorded without a lease
+    (or it is cleared) so that the reconciler enqueues the work as soon as the broker is back,
+    and the caller gets Unavailable saying so: nothing is left that no task
     will pick up, and sending the same photos again is harmless."""
     require_manifest(svc, user_id, concept_id, to_change=True)
     limits = svc.settings.service
@@ -82,7 +83,7 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
             raise type(exc)(f"photo {i + 1} of {len(photos)}: {exc.message}") from None
     new: list = []
     changed = False  # whether the stored manifest is our change (then we enqueue its work)
-    lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
+    lease = None  # taken after the broker's look, below
 
     def add(fresh: ConceptManifest) -> ConceptManifest | None:
         nonlocal new, changed
@@ -96,13 +97,22 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
         if new or fresh.state == "failed":
             return fresh.model_copy(update={"photos": list(fresh.photos) + new, "state": "queued",
                                             "failure_reason": None, "lease_until": lease})
-        if reconciler.lease_lapsed(fresh):  # stuck: take the lease, enqueue its work again
+        if reconciler.work_due(svc, fresh, intact_since):  # stuck or lost: enqueue it again
             return fresh.model_copy(update={"lease_until": lease})
         changed = False
         return None  # nothing new, and the concept's work is in hand (or done)
 
     with dependencies("the object store"):
         records = [svc.store.put_photo(user_id, concept_id, v) for v in validated]
+        # The broker's look comes before the lease, so that its epoch marker predates every
+        # lease taken while its data lives (reconciler.message_lost). A broker that does not
+        # answer gets no publish: the work is left due (no lease) for the reconciler.
+        try:
+            intact_since, broker_down = svc.task_queue.intact_since(), False
+        except Unavailable:
+            intact_since, broker_down = None, True
+        if not broker_down:
+            lease = reconciler.lease_from_now(svc.settings.celery.queued_lease_s)
         try:
             fresh = svc.store.update_manifest(user_id, concept_id, add)
         except DamagedManifestError as exc:  # damaged since our read
@@ -111,9 +121,12 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
         raise NotFound(f"concept {concept_id!r} does not exist (deleted during the upload)")
     if changed:  # new photos, or a stuck concept taken over: enqueue its work
         try:
+            if broker_down:
+                raise Unavailable("the task queue is unavailable")
             reconciler.enqueue_for(svc, fresh)
         except Unavailable:
-            reconciler.release_lease(svc, user_id, concept_id)
+            if not broker_down:
+                reconciler.release_lease(svc, user_id, concept_id)
             raise Unavailable("the photos are stored, but the task queue is unavailable: "
                               "processing starts by itself once it is back (sending them "
                               "again is harmless)") from None

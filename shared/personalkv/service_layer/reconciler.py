@@ -19,6 +19,38 @@ every ``reconcile_interval_s`` in every worker process and in the ingestion serv
 concept finishes within about lease_s + reconcile_interval_s + the task's own time, however
 long the broker's visibility timeout is.
 
+**A broker that lost its data** (Redis restarted without persistence, a FLUSHALL, a failover to
+a replica that had not received the messages) loses the tasks of concepts in ``queued`` while
+their ``queued_lease_s`` (600 s) still runs. The task queue port answers ``intact_since()``:
+when the broker's current data set began. A queued concept whose lease was taken (published:
+``lease_until - queued_lease_s``) before then lost its task and is due at once, in a reconciler
+pass and for ``add_photos`` (sending the same photos again enqueues it). Both look at the
+broker before they take a lease, so the marker (below) predates every lease taken while its
+data lives, and a lease taken before it was published into data now gone. Hosts' clocks must
+agree (NTP) to better than a restart's gap (from the lease to the first look after the
+restart, the broker's downtime included); a larger skew errs as described below. So after a
+restart the work is enqueued again within one ``reconcile_interval_s`` (20 s), not after the
+600 s lease. (``mining`` and ``caching`` keep the
+short ``lease_s``: a worker holds their task, or mining enqueued caching a moment ago.)
+
+The Celery adapter keeps a marker key in the broker (``personalkv:broker-epoch``, the time of
+the first look after it was found missing, written only if absent) rather than the
+alternatives, because the marker shares the fate of the queued messages and nothing else:
+
+* Redis' own start (``INFO server`` ``run_id`` / ``uptime_in_seconds``) changes on every
+  restart, also when AOF kept the queues (every queued concept would be re-sent), does not
+  change on a FLUSHALL, differs on a promoted replica that holds the data, and ``INFO`` is
+  refused by some proxies and managed services; the marker needs only SET and GET.
+* Looking for the task in the broker (the queue list, Celery's ``unacked`` hash, a worker's
+  reserved or ETA tasks) depends on the transport's private layout, costs a scan of the whole
+  queue per pass, and races a worker between BRPOP and its ``unacked`` write.
+* The marker errs towards a duplicate task (the marker evicted; a clock behind the marker's),
+  which the tasks' idempotence makes harmless, or towards the lease (a clock ahead). Where it
+  cannot tell (another transport, the broker down, the in-process queue, a Celery failover
+  list of independent Redis servers switching back to one with an old marker) the leases
+  decide, as before.
+Every process must run with the same ``queued_lease_s`` (the publish time is read back from it).
+
 A pass lists every user's manifests: one LIST per user and a GET per concept. That is fine for
 thousands of concepts per interval; beyond that, keep a work ledger instead of scanning. One
 concept never stops a pass: a damaged manifest (or any error but an outage) on one concept is
@@ -64,6 +96,35 @@ def lease_lapsed(manifest: ConceptManifest, now: datetime | None = None) -> bool
     return manifest.lease_until is None or manifest.lease_until <= (now or utcnow())
 
 
+def message_lost(manifest: ConceptManifest, intact_since: datetime | None,
+                 queued_lease_s: float) -> bool:
+    """Whether a queued concept's task was published before the broker's current data set
+    began (``TaskQueue.intact_since``), so that it is no longer in the broker. The publish time
+    is when the queued lease was taken: ``lease_until - queued_lease_s``."""
+    if (intact_since is None or manifest.state != "queued" or not manifest.photos
+            or manifest.lease_until is None):
+        return False
+    enqueued_at = manifest.lease_until - timedelta(seconds=queued_lease_s)
+    return enqueued_at < intact_since
+
+
+def work_due(svc: Services, manifest: ConceptManifest, intact_since: datetime | None,
+             now: datetime | None = None) -> bool:
+    """Whether the concept's work must be enqueued (again): its lease lapsed, or its queued
+    task was lost with the broker's data."""
+    return lease_lapsed(manifest, now) or message_lost(
+        manifest, intact_since, svc.settings.celery.queued_lease_s)
+
+
+def broker_intact_since(svc: Services) -> datetime | None:
+    """``svc.task_queue.intact_since()``, or None (leases alone decide) when the broker does
+    not answer: then nothing can be enqueued anyway, and the next look tells."""
+    try:
+        return svc.task_queue.intact_since()
+    except Unavailable:
+        return None
+
+
 def lease_from_now(seconds: float) -> datetime:
     return utcnow() + timedelta(seconds=seconds)
 
@@ -89,14 +150,16 @@ def release_lease(svc: Services, user_id: str, concept_id: str) -> None:
         log.warning("could not release the lease of %s/%s", user_id, concept_id, exc_info=True)
 
 
-def claim_and_enqueue(svc: Services, user_id: str, concept_id: str) -> str | None:
-    """If the concept's lease lapsed, take it (compare-and-set) and enqueue its task; returns
-    the queue, or None when there was nothing to do (or another reconciler took it)."""
+def claim_and_enqueue(svc: Services, user_id: str, concept_id: str,
+                      intact_since: datetime | None = None) -> str | None:
+    """If the concept's work is due (``work_due``), take its lease (compare-and-set) and
+    enqueue its task; returns the queue, or None when there was nothing to do (or another
+    reconciler took it)."""
     claimed = False
 
     def claim(m: ConceptManifest):
         nonlocal claimed
-        claimed = lease_lapsed(m)
+        claimed = work_due(svc, m, intact_since)
         if not claimed:
             return None
         return m.model_copy(update={"lease_until": lease_from_now(svc.settings.celery.queued_lease_s)})
@@ -112,12 +175,13 @@ def claim_and_enqueue(svc: Services, user_id: str, concept_id: str) -> str | Non
 
 
 def reconcile(svc: Services) -> list[tuple[str, str, str]]:
-    """One pass over every concept: enqueue those whose lease lapsed. Returns (user, concept,
-    queue) of each concept enqueued. A concept that cannot be handled (damaged manifest, any
-    error but an outage) is skipped and reported (``skipped``); the pass stops at the first
-    outage (Unavailable, or the store's or index's transient errors: the next pass tries
-    again)."""
+    """One pass over every concept: enqueue those whose work is due (lease lapsed, or task lost
+    with the broker's data). Returns (user, concept, queue) of each concept enqueued. A concept
+    that cannot be handled (damaged manifest, any error but an outage) is skipped and reported
+    (``skipped``); the pass stops at the first outage (Unavailable, or the store's or index's
+    transient errors: the next pass tries again)."""
     done = []
+    intact_since = broker_intact_since(svc)
     now = utcnow()
 
     def damaged(error: DamagedManifestError) -> None:
@@ -125,11 +189,12 @@ def reconcile(svc: Services) -> list[tuple[str, str, str]]:
 
     for user_id in svc.store.list_users():
         for manifest in svc.store.read_manifests(user_id, on_damaged=damaged):
-            if not lease_lapsed(manifest, now):
+            if not work_due(svc, manifest, intact_since, now):
                 continue
             concept_id = manifest.concept_id
+            lost = not lease_lapsed(manifest, now)
             try:
-                queue = claim_and_enqueue(svc, user_id, concept_id)
+                queue = claim_and_enqueue(svc, user_id, concept_id, intact_since)
             except (Unavailable, *transient_errors()):
                 raise
             except DamagedManifestError:  # damaged since the listing read it
@@ -139,8 +204,9 @@ def reconcile(svc: Services) -> list[tuple[str, str, str]]:
                 skipped(user_id, concept_id, "error", exc_info=True)
                 continue
             if queue is not None:
-                log.warning("concept %s/%s was %s with its lease lapsed; enqueued %s again",
-                            user_id, concept_id, manifest.state, queue)
+                log.warning("concept %s/%s was %s with %s; enqueued %s again", user_id,
+                            concept_id, manifest.state, "its task lost with the broker's data"
+                            if lost else "its lease lapsed", queue)
                 done.append((user_id, concept_id, queue))
     return done
 

@@ -16,6 +16,11 @@
 
 Tasks are idempotent by content, so enqueueing twice is harmless: callers enqueue whenever in
 doubt rather than risk a concept stuck in ``queued``.
+
+``intact_since()`` tells the reconciler (and ``add_photos``) whether a message published earlier
+can still be in the broker: the Celery adapter answers from a marker kept in the broker itself
+(why a marker, and not the broker's uptime or a look into its queues: the reconciler's module
+docstring).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,13 @@ class TaskQueue(ABC):
 
     @abstractmethod
     def enqueue_caching(self, user_id: str, concept_id: str) -> None: ...
+
+    def intact_since(self) -> datetime | None:
+        """Since when the broker's messages are intact: a message published before this time is
+        no longer in the broker (it restarted empty, was flushed, or another one took its place).
+        None when the queue cannot tell; then leases alone decide. Raises Unavailable when the
+        broker does not answer."""
+        return None
 
     def bind(self, handlers: Mapping[str, TaskHandler]) -> None:
         """Called once by the composition root with the handler of each task name; a queue

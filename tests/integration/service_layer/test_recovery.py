@@ -11,6 +11,10 @@ and a milvus-lite file (opened by one worker at a time).
   the concept becomes ready without another upload.
 * A caching worker SIGKILLed as a whole process group at the default lease, reconcile interval
   and visibility timeout (3600 s): a new worker makes the concept ready within 5 minutes.
+* Redis SIGKILLed right after an upload was answered OK and restarted empty (no persistence,
+  the worst case), every setting at its default (queued lease 600 s): the reconciler sees the
+  broker's data set is new and enqueues the lost task again, ready within 5 minutes of the
+  restart; without a reconciler, sending the same photos again puts the task back in the broker.
 
 Recovery times are printed (``-s``) and recorded in the issue's notes.
 """
@@ -241,3 +245,66 @@ def test_sigkilled_caching_worker_recovers_within_minutes_at_default_settings(en
     assert len(ids) == len(set(ids)) == 1 + len({(p.photo_id, p.box) for p in manifest.patches})
     assert set(_chunk_files(objects)) == set(ids)
     svc.close()
+
+
+def _kill_and_restart_empty(own_redis) -> None:
+    """SIGKILL the redis-server and start it again on its port, without persistence: every
+    queued message is gone."""
+    port = own_redis.port
+    own_redis.process.kill()
+    own_redis.process.wait(timeout=10)
+    own_redis.port = port
+    own_redis.start()
+
+
+def _queued_messages(own_redis, queue: str = "mining") -> int:
+    import redis
+
+    return redis.Redis.from_url(own_redis.url).llen(queue)
+
+
+def test_an_acknowledged_upload_survives_a_redis_restart_without_persistence(
+        env, ingestion, own_redis, tmp_path):
+    svc, address, token = ingestion
+    client = _client(address, token)
+    client.create_concept(CONCEPT, "Teapot", "kitchen", "blue teapot, red square")
+    client.upload_photos(CONCEPT, [_photo(0), _photo(1)])  # OK: the task is in the broker
+    assert _queued_messages(own_redis) == 1
+    _kill_and_restart_empty(own_redis)
+    back_at = time.monotonic()
+    assert _queued_messages(own_redis) == 0  # lost with the broker's data
+    waiting = client.get_concept(CONCEPT)
+    assert waiting.photo_count == 2  # queued, its 600 s lease still running
+    log = tmp_path / "worker.log"
+    worker = _start_worker(env, log)
+    try:
+        _wait_ready(svc, 2, 300, worker, log)
+    finally:
+        _stop(worker)
+    recovered = time.monotonic() - back_at
+    print(f"\nredis SIGKILLed after an acknowledged upload, restarted empty -> ready in "
+          f"{recovered:.1f}s at default settings (queued lease "
+          f"{svc.settings.celery.queued_lease_s:.0f}s)")
+    assert recovered < 300
+
+
+def test_sending_the_same_photos_after_a_redis_restart_enqueues_the_lost_task(env, own_redis):
+    """No reconciler and no worker here: the re-upload alone puts the task back."""
+    from personalkv.bootstrap import bootstrap
+    from personalkv.service_layer import concepts
+
+    svc = bootstrap(_settings(env))
+    try:
+        concepts.create_concept(svc, USER, CONCEPT, "Teapot", "kitchen", "blue teapot")
+        photos = [_photo(0), _photo(1)]
+        concepts.add_photos(svc, USER, CONCEPT, photos)
+        concepts.add_photos(svc, USER, CONCEPT, photos)  # its task is in the broker: nothing
+        assert _queued_messages(own_redis) == 1
+        _kill_and_restart_empty(own_redis)
+        assert _queued_messages(own_redis) == 0
+        concepts.add_photos(svc, USER, CONCEPT, photos)
+        assert _queued_messages(own_redis) == 1  # enqueued again
+        concepts.add_photos(svc, USER, CONCEPT, photos)
+        assert _queued_messages(own_redis) == 1  # and once only
+    finally:
+        svc.close()

@@ -183,3 +183,66 @@ def test_text_logs_of_a_process_carry_the_rpc_fields():
     (line,) = [ln for ln in out.stderr.splitlines() if "personalkv.rpc" in ln]
     assert line.endswith("INFO ingestion personalkv.rpc: rpc grpc_service=ingestion "
                          "method=AddPhotos code=OK duration_ms=3.25"), line
+
+
+@pytest.mark.slow
+def test_with_json_logs_a_celery_worker_writes_only_json(tmp_path, redis_server):
+    """`personalkv worker` (prefork, as deployed) with JSON logs, from start through a task to
+    a SIGTERM shutdown: no Celery banner, no shutdown notice written past logging; every line
+    on stdout and stderr is a JSON object."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import redis
+    from personalkv.celery_app import CeleryTaskQueue, make_celery
+    from personalkv.config import CelerySettings
+
+    broker = redis_server.rsplit("/", 1)[0] + "/11"
+    redis.Redis.from_url(broker).flushdb()
+    env = {**os.environ,
+           "PERSONALKV_SERVER_LOG_FORMAT": "json",
+           "PERSONALKV_CELERY_BROKER_URL": broker,
+           "PERSONALKV_CELERY_SOFT_SHUTDOWN_TIMEOUT_S": "0",
+           "PERSONALKV_STORAGE_URL": f"file://{tmp_path / 'objects'}",
+           "PERSONALKV_INDEX_URI": str(tmp_path / "milvus.db")}
+    (tmp_path / "objects").mkdir()
+    out_path = tmp_path / "worker.out"
+    with open(out_path, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "worker", "--queue", "mining",
+             "--concurrency", "1", "--loglevel", "INFO"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(text: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in out_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.2)
+
+    try:
+        wait_for("ready.")
+        # A task for a concept that does not exist: the task path's records, no model needed.
+        queue = CeleryTaskQueue(make_celery(CelerySettings(broker_url=broker)))
+        queue.enqueue_mining("alice", "nothing")
+        queue.close()
+        wait_for("succeeded")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+    lines = [line for line in out_path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not JSON: {line!r}\n" + "\n".join(lines))
+    messages = [r.get("msg", "") for r in records]
+    assert any(m.endswith("ready.") for m in messages), messages
+    assert any("shutdown" in m.lower() for m in messages), messages  # the notice, as a record

@@ -71,3 +71,34 @@ def test_enqueue_to_a_broker_that_never_answers_fails_within_the_publish_deadlin
         queue.close()
     finally:
         silent.close()
+
+
+def test_intact_since_is_kept_by_the_broker_and_moves_when_its_data_is_lost(redis_server):
+    """The broker epoch marker on a real redis-server: stable while the data lives, later once
+    the data is gone (FLUSHDB here; a restart without persistence in test_recovery.py);
+    Unavailable when the broker is down."""
+    from datetime import datetime, timedelta, timezone
+
+    import pytest
+    import redis
+    from personalkv.celery_app import CeleryTaskQueue, make_celery
+    from personalkv.config import CelerySettings
+    from personalkv.devstack.s3 import free_port
+
+    broker = redis_server.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(broker).flushdb()
+    queue = CeleryTaskQueue(make_celery(CelerySettings(broker_url=broker)))
+    slack = timedelta(seconds=1)  # the marker is this host's clock, read as a float
+    before = datetime.now(timezone.utc)
+    first = queue.intact_since()
+    assert before - slack <= first <= datetime.now(timezone.utc) + slack
+    queue.enqueue_mining("alice", "mug")
+    assert queue.intact_since() == first  # the data lives: same epoch
+    redis.Redis.from_url(broker).flushdb()  # the queued message and the marker are gone
+    assert queue.intact_since() > first
+    queue.close()
+
+    down = make_celery(CelerySettings(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
+    down.conf.broker_connection_timeout = 0.5
+    with pytest.raises(Unavailable):
+        CeleryTaskQueue(down).intact_since()

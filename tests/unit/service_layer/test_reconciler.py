@@ -93,3 +93,77 @@ def test_a_concept_without_photos_stays_queued(svc):
     pipeline.mine_concept(svc, "alice", "empty")  # a mining task that arrives anyway
     after = concepts.get_concept(svc, "alice", "empty")
     assert (after.state, after.chunks) == ("queued", [])
+
+
+# -- a broker that lost its data (issue 20, item 4) ----------------------------------------
+class _BrokerWithEpoch:
+    """The in-process queue, answering ``intact_since`` as a broker restarted at ``since``
+    would (the Celery adapter's answer on a real Redis: test_celery_app.py, test_recovery.py)."""
+
+    def __init__(self, svc, since):
+        from personalkv.service_layer.task_queue import InProcessTaskQueue
+
+        class Queue(InProcessTaskQueue):
+            enqueued: list = []
+
+            def intact_since(self):
+                if isinstance(since, Exception):
+                    raise since
+                return since
+
+            def enqueue_mining(self, user_id, concept_id):
+                Queue.enqueued.append(concept_id)
+
+        self.queue = Queue(synchronous=True)
+        svc.task_queue = self.queue
+
+
+def _queued_at(svc, photo_of, concept: str, enqueued_s_ago: float):
+    """A queued concept whose mining task was published `enqueued_s_ago` (its queued lease
+    taken then), still well within that lease."""
+    lease_s = svc.settings.celery.queued_lease_s
+    assert enqueued_s_ago < lease_s / 2
+    _stuck(svc, photo_of, concept, "queued", lapsed=False)
+    m = concepts.get_concept(svc, "alice", concept)
+    until = reconciler.utcnow() + timedelta(seconds=lease_s - enqueued_s_ago)
+    svc.store.write_manifest(m.model_copy(update={"lease_until": until}))
+
+
+def test_a_queued_task_published_before_the_broker_restarted_is_enqueued_again(svc, photo_of):
+    restarted = reconciler.utcnow() - timedelta(seconds=60)
+    broker = _BrokerWithEpoch(svc, restarted)
+    _queued_at(svc, photo_of, "lost", enqueued_s_ago=120)  # before the restart: lost
+    _queued_at(svc, photo_of, "kept", enqueued_s_ago=30)  # after it (+ clock skew): in the broker
+    assert not reconciler.lease_lapsed(concepts.get_concept(svc, "alice", "lost"))
+    assert reconciler.reconcile(svc) == [("alice", "lost", "mining")]
+    assert broker.queue.enqueued == ["lost"]
+    # Its new lease was taken after the restart: the next pass leaves it alone.
+    assert reconciler.reconcile(svc) == []
+    assert broker.queue.enqueued == ["lost"]
+
+
+def test_resending_the_same_photos_after_a_broker_restart_enqueues_the_lost_task(svc, photo_of):
+    broker = _BrokerWithEpoch(svc, reconciler.utcnow() - timedelta(seconds=60))
+    _queued_at(svc, photo_of, "lost", enqueued_s_ago=120)
+    _queued_at(svc, photo_of, "kept", enqueued_s_ago=30)
+    concepts.add_photos(svc, "alice", "kept", [photo_of(BLUE, 1)])  # its task is still there
+    assert broker.queue.enqueued == []
+    concepts.add_photos(svc, "alice", "lost", [photo_of(BLUE, 1)])
+    assert broker.queue.enqueued == ["lost"]
+    concepts.add_photos(svc, "alice", "lost", [photo_of(BLUE, 1)])  # enqueued now: in hand
+    assert broker.queue.enqueued == ["lost"]
+
+
+def test_when_the_broker_cannot_tell_the_leases_decide(svc, photo_of):
+    from personalkv.service_layer.errors import Unavailable
+
+    broker = _BrokerWithEpoch(svc, Unavailable("the task queue is not answering"))
+    _queued_at(svc, photo_of, "waiting", enqueued_s_ago=120)
+    assert reconciler.reconcile(svc) == []
+    concepts.add_photos(svc, "alice", "waiting", [photo_of(BLUE, 1)])
+    assert broker.queue.enqueued == []
+    # The broker answers again, restarted just now: the queued task is re-sent; a worker's
+    # mining lease is not a task waiting in the broker, so the epoch is no reason to re-send it.
+    _stuck(svc, photo_of, "busy", "mining", lapsed=False)
+    _BrokerWithEpoch(svc, reconciler.utcnow())
+    assert reconciler.reconcile(svc) == [("alice", "waiting", "mining")]
