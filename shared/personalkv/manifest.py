@@ -69,6 +69,10 @@ class PatchRecord(_Model):
         return box
 
 
+#: States in which a concept's background work is pending or running.
+IN_FLIGHT_STATES = ("queued", "mining", "caching")
+
+
 class ConceptManifest(_Model):
     """One concept: profile, photos, mined patches, chunks, lifecycle state."""
 
@@ -118,6 +122,12 @@ class ConceptManifest(_Model):
         if self.state == "failed" and not self.failure_reason:
             raise ValueError("state 'failed' needs a failure_reason")
         return self
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether background work on the concept is pending or running (queued, mining,
+        caching): what the work ledger (``ChunkStore.work_key``) lists."""
+        return self.state in IN_FLIGHT_STATES
 
     def object_keys(self) -> list[str]:
         """Every object this manifest names (photos, then chunks)."""

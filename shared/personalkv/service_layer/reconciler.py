@@ -51,9 +51,14 @@ alternatives, because the marker shares the fate of the queued messages and noth
   decide, as before.
 Every process must run with the same ``queued_lease_s`` (the publish time is read back from it).
 
-A pass lists every user's manifests: one LIST per user and a GET per concept. That is fine for
-thousands of concepts per interval; beyond that, keep a work ledger instead of scanning. One
-concept never stops a pass: a damaged manifest (or any error but an outage) on one concept is
+A pass reads only the concepts in flight: the store's work ledger (``ChunkStore.work_key``, one
+entry per concept in ``queued``/``mining``/``caching``, written before a manifest enters those
+states and removed after it leaves them) is one LIST, then one GET per entry, so a pass costs
+what is in flight, not the number of concepts (a test counts the reads: 10k ready concepts and
+10 in flight). A store from before the ledger gets one full scan (one LIST per user and a GET per
+concept) that builds it. A stale entry (a writer crashed between the manifest and the ledger)
+names an idle concept; it is removed once older than ``STALE_WORK_S``. One concept never stops
+a pass: a damaged manifest (or any error but an outage) on one concept is
 logged, counted in ``personalkv_reconciler_skipped_total{reason}`` and skipped; only
 ``Unavailable`` (the broker or the store is down) ends the pass.
 """
@@ -62,11 +67,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 from prometheus_client import Counter
 
-from personalkv.manifest import ConceptManifest
+from personalkv.manifest import IN_FLIGHT_STATES, ConceptManifest
 from personalkv.service_layer._common import transient_errors
 from personalkv.service_layer.errors import Unavailable
 from personalkv.service_layer.services import Services
@@ -74,7 +80,10 @@ from personalkv.storage.chunk_store import DamagedManifestError
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "mining", "caching")
+ACTIVE_STATES = IN_FLIGHT_STATES
+#: A ledger entry whose concept is idle is removed once this old (its writer publishes the
+#: manifest right after writing the entry; a younger one may be a concept entering flight).
+STALE_WORK_S = 120.0
 
 # Defined here, not in personalkv.observability (which reaches Celery, and the use cases must
 # not): it is in the same default registry, exported by every process's /metrics endpoint.
@@ -175,7 +184,7 @@ def claim_and_enqueue(svc: Services, user_id: str, concept_id: str,
 
 
 def reconcile(svc: Services) -> list[tuple[str, str, str]]:
-    """One pass over every concept: enqueue those whose work is due (lease lapsed, or task lost
+    """One pass over the concepts in flight: enqueue those whose work is due (lease lapsed, or task lost
     with the broker's data). Returns (user, concept, queue) of each concept enqueued. A concept
     that cannot be handled (damaged manifest, any error but an outage) is skipped and reported
     (``skipped``); the pass stops at the first outage (Unavailable, or the store's or index's
@@ -187,28 +196,54 @@ def reconcile(svc: Services) -> list[tuple[str, str, str]]:
     def damaged(error: DamagedManifestError) -> None:
         skipped(error.user_id, error.concept_id, "damaged_manifest")
 
-    for user_id in svc.store.list_users():
-        for manifest in svc.store.read_manifests(user_id, on_damaged=damaged):
-            if not work_due(svc, manifest, intact_since, now):
-                continue
-            concept_id = manifest.concept_id
-            lost = not lease_lapsed(manifest, now)
-            try:
-                queue = claim_and_enqueue(svc, user_id, concept_id, intact_since)
-            except (Unavailable, *transient_errors()):
-                raise
-            except DamagedManifestError:  # damaged since the listing read it
-                skipped(user_id, concept_id, "damaged_manifest")
-                continue
-            except Exception:
-                skipped(user_id, concept_id, "error", exc_info=True)
-                continue
-            if queue is not None:
-                log.warning("concept %s/%s was %s with %s; enqueued %s again", user_id,
-                            concept_id, manifest.state, "its task lost with the broker's data"
-                            if lost else "its lease lapsed", queue)
-                done.append((user_id, concept_id, queue))
+    for manifest in _in_flight(svc, now, damaged):
+        user_id = manifest.user_id
+        if not work_due(svc, manifest, intact_since, now):
+            continue
+        concept_id = manifest.concept_id
+        lost = not lease_lapsed(manifest, now)
+        try:
+            queue = claim_and_enqueue(svc, user_id, concept_id, intact_since)
+        except (Unavailable, *transient_errors()):
+            raise
+        except DamagedManifestError:  # damaged since the listing read it
+            skipped(user_id, concept_id, "damaged_manifest")
+            continue
+        except Exception:
+            skipped(user_id, concept_id, "error", exc_info=True)
+            continue
+        if queue is not None:
+            log.warning("concept %s/%s was %s with %s; enqueued %s again", user_id,
+                        concept_id, manifest.state, "its task lost with the broker's data"
+                        if lost else "its lease lapsed", queue)
+            done.append((user_id, concept_id, queue))
     return done
+
+
+def _in_flight(svc: Services, now: datetime, damaged) -> Iterator[ConceptManifest]:
+    """The manifests of the concepts in flight: from the work ledger, or (a store from before
+    it) from a full scan that builds it. Removes stale ledger entries on the way."""
+    store = svc.store
+    if not store.ledger_complete():
+        for user_id in store.list_users():
+            for manifest in store.read_manifests(user_id, on_damaged=damaged):
+                if manifest.in_flight:
+                    store.add_work(user_id, manifest.concept_id)
+                    yield manifest
+        store.mark_ledger_complete()
+        return
+    for user_id, concept_id in store.work_in_flight():
+        try:
+            manifest = store.read_manifest(user_id, concept_id)
+        except DamagedManifestError as error:
+            damaged(error)
+            continue
+        if manifest is not None and manifest.in_flight:
+            yield manifest
+            continue
+        written = store.work_entry_time(user_id, concept_id)
+        if written is None or (now - written).total_seconds() > STALE_WORK_S:
+            store.drop_work(user_id, concept_id)
 
 
 def skipped(user_id: str, concept_id: str, reason: str, exc_info: bool = False) -> None:

@@ -12,6 +12,7 @@ Layout in the underlying ObjectStore (every id validated before it becomes part 
     users/<user>/conversations/<id>.json     a conversation's record (conversation_record)
     users/<user>/conversations/<id>/<turn>.<ext>   the photo of a turn the model saw
     stamps/<user>                        changes whenever any of the user's manifests does
+    work/<user>/<concept>                the work ledger: one entry per concept in flight
 
 A concept exists exactly when its manifest exists. The manifest is written last, after every
 object it names (write_manifest checks they are there), and a put is atomic in every backend,
@@ -30,6 +31,14 @@ outside ``users/<user>/`` (no listing of the user's concepts sees it) and is del
 user's last concept and by ``delete_user``: a reader that finds none reads the manifests. It is
 written after every manifest write or delete that changes more than the work lease (renewals
 do not touch it), so a reader that sees a stamp sees at least the manifests written before it.
+
+The work ledger lets the reconciler find the concepts whose background work is pending or
+running (``ConceptManifest.in_flight``) without reading every manifest: its cost follows the work
+in flight, not the number of concepts. An entry is written *before* a manifest enters an
+in-flight state and deleted *after* it leaves them, so every in-flight manifest has one; a crash
+between the two leaves a stale entry (a ready concept listed), which the reconciler reads,
+finds idle and removes once it is older than a grace period. ``work/complete`` marks a store
+whose ledger was built (stores from before it get one full scan, ``ledger_complete``).
 
 A manifest that does not parse (truncated, edited by hand) raises `DamagedManifestError` for
 that concept alone: `read_manifests` (every listing of a user's concepts) reports and skips it
@@ -126,6 +135,10 @@ class ChunkStore:
     def stamp_key(cls, user_id: str) -> str:
         return f"stamps/{validate_user_id(user_id)}"
 
+    @staticmethod
+    def work_key(user_id: str, concept_id: str) -> str:
+        return f"work/{validate_user_id(user_id)}/{validate_concept_id(concept_id)}"
+
     @classmethod
     def chunk_key(cls, user_id: str, concept_id: str, chunk_id: str) -> str:
         chunk_id = validate_hex_digest(chunk_id, "chunk id")
@@ -210,11 +223,11 @@ class ChunkStore:
         check_objects, keys whose objects are not stored yet (MissingObjectsError): the
         manifest must be the last thing written.
         """
-        return self._publish(manifest, check_objects, _UNCONDITIONAL, stamp=True)
+        return self._publish(manifest, check_objects, _UNCONDITIONAL, stamp=True, was_in_flight=None)
 
     def create_manifest(self, manifest: ConceptManifest) -> ConceptManifest:
         """Publish a new concept's manifest; PreconditionFailed when the concept exists."""
-        return self._publish(manifest, True, None, stamp=True)
+        return self._publish(manifest, True, None, stamp=True, was_in_flight=False)
 
     def update_manifest(
         self, user_id: str, concept_id: str,
@@ -238,7 +251,8 @@ class ChunkStore:
             try:
                 # A change of the lease alone (renewals, claims) leaves the stamp as it is.
                 lease_only = wanted.model_copy(update={"lease_until": current.lease_until}) == current
-                return self._publish(wanted, check_objects, version, stamp=not lease_only)
+                return self._publish(wanted, check_objects, version, stamp=not lease_only,
+                                     was_in_flight=current.in_flight)
             except ObjectNotFound:  # deleted between our read and write
                 return None
 
@@ -253,7 +267,10 @@ class ChunkStore:
                                "in a row lost the race; giving up") from None
 
     def _publish(self, manifest: ConceptManifest, check_objects: bool, version, *,
-                 stamp: bool) -> ConceptManifest:
+                 stamp: bool, was_in_flight: bool | None) -> ConceptManifest:
+        """Write the manifest (compare-and-set against ``version`` unless unconditional), with
+        the work ledger around it (module doc); ``was_in_flight``: the state it replaces
+        (None: unknown)."""
         user, concept = manifest.user_id, manifest.concept_id
         photos, chunks = manifest.photos, manifest.chunks
         expected = [self.photo_key(user, concept, p.photo_id, p.media_type) for p in photos]
@@ -272,13 +289,54 @@ class ChunkStore:
                 )
         stored = manifest.model_copy(update={"updated_at": datetime.now(timezone.utc)})
         key = self.manifest_key(user, concept)
+        if stored.in_flight and was_in_flight is not True:  # before: never in flight unlisted
+            self._put_work(user, concept)
         if version is _UNCONDITIONAL:
             self.objects.put(key, stored.to_json(), "application/json")
         else:
             self.objects.put_if(key, stored.to_json(), version, "application/json")
+        if not stored.in_flight and was_in_flight is not False:  # after: it left the states
+            self.objects.delete(self.work_key(user, concept))
         if stamp:
             self._touch_stamp(user)
         return stored
+
+    # -- the work ledger ---------------------------------------------------------------------
+    def _put_work(self, user_id: str, concept_id: str) -> None:
+        self.objects.put(self.work_key(user_id, concept_id),
+                         datetime.now(timezone.utc).isoformat().encode(), "text/plain")
+
+    def work_in_flight(self) -> list[tuple[str, str]]:
+        """(user, concept) of every ledger entry: the concepts in flight, and stale entries."""
+        out = []
+        for key in self.objects.list("work/"):
+            parts = key.split("/")
+            if len(parts) == 3 and is_valid_id(parts[1]) and is_valid_id(parts[2]):
+                out.append((parts[1], parts[2]))
+        return out
+
+    def work_entry_time(self, user_id: str, concept_id: str) -> datetime | None:
+        """When the ledger entry was written (None: no entry, or unreadable)."""
+        try:
+            return datetime.fromisoformat(self.objects.get(self.work_key(user_id, concept_id)).decode())
+        except (ObjectNotFound, ValueError, UnicodeDecodeError):
+            return None
+
+    def drop_work(self, user_id: str, concept_id: str) -> None:
+        """Remove a stale ledger entry (the reconciler, for a concept found idle)."""
+        self.objects.delete(self.work_key(user_id, concept_id))
+
+    def ledger_complete(self) -> bool:
+        """Whether the ledger lists every in-flight concept (``mark_ledger_complete`` ran:
+        a store written before the ledger existed needs one full scan first)."""
+        return self.objects.exists("work/complete")
+
+    def mark_ledger_complete(self) -> None:
+        self.objects.put("work/complete", b"1", "text/plain")
+
+    def add_work(self, user_id: str, concept_id: str) -> None:
+        """List an in-flight concept found by a full scan (building the ledger)."""
+        self._put_work(user_id, concept_id)
 
     def read_manifest(self, user_id: str, concept_id: str) -> ConceptManifest | None:
         return self.read_manifest_versioned(user_id, concept_id)[0]
@@ -426,6 +484,7 @@ class ChunkStore:
         manifest_key = self.manifest_key(user_id, concept_id)
         self.objects.delete(manifest_key)  # first: the concept is gone for readers from here on
         removed = self.objects.delete_prefix(self.concept_prefix(user_id, concept_id))
+        self.objects.delete(self.work_key(user_id, concept_id))
         if self.list_concepts(user_id):
             self._touch_stamp(user_id)
         else:  # the user's last concept: nothing of theirs is left (no stamp reads as changed)
@@ -438,6 +497,7 @@ class ChunkStore:
         for concept_id in _valid_ids(self.objects.list_children(prefix + "concepts/")):
             self.objects.delete(self.manifest_key(user_id, concept_id))
         removed = self.objects.delete_prefix(prefix)
+        self.objects.delete_prefix(f"work/{validate_user_id(user_id)}/")
         self.objects.delete(self.stamp_key(user_id))  # last: readers re-read (no manifests) till then
         return removed
 

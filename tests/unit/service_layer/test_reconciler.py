@@ -167,3 +167,81 @@ def test_when_the_broker_cannot_tell_the_leases_decide(svc, photo_of):
     _stuck(svc, photo_of, "busy", "mining", lapsed=False)
     _BrokerWithEpoch(svc, reconciler.utcnow())
     assert reconciler.reconcile(svc) == [("alice", "waiting", "mining")]
+
+
+class _CountingStore:
+    """An object store that counts the calls that read (GET, LIST, HEAD), around the real one."""
+
+    READS = ("get", "get_versioned", "list", "list_children", "exists")
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name in self.READS:
+            def counted(*args, **kwargs):
+                self.reads += 1
+                result = attr(*args, **kwargs)
+                return list(result) if name.startswith("list") else result
+            return counted
+        return attr
+
+
+def test_a_pass_reads_what_is_in_flight_not_every_concept(service_settings, tiny):
+    """10k ready concepts, 10 in flight (live leases): after the first pass over a store from
+    before the ledger (a full scan that builds it), a pass costs 1 LIST + 1 GET per entry."""
+    from personalkv.bootstrap import bootstrap
+    from personalkv.manifest import ConceptManifest, ConceptProfile
+    from personalkv.storage.memory import InMemoryObjectStore
+
+    svc = bootstrap(service_settings, adapter=tiny("qwen2_vl"))
+    counting = _CountingStore(InMemoryObjectStore())
+    svc.store.objects = counting
+    try:
+        lease = reconciler.utcnow() + timedelta(seconds=600)
+        for i in range(10_010):
+            user, in_flight = f"u{i % 100}", i >= 10_000
+            svc.store.write_manifest(ConceptManifest(
+                user_id=user, concept_id=f"c{i}", profile=ConceptProfile(name=f"C{i}"),
+                state="queued" if in_flight else "ready",
+                lease_until=lease if in_flight else None), check_objects=False)
+        # a store from before the ledger: its entries and completion mark are not there yet
+        for key in list(counting.inner.list("work/")):
+            counting.inner.delete(key)
+        counting.reads = 0
+        assert reconciler.reconcile(svc) == []  # live leases: nothing due
+        assert counting.reads > 10_000  # the one full scan
+        counting.reads = 0
+        assert reconciler.reconcile(svc) == []
+        assert counting.reads <= 10 + 10, counting.reads
+        # a concept that finished leaves the ledger; one that starts joins it
+        done = svc.store.read_manifest("u0", "c10000")
+        svc.store.update_manifest("u0", "c10000", lambda m: m.model_copy(update={"state": "ready"}),
+                                  check_objects=False)
+        svc.store.update_manifest("u0", "c0", lambda m: m.model_copy(update={
+            "state": "mining", "lease_until": reconciler.utcnow() - timedelta(seconds=1)}),
+                                  check_objects=False)
+        assert ("u0", "c10000") not in svc.store.work_in_flight() and done is not None
+        counting.reads = 0
+        assert reconciler.reconcile(svc) == [("u0", "c0", "mining")]  # lapsed: enqueued again
+        assert counting.reads <= 10 + 10 + 2, counting.reads  # + the claim's read and CAS check
+    finally:
+        svc.close()
+
+
+def test_a_stale_ledger_entry_is_removed_once_old(svc):
+    from personalkv.manifest import ConceptManifest, ConceptProfile
+
+    svc.store.write_manifest(ConceptManifest(user_id="alice", concept_id="mug",
+                                             profile=ConceptProfile(name="Bobo"), state="ready"),
+                             check_objects=False)
+    svc.store.mark_ledger_complete()
+    svc.store.add_work("alice", "mug")  # as a writer that crashed between manifest and ledger
+    reconciler.reconcile(svc)
+    assert ("alice", "mug") in svc.store.work_in_flight()  # young: may be entering flight
+    svc.store.objects.put(svc.store.work_key("alice", "mug"), b"2020-01-01T00:00:00+00:00")
+    reconciler.reconcile(svc)
+    assert ("alice", "mug") not in svc.store.work_in_flight()
+    svc.store.delete_user("alice")
+    assert svc.store.work_in_flight() == []
