@@ -119,7 +119,7 @@ def test_query_ranks_by_the_questions_attention(tiny, photo):
     with torch.inference_mode():
         ctx = place_chunks(adapter, chunks)
         scores = _question_attention(adapter, ctx, question_segment(adapter))
-    layers = min(module.PROBE_LAYERS, adapter.num_layers)
+    layers = module.probe_layers(adapter)
     assert scores.shape == (sum(c.meta.token_count for c in chunks),)
     assert scores.min().item() >= 0 and 0 < scores.sum().item() <= layers + 1e-5
 
@@ -160,3 +160,51 @@ def test_query_needs_the_question(tiny, photo):
         ctx = place_chunks(adapter, chunks)
         with pytest.raises(ValueError, match="needs the question"):
             recompute(adapter, ctx, 0.2, "query")
+
+
+def _mean_kl_to_full_prefill(adapter, parts_list, questions, ratio, strategies):
+    from personalkv.evaluation.qa import kl_divergence
+
+    chunks = stored_chunks(adapter, parts_list)
+    kl = {s: 0.0 for s in strategies}
+    for question in questions:
+        _, segments = block_reference(adapter, parts_list, question)
+        full = adapter.reference_forward(segments, logits_to_keep=1)[-1]
+        for strategy in strategies:
+            placed = answer(adapter, chunks, question, options=GenerationOptions(
+                max_new_tokens=1, recompute_ratio=ratio, recompute_strategy=strategy))
+            kl[strategy] += kl_divergence(full, placed.first_logits) / len(questions)
+    return kl
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
+def test_query_brings_tiny_models_closer_to_the_full_prefill(tiny, photo, kind):
+    """Random weights: the question's attention means nothing there, so ``query`` is not expected
+    to beat ``deviation`` (measured: 1.2-1.8x its KL at r = 0.1-0.25); it must still beat reuse."""
+    adapter = tiny(kind)
+    kl = _mean_kl_to_full_prefill(adapter, evidence(adapter, photo), [QUESTION, "What does the mug say?"],
+                                  0.25, ["query"])
+    reuse = _mean_kl_to_full_prefill(adapter, evidence(adapter, photo), [QUESTION, "What does the mug say?"],
+                                     0.0, ["query"])
+    assert kl["query"] < 0.8 * reuse["query"]
+
+
+def test_query_beats_deviation_on_smollm2_at_3_chunks():
+    """KL(full prefill || placed) of the next-token distribution, mean over 4 questions, 3 chunks
+    at r = 0.15: measured 0.037 (query) vs 0.107 (deviation) and 0.110 (first); asserted with
+    room for float and library drift: query below 0.6x deviation."""
+    from personalkv.config import ModelSettings
+    from personalkv.models import load_adapter
+
+    adapter = load_adapter("smollm2", settings=ModelSettings())
+    texts = [
+        ["Bo is my dog, a shiba inu with an orange and white double coat, black eyes and a curled tail. "
+         "He wears a red collar.\n"],
+        ["Mam is my cat, a grey tabby with green eyes who sleeps on the blue sofa and hates water.\n"],
+        ["My mug is white with blue letters that say 'ok'; I bought it in Lisbon and drink green tea from it.\n"],
+    ]
+    questions = [f"{q}\nAnswer with the letter." for q in (
+        "What colour are Mam's eyes? A. Green B. Brown", "What breed is Bo? A. Corgi B. Shiba inu",
+        "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
+    kl = _mean_kl_to_full_prefill(adapter, texts, questions, 0.15, ["deviation", "query"])
+    assert kl["query"] < 0.6 * kl["deviation"], kl
