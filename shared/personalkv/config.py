@@ -64,11 +64,12 @@ class ModelSettings(BaseSettings):
         "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
         "(`personalkv eval qa`, docs/evaluation.md 'Profile QA').",
     )
-    recompute_strategy: Literal["deviation", "first"] = Field(
+    recompute_strategy: Literal["deviation", "first", "query"] = Field(
         "deviation",
         description="Which tokens to recompute: 'deviation' (CacheBlend-style: largest change of "
-        "layer-0 attention output once other chunks are visible) or 'first' (EPIC: the first "
-        "tokens of each chunk).",
+        "layer-0 attention output once other chunks are visible), 'first' (EPIC: the first "
+        "tokens of each chunk) or 'query' (the tokens the question attends to in a probe, plus "
+        "each chunk's first token; nothing on an exactly placed first chunk).",
     )
 
 

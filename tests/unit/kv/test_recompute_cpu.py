@@ -92,7 +92,8 @@ def test_query_takes_every_later_chunks_first_tokens_and_none_of_the_first_chunk
     with torch.inference_mode():
         ctx = place_chunks(adapter, chunks)
         before = cache_state(adapter, ctx)
-        selected = set(_select_query(adapter, ctx, question_segment(adapter), count).tolist())
+        embeds, positions = _chunk_inputs(adapter, ctx)
+        selected = set(_select_query(adapter, ctx, question_segment(adapter), embeds, positions, count).tolist())
         after = cache_state(adapter, ctx)
     spans = starts_and_lengths(chunks)
     assert len(selected) == count
@@ -177,21 +178,29 @@ def _mean_kl_to_full_prefill(adapter, parts_list, questions, ratio, strategies):
     return kl
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
-def test_query_brings_tiny_models_closer_to_the_full_prefill(tiny, photo, kind):
-    """Random weights: the question's attention means nothing there, so ``query`` is not expected
-    to beat ``deviation`` (measured: 1.2-1.8x its KL at r = 0.1-0.25); it must still beat reuse."""
+TINY_QUESTIONS = [QUESTION, "What does the mug say?", "What colour is the cat?", "Does the dog wear a collar?"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
+def test_query_on_tiny_models_is_at_least_as_close_to_the_full_prefill_as_deviation(tiny, photo, kind):
+    """Mean KL(full prefill || placed) over 4 questions at r = 0.25. Measured (query / deviation
+    x 1e-4): causal_lm 2.35 / 2.47, qwen2_vl 4.82 / 4.76, llava_onevision 7.21 / 7.19.
+    Random weights give the question's attention little meaning, so the margin is thin: query
+    below deviation on causal_lm, within 5 % of it on the VLMs, and well below pure reuse."""
     adapter = tiny(kind)
-    kl = _mean_kl_to_full_prefill(adapter, evidence(adapter, photo), [QUESTION, "What does the mug say?"],
-                                  0.25, ["query"])
-    reuse = _mean_kl_to_full_prefill(adapter, evidence(adapter, photo), [QUESTION, "What does the mug say?"],
-                                     0.0, ["query"])
-    assert kl["query"] < 0.8 * reuse["query"]
+    parts_list = evidence(adapter, photo)
+    kl = _mean_kl_to_full_prefill(adapter, parts_list, TINY_QUESTIONS, 0.25, ["deviation", "query"])
+    reuse = _mean_kl_to_full_prefill(adapter, parts_list, TINY_QUESTIONS, 0.0, ["query"])["query"]
+    assert kl["query"] < 0.8 * reuse
+    if kind == "causal_lm":
+        assert kl["query"] < kl["deviation"], kl
+    else:
+        assert kl["query"] < 1.05 * kl["deviation"], kl
 
 
 def test_query_beats_deviation_on_smollm2_at_3_chunks():
     """KL(full prefill || placed) of the next-token distribution, mean over 4 questions, 3 chunks
-    at r = 0.15: measured 0.037 (query) vs 0.107 (deviation) and 0.110 (first); asserted with
+    at r = 0.15: measured 0.052 (query) vs 0.107 (deviation) and 0.110 (first); asserted with
     room for float and library drift: query below 0.6x deviation."""
     from personalkv.config import ModelSettings
     from personalkv.models import load_adapter
