@@ -65,11 +65,12 @@ class ModelSettings(BaseSettings):
         "(`personalkv eval qa`, docs/evaluation.md 'Profile QA').",
     )
     recompute_strategy: Literal["deviation", "first", "query"] = Field(
-        "deviation",
-        description="Which tokens to recompute: 'deviation' (CacheBlend-style: largest change of "
-        "layer-0 attention output once other chunks are visible), 'first' (EPIC: the first "
-        "tokens of each chunk) or 'query' (the tokens the question attends to in a probe, plus "
-        "each chunk's first token; nothing on an exactly placed first chunk).",
+        "query",
+        description="Which tokens to recompute: 'query' (default: question attention in a probe "
+        "x deviation, plus each chunk's first token; nothing on an exactly placed first chunk; "
+        "lowest placed-vs-prompt KL at 3 and 10 chunks, docs/evaluation.md), 'deviation' "
+        "(CacheBlend-style: largest change of layer-0 attention output once other chunks are "
+        "visible) or 'first' (EPIC: the first tokens of each chunk).",
     )
 
 
