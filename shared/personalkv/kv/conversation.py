@@ -101,7 +101,7 @@ class ConversationKV:
                 placed = append_chunks(adapter, self.ctx, list(chunks))
             self.pending = []
             t1 = time.perf_counter()
-            recomputed = recompute(adapter, placed, options.recompute_ratio, options.recompute_strategy)
+            recomputed = recompute(adapter, placed, options.recompute_ratio, options.recompute_strategy, question=adapter.build_segment(adapter.question_parts(question)))
             t2 = time.perf_counter()
             photo = adapter.encode_image(image) if image is not None else None
             logits = prefill(adapter, self.ctx, adapter.build_segment(adapter.question_parts(question, photo)))
@@ -165,4 +165,4 @@ def append_chunks(adapter: ModelAdapter, ctx: PlacedContext, chunks: list[KVChun
     ctx.next_position = offsets[-1] + chunks[-1].meta.position_span
     ctx.placed += placed
     return PlacedContext(cache=ctx.cache, prefix_tokens=before, next_position=ctx.next_position,
-                         placed=placed)
+                         placed=placed, pending_recompute=ctx.pending_recompute)

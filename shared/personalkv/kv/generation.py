@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from personalkv.kv.placement import PlacedContext
+from personalkv.kv.recompute import run_with_pending_recompute
 from personalkv.models.base import ModelAdapter, Segment
 
 
@@ -32,9 +33,14 @@ class AnswerResult:
 
 
 def prefill(adapter: ModelAdapter, ctx: PlacedContext, segment: Segment) -> torch.Tensor:
-    """Feed a segment at ``ctx.next_position``; returns the last token's logits ``(vocab,)``."""
+    """Feed a segment at ``ctx.next_position``; returns the last token's logits ``(vocab,)``.
+    A selective recompute pending on ``ctx`` runs in the same forward (``kv.recompute``)."""
     positions, extent = adapter.segment_positions(segment, ctx.next_position)
-    hidden = adapter.run_decoder(adapter.embed(segment.token_ids, segment.image_embeds()), positions, ctx.cache)
+    embeds = adapter.embed(segment.token_ids, segment.image_embeds())
+    if ctx.pending_recompute:
+        hidden = run_with_pending_recompute(adapter, ctx, embeds, positions)
+    else:
+        hidden = adapter.run_decoder(embeds, positions, ctx.cache)
     ctx.next_position = extent
     return adapter.logits(hidden[:, -1:])[0, -1]
 

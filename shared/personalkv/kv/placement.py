@@ -36,6 +36,9 @@ class PlacedContext:
     prefix_tokens: int
     next_position: int  # first free position after the last chunk
     placed: list[PlacedChunk] = field(default_factory=list)
+    #: a selective recompute that runs fused with the next prefill (``kv.recompute``): at most
+    #: one entry; a list so that views of the same cache (``append_chunks``) share it
+    pending_recompute: list = field(default_factory=list)
 
     @property
     def kv_length(self) -> int:

