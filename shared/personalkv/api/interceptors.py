@@ -100,29 +100,44 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
     calls for a free thread of its pool, health included: with ``slots`` below the pool size,
     whatever the other RPCs wait on (a hung S3, a hung broker), health finds a thread."""
 
+    #: slots only calls without a request stream may take: a burst of uploads (request
+    #: streams) never leaves a read (GetConcept, ListConcepts, a unary Ask) refused "busy"
+    READ_RESERVE = 2
+
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._free = threading.BoundedSemaphore(slots)
+        self._streams = threading.BoundedSemaphore(max(1, slots - self.READ_RESERVE))
 
     @contextlib.contextmanager
-    def _admitted(self, method: str, context) -> Iterator[None]:
-        if not self._free.acquire(blocking=False):
-            request_id = new_request_id()
-            log.warning("rpc refused: all %d slots busy", self.slots,
-                        extra={"method": method, "code": "UNAVAILABLE", "request_id": request_id})
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"the server is busy; retry in a moment (request id {request_id})")
+    def _admitted(self, method: str, context, streaming: bool) -> Iterator[None]:
+        if streaming and not self._streams.acquire(blocking=False):
+            self._refuse(method, context)
         try:
-            yield
+            if not self._free.acquire(blocking=False):
+                self._refuse(method, context)
+            try:
+                yield
+            finally:
+                self._free.release()
         finally:
-            self._free.release()
+            if streaming:
+                self._streams.release()
+
+    def _refuse(self, method: str, context) -> None:
+        request_id = new_request_id()
+        log.warning("rpc refused: all %d slots busy", self.slots,
+                    extra={"method": method, "code": "UNAVAILABLE", "request_id": request_id})
+        context.abort(grpc.StatusCode.UNAVAILABLE,
+                      f"the server is busy; retry in a moment (request id {request_id})")
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        return wrap_handler(handler, lambda context: self._admitted(method, context))
+        streaming = bool(handler.request_streaming)
+        return wrap_handler(handler, lambda context: self._admitted(method, context, streaming))
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
