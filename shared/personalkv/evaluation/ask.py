@@ -212,6 +212,10 @@ def evaluate_ask(ds: Dataset, settings: Settings, *, half: int | None = None,
         out = {"dataset": str(ds.root), "half": half, "concepts": len(ds.concepts),
                **summarize(queries, ingest_s, photos), "recognizer_build_seconds": build_s,
                "concepts_reused": reused,
+               # the recognizer's stages (Recognition.seconds), mean per photo query
+               "recognizer_stage_seconds": {k: v / max(svc.recognizers.recognitions, 1)
+                                            for k, v in svc.recognizers.stage_seconds.items()}
+               if settings.retrieval.photo_reranker == "recognizer" else {},
                "settings": {"retrieval": settings.retrieval.model_dump(),
                             "mining": settings.mining.model_dump(), "model": settings.model.name},
                "rows": [{"kind": q.kind, "want": q.want, "label": q.label, "question": q.question,
