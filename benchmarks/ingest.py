@@ -14,7 +14,9 @@ Figures:
   given in this process's CPU seconds (``ingest_cpu_*``), which the neighbours barely move;
 * ``recognizer_build_seconds``: the answering process builds the user's recognizer once;
 * ``retrieve_photo_p50_s`` / ``_p95_s``: ``answering.retrieve`` ("What is this?" + a new photo
-  of one of the concepts), one at a time, over QUERIES queries; ``retrieve_photo_top1``.
+  of one of the concepts), one at a time, over QUERIES queries; ``retrieve_photo_top1``;
+  ``retrieve_photo_stages_p50_s``: the recognizer's stages per retrieve (RootSIFT of the query,
+  keypoint matching, window embeddings, scoring; ``Recognition.seconds``).
 
 PERSONALKV_BENCH_INGEST_CONCEPTS (30), PERSONALKV_BENCH_INGEST_PHOTOS (3),
 PERSONALKV_BENCH_INGEST_QUERIES (20). ~8 min on 2 busy cores.
@@ -94,13 +96,16 @@ def run() -> dict:
         t0 = time.perf_counter()
         svc.recognizers.state(USER)
         build = time.perf_counter() - t0
-        times, hits = [], 0
+        times, hits, stages = [], 0, {}
         for q in range(n_queries):
             i = q % n_concepts
             photo = _photo(rng, marks[i])
+            before = dict(svc.recognizers.stage_seconds)
             t = time.perf_counter()
             result = answering.retrieve(svc, USER, "What is this?", [photo])
             times.append(time.perf_counter() - t)
+            for stage, total in svc.recognizers.stage_seconds.items():
+                stages.setdefault(stage, []).append(total - before.get(stage, 0.0))
             hits += bool(result.concepts) and result.concepts[0].concept_id == f"c{i:02d}"
         first, last = per_photo[0], per_photo[-1]
         # the 1st concept also pays one-off warm-up (first forward passes): report the mean of
@@ -123,6 +128,7 @@ def run() -> dict:
             "retrieve_photo_p50_s": round(float(np.percentile(times, 50)), 3),
             "retrieve_photo_p95_s": round(float(np.percentile(times, 95)), 3),
             "retrieve_photo_top1": round(hits / max(n_queries, 1), 3),
+            "retrieve_photo_stages_p50_s": {k: round(float(np.median(v)), 3) for k, v in stages.items()},
             "ingest_seconds_per_photo": [round(v, 3) for v in per_photo],
             "ingest_cpu_seconds_per_photo": [round(v, 3) for v in cpu_per_photo],
         }

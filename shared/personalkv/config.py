@@ -486,6 +486,16 @@ class MiningSettings(BaseSettings):
         "subject", description="Library keypoints that count as recognition evidence: all, or "
         "only those in the mined subject region (not the shared home background).",
     )
+    window_scales: int = Field(
+        0, ge=0, le=2, description="EfficientNet window appearance: 0 embeds every window's "
+        "crop (one forward per window, ~60 per photo); 1 or 2 cut every window (RoIAlign) out of "
+        "that many whole-photo feature maps. Part of the stored descriptors' tag.",
+    )
+    window_split: int = Field(
+        16, ge=1, le=16, description="With window_scales > 0: the trunk block after which "
+        "windows are cut out of the photo's map; the later blocks run per window (16, all of "
+        "Lite0's: windows GeM-pooled from the final map, cheapest). Part of the descriptors' tag.",
+    )
     negative_pool: str = Field(
         "", description="Folder of generic photos used as the negative pool (optional; the "
         "user's other concepts are always negatives).",

@@ -16,7 +16,9 @@ evaluation data):
    * a question naming each concept, no photo: ``named_top1``;
    * two-concept queries: two concepts' test photos side by side ("What are these?") and a
      question naming two concepts; ``two_concept_recall`` is the share of those concepts
-     returned (``two_concept_both``: queries with both returned).
+     returned (``two_concept_both``: queries with both returned);
+   * three concepts' test photos side by side: ``three_concept_recall_photo`` (all three
+     returned).
    ``weighted`` = mean(positive_top1, negative_reject); ``seconds_per_query`` is the retrieve
    time of the photo queries (p50, p95), after the user's recognizer was built once
    (``recognizer_build_seconds``); ``ingest_seconds_per_photo`` is create + upload + mining +
@@ -46,6 +48,7 @@ from personalkv.images import decode
 USER = "eval"
 PHOTO_QUESTION = "What is this?"
 PAIR_PHOTO_QUESTION = "What are these two?"
+TRIPLE_PHOTO_QUESTION = "What are these three?"
 
 
 def named_question(name: str) -> str:
@@ -58,7 +61,7 @@ def pair_question(a: str, b: str) -> str:
 
 @dataclass
 class Query:
-    kind: str  # positive | negative | named | pair_photo | pair_text
+    kind: str  # positive | negative | named | pair_photo | pair_text | triple_photo
     want: tuple[str, ...]  # concepts that must be returned (first, for single ones)
     question: str
     photo: bytes | None = None
@@ -92,13 +95,15 @@ def ingest_concept(svc, user_id: str, concept: DatasetConcept) -> float:
     return time.perf_counter() - t0
 
 
-def side_by_side(a: Path, b: Path, height: int = 480) -> bytes:
-    """Two photos at one height, left and right, as PNG bytes (a two-concept question photo)."""
-    ims = [decode(p) for p in (a, b)]
+def side_by_side(*paths: Path, height: int = 480) -> bytes:
+    """Photos at one height, left to right, as PNG bytes (a two- or three-concept question photo)."""
+    ims = [decode(p) for p in paths]
     ims = [im.resize((max(1, round(im.width * height / im.height)), height)) for im in ims]
     out = Image.new("RGB", (sum(im.width for im in ims), height))
-    out.paste(ims[0], (0, 0))
-    out.paste(ims[1], (ims[0].width, 0))
+    x = 0
+    for im in ims:
+        out.paste(im, (x, 0))
+        x += im.width
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
@@ -127,6 +132,12 @@ def build_queries(ds: Dataset) -> list[Query]:
             pa, pb = a.test[0], b.test[-1]
             queries.append(Query("pair_photo", (a.concept_id, b.concept_id), PAIR_PHOTO_QUESTION,
                                  side_by_side(pa, pb), f"{pa.name} + {pb.name}"))
+    for i in range(n if n > 3 else n - 2):  # cyclic triples, each photo not used in its pairs
+        three = [ds.concepts[(i + j) % n] for j in range(3)]
+        if all(c.test for c in three):
+            shots = [c.test[len(c.test) // 2] for c in three]
+            queries.append(Query("triple_photo", tuple(c.concept_id for c in three), TRIPLE_PHOTO_QUESTION,
+                                 side_by_side(*shots), " + ".join(p.name for p in shots)))
     return queries
 
 
@@ -152,13 +163,14 @@ def summarize(queries: Sequence[Query], ingest_seconds: float, photos: int) -> d
         "two_concept_both": float(np.mean([q.hit for q in pairs])) if pairs else float("nan"),
         "two_concept_recall_photo": _rate(queries, "pair_photo"),
         "two_concept_recall_text": _rate(queries, "pair_text"),
+        "three_concept_recall_photo": _rate(queries, "triple_photo"),
         "seconds_per_query": {"p50": float(np.percentile(photo_s, 50)) if photo_s else float("nan"),
                               "p95": float(np.percentile(photo_s, 95)) if photo_s else float("nan")},
         "seconds_per_text_query": {"p50": float(np.percentile(text_s, 50)) if text_s else float("nan"),
                                    "p95": float(np.percentile(text_s, 95)) if text_s else float("nan")},
         "ingest_seconds_per_photo": ingest_seconds / photos if photos else float("nan"),
         "counts": {k: sum(q.kind == k for q in queries)
-                   for k in ("positive", "negative", "named", "pair_photo", "pair_text")},
+                   for k in ("positive", "negative", "named", "pair_photo", "pair_text", "triple_photo")},
     }
     parts = [v for v in (r["positive_top1"], r["negative_reject"]) if not np.isnan(v)]
     r["weighted"] = float(np.mean(parts)) if parts else float("nan")
@@ -212,6 +224,10 @@ def evaluate_ask(ds: Dataset, settings: Settings, *, half: int | None = None,
         out = {"dataset": str(ds.root), "half": half, "concepts": len(ds.concepts),
                **summarize(queries, ingest_s, photos), "recognizer_build_seconds": build_s,
                "concepts_reused": reused,
+               # the recognizer's stages (Recognition.seconds), mean per photo query
+               "recognizer_stage_seconds": {k: v / max(svc.recognizers.recognitions, 1)
+                                            for k, v in svc.recognizers.stage_seconds.items()}
+               if settings.retrieval.photo_reranker == "recognizer" else {},
                "settings": {"retrieval": settings.retrieval.model_dump(),
                             "mining": settings.mining.model_dump(), "model": settings.model.name},
                "rows": [{"kind": q.kind, "want": q.want, "label": q.label, "question": q.question,

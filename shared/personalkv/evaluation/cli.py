@@ -125,11 +125,15 @@ def format_ask_table(r: dict) -> str:
     q, t = r["seconds_per_query"], r["seconds_per_text_query"]
     lines = [f"Ask on {r['dataset']} ({r['concepts']} concepts{half}; {r['counts']})"]
     for key in ("positive_top1", "positive_top1_any", "negative_reject", "weighted",
-                "two_concept_recall", "two_concept_both", "named_top1"):
+                "two_concept_recall", "two_concept_both", "two_concept_recall_photo",
+                "three_concept_recall_photo", "named_top1"):
         lines.append(f"  {key:<26}{r[key]:.3f}")
     lines.append(f"  {'seconds_per_query':<26}p50 {q['p50']:.3f}  p95 {q['p95']:.3f} "
                  f"(text only: p50 {t['p50']:.3f})")
     lines.append(f"  {'ingest_seconds_per_photo':<26}{r['ingest_seconds_per_photo']:.2f}")
+    if r.get("recognizer_stage_seconds"):
+        stages = "  ".join(f"{k} {v:.3f}" for k, v in r["recognizer_stage_seconds"].items())
+        lines.append(f"  {'recognizer stages (mean s)':<26}{stages}")
     if r.get("misses_sheet"):
         lines.append(f"  misses: {r['misses_sheet']}")
     return "\n".join(lines)

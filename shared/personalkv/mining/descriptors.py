@@ -8,7 +8,8 @@ the photo and on a few settings, so they are stored content-addressed:
     users/<user>/concepts/<concept>/features/<photo id>.<tag>.npz
 
 ``photo id`` is the photo's content hash (user-scoped, see ``ChunkStore.put_photo``) and
-``tag`` hashes the settings that shape them (extractor, embedder, max side, format). Deleting
+``tag`` hashes the settings that shape them (extractor, embedder, max side, how windows are
+embedded: ``window_scales`` / ``window_split``, and ``FORMAT_VERSION``). Deleting
 the concept deletes them with its prefix; a settings change picks a new tag (old files are
 ignored). The mining job of a new concept reads the user's other photos' descriptors instead of
 re-describing them, and the answering process builds each user's recognizer from them
@@ -35,6 +36,9 @@ from personalkv.storage.chunk_store import ChunkStore
 
 log = logging.getLogger(__name__)
 
+#: The stored format. Pooled window appearance (issue 23, ``window_scales`` > 0) adds the
+#: window settings to the tag; window crops (the default) keep the tag they always had, so an
+#: upgrade does not describe every photo again for the same descriptors.
 FORMAT_VERSION = 1
 
 #: (shape (h, w), local features, candidate boxes, window appearance): PhotoLibrary's cache value
@@ -43,6 +47,8 @@ Described = tuple
 
 def descriptor_tag(settings: MiningSettings) -> str:
     what = f"v{FORMAT_VERSION}|{settings.extractor}|{settings.embedder}|{settings.max_side}"
+    if settings.window_scales:  # pooled windows: other appearance vectors, another tag
+        what += f"|w{settings.window_scales}.{settings.window_split}"
     return hashlib.sha256(what.encode()).hexdigest()[:12]
 
 

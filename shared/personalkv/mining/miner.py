@@ -61,7 +61,8 @@ def build_library(settings: MiningSettings, concepts: Mapping[str, Sequence[np.n
     ``progress`` receives a line per concept described (describing is the slow part).
     ``adapter``: the process's model adapter (or a callable returning it), for the ``vlm``
     embedder only."""
-    library = PhotoLibrary(get_local_extractor(settings.extractor), get_patch_embedder(settings.embedder, adapter),
+    library = PhotoLibrary(get_local_extractor(settings.extractor), get_patch_embedder(settings.embedder, adapter, settings.window_scales,
+                                                               settings.window_split),
                            ratio=settings.ratio, ransac_px=settings.ransac_px,
                            min_inliers=settings.min_inliers, cache=cache)
     for i, (cid, photos) in enumerate(concepts.items()):

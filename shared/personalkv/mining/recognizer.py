@@ -19,6 +19,7 @@ features shared with the pool or with other concepts vote for nobody; RANSAC sim
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -43,6 +44,9 @@ class Recognition:
     keypoint_all: dict[str, float] | None = None
     keypoint_subject: dict[str, float] | None = None
     appearance_raw: dict[str, float] | None = None
+    #: wall seconds per stage: keypoints (RootSIFT of the query), matching (index + RANSAC),
+    #: windows (proposals + their embeddings), scoring
+    seconds: dict[str, float] | None = None
 
     @property
     def concept(self) -> str | None:
@@ -107,7 +111,9 @@ class ConceptRecognizer:
 
     def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None) -> Recognition:
         lib = self.library
+        t0 = time.perf_counter()
         query = lib.extractor.extract(image)
+        t1 = time.perf_counter()
         inliers: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
         subject: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
         for m in lib.match(query):
@@ -115,8 +121,10 @@ class ConceptRecognizer:
                 inliers[lib.concept_ids[m.owner]].append(m.inliers)
                 mask = self._subject.get(m.photo)
                 subject[lib.concept_ids[m.owner]].append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
+        t2 = time.perf_counter()
         boxes = propose_boxes(image.shape, lib.embedder.window_fractions)
         windows = lib.embedder.embed_boxes(image, boxes)
+        t3 = time.perf_counter()
         kp, app, fused, kp_all, kp_subj, app_raw = {}, {}, {}, {}, {}, {}
         for cid in candidates if candidates is not None else lib.concept_ids:
             kp_all[cid] = float(np.log1p(sum(sorted(inliers.get(cid, []))[-2:])))
@@ -132,7 +140,9 @@ class ConceptRecognizer:
             fused[cid] = kp[cid] + self.settings.appearance_weight * app[cid]
         best = max(fused, key=fused.get) if fused else None
         accepted = best is not None and fused[best] >= self.settings.threshold
-        return Recognition(fused, best, accepted, kp, app, kp_all, kp_subj, app_raw)
+        seconds = {"keypoints": t1 - t0, "matching": t2 - t1, "windows": t3 - t2,
+                   "scoring": time.perf_counter() - t3}
+        return Recognition(fused, best, accepted, kp, app, kp_all, kp_subj, app_raw, seconds)
 
     def calibrated(self, score: float, at_threshold: float = 0.5) -> float:
         """Fused score -> [0, 1] (logistic, slope 2 per score unit), ``at_threshold`` at the

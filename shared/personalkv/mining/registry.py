@@ -23,14 +23,17 @@ _PRIORS: dict[str, Callable[[], SubjectPrior]] = {
 }
 
 
-def _efficientnet(variant: str) -> Callable[[], PatchEmbedder]:
-    def make() -> PatchEmbedder:
+def _efficientnet(variant: str) -> Callable[..., PatchEmbedder]:
+    def make(window_scales: int = 0, window_split: int = 16) -> PatchEmbedder:
         from personalkv.mining.efficientnet import EfficientNetLiteEmbedder  # torch loads lazily
 
-        return EfficientNetLiteEmbedder(variant)
+        return EfficientNetLiteEmbedder(variant, window_scales=window_scales, window_split=window_split)
 
     return make
 
+
+#: CNN embedders that can pool windows from whole-photo feature maps (``window_scales``)
+_POOLING = {"efficientnet-lite0", "efficientnet-lite2"}
 
 _EMBEDDERS: dict[str, Callable[[], PatchEmbedder]] = {
     "colour": ColourEmbedder,
@@ -67,10 +70,15 @@ def get_subject_prior(name: str) -> SubjectPrior:
     return _build(_PRIORS, "subject prior", name)
 
 
-def get_patch_embedder(name: str, adapter=None) -> PatchEmbedder:
+def get_patch_embedder(name: str, adapter=None, window_scales: int = 0, window_split: int = 16) -> PatchEmbedder:
     """A registered name, ``clip:<hub id or path>`` for a CLIP / SigLIP checkpoint, or ``vlm``:
     the answering model's own vision tower, i.e. ``adapter`` (the process's one model adapter,
-    or a callable returning it, from ``personalkv.bootstrap``; never loaded here)."""
+    or a callable returning it, from ``personalkv.bootstrap``; never loaded here).
+    ``window_scales`` / ``window_split`` (``MiningSettings``): the EfficientNet embedders cut
+    windows out of that many whole-photo feature maps after that block (0 scales: one forward
+    per window crop); other embedders ignore them."""
+    if name in _POOLING:
+        return _EMBEDDERS[name](window_scales, window_split)
     if name == "vlm":
         if adapter is None:
             raise ValueError("the 'vlm' patch embedder is the answering model's vision tower: "

@@ -112,6 +112,10 @@ class ServedRecognizers:
         self._lock = threading.Lock()
         self._pool_memo: dict = {}  # generic negative pool (path -> described), shared by users
         self.builds = 0  # recognizers built (tests, metrics)
+        #: recognitions served and their summed seconds per stage (``Recognition.seconds``;
+        #: the ingest benchmark reports them per retrieve)
+        self.recognitions = 0
+        self.stage_seconds: dict[str, float] = {}
 
     def _manifests(self, user_id: str) -> list[ConceptManifest]:
         # answerable concepts only: cached at least once, with mined photos (a damaged
@@ -183,4 +187,8 @@ class ServedRecognizers:
         rgb = pixels(upright(image), self.settings.max_side)
         with state.lock:  # FLANN's matcher is not documented thread-safe
             result = rec.recognize(rgb, known)
+        with self._lock:
+            self.recognitions += 1
+            for stage, seconds in (result.seconds or {}).items():
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         return {c: rec.calibrated(v, self.accept_at) for c, v in result.scores.items()}

@@ -47,6 +47,7 @@ def test_queries_cover_every_photo_name_and_pair(dataset):
     kinds = [q.kind for q in build_queries(ds)]
     assert kinds.count("positive") == 3 and kinds.count("negative") == 3 and kinds.count("named") == 3
     assert kinds.count("pair_photo") == 3 and kinds.count("pair_text") == 3  # cyclic pairs
+    assert kinds.count("triple_photo") == 1  # 3 concepts: one triple
     pair = side_by_side(ds.concepts[0].test[0], ds.concepts[1].test[0], height=100)
     with Image.open(__import__("io").BytesIO(pair)) as im:
         assert im.height == 100 and im.width == 2 * round(320 * 100 / 240)
@@ -64,17 +65,19 @@ def test_eval_ask_ingests_through_the_service_and_scores_ask(dataset, tiny, tmp_
     r = evaluate_ask(load_dataset(dataset), settings, sheet=tmp_path / "misses.png",
                      log=lines.append, adapter=tiny("qwen2_vl"))
     assert [l.split(" (")[0] for l in lines[:3]] == ["ingested alpha", "ingested beta", "ingested gamma"]
-    assert r["counts"] == {"positive": 3, "negative": 3, "named": 3, "pair_photo": 3, "pair_text": 3}
+    assert r["counts"] == {"positive": 3, "negative": 3, "named": 3, "pair_photo": 3, "pair_text": 3,
+                           "triple_photo": 1}
     # Distinct 96 px marks with 2 train photos each: every test photo is recognised (the
     # recognizer finds the mark's keypoints) and a named question finds its concept by name.
     assert r["positive_top1_any"] == 1.0 and r["positive_top1"] >= 2 / 3
     assert r["named_top1"] == 1.0
-    for key in ("negative_reject", "weighted", "two_concept_recall", "two_concept_both"):
+    for key in ("negative_reject", "weighted", "two_concept_recall", "two_concept_both",
+                "three_concept_recall_photo"):
         assert 0.0 <= r[key] <= 1.0
     assert r["two_concept_recall_text"] == 1.0  # both names in the question: both returned
     assert 0 < r["seconds_per_query"]["p50"] <= r["seconds_per_query"]["p95"] < 120
     assert r["ingest_seconds_per_photo"] > 0
-    assert len(r["rows"]) == 15 and all("returned" in row for row in r["rows"])
+    assert len(r["rows"]) == 16 and all("returned" in row for row in r["rows"])
     assert (tmp_path / "misses.png").exists() == (r["misses_sheet"] is not None)
     assert "weighted" in format_table(r)
 

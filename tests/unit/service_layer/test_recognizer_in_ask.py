@@ -97,3 +97,34 @@ def test_the_miner_uses_the_process_adapter_and_its_notes_reach_the_manifest(svc
     # the tiny model's description fails the profile schema: facts, and the notes say so
     assert m.mining_notes["profile_source"] == m.profile.source == "user_facts"
     assert svc.is_built("adapter")  # the pipeline handed the miner this process's adapter
+
+
+def test_descriptors_of_another_version_are_described_again_not_mixed(svc, monkeypatch):
+    from personalkv.mining import descriptors as descriptors_module
+    from personalkv.mining.descriptors import DescriptorStore, descriptor_tag
+    from personalkv.mining.served import ServedRecognizers
+
+    m = _ingest(svc, 0)
+    shipped = svc.settings.mining
+    stored = _features(svc, "alice", "thing0")
+    assert len(stored) == 2 and all(f".{descriptor_tag(shipped)}." in k for k in stored)
+    # the window appearance (crops vs pooled) and the format version are part of the tag
+    other_way = 1 if shipped.window_scales == 0 else 0  # crops <-> windows from the photo's map
+    crops = shipped.model_copy(update={"window_scales": other_way})
+    assert descriptor_tag(crops) != descriptor_tag(shipped)
+    split = shipped.model_copy(update={"window_scales": 1, "window_split": 8})
+    assert descriptor_tag(split) != descriptor_tag(split.model_copy(update={"window_split": 16}))
+    with monkeypatch.context() as mp:
+        mp.setattr(descriptors_module, "FORMAT_VERSION", descriptors_module.FORMAT_VERSION - 1)
+        assert descriptor_tag(shipped) not in stored[0]
+
+    other = DescriptorStore(svc.store.objects, crops)
+    assert all(other.get("alice", "thing0", p.photo_id) is None for p in m.photos)  # never read
+    served = ServedRecognizers(svc.store, other, crops)
+    library = served.state("alice").recognizer.library
+    # described again under their own tag, beside (not over) the other version's files
+    now = _features(svc, "alice", "thing0")
+    assert len(now) == 4 and set(stored) < set(now)
+    again = served._build("alice", served._manifests("alice"), "v", {})  # a fresh process
+    fresh = {p.photo_id: p.appearance for p in library.photos}
+    assert all(np.array_equal(fresh[p.photo_id], p.appearance) for p in again.recognizer.library.photos)
