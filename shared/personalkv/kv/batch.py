@@ -12,8 +12,9 @@ Why padded rows and not a paged layout: the model runs through transformers' dec
 (the same code that placement, recompute and the exactness tests use), which take a dense cache
 and a mask; a paged layout would need our own attention kernels for every supported
 architecture. The price is a re-layout (one copy of the rows' KV) when the batch's membership
-changes, about what one decode step already copies (the dense cache grows by concatenation),
-and only between steps in which a request joined or left.
+changes, and only between steps in which a request joined or left; between re-layouts the
+padded cache grows in place (``HEADROOM`` preallocated columns), so a step writes one column
+per layer rather than copying every row's KV as a concatenating cache would.
 
 Exactness: a batch of one (no padding) calls the decoder with no mask, which is the arithmetic
 of the solo decode loop (``kv.generation.decode``); a padded row differs from its solo run only
@@ -30,6 +31,11 @@ import torch
 from personalkv.kv.masks import additive_mask
 from personalkv.kv.placement import PlacedContext
 from personalkv.models.base import ModelAdapter
+
+
+#: tokens per row the padded cache has room for before it grows (by doubling): appending a
+#: decoded token then writes one column instead of copying every row's KV
+HEADROOM = 128
 
 
 @dataclass(eq=False)
@@ -130,7 +136,7 @@ class DecodeBatch:
                 keys[i, :, width - k.shape[1]:] = k
                 values[i, :, width - v.shape[1]:] = v
             kv.append((keys, values))
-        self._cache = adapter.new_cache(kv)
+        self._cache = adapter.new_cache(kv, headroom=HEADROOM)
         for row in rows:  # a joined row's own copy is stale from now on: free it
             if id(row) not in old:
                 for layer in range(adapter.num_layers):

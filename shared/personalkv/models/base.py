@@ -396,15 +396,23 @@ class ModelAdapter(ABC):
         return self.logits(out.last_hidden_state[:, -1])
 
     # --- KV cache: the only place that touches transformers' cache classes ----------------
-    def new_cache(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def new_cache(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+                  headroom: int = 0):
         """A request-owned cache, optionally holding ``kv`` per layer (adopted, not copied:
-        the caller hands over tensors it will not touch again)."""
+        the caller hands over tensors it will not touch again). ``headroom``: the cache grows
+        in place into preallocated room for that many more tokens per row (doubling when it
+        runs out) instead of concatenating on every token: what a decode batch uses, whose
+        cache is rows x tokens wide."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        for layer, (keys, values) in zip(cache.layers, kv or ()):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+        for i, (keys, values) in enumerate(kv or ()):
+            if headroom:
+                cache.layers[i] = _growing_layer(keys, values, headroom)
+            else:
+                layer = cache.layers[i]
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
         return cache
 
     @staticmethod
@@ -462,3 +470,41 @@ class ModelAdapter(ABC):
         with torch.inference_mode():
             out = self.model(**self.reference_inputs(segments), logits_to_keep=logits_to_keep, use_cache=False)
         return out.logits[0].float()
+
+
+def _growing_layer(keys: torch.Tensor, values: torch.Tensor, headroom: int):
+    """A transformers cache layer whose keys and values are views into buffers with room to
+    grow: appending a token writes one column instead of copying the whole layer."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def __init__(self):
+            super().__init__()
+            self._length = keys.shape[-2]
+            self._k = keys.new_empty(*keys.shape[:-2], self._length + headroom, keys.shape[-1])
+            self._v = values.new_empty(*values.shape[:-2], self._length + headroom, values.shape[-1])
+            self._k[..., :self._length, :] = keys
+            self._v[..., :self._length, :] = values
+            self.lazy_initialization(keys, values)
+            self._publish()
+
+        def _publish(self):
+            self.keys = self._k[..., :self._length, :]
+            self.values = self._v[..., :self._length, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if self._length + n > self._k.shape[-2]:
+                room = max(2 * self._k.shape[-2], self._length + n)
+                for name in ("_k", "_v"):
+                    old = getattr(self, name)
+                    grown = old.new_empty(*old.shape[:-2], room, old.shape[-1])
+                    grown[..., :self._length, :] = old[..., :self._length, :]
+                    setattr(self, name, grown)
+            self._k[..., self._length:self._length + n, :] = key_states
+            self._v[..., self._length:self._length + n, :] = value_states
+            self._length += n
+            self._publish()
+            return self.keys, self.values
+
+    return GrowingLayer()
