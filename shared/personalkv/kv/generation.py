@@ -58,21 +58,35 @@ def sample_token(logits: torch.Tensor, options: GenerationOptions, generator: to
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def request_generator(options: GenerationOptions) -> torch.Generator | None:
+    """The request's own RNG (None when greedy or unseeded): a seeded answer is reproducible,
+    alone or in a batch."""
+    return torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+
+
+def take_token(adapter: ModelAdapter, tokens: list[int], token: int, options: GenerationOptions,
+               on_token=None) -> bool:
+    """Decoding's rule for the next chosen token: an EOS ends the answer and is not kept;
+    otherwise it is appended to ``tokens`` and streamed to ``on_token``. Returns whether the
+    answer goes on (then the token is fed to the model): not once ``max_new_tokens`` are kept,
+    so the last token is never fed (a conversation feeds it at its next turn)."""
+    if token in adapter.eos_token_ids:
+        return False
+    tokens.append(token)
+    if on_token is not None:
+        on_token(token)
+    return len(tokens) < options.max_new_tokens
+
+
 def decode(
     adapter: ModelAdapter, ctx: PlacedContext, first_logits: torch.Tensor, options: GenerationOptions, on_token=None
 ) -> list[int]:
     """Generate up to ``max_new_tokens``; each token gets the next explicit position."""
-    generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+    generator = request_generator(options)
     tokens: list[int] = []
+    if options.max_new_tokens < 1:
+        return tokens
     logits = first_logits
-    for _ in range(options.max_new_tokens):
-        token = sample_token(logits, options, generator)
-        if token in adapter.eos_token_ids:
-            break
-        tokens.append(token)
-        if on_token is not None:
-            on_token(token)
-        if len(tokens) == options.max_new_tokens:
-            break
-        logits = prefill(adapter, ctx, Segment(token_ids=torch.tensor([token])))
+    while take_token(adapter, tokens, sample_token(logits, options, generator), options, on_token):
+        logits = prefill(adapter, ctx, Segment(token_ids=torch.tensor([tokens[-1]])))
     return tokens

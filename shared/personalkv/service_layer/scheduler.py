@@ -50,7 +50,9 @@ from PIL import Image
 from personalkv.kv.batch import BatchRow, DecodeBatch
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
-from personalkv.kv.generation import AnswerResult, GenerationOptions, sample_token
+from personalkv.kv.generation import (
+    AnswerResult, GenerationOptions, request_generator, sample_token, take_token,
+)
 from personalkv.models.base import ModelAdapter
 from personalkv.service_layer.errors import CallEnded, DeadlineExceeded, ResourceExhausted, Unavailable
 
@@ -294,9 +296,7 @@ class BatchScheduler:
             return self._finish(job, error=exc)
         self._prefill_s = 0.8 * self._prefill_s + 0.2 * (time.monotonic() - now) if self._prefill_s \
             else time.monotonic() - now
-        options = job.options
-        generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-        running = _Running(job, started, [], generator, time.perf_counter())
+        running = _Running(job, started, [], request_generator(job.options), time.perf_counter())
         if self._advance(adapter, running, started.logits):
             running.row = batch.join(job.state.ctx, running.tokens[-1])
             with self._cond:
@@ -305,11 +305,10 @@ class BatchScheduler:
             self._close(batch, running)
 
     def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> None:
-        rows = [r for r in self._running]
-        for r in rows:  # cancelled or expired calls leave before the forward
+        for r in list(self._running):  # cancelled or expired calls leave before the forward
             if r.job.cancelled() or (r.job.deadline is not None and time.monotonic() >= r.job.deadline):
                 self._drop(batch, r, CallEnded("the call ended during generation"))
-        rows = [r for r in self._running]
+        rows = list(self._running)
         if not rows:
             return
         with torch.inference_mode():
@@ -330,20 +329,14 @@ class BatchScheduler:
         the next step)."""
         if token is None:
             token = sample_token(logits, r.job.options, r.generator)
-        if token in adapter.eos_token_ids:
+        try:
+            goes_on = take_token(adapter, r.tokens, token, r.job.options, r.job.on_token)
+        except BaseException as exc:  # the caller stopped listening (its on_token raised)
+            r.job.error = exc
             return False
-        r.tokens.append(token)
-        if r.job.on_token is not None:
-            try:
-                r.job.on_token(token)
-            except BaseException as exc:  # the caller stopped listening
-                r.job.error = exc
-                return False
-        if len(r.tokens) == r.job.options.max_new_tokens:
-            return False
-        if r.row is not None:
+        if goes_on and r.row is not None:
             r.row.next_token = token
-        return True
+        return goes_on
 
     def _close(self, batch: DecodeBatch, r: _Running) -> None:
         """``r`` stopped (EOS, max_new_tokens, or its caller gone): leave the batch, end the turn."""
