@@ -73,19 +73,31 @@ def _ttft(result) -> float:
     return t.retrieve + t.load + t.place + t.recompute + t.prefill + t.rebuild
 
 
-def run() -> dict:
+def ingest_concepts(svc, user: str = USER) -> None:
+    """The user's 3 concepts (``CONCEPTS``: text facts and one drawn photo each), through the
+    use cases; every one READY (also the serving benchmark's library)."""
     from benchmarks.ingest import _marks, _photo
+    from personalkv.service_layer import concepts
+
+    rng = np.random.default_rng(0)
+    marks = _marks(len(CONCEPTS), rng)
+    for i, (cid, name, category, info) in enumerate(CONCEPTS):
+        concepts.create_concept(svc, user, cid, name, category, info)
+        concepts.add_photos(svc, user, cid, [_photo(rng, marks[i])])
+        m = concepts.get_concept(svc, user, cid)
+        assert m.state == "ready", (m.state, m.failure_reason)
+
+
+def run() -> dict:
     from personalkv.bootstrap import bootstrap
     from personalkv.config import get_settings
     from personalkv.models import load_adapter
-    from personalkv.service_layer import answering, concepts
+    from personalkv.service_layer import answering
     from personalkv.service_layer.answering import AskOptions
 
     settings = get_settings()
     turns = settings.bench.conversation_turns
     questions = QUESTIONS[:turns]
-    rng = np.random.default_rng(0)
-    marks = _marks(len(CONCEPTS), rng)
     work = tempfile.mkdtemp(prefix="pkv-bench-conversation-")
     settings = settings.model_copy(update={
         "service": settings.service.model_copy(update={"data_dir": work, "max_question_chars": 20_000}),
@@ -95,11 +107,7 @@ def run() -> dict:
     # the single-turn baseline's TTFT does not depend on how long it goes on: one token is enough
     first_token = AskOptions(top_k=3, max_new_tokens=1, temperature=0.0)
     try:
-        for i, (cid, name, category, info) in enumerate(CONCEPTS):
-            concepts.create_concept(svc, USER, cid, name, category, info)
-            concepts.add_photos(svc, USER, cid, [_photo(rng, marks[i])])
-            m = concepts.get_concept(svc, USER, cid)
-            assert m.state == "ready", (m.state, m.failure_reason)
+        ingest_concepts(svc)
         _log("3 concepts ready")
         # warm-up (first forward passes, encoders), outside the timings
         answering.ask(svc, USER, "What do you know about Biscuit?", [], AskOptions(top_k=3, max_new_tokens=2))

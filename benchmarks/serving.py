@@ -290,27 +290,19 @@ def _ingest_in_child(work: str) -> None:
 
 def _ingest(work: str) -> None:
     """The user's 3 concepts, through the use cases (embedded, inline tasks)."""
-    from benchmarks.conversation import CONCEPTS
-    from benchmarks.ingest import _marks, _photo
+    from benchmarks.conversation import ingest_concepts
     from personalkv.bootstrap import bootstrap
     from personalkv.config import get_settings
     from personalkv.models import load_adapter
-    from personalkv.service_layer import concepts
 
     settings = get_settings()
     settings = settings.model_copy(update={
         "service": settings.service.model_copy(update={"data_dir": work}),
         "model": settings.model.model_copy(update={"name": "smollm2"})})
-    rng = np.random.default_rng(0)
-    marks = _marks(len(CONCEPTS), rng)
     svc = bootstrap(settings.embedded(task_queue="inline"),
                     adapter=load_adapter("smollm2", settings=settings.model))
     try:
-        for i, (cid, name, category, info) in enumerate(CONCEPTS):
-            concepts.create_concept(svc, USER, cid, name, category, info)
-            concepts.add_photos(svc, USER, cid, [_photo(rng, marks[i])])
-            m = concepts.get_concept(svc, USER, cid)
-            assert m.state == "ready", (m.state, m.failure_reason)
+        ingest_concepts(svc, USER)
     finally:
         svc.close()
 
