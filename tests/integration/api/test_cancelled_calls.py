@@ -11,6 +11,7 @@ import grpc
 
 from personalkv.api.v1 import ingestion_pb2, ingestion_pb2_grpc
 from personalkv.observability import REGISTRY
+from personalkv.service_layer import answering
 from tests.integration.api.conftest import png
 
 
@@ -69,9 +70,8 @@ def _wait_count(method: str, code: str, above: float, timeout_s: float = 30) -> 
 
 
 def test_cancelled_asks_are_recorded_as_cancelled_not_as_deadline_exceeded(api, caplog):
-    """AskStream cancelled after its first delta, and Ask cancelled as soon as the answering
-    scheduler holds it (its 256 tokens take the tiny model far longer than the cancel needs
-    to arrive): CANCELLED, logged at INFO."""
+    """AskStream cancelled after its first delta, and Ask cancelled while it waits for the
+    model (held by another Ask): CANCELLED, logged at INFO."""
     from personalkv.api.client import ask_request
     from personalkv.api.v1 import answering_pb2_grpc
 
@@ -86,11 +86,28 @@ def test_cancelled_asks_are_recorded_as_cancelled_not_as_deadline_exceeded(api, 
         stream.cancel()
         assert _wait_count("AskStream", "CANCELLED", before["AskStream"][0]) == \
             before["AskStream"][0] + 1
-        future = stub.Ask.future(request, metadata=client.metadata, timeout=60)
-        waited = time.monotonic() + 30  # cancel once it is being answered (or queued for it)
-        while api.services.answerer.stats()["admitted"] == 0 and time.monotonic() < waited:
-            time.sleep(0.005)
-        future.cancel()
+        # The model is held by another Ask (its token callback waits), so this Ask is still
+        # waiting for the model when it is cancelled, however fast the tiny model decodes.
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(_token):
+            inside.set()
+            assert release.wait(120)
+
+        holder = threading.Thread(target=answering.ask, args=(
+            api.services, "holding-asker", "Hello", [], answering.AskOptions(max_new_tokens=2), hold))
+        holder.start()
+        try:
+            assert inside.wait(120)
+            future = stub.Ask.future(request, metadata=client.metadata, timeout=60)
+            waited = time.monotonic() + 60
+            while api.services.answerer.stats()["waiting"] == 0 and time.monotonic() < waited:
+                time.sleep(0.005)
+            assert api.services.answerer.stats()["waiting"] == 1
+            future.cancel()
+        finally:
+            release.set()
+            holder.join(timeout=120)
         assert _wait_count("Ask", "CANCELLED", before["Ask"][0]) == before["Ask"][0] + 1
     for method in ("Ask", "AskStream"):
         assert _answering_count(method, "DEADLINE_EXCEEDED") == before[method][1]
