@@ -496,6 +496,20 @@ class MiningSettings(BaseSettings):
         "windows are cut out of the photo's map; the later blocks run per window (16, all of "
         "Lite0's: windows GeM-pooled from the final map, cheapest). Part of the descriptors' tag.",
     )
+    exclusive_regions: bool = Field(
+        True, description="Recognition: windows that an accepted concept's best patches matched "
+        "(and windows overlapping them, IoU >= 0.5) are not evidence for the concepts scored after it.",
+    )
+    tile_aspect: float = Field(
+        1.5, ge=0, description="Recognition: a photo whose long side is at least this many times its "
+        "short side is also recognized in ceil(long/short) square tiles, each framed on its own "
+        "(things side by side); 0 turns tiles off.",
+    )
+    zoom_grid: int = Field(
+        0, ge=0, le=4, description="Recognition: when neither the photo nor its tiles show an accepted "
+        "concept, also look at a zoom_grid x zoom_grid grid of overlapping close-ups (small things in "
+        "clutter); 0 or 1 turns zoom off.",
+    )
     negative_pool: str = Field(
         "", description="Folder of generic photos used as the negative pool (optional; the "
         "user's other concepts are always negatives).",

@@ -11,7 +11,8 @@ evaluation data):
    decoding and retriever as ``Ask``):
    * every ``test`` photo with a question that does not name the concept ("What is this?"):
      ``positive_top1`` (the right concept is returned first), ``positive_top1_any`` (it is
-     the best-scored candidate, returned or not);
+     the best-scored candidate, returned or not), ``positive_extra`` (another concept was
+     returned with it: wrong evidence placed);
    * every negative photo: ``negative_reject`` (nothing is returned);
    * a question naming each concept, no photo: ``named_top1``;
    * two-concept queries: two concepts' test photos side by side ("What are these?") and a
@@ -157,6 +158,9 @@ def summarize(queries: Sequence[Query], ingest_seconds: float, photos: int) -> d
     r = {
         "positive_top1": _rate(queries, "positive"),
         "positive_top1_any": float(np.mean(top1_any)) if top1_any else float("nan"),
+        # single-concept photos that also returned another concept (wrong evidence placed)
+        "positive_extra": float(np.mean([len({c for c, _ in q.returned} - set(q.want)) > 0 for q in pos]))
+        if pos else float("nan"),
         "negative_reject": _rate(queries, "negative"),
         "named_top1": _rate(queries, "named"),
         "two_concept_recall": found / wanted if wanted else float("nan"),
@@ -228,6 +232,7 @@ def evaluate_ask(ds: Dataset, settings: Settings, *, half: int | None = None,
                "recognizer_stage_seconds": {k: v / max(svc.recognizers.recognitions, 1)
                                             for k, v in svc.recognizers.stage_seconds.items()}
                if settings.retrieval.photo_reranker == "recognizer" else {},
+               "recognizer_views_per_photo": svc.recognizers.views / max(svc.recognizers.recognitions, 1),
                "settings": {"retrieval": settings.retrieval.model_dump(),
                             "mining": settings.mining.model_dump(), "model": settings.model.name},
                "rows": [{"kind": q.kind, "want": q.want, "label": q.label, "question": q.question,

@@ -124,7 +124,7 @@ def format_ask_table(r: dict) -> str:
     half = "" if r["half"] is None else f", half {r['half']}"
     q, t = r["seconds_per_query"], r["seconds_per_text_query"]
     lines = [f"Ask on {r['dataset']} ({r['concepts']} concepts{half}; {r['counts']})"]
-    for key in ("positive_top1", "positive_top1_any", "negative_reject", "weighted",
+    for key in ("positive_top1", "positive_top1_any", "positive_extra", "negative_reject", "weighted",
                 "two_concept_recall", "two_concept_both", "two_concept_recall_photo",
                 "three_concept_recall_photo", "named_top1"):
         lines.append(f"  {key:<26}{r[key]:.3f}")
@@ -133,7 +133,8 @@ def format_ask_table(r: dict) -> str:
     lines.append(f"  {'ingest_seconds_per_photo':<26}{r['ingest_seconds_per_photo']:.2f}")
     if r.get("recognizer_stage_seconds"):
         stages = "  ".join(f"{k} {v:.3f}" for k, v in r["recognizer_stage_seconds"].items())
-        lines.append(f"  {'recognizer stages (mean s)':<26}{stages}")
+        lines.append(f"  {'recognizer stages (mean s)':<26}{stages}  "
+                     f"views {r.get('recognizer_views_per_photo', 1.0):.2f}")
     if r.get("misses_sheet"):
         lines.append(f"  misses: {r['misses_sheet']}")
     return "\n".join(lines)

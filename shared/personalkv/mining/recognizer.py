@@ -8,17 +8,28 @@ Score of concept ``c`` for a query photo:
                     by default, colour histograms weights-free)
     fused(c)      = keypoints(c) + appearance_weight * appearance(c)
 
-The best concept is the answer when its fused score reaches ``threshold``; otherwise the photo
-shows "none of your concepts". Matching uses the library's rule (ratio test across owners, so
-features shared with the pool or with other concepts vote for nobody; RANSAC similarity).
+Every concept whose fused score reaches ``threshold`` is in the photo, each on its own
+evidence, whatever the others scored; none reaching it means "none of your concepts".
+Matching uses the library's rule (ratio test across owners, so features shared with the pool
+or with other concepts vote for nobody; RANSAC similarity). Two more rules make "every concept
+in the photo" hold (issue 23):
+
+* views: a wide photo (things side by side, a panorama) is also scored in square tiles, each
+  framed like a photo of its own, and a concept's score is its best over the views
+  (``photo_views``); optionally, when nothing is accepted, a grid of close-ups (``zoom_views``);
+* exclusive regions: within a view, concepts are taken best first and the windows an accepted
+  concept's patches matched are not evidence for the next (keypoints already vote for one owner).
 
     rec = ConceptRecognizer(library, mined, settings)
-    result = rec.recognize(photo)          # Recognition(scores, best, accepted)
+    result = rec.recognize(photo)          # Recognition(scores, best, accepted), working frame
+    result = rec.recognize_photo(pil)      # any resolution: whole photo, tiles, zoom
     retriever = Retriever(..., visual_reranker=rec.as_reranker())
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -26,10 +37,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from personalkv.config import MiningSettings
-from personalkv.images import rgb_array
+from PIL import Image
+
+from personalkv.images import pixels, upright
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.miner import MinedConcept
-from personalkv.mining.proposals import points_in_boxes, propose_boxes
+from personalkv.mining.proposals import box_iou, points_in_boxes, propose_boxes
 from personalkv.mining.scoring import pool_appearance
 
 
@@ -47,10 +60,75 @@ class Recognition:
     #: wall seconds per stage: keypoints (RootSIFT of the query), matching (index + RANSAC),
     #: windows (proposals + their embeddings), scoring
     seconds: dict[str, float] | None = None
+    #: the view (0: the whole photo, k: ``tiles[k - 1]``) each concept scored best in
+    views: dict[str, int] | None = None
+    n_views: int = 1  # views looked at (the whole photo, tiles, zoom tiles)
 
     @property
     def concept(self) -> str | None:
         return self.best if self.accepted else None
+
+
+#: A window overlapping an accepted concept's windows this much (IoU) is that concept's region.
+CLAIM_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class ConceptEvidence:
+    """One concept's evidence in one view of the query photo."""
+
+    fused: float
+    keypoints: float
+    appearance: float
+    keypoints_all: float
+    keypoints_subject: float
+    appearance_raw: float
+    windows: np.ndarray  # the view's windows its best patches matched
+    view: int = 0
+
+
+@dataclass(frozen=True)
+class _ViewEvidence:
+    inliers: dict[str, list[int]]  # concept -> verified inliers per matching library photo
+    subject: dict[str, list[int]]  # the same, counting only subject-region library keypoints
+    boxes: np.ndarray
+    windows: np.ndarray  # embeddings of ``boxes``
+
+
+def photo_views(image: Image.Image, settings: MiningSettings) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The whole photo in the working frame (``max_side``), and the tiles it is also looked at
+    in: a photo whose long side is at least ``tile_aspect`` times its short side (a panorama,
+    things side by side) is covered by ceil(long / short) square tiles, evenly spaced, each cut
+    from the full-resolution photo and framed on its own, so that each thing in it is seen at
+    about the size a single photo of it would have (a 3:1 photo framed whole gives each third
+    a third of the pixels)."""
+    whole = pixels(image, settings.max_side)
+    w, h = image.size
+    long, short = max(w, h), min(w, h)
+    if not settings.tile_aspect or short < 1 or long < settings.tile_aspect * short:
+        return whole, []
+    tiles = []
+    for start in np.linspace(0, long - short, math.ceil(long / short)):
+        a = int(round(start))
+        box = (a, 0, a + short, h) if w >= h else (0, a, w, a + short)
+        tiles.append(pixels(image.crop(box), settings.max_side))
+    return whole, tiles
+
+
+def zoom_views(image: Image.Image, settings: MiningSettings) -> list[np.ndarray]:
+    """``zoom_grid`` x ``zoom_grid`` overlapping tiles (each ``ZOOM_SIDE`` of the photo's sides),
+    each framed on its own: a small thing on a shelf gets the pixels and windows of a close-up."""
+    n = settings.zoom_grid
+    if n < 2:
+        return []
+    w, h = image.size
+    tw, th = max(1, round(w * ZOOM_SIDE)), max(1, round(h * ZOOM_SIDE))
+    return [pixels(image.crop((int(x), int(y), int(x) + tw, int(y) + th)), settings.max_side)
+            for y in np.linspace(0, h - th, n) for x in np.linspace(0, w - tw, n)]
+
+
+#: side of a zoom tile, as a share of the photo's (overlapping tiles of a 2x2 grid)
+ZOOM_SIDE = 0.6
 
 
 class ConceptRecognizer:
@@ -109,40 +187,118 @@ class ConceptRecognizer:
                 negs = np.zeros(len(rows), np.float32)
         return rows, np.asarray(negs, np.float32)
 
-    def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None) -> Recognition:
+    def recognize(self, image: np.ndarray, candidates: Sequence[str] | None = None,
+                  tiles: Sequence[np.ndarray] = ()) -> Recognition:
+        """``image``: the photo in the library's working frame (``max_side``); ``tiles``: more
+        views of it (``photo_views``), each scored like a photo of its own. A concept's score is
+        its best over the views; within a view, a region that explains one concept is not
+        re-used for another (``_view_scores``)."""
+        seconds: dict[str, float] = {}
+        views = [self._view_evidence(v, seconds) for v in [image, *tiles]]
+        return self._combine(views, candidates, seconds)
+
+    def _combine(self, views: list["_ViewEvidence"], candidates: Sequence[str] | None,
+                 seconds: dict[str, float]) -> Recognition:
+        ids = list(candidates) if candidates is not None else list(self.library.concept_ids)
+        t = time.perf_counter()
+        best: dict[str, ConceptEvidence] = {}
+        for k, ev in enumerate(views):
+            for cid, e in self._view_scores(ev, ids).items():
+                if cid not in best or e.fused > best[cid].fused:
+                    best[cid] = dataclasses.replace(e, view=k)
+        fused = {c: e.fused for c, e in best.items()}
+        top = max(fused, key=fused.get) if fused else None
+        accepted = top is not None and fused[top] >= self.settings.threshold
+        seconds["scoring"] = seconds.get("scoring", 0.0) + time.perf_counter() - t
+        return Recognition(fused, top, accepted, {c: e.keypoints for c, e in best.items()},
+                           {c: e.appearance for c, e in best.items()},
+                           {c: e.keypoints_all for c, e in best.items()},
+                           {c: e.keypoints_subject for c, e in best.items()},
+                           {c: e.appearance_raw for c, e in best.items()}, dict(seconds),
+                           {c: e.view for c, e in best.items()}, len(views))
+
+    def recognize_photo(self, image: Image.Image, candidates: Sequence[str] | None = None) -> Recognition:
+        """``recognize`` on an upright photo at any resolution: the whole photo and its tiles
+        (``photo_views``); when that accepts no concept, the zoom tiles too (``zoom_views``)."""
+        whole, tiles = photo_views(image, self.settings)
+        seconds: dict[str, float] = {}
+        views = [self._view_evidence(v, seconds) for v in [whole, *tiles]]
+        result = self._combine(views, candidates, seconds)
+        if result.accepted or self.settings.zoom_grid < 2:
+            return result
+        views += [self._view_evidence(v, seconds) for v in zoom_views(image, self.settings)]
+        return self._combine(views, candidates, seconds)
+
+    def _view_evidence(self, image: np.ndarray, seconds: dict[str, float]) -> "_ViewEvidence":
+        """What one view contributes, whatever the concept: its keypoints' verified matches
+        (inlier counts per concept and library photo) and its windows' embeddings."""
         lib = self.library
         t0 = time.perf_counter()
         query = lib.extractor.extract(image)
         t1 = time.perf_counter()
-        inliers: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
-        subject: dict[str, list[int]] = {cid: [] for cid in lib.concept_ids}
+        inliers: dict[str, list[int]] = {}
+        subject: dict[str, list[int]] = {}
         for m in lib.match(query):
             if m.owner >= 0:
-                inliers[lib.concept_ids[m.owner]].append(m.inliers)
+                cid = lib.concept_ids[m.owner]
+                inliers.setdefault(cid, []).append(m.inliers)
                 mask = self._subject.get(m.photo)
-                subject[lib.concept_ids[m.owner]].append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
+                subject.setdefault(cid, []).append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
         t2 = time.perf_counter()
         boxes = propose_boxes(image.shape, lib.embedder.window_fractions)
         windows = lib.embedder.embed_boxes(image, boxes)
         t3 = time.perf_counter()
-        kp, app, fused, kp_all, kp_subj, app_raw = {}, {}, {}, {}, {}, {}
-        for cid in candidates if candidates is not None else lib.concept_ids:
-            kp_all[cid] = float(np.log1p(sum(sorted(inliers.get(cid, []))[-2:])))
-            kp_subj[cid] = float(np.log1p(sum(sorted(subject.get(cid, []))[-2:])))
-            kp[cid] = kp_subj[cid] if self.settings.vote_region == "subject" else kp_all[cid]
-            emb, neg = self._patches.get(cid, (np.zeros((0, 1)), np.zeros(0)))
-            if len(emb) and emb.shape[1] == windows.shape[1]:
-                best_sim = (emb @ windows.T).max(1)
-                app[cid] = float(np.sort(best_sim - neg)[-3:].mean())
-                app_raw[cid] = float(np.sort(best_sim)[-3:].mean())
-            else:
-                app[cid] = app_raw[cid] = 0.0
-            fused[cid] = kp[cid] + self.settings.appearance_weight * app[cid]
-        best = max(fused, key=fused.get) if fused else None
-        accepted = best is not None and fused[best] >= self.settings.threshold
-        seconds = {"keypoints": t1 - t0, "matching": t2 - t1, "windows": t3 - t2,
-                   "scoring": time.perf_counter() - t3}
-        return Recognition(fused, best, accepted, kp, app, kp_all, kp_subj, app_raw, seconds)
+        for stage, s in (("keypoints", t1 - t0), ("matching", t2 - t1), ("windows", t3 - t2)):
+            seconds[stage] = seconds.get(stage, 0.0) + s
+        return _ViewEvidence(inliers, subject, boxes, windows)
+
+    def _appearance(self, cid: str, ev: "_ViewEvidence", usable: np.ndarray) -> tuple[float, float, np.ndarray]:
+        """(margin score, raw score, windows used) of concept ``cid`` over the usable windows:
+        mean of the 3 best (best window similarity - pool similarity) of its patches."""
+        emb, neg = self._patches.get(cid, (np.zeros((0, 1)), np.zeros(0)))
+        if not len(emb) or emb.shape[1] != ev.windows.shape[1] or not usable.any():
+            return 0.0, 0.0, np.zeros(0, int)
+        sims = emb @ ev.windows[usable].T
+        where = np.flatnonzero(usable)[sims.argmax(1)]
+        best_sim = sims.max(1)
+        top = np.argsort(best_sim - neg)[-3:]
+        return float((best_sim - neg)[top].mean()), float(np.sort(best_sim)[-3:].mean()), where[top]
+
+    def _view_scores(self, ev: "_ViewEvidence", ids: Sequence[str]) -> dict[str, "ConceptEvidence"]:
+        """Every candidate's evidence in one view. Keypoints vote for one concept each already
+        (the library's ratio test across owners); windows could support two concepts that look
+        alike, so concepts are taken best first and an accepted concept's windows (those its
+        best patches matched) are not available to the concepts after it: a photo of one dog
+        does not also show the user's other dog, while two things side by side each keep their
+        own windows."""
+        s = self.settings
+        usable = np.ones(len(ev.boxes), bool)
+        out: dict[str, ConceptEvidence] = {}
+        for cid in ids:
+            kp_all = float(np.log1p(sum(sorted(ev.inliers.get(cid, []))[-2:])))
+            kp_subj = float(np.log1p(sum(sorted(ev.subject.get(cid, []))[-2:])))
+            kp = kp_subj if s.vote_region == "subject" else kp_all
+            app, raw, used = self._appearance(cid, ev, usable)
+            out[cid] = ConceptEvidence(kp + s.appearance_weight * app, kp, app, kp_all, kp_subj, raw, used)
+        if not s.exclusive_regions:
+            return out
+        pending = sorted(out, key=lambda c: -out[c].fused)
+        while pending:
+            cid = pending.pop(0)
+            e = out[cid]
+            if e.fused < s.threshold:
+                break  # the rest score lower still
+            claimed = box_iou(ev.boxes, ev.boxes[e.windows]).max(1) >= CLAIM_IOU if len(e.windows) else None
+            if claimed is None or not claimed.any():
+                continue
+            usable &= ~claimed
+            for other in pending:  # re-score the rest without the claimed windows
+                app, raw, used = self._appearance(other, ev, usable)
+                o = out[other]
+                out[other] = dataclasses.replace(o, fused=o.keypoints + s.appearance_weight * app,
+                                                 appearance=app, appearance_raw=raw, windows=used)
+            pending.sort(key=lambda c: -out[c].fused)
+        return out
 
     def calibrated(self, score: float, at_threshold: float = 0.5) -> float:
         """Fused score -> [0, 1] (logistic, slope 2 per score unit), ``at_threshold`` at the
@@ -157,9 +313,7 @@ class ConceptRecognizer:
 
         def rerank(user_id: str, image, candidates: Sequence[str]) -> dict[str, float]:
             known = [c for c in candidates if c in self.library.concept_ids]
-            # in the library's working frame (max_side), as its photos were described
-            rgb = rgb_array(image, self.settings.max_side)
-            result = self.recognize(rgb, known)
+            result = self.recognize_photo(upright(image), known)
             return {c: self.calibrated(s) for c, s in result.scores.items()}
 
         return rerank

@@ -27,7 +27,7 @@ from typing import Sequence
 from cachetools import LRUCache
 
 from personalkv.config import MiningSettings
-from personalkv.images import pixels, rgb_array, upright
+from personalkv.images import rgb_array, upright
 from personalkv.manifest import ConceptManifest
 from personalkv.mining.descriptors import DescriptorStore
 from personalkv.mining.miner import MinedConcept, MinedPatch, build_library
@@ -115,6 +115,7 @@ class ServedRecognizers:
         #: recognitions served and their summed seconds per stage (``Recognition.seconds``;
         #: the ingest benchmark reports them per retrieve)
         self.recognitions = 0
+        self.views = 0  # photo views looked at (whole, tiles, zoom tiles), summed
         self.stage_seconds: dict[str, float] = {}
 
     def _manifests(self, user_id: str) -> list[ConceptManifest]:
@@ -183,12 +184,12 @@ class ServedRecognizers:
         known = [c for c in candidates if c in rec.library.concept_ids]
         if not known:
             return {}
-        # the query in the library's working frame (max_side), as its photos were described
-        rgb = pixels(upright(image), self.settings.max_side)
+        # framed like the library's photos (max_side), whole and in tiles (recognizer.photo_views)
         with state.lock:  # FLANN's matcher is not documented thread-safe
-            result = rec.recognize(rgb, known)
+            result = rec.recognize_photo(upright(image), known)
         with self._lock:
             self.recognitions += 1
+            self.views += result.n_views
             for stage, seconds in (result.seconds or {}).items():
                 self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         return {c: rec.calibrated(v, self.accept_at) for c, v in result.scores.items()}

@@ -21,8 +21,8 @@ Each cosine is mapped from [encoder.score_floor, encoder.score_match] onto [0, 1
 are fused as a weighted noisy-OR, ``1 - (1 - w_t t)(1 - w_i i)``, so one strong modality suffices
 (a photo with "what is this?" must find the concept; averaging would halve it) and two moderate
 ones reinforce; the name bonus is added. Concepts under ``threshold``, or (unless the question
-names them) under ``relative_cut`` x the best score, are dropped: an empty result means "none
-of your concepts".
+names them or the re-ranker accepted them in the photo on their own evidence) under
+``relative_cut`` x the best score, are dropped: an empty result means "none of your concepts".
 Several concepts can pass.
 """
 
@@ -122,11 +122,13 @@ class Retriever:
         names = self._names(user_id, model_fingerprint)
         named = names_in(question, names)
         image: dict[str, float] = {}
+        verified: set[str] = set()  # concepts the re-ranker accepted on their own evidence
         pil = upright(photo) if photo is not None else None  # Ask's: decoded already
         if pil is not None:
             if self.visual_reranker is not None:
                 image = {c: float(v) for c, v in
                          self.visual_reranker(user_id, pil, sorted(names)).items() if c in names}
+                verified = {c for c, v in image.items() if v >= s.threshold}
             if self.visual_reranker is None or set(names) - set(image):
                 for c, v in self._image_scores(user_id, model_fingerprint, pil).items():
                     image.setdefault(c, v)
@@ -138,9 +140,12 @@ class Retriever:
             scored.append(RetrievedConcept(concept_id, round(fused, 6), t, i, concept_id in named))
         scored.sort(key=lambda c: (-c.score, c.concept_id))
         relative = s.relative_cut * scored[0].score if scored else 0.0
-        # A concept the question names is kept whatever the best scored: "Bobo and Rex" wants both.
-        chosen = [c for c in scored
-                  if c.score >= s.threshold and (c.named or c.score >= relative)][:top_k]
+        # A concept the question names is kept whatever the best scored: "Bobo and Rex" wants both;
+        # so is one the re-ranker verified in the photo: a photo of two things shows both, and
+        # the weaker one's own evidence passed (the recognizer already keeps one region from
+        # counting for two concepts).
+        chosen = [c for c in scored if c.score >= s.threshold
+                  and (c.named or c.concept_id in verified or c.score >= relative)][:top_k]
         chunks = self._chunks(user_id, model_fingerprint, [c.concept_id for c in chosen])
         chosen = [RetrievedConcept(c.concept_id, c.score, c.text_score, c.image_score, c.named,
                                    tuple(chunks.get(c.concept_id, ()))) for c in chosen]

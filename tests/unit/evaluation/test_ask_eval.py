@@ -72,8 +72,10 @@ def test_eval_ask_ingests_through_the_service_and_scores_ask(dataset, tiny, tmp_
     assert r["positive_top1_any"] == 1.0 and r["positive_top1"] >= 2 / 3
     assert r["named_top1"] == 1.0
     for key in ("negative_reject", "weighted", "two_concept_recall", "two_concept_both",
-                "three_concept_recall_photo"):
+                "three_concept_recall_photo", "positive_extra"):
         assert 0.0 <= r[key] <= 1.0
+    # the side-by-side photos (2:1, 3:1) are also looked at in tiles: more than one view a photo
+    assert r["recognizer_views_per_photo"] > 1.0
     assert r["two_concept_recall_text"] == 1.0  # both names in the question: both returned
     assert 0 < r["seconds_per_query"]["p50"] <= r["seconds_per_query"]["p95"] < 120
     assert r["ingest_seconds_per_photo"] > 0

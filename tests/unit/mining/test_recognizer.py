@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 from PIL import Image
 
 from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
-from personalkv.mining.recognizer import ConceptRecognizer
+from personalkv.mining.recognizer import ZOOM_SIDE, ConceptRecognizer, photo_views, zoom_views
 
 # Slow tier (`make test-fast` skips it): the subject is recognition over the EfficientNet patch embedder.
 pytestmark = pytest.mark.slow
@@ -51,3 +54,53 @@ def test_reranker_scores_candidates_in_unit_interval(setup):
     scores = rec.as_reranker()("user-1", Image.fromarray(img), [cid, "unknown"])
     assert set(scores) == {cid}
     assert 0.5 < scores[cid] <= 1.0
+
+
+def test_two_things_side_by_side_are_both_recognised(setup):
+    """Every concept in the photo: two held-out photos side by side (a 2:1 photo, looked at
+    whole and in two tiles), each concept on its own evidence."""
+    rec, held, _ = setup
+    (a, photo_a), (b, photo_b) = list(held.items())[:2]
+    pair = Image.fromarray(np.concatenate([photo_a, photo_b], axis=1))
+    result = rec.recognize_photo(pair)
+    accepted = {c for c, s in result.scores.items() if s >= rec.settings.threshold}
+    assert {a, b} <= accepted and result.n_views == 3
+    assert set(result.views.values()) <= {0, 1, 2}
+
+
+def test_a_region_is_evidence_for_one_concept_only(setup):
+    """A stand-in concept whose patches are copies of another's: on that concept's photo it
+    scores like it without exclusive regions, and loses the claimed windows with them."""
+    rec, held, _ = setup
+    (a, photo), (b, _) = list(held.items())[:2]
+    twin = copy.copy(rec)
+    twin._patches = {**rec._patches, b: rec._patches[a]}
+    twin.settings = rec.settings.model_copy(update={"exclusive_regions": False})
+    shared = twin.recognize(photo, [a, b])
+    assert shared.appearance_scores[b] == pytest.approx(shared.appearance_scores[a])
+    twin.settings = rec.settings.model_copy(update={"exclusive_regions": True})
+    own = twin.recognize(photo, [a, b])
+    assert own.scores[a] >= rec.settings.threshold  # a is accepted and claims its windows
+    assert own.appearance_scores[b] < shared.appearance_scores[b]
+
+
+def _photo(w, h):
+    return Image.fromarray(np.arange(w * h * 3, dtype=np.uint32).reshape(h, w, 3).astype(np.uint8))
+
+
+def test_photo_views_tile_wide_photos_only():
+    settings = MiningSettings(max_side=640, tile_aspect=1.5)
+    whole, tiles = photo_views(_photo(900, 300), settings)  # 3:1
+    assert whole.shape == (213, 640, 3) and len(tiles) == 3
+    assert all(t.shape == (300, 300, 3) for t in tiles)  # full resolution, each its own frame
+    assert np.array_equal(tiles[1], np.asarray(_photo(900, 300))[:, 300:600])
+    assert len(photo_views(_photo(400, 1000), settings)[1]) == 3  # tall photos tile downwards
+    assert photo_views(_photo(400, 300), settings)[1] == []  # 4:3: the whole photo only
+    assert photo_views(_photo(900, 300), settings.model_copy(update={"tile_aspect": 0}))[1] == []
+
+
+def test_zoom_views_are_overlapping_close_ups():
+    views = zoom_views(_photo(1000, 500), MiningSettings(max_side=640, zoom_grid=2))
+    assert len(views) == 4 and all(v.shape == (300, 600, 3) for v in views)
+    assert ZOOM_SIDE > 0.5  # neighbours overlap, so a thing on a tile border is whole in one
+    assert zoom_views(_photo(1000, 500), MiningSettings(zoom_grid=0)) == []

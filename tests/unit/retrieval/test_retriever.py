@@ -104,6 +104,22 @@ def test_visual_reranker_replaces_image_scores(world):
     assert found == ["fernie"] and calls[0][0] == "alice"
 
 
+def test_every_concept_the_reranker_accepts_passes_the_relative_cut(world):
+    """Two things in one photo: the weaker one is kept when the re-ranker accepted it on its own
+    evidence (score >= threshold), however far below the best it scored; a concept it did not
+    accept still falls under the relative cut."""
+    settings = RetrievalSettings()  # threshold 0.45, relative cut 0.6 of the best
+    weak = settings.threshold + 0.02  # accepted, but far under 0.6 x 1.0
+
+    def rerank(user_id, photo, candidates):
+        return {"fernie": 1.0, "mug": weak, "speedy": settings.threshold - 0.02}
+
+    photo, _ = scene(None, 7)
+    found, _ = ask(Retriever(*world, settings, visual_reranker=rerank), "what are these?", photo)
+    assert found == ["fernie", "mug"]
+    assert weak < settings.relative_cut * 1.0  # mug passed only because it was verified
+
+
 def test_names_in_matches_whole_words_only():
     names = {"bobo": "Bobo", "mug": "Blue mug", "x": "a"}
     assert names_in("Is BOBO's blue mug clean?", names) == {"bobo", "mug"}
