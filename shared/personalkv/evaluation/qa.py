@@ -61,7 +61,7 @@ from personalkv.kv.masks import additive_mask
 from personalkv.models.base import Segment
 
 OPTION_LETTERS = "ABCDEFGH"
-DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 1.0)  # issue 22's sweep, with none and all
 INSTRUCTION = "Answer with the letter of the correct option."
 EVAL_USER = "eval-qa"
 
