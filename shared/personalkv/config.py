@@ -69,10 +69,10 @@ class ModelSettings(BaseSettings):
         "none", description="Storage quantization of KV chunks (int8: per-channel symmetric)."
     )
     recompute_ratio: float = Field(
-        0.15, ge=0.0, le=1.0,
-        description="Default share of placed chunk tokens recomputed per Ask. 0.15: the lowest "
-        "placed-vs-prompt KL that keeps TTFT >= 3x below the prompt at ~2,100 evidence tokens "
-        "(`personalkv eval qa`, docs/evaluation.md 'Profile QA').",
+        0.2, ge=0.0, le=1.0,
+        description="Default share of placed chunk tokens recomputed per Ask. 0.2: the smallest "
+        "r at which 3 stitched concepts stay within mean KL 0.01 of the prompt on SmolLM2 and "
+        "qwen2.5-0.5b (`personalkv eval qa` sweep, docs/evaluation.md 'Profile QA').",
     )
     recompute_strategy: Literal["deviation", "first", "query"] = Field(
         "query",

@@ -94,7 +94,8 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     )
     print(format_table(report))
     keys = ("placed_vs_prompt_identical", "placed_vs_prompt_max_kl", "placed3_kl_mean",
-            "placed3_identical", "ttft_ratio_prompt3_over_placed3")
+            "placed3_identical", "ttft_ratio_prompt3_over_placed3", "accuracy_none", "accuracy_prompt1",
+            "accuracy_placed1", "accuracy_prompt3", "accuracy_placed3")
     print("\n" + "  ".join(f"{k}={report[k]:.4g}" for k in keys if k in report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

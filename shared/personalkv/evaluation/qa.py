@@ -19,11 +19,25 @@ The pieces are the product's own: ``load_adapter``, the pipeline's profile chunk
 prompt conditions put the very same profile text in the user's message and run
 ``engine.answer`` with no chunks.
 
-Scoring is by option likelihood: the log-probability of each option's letter as the answer's
-first token. Raw accuracy counts each (question, order) pair; the calibrated variant adds each
-option's log-probabilities over both orders, which cancels the model's prior for a letter (the
-Yo'LLaVA answer key is mostly "A", and small models favour "A"). Accuracy has Wilson 95%
-intervals; conditions are compared with exact McNemar tests on the paired raw outcomes. Each
+Two scorings, from the same state (the cache after the question's prefill):
+
+* **option text likelihood** (the headline ``accuracy_*`` keys): how likely the model finds each
+  option's *text* as its answer (``option_logprobs``: the assistant turn continues with the
+  option's tokens, forwarded over the question's cache, never re-prefilling the evidence). The
+  score is the mean log-probability per token: the options of one question differ in length
+  ("Yes" vs "a red collar with a bell"), and a sum charges every extra token, so it prefers the
+  shorter option whatever the evidence says (the length-normalised variant of lm-eval-harness's
+  multiple-choice scoring); the sum is reported too (``accuracy_likelihood_sum``). A question's
+  pick adds each option's score over both orders; per (question, order) pair it is
+  ``accuracy_likelihood_pairs``.
+* **letter** (``accuracy_letter*``): the log-probability of each option's letter as the answer's
+  first token. Raw accuracy counts each (question, order) pair; the calibrated variant adds each
+  option's letter log-probabilities over both orders, which cancels the model's prior for a
+  letter. Small models answer "A" nearly always (and the Yo'LLaVA key is mostly "A"), so the
+  letter measures letter bias more than knowledge: hence the text likelihood as the headline.
+
+Accuracy has Wilson 95% intervals (per question for the per-question picks); conditions are
+compared with exact McNemar tests on the paired per-question likelihood outcomes. Each
 placed variant is compared with its prompt counterpart: KL(prompt || placed) of the full
 next-token distribution, identical option picked, identical full-vocabulary argmax. TTFT is the
 engine's place + recompute + prefill time (chunks come from the hot-chunk cache in serving, so
@@ -43,9 +57,11 @@ from pathlib import Path
 import torch
 
 from personalkv.config import Settings
+from personalkv.kv.masks import additive_mask
+from personalkv.models.base import Segment
 
 OPTION_LETTERS = "ABCDEFGH"
-DEFAULT_RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 1.0)  # issue 22's sweep, with none and all
 INSTRUCTION = "Answer with the letter of the correct option."
 EVAL_USER = "eval-qa"
 
@@ -186,10 +202,48 @@ def build_conditions(k: int, ratios, strategies, default_ratio: float, default_s
     return conds
 
 
+def option_logprobs(adapter, ctx, first_logits: torch.Tensor, options: list[list[int]]) -> list[list[float]]:
+    """Per option, the log-probability of each of its tokens as the answer after the question:
+    the answer's first token from ``first_logits`` (the question's prefill), the rest from one
+    forward of every option over ``ctx``'s cache. Each option sits at the answer's first
+    positions and sees the cache and its own earlier tokens only (a block-diagonal causal mask),
+    which is what forwarding it alone on a copy of the cache gives, in one pass over the weights.
+    The options' KV is appended to ``ctx.cache``: the context is spent afterwards."""
+    kv_len = ctx.kv_length
+    segments = [Segment(token_ids=torch.tensor(ids, dtype=torch.long)) for ids in options]
+    positions = torch.cat([adapter.segment_positions(s, ctx.next_position)[0] for s in segments], dim=1)
+    embeds = torch.cat([adapter.embed(s.token_ids, None) for s in segments], dim=1)
+    n = embeds.shape[1]
+    allowed = torch.zeros(n, kv_len + n, dtype=torch.bool, device=embeds.device)
+    allowed[:, :kv_len] = True
+    start = 0
+    for ids in options:
+        end = start + len(ids)
+        allowed[start:end, kv_len + start:kv_len + end] = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        start = end
+    with torch.inference_mode():
+        hidden = adapter.run_decoder(embeds, positions, ctx.cache, additive_mask(allowed, embeds.dtype))
+        following = torch.log_softmax(adapter.logits(hidden)[0].float(), -1)
+    first = torch.log_softmax(first_logits.float(), -1)
+    out, start = [], 0
+    for ids in options:
+        rows = [first] + [following[start + i] for i in range(len(ids) - 1)]
+        out.append([float(row[token]) for row, token in zip(rows, ids)])
+        start += len(ids)
+    return out
+
+
+def option_score(token_logprobs: list[float]) -> float:
+    """An option's likelihood score: mean log-probability per token (see the module docstring)."""
+    return sum(token_logprobs) / len(token_logprobs)
+
+
 @dataclass
 class Outcome:
     letter_logprobs: list[float]  # per position in the presented order
-    pick: int  # option index (dataset order) picked
+    #: per option (dataset order): each of its tokens' log-probability as the answer
+    option_token_logprobs: list[list[float]]
+    pick: int  # option index (dataset order) picked by the letter
     argmax: int  # full-vocabulary argmax token
     ttft: float
     logits: torch.Tensor | None = None  # kept only until compared with the counterpart
@@ -242,6 +296,9 @@ class Harness:
         if any(len(ids) != 1 for ids in letters):
             raise ValueError("the tokenizer does not encode every option letter as one token")
         self.letter_ids = [ids[0] for ids in letters]
+        self.option_ids = {item: [self.adapter.tokenize(option) for option in item.options] for item in self.items}
+        if any(not ids for option_ids in self.option_ids.values() for ids in option_ids):
+            raise ValueError("an option's text is empty: it cannot be scored by its likelihood")
 
     # evidence of one request
     def concepts_for(self, item: Item, cond: Condition, big: list[str] | None = None) -> list[str]:
@@ -254,23 +311,29 @@ class Harness:
         return big or []
 
     def run(self, item: Item, order: tuple[int, ...], cond: Condition, evidence_ids: list[str]) -> Outcome:
-        from personalkv.kv.engine import GenerationOptions, answer
+        from personalkv.kv.conversation import ConversationKV
+        from personalkv.kv.engine import GenerationOptions
 
         question = mc_question(item, order)
         options = GenerationOptions(max_new_tokens=0, recompute_ratio=cond.ratio,
                                     recompute_strategy=cond.strategy)
+        # The engine's first turn up to its first logits (``engine.answer`` without decoding),
+        # so that the option texts can then be scored from the very same cache.
+        conversation = ConversationKV()
         if cond.mode == "placed":
             chunks = [self.chunks[c, cond.quantization] for c in evidence_ids]
-            result = answer(self.adapter, chunks, question, options=options)
+            started = conversation.begin_turn(self.adapter, chunks, question, options=options)
         else:  # the profiles' text in the user's message, then the question
             text = "".join(self.texts[c] for c in evidence_ids)
-            result = answer(self.adapter, [], text + question, options=options)
-        logits = result.first_logits.float().cpu()
-        ttft = sum(result.timings[s] for s in ("place", "recompute", "prefill"))
+            started = conversation.begin_turn(self.adapter, [], text + question, options=options)
+        logits = started.logits.float().cpu()
+        ttft = sum(started.timings[s] for s in ("place", "recompute", "prefill"))
+        option_tokens = (option_logprobs(self.adapter, conversation.ctx, started.logits, self.option_ids[item])
+                         if cond.scored else [])
         scores = torch.log_softmax(logits, -1)[self.letter_ids[: len(order)]]
         position = int(torch.argmax(scores))
-        return Outcome(letter_logprobs=[float(s) for s in scores], pick=order[position],
-                       argmax=int(torch.argmax(logits)), ttft=ttft, logits=logits)
+        return Outcome(letter_logprobs=[float(s) for s in scores], option_token_logprobs=option_tokens,
+                       pick=order[position], argmax=int(torch.argmax(logits)), ttft=ttft, logits=logits)
 
     def setup_big(self, target_tokens: int, pieces: int) -> list[str]:
         """``pieces`` chunks of about target_tokens / pieces tokens each, every one the
@@ -388,14 +451,14 @@ def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy
                "answers": len(done),
                "ttft_ms_median": round(1000 * statistics.median(o.ttft for _, o in done), 2)}
         if cond.scored:
-            hits = [o.pick == item.answer for (item, _), o in done]
-            correct[cond.name] = hits
-            low, high = wilson(sum(hits), len(hits))
-            calibrated = _calibrated(items, pairs, outs)
-            c_low, c_high = wilson(sum(calibrated), len(calibrated))
-            row.update(accuracy=sum(hits) / len(hits), accuracy_ci95=[low, high],
-                       accuracy_calibrated=sum(calibrated) / len(calibrated),
-                       accuracy_calibrated_ci95=[c_low, c_high],
+            likelihood = _per_question(pairs, outs, _likelihood_scores)
+            correct[cond.name] = likelihood
+            per_pair = [_best(_likelihood_scores(order, o)) == item.answer for (item, order), o in done]
+            by_sum = _per_question(pairs, outs, lambda order, o: [sum(t) for t in o.option_token_logprobs])
+            letter = [o.pick == item.answer for (item, _), o in done]
+            row.update(_accuracy("accuracy_likelihood", likelihood), **_accuracy("accuracy_likelihood_pairs", per_pair),
+                       **_accuracy("accuracy_likelihood_sum", by_sum), **_accuracy("accuracy_letter", letter),
+                       **_accuracy("accuracy_letter_calibrated", _per_question(pairs, outs, _letter_scores)),
                        picks_first_letter=sum(o.letter_logprobs[0] >= max(o.letter_logprobs)
                                               for _, o in done) / len(done))
         if cond.counterpart:
@@ -420,6 +483,7 @@ def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy
     out = {
         "conditions": per_condition,
         "mcnemar": tests,
+        "sweep": sweep_rows(per_condition),
         "questions": len(items), "answers_per_condition": len(pairs), "k": k,
     }
     out.update(headline(per_condition, k, big_k, default_ratio, default_strategy))
@@ -440,12 +504,13 @@ def headline(per_condition: dict, k: int, big_k: int, ratio: float, strategy: st
         "placed3_identical_argmax": per_condition[default3]["identical_argmax"],
         "ttft_ratio_prompt3_over_placed3": per_condition[default3]["ttft_ratio_counterpart_over_this"],
     }
-    # Does the evidence make the answer right: calibrated likelihood scoring (each option's letter
-    # log-probability summed over both orders, which cancels the model's letter prior).
+    # Does the evidence make the answer right: option text likelihood (per question, both orders);
+    # beside it the letter's, calibrated over both orders (which cancels the letter prior).
     for key, name in (("none", "none"), ("prompt1", "prompt1"), ("placed1", "placed1"),
                       (f"prompt{k}", f"prompt{k}"), (f"placed{k}", default3)):
-        out[f"accuracy_{key}"] = per_condition[name]["accuracy_calibrated"]
-        out[f"accuracy_{key}_ci95"] = per_condition[name]["accuracy_calibrated_ci95"]
+        for prefix, column in (("accuracy", "accuracy_likelihood"), ("accuracy_letter", "accuracy_letter_calibrated")):
+            out[f"{prefix}_{key}"] = per_condition[name][column]
+            out[f"{prefix}_{key}_ci95"] = per_condition[name][f"{column}_ci95"]
     if big_k:
         big_default = placed_name(big_k, ratio, strategy)
         out[f"ttft_ratio_prompt{big_k}_over_placed{big_k}"] = \
@@ -453,31 +518,70 @@ def headline(per_condition: dict, k: int, big_k: int, ratio: float, strategy: st
     return out
 
 
-def _calibrated(items, pairs, outs) -> list[bool]:
-    """Per question: each option's letter log-probabilities summed over both orders."""
+def _accuracy(key: str, hits: list[bool]) -> dict:
+    low, high = wilson(sum(hits), len(hits))
+    return {key: sum(hits) / len(hits), f"{key}_ci95": [low, high]}
+
+
+def _best(scores: list[float]) -> int:
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def _likelihood_scores(order, out: Outcome) -> list[float]:
+    """Per option (dataset order): its text's likelihood score."""
+    return [option_score(tokens) for tokens in out.option_token_logprobs]
+
+
+def _letter_scores(order, out: Outcome) -> list[float]:
+    """Per option (dataset order): the log-probability of the letter it was presented under."""
+    scores = [0.0] * len(order)
+    for position, option in enumerate(order):
+        scores[option] = out.letter_logprobs[position]
+    return scores
+
+
+def _per_question(pairs, outs, scores_of) -> list[bool]:
+    """Per question: whether the option with the highest score summed over its orders is right."""
     by_item: dict[int, list] = {}
     for (item, order), out in zip(pairs, outs):
         if out is None:
             continue
-        scores = by_item.setdefault(id(item), [item, [0.0] * len(item.options)])[1]
-        for position, option in enumerate(order):
-            scores[option] += out.letter_logprobs[position]
-    return [max(range(len(s)), key=s.__getitem__) == item.answer for item, s in by_item.values()]
+        total = by_item.setdefault(id(item), [item, [0.0] * len(item.options)])[1]
+        for option, score in enumerate(scores_of(order, out)):
+            total[option] += score
+    return [_best(total) == item.answer for item, total in by_item.values()]
 
 
 # --- output -------------------------------------------------------------------------------
+def sweep_rows(conditions: dict) -> list[dict]:
+    """The recompute sweep: every multi-chunk placed condition (full precision) as one row
+    (chunks, strategy, r, KL mean / max vs the same evidence in the prompt, identical answers,
+    TTFT ratio prompt / placed), ordered by chunks, strategy, r."""
+    rows = []
+    for name, row in conditions.items():
+        if row["mode"] == "placed" and row["k"] > 1 and row["quantization"] == "none":
+            rows.append({"condition": name, "chunks": row["k"], "strategy": row["recompute_strategy"],
+                         "ratio": row["recompute_ratio"], "kl_mean": row["kl_mean"], "kl_max": row["kl_max"],
+                         "identical_answers": row["identical_answers"], "answers": row["answers"],
+                         "ttft_ratio_prompt_over_placed": row["ttft_ratio_counterpart_over_this"]})
+    return sorted(rows, key=lambda r: (r["chunks"], r["strategy"], r["ratio"]))
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'condition':34s} {'acc':>6s} {'95% CI':>13s} {'calib':>6s} {'KL mean':>9s} "
-             f"{'KL max':>9s} {'same ans':>8s} {'same argmax':>11s} {'TTFT ms':>8s}"]
+    lines = [f"{'condition':34s} {'acc':>6s} {'95% CI':>13s} {'letter':>6s} {'calib':>6s} {'KL mean':>9s} "
+             f"{'KL max':>9s} {'same ans':>8s} {'same argmax':>11s} {'TTFT ms':>8s}",
+             "(acc: option text likelihood per question; letter: raw per answer; calib: letter over both orders)"]
     for name, row in report["conditions"].items():
-        acc = f"{row['accuracy']:.3f}" if "accuracy" in row else "-"
-        ci = "[{:.2f}, {:.2f}]".format(*row["accuracy_ci95"]) if "accuracy" in row else "-"
-        cal = f"{row['accuracy_calibrated']:.3f}" if "accuracy" in row else "-"
+        scored = "accuracy_likelihood" in row
+        acc = f"{row['accuracy_likelihood']:.3f}" if scored else "-"
+        ci = "[{:.2f}, {:.2f}]".format(*row["accuracy_likelihood_ci95"]) if scored else "-"
+        letter = f"{row['accuracy_letter']:.3f}" if scored else "-"
+        cal = f"{row['accuracy_letter_calibrated']:.3f}" if scored else "-"
         kl_mean = f"{row['kl_mean']:.2e}" if "kl_mean" in row else "-"
         kl_max = f"{row['kl_max']:.2e}" if "kl_max" in row else "-"
         same = f"{row['identical_answers']:.3f}" if "identical_answers" in row else "-"
         same_max = f"{row['identical_argmax']:.3f}" if "identical_argmax" in row else "-"
-        lines.append(f"{name:34s} {acc:>6s} {ci:>13s} {cal:>6s} {kl_mean:>9s} {kl_max:>9s} "
+        lines.append(f"{name:34s} {acc:>6s} {ci:>13s} {letter:>6s} {cal:>6s} {kl_mean:>9s} {kl_max:>9s} "
                      f"{same:>8s} {same_max:>11s} {row['ttft_ms_median']:>8.1f}")
     lines.append("")
     for name, test in report["mcnemar"].items():
@@ -487,14 +591,15 @@ def format_table(report: dict) -> str:
 
 
 def write_png(report: dict, path: Path) -> Path:
-    """Accuracy per scored condition (raw and calibrated, with 95% intervals); placed-k KL and
-    TTFT over the recompute share r per strategy. Drawn with matplotlib (Agg, no display)."""
+    """Accuracy per scored condition (option text likelihood and calibrated letter, with 95%
+    intervals); KL and TTFT over the recompute share r per strategy, for k and for the many-chunk
+    condition (solid / dashed). Drawn with matplotlib (Agg, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = report["conditions"]
-    colours = {"deviation": "tab:red", "first": "tab:blue", "query": "tab:purple", "raw": "0.35",
-               "calibrated": "tab:green"}
+    colours = {"deviation": "tab:red", "first": "tab:blue", "query": "tab:purple",
+               "option text likelihood": "tab:green", "letter, calibrated": "0.35"}
     fig = Figure(figsize=(17, 6.5), layout="constrained")
     FigureCanvasAgg(fig)
     acc, kl, ttft = fig.subplots(1, 3, width_ratios=(1.3, 1, 1))
@@ -502,9 +607,10 @@ def write_png(report: dict, path: Path) -> Path:
                  f"{report.get('questions', '?')} questions, placed KV chunks vs profile in the prompt")
 
     # 1: accuracy bars
-    scored = [(n, r) for n, r in rows.items() if "accuracy" in r]
+    scored = [(n, r) for n, r in rows.items() if "accuracy_likelihood" in r]
     height = 0.4
-    for j, (key, label) in enumerate((("accuracy", "raw"), ("accuracy_calibrated", "calibrated"))):
+    for j, (key, label) in enumerate((("accuracy_likelihood", "option text likelihood"),
+                                      ("accuracy_letter_calibrated", "letter, calibrated"))):
         values = [r[key] for _, r in scored]
         errors = [[v - r[f"{key}_ci95"][0] for v, (_, r) in zip(values, scored)],
                   [r[f"{key}_ci95"][1] - v for v, (_, r) in zip(values, scored)]]
@@ -521,11 +627,11 @@ def write_png(report: dict, path: Path) -> Path:
 
     # 2 and 3: curves over r for the placed-k and placed-big conditions
     curves: dict[tuple[int, str], list[tuple[float, dict]]] = {}
-    for name, r in rows.items():
-        if r["mode"] == "placed" and r["k"] > 1 and r["quantization"] == "none":
-            for strategy in ("deviation", "first", "query"):
-                if r["recompute_ratio"] in (0.0, 1.0) or r["recompute_strategy"] == strategy:
-                    curves.setdefault((r["k"], strategy), []).append((r["recompute_ratio"], r))
+    for point in sweep_rows(rows):
+        for strategy in ("deviation", "first", "query"):
+            if point["ratio"] in (0.0, 1.0) or point["strategy"] == strategy:
+                curves.setdefault((point["chunks"], strategy), []).append(
+                    (point["ratio"], rows[point["condition"]]))
     ks = sorted({kk for kk, _ in curves})
 
     def curve_panel(ax, key, title, ylabel, ks, floor=0.0):
@@ -553,8 +659,8 @@ def write_png(report: dict, path: Path) -> Path:
         else:
             ax.text(0.5, 0.5, "no placed-k conditions", ha="center", va="center", transform=ax.transAxes)
 
-    curve_panel(kl, "kl_mean", f"placed{ks[0] if ks else '-'}: KL(prompt || placed) over r",
-                "KL mean (log; below 1e-3 drawn at 1e-3)", ks[:1], floor=1e-3)
+    curve_panel(kl, "kl_mean", "KL(prompt || placed) over r", "KL mean (log; below 1e-4 drawn at 1e-4)", ks,
+                floor=1e-4)
     curve_panel(ttft, "ttft_ms_median", "TTFT over r", "TTFT median, ms (log)", ks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,10 @@ import pytest
 
 from personalkv.cli import main
 from personalkv.config import get_settings
-from personalkv.evaluation.qa import Item, context_concepts, evaluate, mcnemar_exact, placed_name, wilson
+import torch
+
+from personalkv.evaluation.qa import (Condition, Item, Outcome, context_concepts, evaluate, mcnemar_exact,
+                                       option_logprobs, option_score, placed_name, summarize, wilson)
 
 EXACT_KL = 1e-6  # fp32: placed and prompt differ only by float reordering (KL ~1e-12 seen)
 
@@ -61,15 +64,23 @@ def test_eval_qa_conditions_and_exactness(dataset):
     assert report["placed3_kl_mean"] == rows[default3]["kl_mean"]
     for key, name in (("none", "none"), ("prompt1", "prompt1"), ("placed1", "placed1"), ("prompt3", "prompt3"),
                       ("placed3", default3)):
-        assert report[f"accuracy_{key}"] == rows[name]["accuracy_calibrated"]
+        assert report[f"accuracy_{key}"] == rows[name]["accuracy_likelihood"]
+        assert report[f"accuracy_letter_{key}"] == rows[name]["accuracy_letter_calibrated"]
         low, high = report[f"accuracy_{key}_ci95"]
         assert 0 <= low <= report[f"accuracy_{key}"] <= high <= 1
     for name in ("none", "prompt1", "placed3_r0.3_first"):
         row = rows[name]
-        low, high = row["accuracy_ci95"]
-        assert 0 <= low <= row["accuracy"] <= high <= 1 and row["answers"] == 16
-        assert 0 <= row["accuracy_calibrated"] <= 1
-    assert rows["prompt4"]["answers"] == 1 and "accuracy" not in rows["prompt4"]  # timing only
+        low, high = row["accuracy_letter_ci95"]
+        assert 0 <= low <= row["accuracy_letter"] <= high <= 1 and row["answers"] == 16
+        assert 0 <= row["accuracy_letter_calibrated"] <= 1 and 0 <= row["accuracy_likelihood_sum"] <= 1
+    assert rows["prompt4"]["answers"] == 1 and "accuracy_likelihood" not in rows["prompt4"]  # timing only
+    # Full recompute is the prompt: the option texts score alike, so the picks agree per question.
+    assert rows["placed3_r1"]["accuracy_likelihood"] == rows["prompt3"]["accuracy_likelihood"]
+    # The sweep: every multi-chunk full-precision placed condition, nothing else.
+    assert sorted(r["condition"] for r in report["sweep"]) == sorted(
+        n for n, row in rows.items() if row["mode"] == "placed" and row["k"] > 1 and row["quantization"] == "none")
+    assert {(r["chunks"], r["ratio"]) for r in report["sweep"]} == {(k, r) for k in (3, 4)
+                                                                  for r in (0.0, 0.3, 1.0, model.recompute_ratio)}
     assert report["big_evidence_tokens"] >= 120
     assert "placed1 vs prompt1" in report["mcnemar"]
 
@@ -106,3 +117,63 @@ def test_k_contexts_place_the_target_at_varied_positions():
         assert len(picked) == 3 == len(set(picked)) and picked[index % 3] == "c"
         positions.add(picked.index("c"))
     assert positions == {0, 1, 2}
+
+
+# --- option text likelihood -------------------------------------------------------------------
+LIKELIHOOD_TOL = 1e-4  # log-probabilities, fp32 tiny random weights: float reordering ~1e-6 seen
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "qwen2_vl"])
+def test_option_logprobs_equal_a_full_prompt_forward(tiny, kind):
+    """Each option scored from the question's cache (all options in one forward, block mask)
+    gets the log-probabilities the model's own forward over prefix + question + option gives."""
+    from personalkv.kv.conversation import ConversationKV
+    from personalkv.kv.engine import GenerationOptions
+    from personalkv.models.base import Segment
+
+    adapter = tiny(kind)
+    question = "Is Rex a dog?\nA. Yes\nB. No, a brown cat with a black collar\n" + "Answer with the letter."
+    options = [adapter.tokenize("Yes"), adapter.tokenize("No, a brown cat with a black collar")]
+    assert len(options[0]) < len(options[1])
+    conversation = ConversationKV()
+    started = conversation.begin_turn(adapter, [], question, options=GenerationOptions(max_new_tokens=0))
+    scored = option_logprobs(adapter, conversation.ctx, started.logits, options)
+    prefix = adapter.build_segment([adapter.system_prefix_text()])
+    asked = adapter.build_segment(adapter.question_parts(question))
+    for ids, got in zip(options, scored):
+        logits = adapter.reference_forward([prefix, asked, Segment(token_ids=torch.tensor(ids))],
+                                           logits_to_keep=len(ids) + 1)
+        want = [float(row[t]) for row, t in zip(torch.log_softmax(logits[:-1], -1), ids)]
+        assert len(got) == len(ids)
+        assert max(abs(a - b) for a, b in zip(got, want)) <= LIKELIHOOD_TOL
+    assert option_score(scored[1]) == pytest.approx(sum(scored[1]) / len(scored[1]))
+
+
+def test_accuracy_keys_are_option_likelihood_letters_beside_them():
+    """Synthetic outcomes where the scorings disagree: the letter always says A (the first
+    presented option), the right option is the longer one with the higher mean but lower sum
+    log-probability. The headline keys must follow the mean likelihood, per question."""
+    items = [Item(f"c{i}", 0, "q", ("short", "the longer right answer"), 1) for i in range(4)]
+    pairs = [(item, order) for item in items for order in ((0, 1), (1, 0))]
+    right = [[-3.0], [-1.0, -1.0, -1.5, -1.0]]  # means -3 vs -1.125; sums -3 vs -4.5
+
+    def outcome(order):
+        return Outcome(letter_logprobs=[-0.1, -3.0], option_token_logprobs=right, pick=order[0], argmax=0,
+                       ttft=0.01)
+
+    conds = [Condition("none", "none"), Condition("prompt1", "prompt", 1),
+             Condition("placed1", "placed", 1, counterpart="prompt1"),
+             Condition("placed1_int8", "placed", 1, "int8", counterpart="prompt1"),
+             Condition("prompt3", "prompt", 3), Condition(placed_name(3, 0.1, "first"), "placed", 3, ratio=0.1,
+                                                          strategy="first", counterpart="prompt3")]
+    outcomes = {c.name: [outcome(order) for _, order in pairs] for c in conds}
+    kl = {c.name: [0.0] * len(pairs) for c in conds if c.counterpart}
+    report = summarize(items, pairs, conds, outcomes, kl, 0.1, "first", 3, 0)
+    for key in ("none", "prompt1", "placed1", "prompt3", "placed3"):
+        assert report[f"accuracy_{key}"] == 1.0  # by mean log-prob per token: always the right one
+        assert report[f"accuracy_{key}_ci95"] == list(wilson(4, 4))  # per question: n = 4
+        assert report[f"accuracy_letter_{key}"] == 0.0  # A in one order, B in the other: a tie, first wins
+    row = report["conditions"]["none"]
+    assert row["accuracy_letter"] == 0.5 and row["accuracy_likelihood_sum"] == 0.0
+    assert row["accuracy_likelihood_pairs"] == 1.0
+    assert [r["condition"] for r in report["sweep"]] == ["placed3_r0.1_first"]
