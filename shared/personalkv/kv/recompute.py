@@ -308,7 +308,9 @@ def _fused_forward(adapter, cache, pending: PendingRecompute, embeds, positions)
     for layer in range(adapter.num_layers):
         keys, values = adapter.cache_kv(cache, layer)
         for tensor in (keys, values):
-            tensor[..., target, :] = tensor[..., kv_len:kv_len + n, :]
+            # clone: with one KV head (Gemma 3 270M) the source slice is contiguous memory of
+            # the same tensor, which an indexed write refuses to read from
+            tensor[..., target, :] = tensor[..., kv_len:kv_len + n, :].clone()
             if m:  # the segment moves down over the fresh copies (clone: the ranges may overlap)
                 tensor[..., kv_len:kv_len + m, :] = tensor[..., kv_len + n:, :].clone()
         adapter.set_cache_kv(cache, layer, keys[..., :kv_len + m, :], values[..., :kv_len + m, :])

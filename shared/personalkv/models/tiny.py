@@ -168,8 +168,8 @@ def tiny_model(kind: str, seed: int = 0, dims: dict | None = None, dtype: torch.
         from personalkv.models.causal_lm import Gemma3Adapter as adapter_cls
 
         # Gemma 3's anatomy at toy size: local (sliding-window) and global layers with their
-        # own RoPE bases, a query pre-scalar other than head_dim, tied embeddings.
-        text.update(num_hidden_layers=3, head_dim=head_dim, tie_word_embeddings=True,
+        # own RoPE bases, a query pre-scalar other than head_dim, tied embeddings, one KV head.
+        text.update(num_hidden_layers=3, num_key_value_heads=1, head_dim=head_dim, tie_word_embeddings=True,
                     query_pre_attn_scalar=2 * head_dim, sliding_window=GEMMA3_SLIDING_WINDOW,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
