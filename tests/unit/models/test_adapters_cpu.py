@@ -24,6 +24,7 @@ CASES = [
     ("llava_onevision", "text"),
     ("llava_onevision", "image"),
     ("causal_lm", "text"),
+    ("gemma3", "text"),
 ]
 
 # Slow tier (`make test-fast` skips it): the subject is the tiny models of every architecture, compared token for token.

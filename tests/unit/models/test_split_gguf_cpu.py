@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from personalkv.models.checkpoint import QWEN25, SplitGguf, WheelPart, fetch_split_gguf, split_gguf_folder
+from personalkv.models.checkpoint import (
+    GEMMA3_270M,
+    QWEN25,
+    SPLIT_GGUF_MODELS,
+    SplitGguf,
+    WheelPart,
+    fetch_split_gguf,
+    split_gguf_folder,
+)
 
 
 def build_wheel(folder: Path, dist: str, member: str, payload: bytes) -> WheelPart:
@@ -75,9 +83,28 @@ def test_a_joined_file_that_differs_from_its_pin_is_refused(split, tmp_path):
     assert not any((cache / "gguf").iterdir())
 
 
-def test_an_unfetched_model_says_how_to_fetch_it(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b", "gemma3-270m"])
+def test_an_unfetched_model_says_how_to_fetch_it(tmp_path, name):
     with pytest.raises(FileNotFoundError, match="make models"):
-        split_gguf_folder(QWEN25, tmp_path)
+        split_gguf_folder(SPLIT_GGUF_MODELS[name], tmp_path)
+
+
+def test_the_gemma_template_frames_the_system_text_inside_the_first_user_turn():
+    """Gemma's template has no system role; the converted tokenizer gets it (the GGUF carries
+    none) and the adapter's framing split finds the system text at the start of the user turn."""
+    import copy
+
+    from personalkv.models.base import SYSTEM_PROMPT
+    from personalkv.models.causal_lm import Gemma3Adapter
+    from personalkv.models.tiny import tiny_model, tiny_tokenizer
+
+    tokenizer = copy.deepcopy(tiny_tokenizer())
+    tokenizer.chat_template = GEMMA3_270M.chat_template
+    tokenizer.bos_token = "<|endoftext|>"
+    adapter = Gemma3Adapter(tiny_model("gemma3").model, tokenizer)
+    assert adapter.chat_framing == (f"<|endoftext|><start_of_turn>user\n{SYSTEM_PROMPT}\n\n",
+                                    "<end_of_turn>\n<start_of_turn>model\n")
+    assert adapter.next_turn_text == "<end_of_turn>\n<start_of_turn>user\n"
 
 
 @pytest.mark.slow
@@ -105,4 +132,44 @@ def test_qwen25_loads_through_the_causal_lm_adapter_and_one_placed_chunk_is_exac
     full = adapter.reference_forward(segments, logits_to_keep=1)[-1]
     assert (placed.first_logits - full).abs().max().item() <= 1e-3  # fp32, logits O(10)
     assert adapter.tokenizer.decode(placed.token_ids) == "B"
+    assert torch.isfinite(full).all()
+
+
+@pytest.mark.slow
+def test_gemma3_loads_through_its_adapter_and_placement_is_exact_past_the_sliding_window():
+    """Runs where ``make models`` has fetched it (skipped elsewhere). Three profiles of ~250
+    tokens put the question past the 512-token window of the local layers: with every token
+    recomputed the placed path must equal the model's own full prefill, and one placed chunk
+    must equal it without any recompute."""
+    import torch
+
+    from personalkv.config import ModelSettings
+    from personalkv.kv.engine import GenerationOptions, answer, encode_evidence
+    from personalkv.models.checkpoint import split_gguf_path
+
+    settings = ModelSettings()
+    if not split_gguf_path(GEMMA3_270M, settings.cache_path()).is_file():
+        pytest.skip("gemma3-270m is not fetched (make models)")
+    from personalkv.models import load_adapter
+
+    adapter = load_adapter(GEMMA3_270M.name, settings=settings)
+    assert adapter.kind == "gemma3" and adapter.num_layers == 18
+    # Two RoPE bases: local layers 10k, global layers (every 6th) 1M.
+    assert adapter.layer_inv_freq(0)[1].item() == pytest.approx(10_000 ** (-2 / 256), rel=1e-6)
+    assert adapter.layer_inv_freq(5)[1].item() == pytest.approx(1_000_000 ** (-2 / 256), rel=1e-6)
+    texts = [f"{name} is my {kind}. " + " ".join(f"Fact {i}: {name} likes item number {i}." for i in range(25)) + "\n"
+             for name, kind in (("Bo", "dog"), ("Mo", "cat"), ("Lu", "mug"))]
+    question = "What is Bo? A. A cat B. A dog\nAnswer with the letter of the correct option."
+    chunks = [encode_evidence(adapter, [t], user_id="u", concept_id=f"c{i}", kind="profile_text",
+                              content=t.encode()) for i, t in enumerate(texts)]
+    segments = [adapter.build_segment([adapter.system_prefix_text()]), *(adapter.build_segment([t]) for t in texts),
+                adapter.build_segment(adapter.question_parts(question))]
+    assert sum(s.num_tokens for s in segments[:-1]) > adapter.text_config.sliding_window
+    full = adapter.reference_forward(segments, logits_to_keep=1)[-1]
+    options = GenerationOptions(max_new_tokens=1, recompute_ratio=1.0, recompute_strategy="first")
+    placed = answer(adapter, chunks, question, options=options)
+    assert (placed.first_logits - full).abs().max().item() <= 1e-3  # fp32, logits O(10-30)
+    one = [segments[0], segments[1], segments[-1]]
+    single = answer(adapter, chunks[:1], question, options=GenerationOptions(max_new_tokens=1))
+    assert (single.first_logits - adapter.reference_forward(one, logits_to_keep=1)[-1]).abs().max().item() <= 1e-3
     assert torch.isfinite(full).all()
