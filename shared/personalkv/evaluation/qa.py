@@ -19,11 +19,16 @@ The pieces are the product's own: ``load_adapter``, the pipeline's profile chunk
 prompt conditions put the very same profile text in the user's message and run
 ``engine.answer`` with no chunks.
 
-Two scorings, from the same state (the cache after the question's prefill):
+Two scorings, each from the state its question asks for (the cache after that question's
+prefill, over the same evidence):
 
 * **option text likelihood** (the headline ``accuracy_*`` keys): how likely the model finds each
-  option's *text* as its answer (``option_logprobs``: the assistant turn continues with the
-  option's tokens, forwarded over the question's cache, never re-prefilling the evidence). The
+  option's *text* as its answer, after the question with its options listed without letters
+  and the instruction to answer with the option's text (``mc_question(..., "text")``; after the
+  letter instruction a model expects a letter, and the text's likelihood then follows its prior
+  for "Yes" / "No", not the evidence: issue 22's qwen2.5-0.5b picked the same options with and
+  without the profile). ``option_logprobs``: the assistant turn continues with the option's
+  tokens, forwarded over the question's cache, never re-prefilling the evidence. The
   score is the mean log-probability per token: the options of one question differ in length
   ("Yes" vs "a red collar with a bell"), and a sum charges every extra token, so it prefers the
   shorter option whatever the evidence says (the length-normalised variant of lm-eval-harness's
@@ -31,15 +36,16 @@ Two scorings, from the same state (the cache after the question's prefill):
   pick adds each option's score over both orders; per (question, order) pair it is
   ``accuracy_likelihood_pairs``.
 * **letter** (``accuracy_letter*``): the log-probability of each option's letter as the answer's
-  first token. Raw accuracy counts each (question, order) pair; the calibrated variant adds each
+  first token, after the question with lettered options and the letter instruction. Raw accuracy counts each (question, order) pair; the calibrated variant adds each
   option's letter log-probabilities over both orders, which cancels the model's prior for a
   letter. Small models answer "A" nearly always (and the Yo'LLaVA key is mostly "A"), so the
   letter measures letter bias more than knowledge: hence the text likelihood as the headline.
 
 Accuracy has Wilson 95% intervals (per question for the per-question picks); conditions are
 compared with exact McNemar tests on the paired per-question likelihood outcomes. Each
-placed variant is compared with its prompt counterpart: KL(prompt || placed) of the full
-next-token distribution, identical option picked, identical full-vocabulary argmax. TTFT is the
+placed variant is compared with its prompt counterpart on the letter question's state:
+KL(prompt || placed) of the full next-token distribution, identical option picked, identical
+full-vocabulary argmax. TTFT (of the letter question) is the
 engine's place + recompute + prefill time (chunks come from the hot-chunk cache in serving, so
 their load is left out; the prompt side reuses the cached system prefix too).
 """
@@ -62,7 +68,9 @@ from personalkv.models.base import Segment
 
 OPTION_LETTERS = "ABCDEFGH"
 DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 1.0)  # issue 22's sweep, with none and all
-INSTRUCTION = "Answer with the letter of the correct option."
+#: per ``mc_question`` form: how the options are listed, and what the answer should be
+INSTRUCTIONS = {"letter": "Answer with the letter of the correct option.",
+                "text": "Answer with the correct option's text."}
 EVAL_USER = "eval-qa"
 
 
@@ -109,9 +117,15 @@ def orders(item: Item) -> list[tuple[int, ...]]:
     return [forward, forward[::-1]]
 
 
-def mc_question(item: Item, order: tuple[int, ...]) -> str:
-    lines = [item.question] + [f"{OPTION_LETTERS[i]}. {item.options[j]}" for i, j in enumerate(order)]
-    return "\n".join(lines + [INSTRUCTION])
+def mc_question(item: Item, order: tuple[int, ...], answer_with: str = "letter") -> str:
+    """The question with its options in ``order``: lettered, asking for the letter; or, for
+    ``answer_with="text"``, one per line without letters, asking for the option's text (the
+    state the option texts are scored in: see the module docstring)."""
+    if answer_with == "letter":
+        listed = [f"{OPTION_LETTERS[i]}. {item.options[j]}" for i, j in enumerate(order)]
+    else:
+        listed = [f"- {item.options[j]}" for j in order]
+    return "\n".join([item.question, *listed, INSTRUCTIONS[answer_with]])
 
 
 def context_concepts(item: Item, concept_ids: list[str], k: int, seed: int = 0) -> list[str]:
@@ -242,7 +256,7 @@ def option_score(token_logprobs: list[float]) -> float:
 class Outcome:
     letter_logprobs: list[float]  # per position in the presented order
     #: per option (dataset order): each of its tokens' log-probability as the answer
-    option_token_logprobs: list[list[float]]
+    option_token_logprobs: list[list[float]]  # after the text question (``mc_question(..., "text")``)
     pick: int  # option index (dataset order) picked by the letter
     argmax: int  # full-vocabulary argmax token
     ttft: float
@@ -310,15 +324,14 @@ class Harness:
             return context_concepts(item, [c.concept_id for c in self.dataset.concepts], self.k, self.seed)
         return big or []
 
-    def run(self, item: Item, order: tuple[int, ...], cond: Condition, evidence_ids: list[str]) -> Outcome:
+    def begin(self, question: str, cond: Condition, evidence_ids: list[str]):
+        """The engine's first turn up to its first logits (``engine.answer`` without decoding)
+        over the condition's evidence: (conversation, ``TurnStart``)."""
         from personalkv.kv.conversation import ConversationKV
         from personalkv.kv.engine import GenerationOptions
 
-        question = mc_question(item, order)
         options = GenerationOptions(max_new_tokens=0, recompute_ratio=cond.ratio,
                                     recompute_strategy=cond.strategy)
-        # The engine's first turn up to its first logits (``engine.answer`` without decoding),
-        # so that the option texts can then be scored from the very same cache.
         conversation = ConversationKV()
         if cond.mode == "placed":
             chunks = [self.chunks[c, cond.quantization] for c in evidence_ids]
@@ -326,10 +339,16 @@ class Harness:
         else:  # the profiles' text in the user's message, then the question
             text = "".join(self.texts[c] for c in evidence_ids)
             started = conversation.begin_turn(self.adapter, [], text + question, options=options)
+        return conversation, started
+
+    def run(self, item: Item, order: tuple[int, ...], cond: Condition, evidence_ids: list[str]) -> Outcome:
+        _, started = self.begin(mc_question(item, order), cond, evidence_ids)
         logits = started.logits.float().cpu()
         ttft = sum(started.timings[s] for s in ("place", "recompute", "prefill"))
-        option_tokens = (option_logprobs(self.adapter, conversation.ctx, started.logits, self.option_ids[item])
-                         if cond.scored else [])
+        option_tokens = []
+        if cond.scored:  # the option texts, from the state of the question that asks for a text
+            conversation, asked = self.begin(mc_question(item, order, "text"), cond, evidence_ids)
+            option_tokens = option_logprobs(self.adapter, conversation.ctx, asked.logits, self.option_ids[item])
         scores = torch.log_softmax(logits, -1)[self.letter_ids[: len(order)]]
         position = int(torch.argmax(scores))
         return Outcome(letter_logprobs=[float(s) for s in scores], option_token_logprobs=option_tokens,
@@ -435,6 +454,7 @@ def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RAT
         seconds=round(time.perf_counter() - t0, 1),
         example_profile=harness.texts[items[0].concept_id],
         example_question=mc_question(items[0], orders(items[0])[0]),
+        example_text_question=mc_question(items[0], orders(items[0])[0], "text"),
     )
     return report
 

@@ -149,6 +149,44 @@ def test_option_logprobs_equal_a_full_prompt_forward(tiny, kind):
     assert option_score(scored[1]) == pytest.approx(sum(scored[1]) / len(scored[1]))
 
 
+def test_option_texts_are_scored_after_the_question_that_asks_for_a_text(dataset):
+    """Issue 22: scored after "Answer with the letter", qwen2.5-0.5b's option texts followed its
+    Yes/No prior whatever the evidence. The harness scores them from the state of the question
+    that lists the options without letters and asks for the text; the letter and the KL stay
+    on the letter question's state."""
+    from personalkv.evaluation.dataset import load_dataset
+    from personalkv.evaluation.qa import INSTRUCTIONS, Harness, load_items, mc_question
+    from personalkv.kv.conversation import ConversationKV
+    from personalkv.kv.engine import GenerationOptions
+
+    data = load_dataset(dataset)
+    items = load_items(data, max_concepts=3, max_questions=1)
+    harness = Harness("tiny:causal_lm", data, items, log=lambda *_: None)
+    harness.setup(get_settings())
+    adapter, item, order = harness.adapter, items[0], (1, 0)
+    asked = mc_question(item, order, "text")
+    assert asked.endswith(INSTRUCTIONS["text"]) and "A. " not in asked and "B. " not in asked
+    assert asked.index(item.options[1]) < asked.index(item.options[0])  # the presented order
+
+    def prompt_state(question):
+        conversation = ConversationKV()
+        started = conversation.begin_turn(adapter, [], harness.texts[item.concept_id] + question,
+                                          options=GenerationOptions(max_new_tokens=0))
+        return conversation, started
+
+    conversation, started = prompt_state(asked)
+    want = option_logprobs(adapter, conversation.ctx, started.logits, harness.option_ids[item])
+    conversation, lettered = prompt_state(mc_question(item, order))
+    after_letter = option_logprobs(adapter, conversation.ctx, lettered.logits, harness.option_ids[item])
+    spread = lambda a, b: max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))  # noqa: E731
+    assert spread(want, after_letter) > 100 * LIKELIHOOD_TOL  # the two states are distinguishable
+    for cond in (Condition("prompt1", "prompt", 1), Condition("placed1", "placed", 1, counterpart="prompt1")):
+        out = harness.run(item, order, cond, [item.concept_id])
+        assert spread(out.option_token_logprobs, want) <= LIKELIHOOD_TOL
+        # the letter (and the logits the KL compares) come from the letter question
+        assert torch.allclose(out.logits, lettered.logits.float(), atol=1e-4)
+
+
 def test_accuracy_keys_are_option_likelihood_letters_beside_them():
     """Synthetic outcomes where the scorings disagree: the letter always says A (the first
     presented option), the right option is the longer one with the higher mean but lower sum
