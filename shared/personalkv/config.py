@@ -506,6 +506,11 @@ class MiningSettings(BaseSettings):
         "short side is also recognized in ceil(long/short) square tiles, each framed on its own "
         "(things side by side); 0 turns tiles off.",
     )
+    query_upscale: float = Field(
+        0.0, ge=0, description="Recognition: RootSIFT of the query photo upscales it at most this "
+        "much (0: as the library's photos, 1.6x towards an 800 px short side); fewer query "
+        "keypoints make extraction and matching cheaper.",
+    )
     zoom_grid: int = Field(
         0, ge=0, le=4, description="Recognition: when neither the photo nor its tiles show an accepted "
         "concept, also look at a zoom_grid x zoom_grid grid of overlapping close-ups (small things in "

@@ -40,6 +40,7 @@ from personalkv.config import MiningSettings
 from PIL import Image
 
 from personalkv.images import pixels, upright
+from personalkv.mining.features import SiftExtractor
 from personalkv.mining.library import PhotoLibrary
 from personalkv.mining.miner import MinedConcept
 from personalkv.mining.proposals import box_iou, points_in_boxes, propose_boxes
@@ -142,11 +143,24 @@ class ConceptRecognizer:
         self.library = library
         self.settings = settings
         self.pool_margins = pool_margins
+        self._query_sift: SiftExtractor | None = None
         self._patches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._subject: dict[int, np.ndarray] = {}  # library photo -> keypoint mask
         for cid in library.concept_ids:
             self._patches[cid] = self._patch_appearance(cid, mined.get(cid))
             self._subject_masks(cid, mined.get(cid))
+
+    def _query_extractor(self):
+        """The library's keypoint extractor, or RootSIFT with the query's own upscale cap
+        (``query_upscale``; the library's photos keep theirs): fewer query keypoints make both
+        extraction and matching cheaper."""
+        ex = self.library.extractor
+        cap = self.settings.query_upscale
+        if not cap or not isinstance(ex, SiftExtractor) or cap == ex.max_upscale:
+            return ex
+        if self._query_sift is None or self._query_sift.max_upscale != cap:
+            self._query_sift = SiftExtractor(ex.max_features, ex.contrast, ex.min_side, cap)
+        return self._query_sift
 
     def _subject_masks(self, cid: str, mined: MinedConcept | None) -> None:
         """Keypoints inside the concept's support windows (patches and per-photo best windows)."""
@@ -234,7 +248,7 @@ class ConceptRecognizer:
         (inlier counts per concept and library photo) and its windows' embeddings."""
         lib = self.library
         t0 = time.perf_counter()
-        query = lib.extractor.extract(image)
+        query = self._query_extractor().extract(image)
         t1 = time.perf_counter()
         inliers: dict[str, list[int]] = {}
         subject: dict[str, list[int]] = {}
