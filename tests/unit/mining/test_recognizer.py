@@ -104,3 +104,14 @@ def test_zoom_views_are_overlapping_close_ups():
     assert len(views) == 4 and all(v.shape == (300, 600, 3) for v in views)
     assert ZOOM_SIDE > 0.5  # neighbours overlap, so a thing on a tile border is whole in one
     assert zoom_views(_photo(1000, 500), MiningSettings(zoom_grid=0)) == []
+
+
+def test_query_upscale_caps_only_the_query_keypoints(setup):
+    rec, held, _ = setup
+    photo = next(iter(held.values()))
+    assert rec._query_extractor() is rec.library.extractor  # default: as the library's photos
+    capped = copy.copy(rec)
+    capped.settings, capped._query_sift = rec.settings.model_copy(update={"query_upscale": 1.0}), None
+    assert capped._query_extractor().max_upscale == 1.0
+    assert len(capped._query_extractor().extract(photo)) < len(rec.library.extractor.extract(photo))
+    assert capped.library.extractor.max_upscale > 1.0  # the library keeps its own
