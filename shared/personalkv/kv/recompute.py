@@ -84,14 +84,15 @@ def _select_first(ctx: PlacedContext, ratio: float) -> torch.Tensor:
     return torch.cat(picked)
 
 
-def _rotated_queries(adapter, layer: int, normed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _rotated_queries(adapter, layer: int, normed: torch.Tensor, rotary) -> torch.Tensor:
     """Layer ``layer``'s RoPE-rotated queries ``(1, heads, T, head_dim)`` of the normed inputs
-    ``normed`` ``(1, T, hidden)`` at ``positions``: the queries its attention computes."""
+    ``normed`` ``(1, T, hidden)``, rotated by ``rotary`` (``adapter.layer_rotary`` at their
+    positions): the queries its attention computes."""
     attn = adapter.decoder_layers[layer].self_attn
     query = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)
     if getattr(attn, "q_norm", None) is not None:  # Gemma 3 normalizes queries before RoPE
         query = attn.q_norm(query)
-    cos, sin = adapter.layer_rotary(normed, positions, layer)
+    cos, sin = rotary
     cos, sin = cos[:, None].to(query.dtype), sin[:, None].to(query.dtype)
     return query * cos + rotate_half(query) * sin
 
@@ -114,7 +115,8 @@ def _deviation(adapter, ctx: PlacedContext, embeds, positions) -> torch.Tensor:
     prefix_len, total = ctx.prefix_tokens, embeds.shape[1]
     layer = adapter.decoder_layers[0]
     attn = layer.self_attn
-    query = _rotated_queries(adapter, 0, layer.input_layernorm(embeds), positions)
+    query = _rotated_queries(adapter, 0, layer.input_layernorm(embeds),
+                             adapter.layer_rotary(embeds, positions, 0))
     keys, values = adapter.cache_kv(ctx.cache, 0)
     groups = query.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
@@ -157,11 +159,11 @@ def _question_attention(adapter, ctx: PlacedContext, question) -> torch.Tensor:
     try:
         for index in range(layers):
             layer = adapter.decoder_layers[index]
-            query = _rotated_queries(adapter, index, layer.input_layernorm(hidden), positions)
+            rotary = adapter.layer_rotary(hidden, positions, index)  # the queries' and the layer's
+            query = _rotated_queries(adapter, index, layer.input_layernorm(hidden), rotary)
             # The model's own layer, so the next layer's input is exactly the prefill's; it
             # appends the question's keys, which this layer's probabilities then include.
             layer_mask = adapter.layer_mask(decoder_mask, index)
-            rotary = adapter.layer_rotary(hidden, positions, index)
             hidden = layer(hidden, attention_mask=layer_mask, position_embeddings=rotary, cache=ctx.cache,
                            use_cache=True)
             keys = adapter.cache_kv(ctx.cache, index)[0]

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
-
-from personalkv.config import MiningSettings
 from PIL import Image
 
+from personalkv.config import MiningSettings
 from personalkv.images import pixels, upright
 from personalkv.mining.features import SiftExtractor
 from personalkv.mining.library import PhotoLibrary
@@ -72,6 +71,8 @@ class Recognition:
 
 #: A window overlapping an accepted concept's windows this much (IoU) is that concept's region.
 CLAIM_IOU = 0.5
+#: side of a zoom tile, as a share of the photo's (overlapping tiles of a 2x2 grid)
+ZOOM_SIDE = 0.6
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,6 @@ def zoom_views(image: Image.Image, settings: MiningSettings) -> list[np.ndarray]
     return [pixels(image.crop((int(x), int(y), int(x) + tw, int(y) + th)), settings.max_side)
             for y in np.linspace(0, h - th, n) for x in np.linspace(0, w - tw, n)]
 
-
-#: side of a zoom tile, as a share of the photo's (overlapping tiles of a 2x2 grid)
-ZOOM_SIDE = 0.6
 
 
 class ConceptRecognizer:
@@ -211,7 +209,7 @@ class ConceptRecognizer:
         views = [self._view_evidence(v, seconds) for v in [image, *tiles]]
         return self._combine(views, candidates, seconds)
 
-    def _combine(self, views: list["_ViewEvidence"], candidates: Sequence[str] | None,
+    def _combine(self, views: list[_ViewEvidence], candidates: Sequence[str] | None,
                  seconds: dict[str, float]) -> Recognition:
         ids = list(candidates) if candidates is not None else list(self.library.concept_ids)
         t = time.perf_counter()
@@ -243,7 +241,7 @@ class ConceptRecognizer:
         views += [self._view_evidence(v, seconds) for v in zoom_views(image, self.settings)]
         return self._combine(views, candidates, seconds)
 
-    def _view_evidence(self, image: np.ndarray, seconds: dict[str, float]) -> "_ViewEvidence":
+    def _view_evidence(self, image: np.ndarray, seconds: dict[str, float]) -> _ViewEvidence:
         """What one view contributes, whatever the concept: its keypoints' verified matches
         (inlier counts per concept and library photo) and its windows' embeddings."""
         lib = self.library
@@ -266,7 +264,7 @@ class ConceptRecognizer:
             seconds[stage] = seconds.get(stage, 0.0) + s
         return _ViewEvidence(inliers, subject, boxes, windows)
 
-    def _appearance(self, cid: str, ev: "_ViewEvidence", usable: np.ndarray) -> tuple[float, float, np.ndarray]:
+    def _appearance(self, cid: str, ev: _ViewEvidence, usable: np.ndarray) -> tuple[float, float, np.ndarray]:
         """(margin score, raw score, windows used) of concept ``cid`` over the usable windows:
         mean of the 3 best (best window similarity - pool similarity) of its patches."""
         emb, neg = self._patches.get(cid, (np.zeros((0, 1)), np.zeros(0)))
@@ -278,7 +276,7 @@ class ConceptRecognizer:
         top = np.argsort(best_sim - neg)[-3:]
         return float((best_sim - neg)[top].mean()), float(np.sort(best_sim)[-3:].mean()), where[top]
 
-    def _view_scores(self, ev: "_ViewEvidence", ids: Sequence[str]) -> dict[str, "ConceptEvidence"]:
+    def _view_scores(self, ev: _ViewEvidence, ids: Sequence[str]) -> dict[str, ConceptEvidence]:
         """Every candidate's evidence in one view. Keypoints vote for one concept each already
         (the library's ratio test across owners); windows could support two concepts that look
         alike, so concepts are taken best first and an accepted concept's windows (those its
