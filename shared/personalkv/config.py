@@ -75,11 +75,14 @@ class ModelSettings(BaseSettings):
         "r at which 3 stitched concepts stay within mean KL 0.01 of the prompt on SmolLM2 and "
         "qwen2.5-0.5b (`personalkv eval qa` sweep, docs/evaluation.md 'Profile QA').",
     )
-    recompute_strategy: Literal["deviation", "first", "query"] = Field(
+    recompute_strategy: Literal["deviation", "first", "query", "salience"] = Field(
         "query",
         description="Which tokens to recompute: 'query' (default: question attention in a probe "
         "x deviation, plus each chunk's first token; nothing on an exactly placed first chunk; "
-        "lowest placed-vs-prompt KL at 3 and 10 chunks, docs/evaluation.md), 'deviation' "
+        "lowest placed-vs-prompt KL at 3 and 10 chunks, docs/evaluation.md), 'salience' (the "
+        "same ranking with the question's probe replaced by one measured when the chunk was "
+        "computed and stored with it, plus each chunk's first 4 tokens: no probe at Ask time), "
+        "'deviation' "
         "(CacheBlend-style: largest change of layer-0 attention output once other chunks are "
         "visible) or 'first' (EPIC: the first tokens of each chunk).",
     )

@@ -104,20 +104,37 @@ def sample_photos(photos_per_concept: int = 3) -> dict[str, list[bytes]]:
             for i, (cid, spec) in enumerate(CONCEPTS.items())}
 
 
+#: The model the demo prefers when none is configured: the strongest that runs offline here and
+#: reads its context (on the grounded questions SmolLM2 scores none 0.53 / prompt 0.50-0.53: it
+#: answers from its weights whatever the evidence says). Fetched by `make models`.
+PREFERRED = "qwen2.5-0.5b"
+
+
+def _default_model(m: ModelSettings, out) -> str:
+    """With no model configured: ``PREFERRED`` when it is fetched, else SmolLM2 with a note."""
+    from personalkv.models.checkpoint import SPLIT_GGUF_MODELS, split_gguf_path
+
+    if split_gguf_path(SPLIT_GGUF_MODELS[PREFERRED], m.cache_path()).is_file():
+        return PREFERRED
+    out(f"note: {PREFERRED} is not fetched (`make models`), so SmolLM2 answers; it barely reads "
+        "its context, so your evidence changes few of its answers")
+    return m.name
+
+
 def _pick_model(m: ModelSettings, requested: str | None, out) -> tuple[object, str]:
     """The adapter to use and what it is: "tiny" (a random-weight model, only when named
-    ``tiny:<kind>``), "smollm2" (the default: the real text model that ships offline) or
-    "configured" (a VLM named by --model or PERSONALKV_MODEL_NAME). A model that cannot load
-    raises ``ModelLoadError``: the demo stops with that message, never answers with another
-    model."""
+    ``tiny:<kind>``), "smollm2" (the real text model that ships offline), "qwen2.5-0.5b" (the
+    default when fetched: see ``PREFERRED``) or "configured" (a VLM named by --model or
+    PERSONALKV_MODEL_NAME). A model that cannot load raises ``ModelLoadError``: the demo stops
+    with that message, never answers with another model."""
     from personalkv.models import load_adapter
     from personalkv.models.checkpoint import SMOLLM2
 
-    name = requested or m.name
+    name = requested or (m.name if "name" in m.model_fields_set else _default_model(m, out))
     if not name.startswith("tiny:"):
         out(f"loading {name} ...")
     adapter = load_adapter(name, m.device, m.dtype, settings=m)
-    what = "tiny" if name.startswith("tiny:") else "smollm2" if name == SMOLLM2 else "configured"
+    what = "tiny" if name.startswith("tiny:") else name if name in (SMOLLM2, PREFERRED) else "configured"
     return adapter, what
 
 
@@ -135,7 +152,18 @@ BANNERS = {
         "(image keys); no image chunks are made. A 135M model answers simply and errs.",
         "Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision checkpoint for a VLM.",
     ],
+    PREFERRED: [
+        "DEMO MODEL: Qwen2.5-Coder-0.5B-Instruct, real weights, TEXT ONLY (fetched by make models).",
+        "Answers come from its weights reading the placed profile chunks of your concepts.",
+        "It cannot see photos: a question's photo only picks your concepts by retrieval.",
+        "Set PERSONALKV_MODEL_NAME to a Qwen2-VL / LLaVA-OneVision checkpoint for a VLM.",
+    ],
 }
+
+#: Asked twice: by the demo user and by an account with nothing stored (the same service
+#: layer and model): the difference is what the user's evidence contributes.
+EVIDENCE_QUESTION = "What is on the side of my mug?"
+GUEST = "demo-guest"
 
 
 def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=print) -> int:
@@ -186,6 +214,13 @@ def run_demo(data_dir: Path | None = None, model_name: str | None = None, out=pr
             out(f"A: {result.answer!r}")
             out(f"  personal evidence used: {'yes' if result.personal_evidence_used else 'no'}")
             out(result.describe_evidence())
+        out("\nDoes the evidence matter? The same question, from an account with nothing stored:")
+        concepts.delete_user(svc, GUEST)
+        without = answering.ask(svc, GUEST, EVIDENCE_QUESTION, [], options)
+        with_evidence = answering.ask(svc, USER, EVIDENCE_QUESTION, [], options)
+        out(f"  asked: {EVIDENCE_QUESTION}")
+        out(f"  without your evidence: {without.answer!r}")
+        out(f"  with your evidence:    {with_evidence.answer!r}")
         # A conversation: the follow-up only makes sense with the first turn ("he" is Rex),
         # and is answered from the conversation's kept KV (no evidence placed again).
         first = answering.ask(svc, USER, "Tell me about my dog Rex.", [], options,

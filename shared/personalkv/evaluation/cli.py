@@ -6,6 +6,8 @@
   (``personalkv.evaluation.recognition``).
 * ``personalkv eval qa DATASET --model MODEL``: profile QA, placed KV chunks vs the prompt
   (``personalkv.evaluation.qa``).
+* ``personalkv eval grounded DATASET --questions FILE --model MODEL``: grounded profile QA and
+  binding across placed concepts (``personalkv.evaluation.grounded``).
 * ``personalkv eval ask DATASET [--json FILE] [--sheet PNG] [--half 0|1] [--work-dir DIR]``:
   recognition through Ask (``personalkv.evaluation.ask``), at the configured settings.
 
@@ -65,6 +67,21 @@ def register(subparsers) -> None:
     qa.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     qa.set_defaults(func=run_eval_qa)
 
+    g = evals.add_parser(
+        "grounded", help="grounded profile QA: none / prompt / placed at 1, 3 and 10 concepts, binding")
+    g.add_argument("dataset", type=Path, help="dataset folder (concepts/<id>/profile.json)")
+    g.add_argument("--questions", type=Path, default=None,
+                   help="grounded questions (JSON lines; default: the dataset's own, filtered by the rule)")
+    g.add_argument("--profiles", type=Path, default=None,
+                   help="the concepts' facts as JSON {id: {category, info}} (datasets without profiles)")
+    g.add_argument("--model", default=None, help="model name (default PERSONALKV_MODEL_NAME), e.g. qwen2.5-0.5b")
+    g.add_argument("--ratios", type=float, nargs="+", default=None,
+                   help="recompute shares besides the configured default")
+    g.add_argument("--max-questions", type=int, default=None, help="only the first N questions")
+    g.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.set_defaults(func=run_eval_grounded)
+
     p = evals.add_parser(
         "ask", help="ingest a dataset as one user, then Ask's retrieval for its photos and names")
     p.add_argument("dataset", type=Path, help="dataset folder (concepts/<id>/train|test/*.jpg)")
@@ -102,6 +119,22 @@ def run_eval_qa(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(report, indent=1))
     if args.png:
         write_png(report, args.png)
+    return 0
+
+
+def run_eval_grounded(args: argparse.Namespace) -> int:
+    from personalkv.config import get_settings
+    from personalkv.evaluation.grounded import evaluate_grounded, format_table
+
+    settings = get_settings()  # the command is an entry point
+    report = evaluate_grounded(
+        args.dataset, args.model or settings.model.name, settings, questions_path=args.questions,
+        profiles_path=args.profiles, ratios=args.ratios, max_questions=args.max_questions, threads=args.threads,
+        log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -82,6 +82,8 @@ class Item:
     question: str
     options: tuple[str, ...]  # in the dataset's order
     answer: int  # index into options
+    #: the concept whose profile states the wrong option (grounded questions: ``evaluation.grounded``)
+    distractor: str | None = None
 
 
 def _speak(text: str, names: dict[str, str]) -> str:

@@ -65,6 +65,10 @@ class KVChunk:
     token_ids: ``(tokens,)`` int64, needed to re-embed tokens for selective recompute.
     image_embeds: ``(n_image_tokens, hidden)`` rows for the image placeholder tokens, in order;
         ``None`` for text chunks. Kept so that recompute never has to re-run the vision tower.
+    salience: ``(tokens,)`` float32, how much a question about the chunk reads each of its
+        tokens, measured once when the chunk is computed (``kv.recompute.chunk_salience``): the
+        ``salience`` recompute strategy ranks stale tokens by it instead of probing the question
+        at Ask time. ``None`` for chunks stored before it existed (then measured on first use).
     """
 
     meta: ChunkMeta
@@ -73,6 +77,7 @@ class KVChunk:
     positions: torch.Tensor
     token_ids: torch.Tensor
     image_embeds: torch.Tensor | None = None
+    salience: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +97,8 @@ class KVChunk:
         tensors = [*self.keys, *self.values, self.positions, self.token_ids]
         if self.image_embeds is not None:
             tensors.append(self.image_embeds)
+        if self.salience is not None:
+            tensors.append(self.salience)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -2,7 +2,7 @@
 
 Layout: one safetensors file. Tensors ``k.<layer>`` / ``v.<layer>`` (or, quantized, ``k.<layer>.q``
 int8 plus ``k.<layer>.scale`` float32 per channel), ``positions``, ``token_ids`` and optionally
-``image_embeds``. The safetensors string metadata holds ``format`` (``personalkv.kvchunk``),
+``image_embeds`` and ``salience`` (float32 per token: see ``KVChunk``). The safetensors string metadata holds ``format`` (``personalkv.kvchunk``),
 ``version``, ``quantization``, ``meta`` (the ChunkMeta as JSON) and ``checksum``: sha256 over
 every other metadata entry *and* all tensor bytes (name, dtype, shape, data, in name order), so a
 changed bit anywhere - a tensor, the start position, the owner, the layer count - is caught.
@@ -111,6 +111,8 @@ def encode_chunk(chunk: KVChunk, quantization: str = "none") -> bytes:
     tensors["token_ids"] = chunk.token_ids.detach().to("cpu", torch.int32).contiguous()
     if chunk.image_embeds is not None:
         tensors["image_embeds"] = chunk.image_embeds.detach().to("cpu").contiguous()
+    if chunk.salience is not None:
+        tensors["salience"] = chunk.salience.detach().to("cpu", torch.float32).contiguous()
     metadata = {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
@@ -224,8 +226,9 @@ def _check_tensors(meta: ChunkMeta, quantization: str, tensors: dict[str, torch.
         kv_names = {f"{p}.{i}" for p in "kv" for i in layers}
     expected = kv_names | {"positions", "token_ids"}
     names = set(tensors)
-    if not expected <= names or names - expected - {"image_embeds"}:
-        missing, extra = sorted(expected - names), sorted(names - expected - {"image_embeds"})
+    optional = {"image_embeds", "salience"}
+    if not expected <= names or names - expected - optional:
+        missing, extra = sorted(expected - names), sorted(names - expected - optional)
         raise CorruptChunkError(
             f"corrupt chunk: tensors do not match {meta.num_layers} layers / {quantization} "
             f"(missing {missing[:4]}, unexpected {extra[:4]})"
@@ -265,6 +268,10 @@ def _check_tensors(meta: ChunkMeta, quantization: str, tensors: dict[str, torch.
     if embeds is not None and (embeds.dim() != 2 or embeds.dtype != dtype or embeds.shape[0] > tokens):
         fail(f"image_embeds {embeds.dtype} {tuple(embeds.shape)}: expected 2-d {dtype} with at "
              f"most {tokens} rows")
+    salience = tensors.get("salience")
+    if salience is not None and (salience.dtype != torch.float32 or tuple(salience.shape) != (tokens,)
+                                 or not bool(torch.isfinite(salience).all()) or bool((salience < 0).any())):
+        fail(f"salience {salience.dtype} {tuple(salience.shape)}: expected ({tokens},) finite float32 >= 0")
 
 
 def decode_chunk(
@@ -321,7 +328,7 @@ def decode_chunk(
             else:
                 tensor = tensors[f"{prefix}.{layer}"].to(target)
             out.append(tensor.to(device))
-    image_embeds = tensors.get("image_embeds")
+    image_embeds, salience = tensors.get("image_embeds"), tensors.get("salience")
     return KVChunk(
         meta=meta,
         keys=keys,
@@ -329,4 +336,5 @@ def decode_chunk(
         positions=tensors["positions"].to(device, torch.int64),
         token_ids=tensors["token_ids"].to(device, torch.int64),
         image_embeds=None if image_embeds is None else image_embeds.to(device, target),
+        salience=salience,
     )

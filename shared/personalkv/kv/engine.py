@@ -20,6 +20,7 @@ from personalkv.kv.chunk import ChunkKind, ChunkMeta, KVChunk
 from personalkv.kv.conversation import ConversationKV
 from personalkv.kv.evidence import Evidence, chunk_id_of
 from personalkv.kv.generation import AnswerResult, GenerationOptions, decode, prefill
+from personalkv.kv.recompute import chunk_salience
 from personalkv.models.base import ImageInput, ModelAdapter
 
 
@@ -69,7 +70,7 @@ def encode_evidence(
         framing=prefix.framing,
         source=source,
     )
-    return KVChunk(
+    chunk = KVChunk(
         meta=meta,
         keys=keys,
         values=values,
@@ -77,6 +78,9 @@ def encode_evidence(
         token_ids=segment.token_ids.cpu(),
         image_embeds=None if image_embeds is None else image_embeds.detach().clone(),
     )
+    # What a question reads of the chunk, measured once here so that an Ask need not probe.
+    chunk.salience = chunk_salience(adapter, chunk)
+    return chunk
 
 
 def encode(adapter: ModelAdapter, evidence: Evidence, *, user_id: str, concept_id: str) -> KVChunk:

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 
 from personalkv.kv.masks import additive_mask
-from personalkv.kv.placement import PlacedContext
+from personalkv.kv.placement import PlacedContext, place_chunks
 from personalkv.kv.rope import rotate_half
 
-STRATEGIES = ("deviation", "first", "query")
+STRATEGIES = ("deviation", "first", "query", "salience")
 #: ``query``: tokens at the start of every chunk that are always recomputed (EPIC's sink
 #: tokens). 1 measured best on SmolLM2 x Yo'LLaVA (3 chunks, r = 0.05-0.15; 2, 4 and 8 worse).
 SINK_TOKENS = 1
@@ -58,6 +58,10 @@ SINK_TOKENS = 1
 #: through. SmolLM2, 3 chunks, r = 0.15: mean KL 0.0109 / 0.0105 / 0.0074 / 0.0064 with 8 / 12 /
 #: 20 / 30 of its 30 layers; the probe's cost grows with its depth.
 PROBE_SHARE = 2 / 3
+#: ``salience``: the question whose probe over a chunk alone measures its salience (stored with
+#: the chunk; see ``chunk_salience``), and the sink tokens recomputed per chunk.
+SALIENCE_QUESTION = "Tell me everything about this."
+SALIENCE_SINK_TOKENS = 4
 
 
 def _chunk_inputs(adapter, ctx: PlacedContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +183,9 @@ def _question_attention(adapter, ctx: PlacedContext, question) -> torch.Tensor:
     return scores[ctx.prefix_tokens:]
 
 
-def _select_query(adapter, ctx: PlacedContext, question, embeds, positions, count: int) -> torch.Tensor:
-    """Every non-exact chunk's first ``SINK_TOKENS`` tokens, then the tokens of largest question
-    attention x deviation (see the module docstring); at most ``count`` in all."""
+def _select_ranked(adapter, ctx: PlacedContext, count: int, sinks_per_chunk: int, scores) -> torch.Tensor:
+    """Every non-exact chunk's first ``sinks_per_chunk`` tokens, then the tokens of largest
+    ``scores()`` (``(placed tokens,)``, called only when budget is left); at most ``count``."""
     exact = _exact_tokens(adapter, ctx)
     starts, offset = [], 0
     for p in ctx.placed:
@@ -193,17 +197,50 @@ def _select_query(adapter, ctx: PlacedContext, question, embeds, positions, coun
     if count == 0:
         return torch.zeros(0, dtype=torch.long)
     # The sinks share the budget evenly when it cannot hold them all.
-    per_chunk = min(SINK_TOKENS, max(1, count // len(starts)))
+    per_chunk = min(sinks_per_chunk, max(1, count // len(starts)))
     sinks = torch.cat([torch.arange(start, start + min(per_chunk, length)) for start, length in starts])[:count]
     rest = count - sinks.numel()
     if rest == 0:
         return sinks.sort().values
-    # How much the answer reads a token times how stale its KV is (see the module docstring).
-    scores = _question_attention(adapter, ctx, question) * _deviation(adapter, ctx, embeds, positions)
-    scores = scores.cpu()
-    scores[:exact] = -math.inf
-    scores[sinks] = -math.inf
-    return torch.cat([sinks, torch.topk(scores, rest).indices]).sort().values
+    ranked = scores().cpu()
+    ranked[:exact] = -math.inf
+    ranked[sinks] = -math.inf
+    return torch.cat([sinks, torch.topk(ranked, rest).indices]).sort().values
+
+
+def _select_query(adapter, ctx: PlacedContext, question, embeds, positions, count: int) -> torch.Tensor:
+    """``SINK_TOKENS`` per chunk, then the tokens of largest question attention x deviation (see
+    the module docstring)."""
+    return _select_ranked(adapter, ctx, count, SINK_TOKENS, lambda: _question_attention(adapter, ctx, question)
+                          * _deviation(adapter, ctx, embeds, positions))
+
+
+def _select_salience(adapter, ctx: PlacedContext, embeds, positions, count: int) -> torch.Tensor:
+    """``SALIENCE_SINK_TOKENS`` per chunk, then the tokens of largest stored salience x deviation:
+    the ``query`` ranking with the question's probe replaced by one measured at caching time."""
+    def scores():
+        salience = torch.cat([salience_of(adapter, p.chunk) for p in ctx.placed]).to(embeds.device)
+        return salience * _deviation(adapter, ctx, embeds, positions)
+    return _select_ranked(adapter, ctx, count, SALIENCE_SINK_TOKENS, scores)
+
+
+def chunk_salience(adapter, chunk) -> torch.Tensor:
+    """``(tokens,)`` float32: the attention ``SALIENCE_QUESTION`` pays each of the chunk's tokens
+    in the ``query`` probe over the chunk placed alone (at its canonical place). Computed when the
+    chunk is encoded and stored with it: what a question about a chunk reads of it (its name, its
+    facts, its sinks) depends little on which question, and this costs the Ask nothing."""
+    with torch.inference_mode():
+        ctx = place_chunks(adapter, [chunk])
+        question = adapter.build_segment(adapter.question_parts(SALIENCE_QUESTION))
+        return _question_attention(adapter, ctx, question).float().cpu()
+
+
+def salience_of(adapter, chunk) -> torch.Tensor:
+    """The chunk's stored salience; measured now (and kept on the chunk object, which the
+    decoded-chunk cache holds) for a chunk stored before salience existed."""
+    if chunk.salience is None:
+        chunk.salience = chunk_salience(adapter, chunk)
+    return chunk.salience
 
 
 def recompute(adapter, ctx: PlacedContext, ratio: float, strategy: str = "deviation", question=None) -> int:
@@ -229,6 +266,8 @@ def recompute(adapter, ctx: PlacedContext, ratio: float, strategy: str = "deviat
         embeds, positions = _chunk_inputs(adapter, ctx)
         if strategy == "query":
             selected = _select_query(adapter, ctx, question, embeds, positions, count)
+        elif strategy == "salience":
+            selected = _select_salience(adapter, ctx, embeds, positions, count)
         elif count == total:
             selected = torch.arange(total)
         elif strategy == "first":

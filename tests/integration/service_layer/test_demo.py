@@ -19,6 +19,13 @@ FERN = "How often should I water this plant?   [with a photo]"
 FRANCE = "What is the capital of France?"
 
 
+def _qwen_fetched() -> bool:
+    from personalkv.config import Settings
+    from personalkv.models.checkpoint import SPLIT_GGUF_MODELS, split_gguf_path
+
+    return split_gguf_path(SPLIT_GGUF_MODELS["qwen2.5-0.5b"], Settings().model.cache_path()).is_file()
+
+
 def _run_demo(tmp_path, **env_update) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALKV_")}
     env.update(HF_HUB_OFFLINE="1", PERSONALKV_SERVICE_DATA_DIR=str(tmp_path / "unused"), **env_update)
@@ -75,10 +82,10 @@ def test_demo_runs_offline_and_reports_evidence(tmp_path):
 
 
 def test_demo_without_a_vlm_answers_from_real_weights_and_placed_profiles(tmp_path):
-    """No PERSONALKV_MODEL_NAME: SmolLM2 (text only). Greedy decoding on CPU in fp32 is
+    """SmolLM2 (text only; the default when qwen2.5-0.5b is not fetched). Greedy decoding on CPU in fp32 is
     deterministic, and each asked fact is written only in its own concept's profile, so the
     words below can only come from the placed chunk (the 'none' questions get no chunk)."""
-    out = _run_demo(tmp_path)
+    out = _run_demo(tmp_path, PERSONALKV_MODEL_NAME="smollm2")
     assert "SmolLM2-135M-Instruct, real weights, TEXT ONLY" in out
     assert "a question's photo only picks your concepts by retrieval" in out
     assert "answers are NOT meaningful" not in out
@@ -93,3 +100,23 @@ def test_demo_without_a_vlm_answers_from_real_weights_and_placed_profiles(tmp_pa
     assert "none new (the conversation's evidence is kept)" in follow
     # Text-only: one profile chunk per concept, no image-patch chunks.
     assert all(" 1 KV chunks" in line for line in out.splitlines() if line.split()[1:2] == ["ready"])
+
+
+def test_demo_shows_the_answer_without_and_with_the_users_evidence(tmp_path):
+    """The demo asks one question from an account with nothing stored and from the demo user:
+    the user's answer carries the fact only the mug's profile holds, the guest's cannot (no
+    chunk is placed for it)."""
+    out = _run_demo(tmp_path, PERSONALKV_MODEL_NAME="smollm2")
+    section = out.split("Does the evidence matter?")[1]
+    without = next(line for line in section.splitlines() if "without your evidence:" in line)
+    with_evidence = next(line for line in section.splitlines() if "with your evidence:" in line)
+    assert "star" in with_evidence.lower() and "star" not in without.lower()
+
+
+@pytest.mark.skipif(not _qwen_fetched(), reason="qwen2.5-0.5b is not fetched (make models)")
+def test_demo_defaults_to_qwen_when_fetched_and_its_answers_use_the_evidence(tmp_path):
+    out = _run_demo(tmp_path)
+    assert "Qwen2.5-Coder-0.5B-Instruct, real weights, TEXT ONLY" in out
+    by_question, _ = _answers(out)
+    assert "concepts: bobo" in by_question[MUG] and "star" in _answer_text(by_question[MUG])
+    assert "personal evidence used: no" in by_question[FRANCE]

@@ -60,6 +60,28 @@ def test_text_chunk_without_image_embeds_round_trips():
     assert decode_chunk(encode_chunk(chunk)).image_embeds is None
 
 
+def test_salience_round_trips_and_is_optional():
+    chunk = synthetic_chunk()
+    chunk.salience = torch.linspace(0, 1, chunk.meta.token_count)
+    back = decode_chunk(encode_chunk(chunk, "int8"))
+    assert back.salience.dtype == torch.float32 and torch.equal(back.salience, chunk.salience)
+    assert decode_chunk(encode_chunk(synthetic_chunk())).salience is None  # chunks stored before it
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), torch.full((7,), -1.0), torch.full((7,), float("nan")),
+                                 torch.ones(7, dtype=torch.float64)])
+def test_salience_of_the_wrong_shape_sign_or_type_is_refused(bad):
+    """A forger's consistent blob (checksum recomputed) with a salience the selection cannot use."""
+    chunk = synthetic_chunk()
+    blob = encode_chunk(chunk)
+    tensors = codec.st_load(blob)
+    tensors["salience"] = bad
+    metadata = json.loads(blob[8:8 + struct.unpack("<Q", blob[:8])[0]])["__metadata__"]
+    metadata["checksum"] = codec._checksum(metadata, tensors)
+    with pytest.raises(CorruptChunkError, match="salience"):
+        decode_chunk(st_save(tensors, metadata=metadata))
+
+
 def test_int8_error_within_half_a_step_per_channel():
     chunk = synthetic_chunk(torch.float32, tokens=64)
     back = decode_chunk(encode_chunk(chunk, quantization="int8"))

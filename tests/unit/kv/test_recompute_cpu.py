@@ -17,7 +17,11 @@ from personalkv.kv.engine import GenerationOptions, answer
 from personalkv.kv.generation import prefill
 from personalkv.kv.placement import place_chunks
 from personalkv.kv.recompute import (
+    SALIENCE_SINK_TOKENS,
     SINK_TOKENS,
+    _select_salience,
+    chunk_salience,
+    salience_of,
     _chunk_inputs,
     _question_attention,
     _recompute_selected,
@@ -46,7 +50,7 @@ def starts_and_lengths(chunks):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision", "causal_lm", "gemma3"])
-@pytest.mark.parametrize("strategy", ["deviation", "first", "query"])
+@pytest.mark.parametrize("strategy", ["deviation", "first", "query", "salience"])
 def test_fused_recompute_equals_recompute_then_prefill(tiny, photo, kind, strategy):
     adapter = tiny(kind)
     chunks = stored_chunks(adapter, evidence(adapter, photo))
@@ -217,3 +221,64 @@ def test_query_beats_deviation_on_smollm2_at_3_chunks():
         "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
     kl = _mean_kl_to_full_prefill(adapter, texts, questions, 0.15, ["deviation", "query"])
     assert kl["query"] < 0.6 * kl["deviation"], kl
+
+
+# --- salience: the probe measured at caching time ------------------------------------------------
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm", "gemma3"])
+def test_salience_is_stored_when_encoded_and_equals_a_probe_over_the_chunk_alone(tiny, photo, kind):
+    adapter = tiny(kind)
+    chunks = stored_chunks(adapter, evidence(adapter, photo))  # encoded, stored and decoded again
+    for chunk in chunks:
+        assert chunk.salience is not None and chunk.salience.shape == (chunk.meta.token_count,)
+        assert chunk.salience.min().item() >= 0
+        assert torch.allclose(chunk.salience, chunk_salience(adapter, chunk), atol=1e-6)
+
+
+def test_a_chunk_stored_without_salience_gets_it_on_first_use(tiny, photo):
+    adapter = tiny("causal_lm")
+    chunk = stored_chunks(adapter, evidence(adapter, photo))[1]
+    stored = chunk.salience
+    chunk.salience = None
+    assert torch.allclose(salience_of(adapter, chunk), stored, atol=1e-6)
+    assert chunk.salience is not None  # kept on the chunk (the decoded-chunk cache holds it)
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "causal_lm"])
+def test_salience_takes_later_chunks_sinks_then_the_most_salient_stale_tokens_without_a_probe(
+        tiny, photo, kind, monkeypatch):
+    from personalkv.kv import recompute as module
+
+    adapter = tiny(kind)
+    chunks = stored_chunks(adapter, evidence(adapter, photo))
+    total = sum(c.meta.token_count for c in chunks)
+    count = -(-total // 3)
+
+    def no_probe(*_args, **_kwargs):
+        raise AssertionError("the salience strategy must not probe the question")
+
+    monkeypatch.setattr(module, "_question_attention", no_probe)
+    with torch.inference_mode():
+        ctx = place_chunks(adapter, chunks)
+        embeds, positions = _chunk_inputs(adapter, ctx)
+        selected = set(_select_salience(adapter, ctx, embeds, positions, count).tolist())
+        deviation = module._deviation(adapter, ctx, embeds, positions).cpu()
+    spans = starts_and_lengths(chunks)
+    assert len(selected) == count
+    assert not selected & set(range(spans[0][0], spans[0][0] + spans[0][1]))  # the exact first chunk
+    sinks = {i for start, length in spans[1:] for i in range(start, start + min(SALIENCE_SINK_TOKENS, length))}
+    assert sinks <= selected
+    # The rest: the largest salience x deviation among the other stale tokens.
+    score = torch.cat([c.salience for c in chunks]) * deviation
+    candidates = [i for i in range(spans[1][0], total) if i not in sinks]
+    ranked = sorted(candidates, key=lambda i: -float(score[i]))[: count - len(sinks)]
+    assert selected - sinks == set(ranked)
+
+
+def test_salience_at_full_ratio_equals_full_prefill(tiny, photo):
+    adapter = tiny("causal_lm")
+    chunks = stored_chunks(adapter, evidence(adapter, photo))
+    full = answer(adapter, chunks, QUESTION, options=GenerationOptions(
+        max_new_tokens=1, recompute_ratio=1.0, recompute_strategy="query"))
+    salient = answer(adapter, chunks, QUESTION, options=GenerationOptions(
+        max_new_tokens=1, recompute_ratio=1.0, recompute_strategy="salience"))
+    assert (full.first_logits - salient.first_logits).abs().max().item() <= LOGIT_TOL
