@@ -78,7 +78,9 @@ def register(subparsers) -> None:
     g.add_argument("--ratios", type=float, nargs="+", default=None,
                    help="recompute shares besides the configured default")
     g.add_argument("--max-questions", type=int, default=None, help="only the first N questions")
+    g.add_argument("--per-concept", type=int, default=None, help="at most N questions per concept")
     g.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+    g.add_argument("--png", type=Path, metavar="FILE", help="write the figure here")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     g.set_defaults(func=run_eval_grounded)
 
@@ -124,17 +126,20 @@ def run_eval_qa(args: argparse.Namespace) -> int:
 
 def run_eval_grounded(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
-    from personalkv.evaluation.grounded import evaluate_grounded, format_table
+    from personalkv.evaluation.grounded import evaluate_grounded, format_table, write_png
 
     settings = get_settings()  # the command is an entry point
     report = evaluate_grounded(
         args.dataset, args.model or settings.model.name, settings, questions_path=args.questions,
-        profiles_path=args.profiles, ratios=args.ratios, max_questions=args.max_questions, threads=args.threads,
+        profiles_path=args.profiles, ratios=args.ratios, max_questions=args.max_questions, per_concept=args.per_concept,
+        threads=args.threads,
         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
+    if args.png:
+        write_png(report, args.png)
     return 0
 
 

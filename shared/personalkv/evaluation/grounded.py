@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from personalkv.evaluation.qa import (
-    Harness, Item, _speak, kl_divergence, mc_question, mcnemar_exact, option_logprobs, option_score,
+    Harness, Item, _speak, is_grounded, kl_divergence, mc_question, mcnemar_exact, option_logprobs, option_score,
     orders, wilson,
 )
 
@@ -47,18 +46,6 @@ MULTI = (("3", 3, False), ("bind3", 3, True), ("bind10", 10, True))
 
 
 # --- questions ----------------------------------------------------------------------------
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def is_grounded(right: str, wrong: str, profile: str) -> bool:
-    """The rule that marks a question answerable from the profile: the right option's text
-    (lower case, punctuation and repeated spaces dropped) occurs in the profile's text, as whole
-    words, and the wrong option's does not."""
-    text = f" {_norm(profile)} "
-    return f" {_norm(right)} " in text and f" {_norm(wrong)} " not in text
-
-
 def with_profiles(dataset, profiles: dict | None):
     """The dataset with the facts of ``profiles`` ({id: {"category", "info"}}) as its concepts'
     profiles (for datasets that ship none, e.g. MyVLM)."""
@@ -70,9 +57,12 @@ def with_profiles(dataset, profiles: dict | None):
     return type(dataset)(dataset.root, concepts, dataset.negatives, dataset.questions)
 
 
-def load_grounded(dataset, questions: list[dict], profile_texts: dict[str, str]) -> list[Item]:
+def load_grounded(dataset, questions: list[dict], profile_texts: dict[str, str],
+                  per_concept_max: int | None = None) -> list[Item]:
     """Two-option ``text_mc`` questions that pass ``is_grounded`` against the profile chunk's
-    text (the user's facts as the chunk states them), with their distractor concept."""
+    text (the user's facts as the chunk states them), with their distractor concept; at most
+    ``per_concept_max`` per concept (the first ones), so that a smaller run still covers every
+    concept."""
     names = {c.concept_id: c.name for c in dataset.concepts}
     items, per_concept = [], {}
     for q in questions:
@@ -85,6 +75,8 @@ def load_grounded(dataset, questions: list[dict], profile_texts: dict[str, str])
             continue
         distractor = q.get("distractor_concept")
         n = per_concept.get(q["concept"], 0)
+        if per_concept_max is not None and n >= per_concept_max:
+            continue
         items.append(Item(concept_id=q["concept"], index=n, question=_speak(q["question"], names),
                           options=options, answer=answer,
                           distractor=distractor if distractor in names and distractor != q["concept"] else None))
@@ -157,7 +149,7 @@ def answer(harness: Harness, item: Item, order, cond: GroundedCondition, evidenc
 
 
 def evaluate_grounded(dataset_path, model: str, settings, *, questions_path=None, profiles_path=None,
-                      ratios=None, max_questions: int | None = None, seed: int = 0, threads: int | None = None,
+                      ratios=None, max_questions: int | None = None, per_concept: int | None = None, seed: int = 0, threads: int | None = None,
                       log=print) -> dict:
     """Every condition on every grounded question; returns the report (``summarize``)."""
     from personalkv.evaluation.dataset import load_dataset
@@ -173,7 +165,7 @@ def evaluate_grounded(dataset_path, model: str, settings, *, questions_path=None
     t0 = time.perf_counter()
     harness = Harness(model, dataset, [], log=log)
     harness.setup(settings)
-    items = load_grounded(dataset, questions, harness.texts)[:max_questions]
+    items = load_grounded(dataset, questions, harness.texts, per_concept)[:max_questions]
     if not items:
         raise ValueError("no grounded two-option text_mc questions (see is_grounded)")
     harness.option_ids = {item: [harness.adapter.tokenize(o) for o in item.options] for item in items}
@@ -278,3 +270,52 @@ def format_table(report: dict) -> str:
                 lines.append(f"McNemar {name} {key[8:]}: {t['only_first_correct']} vs {t['only_second_correct']} "
                              f"discordant, p={t['p']:.3g}")
     return "\n".join(lines)
+
+
+def write_png(report: dict, path: Path) -> Path:
+    """Left: accuracy per condition with 95% intervals (none as a line). Right: per context, the
+    share of answers identical to the prompt's and the mean KL at the default. Matplotlib (Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = report["conditions"]
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    acc, same = fig.subplots(1, 2, width_ratios=(1.4, 1))
+    fig.suptitle(f"Grounded QA: {report.get('model', '?')} on {Path(str(report.get('dataset', '?'))).name}, "
+                 f"{report['questions']} questions x 2 orders; placed at r={report['default_recompute_ratio']:g} "
+                 f"{report['default_recompute_strategy']}")
+    names = list(rows)
+    values = [rows[n]["accuracy"] for n in names]
+    errors = [[v - rows[n]["accuracy_ci95"][0] for v, n in zip(values, names)],
+              [rows[n]["accuracy_ci95"][1] - v for v, n in zip(values, names)]]
+    colours = ["0.5" if rows[n]["mode"] == "none" else "tab:blue" if rows[n]["mode"] == "prompt" else "tab:orange"
+               for n in names]
+    acc.barh(range(len(names)), values, xerr=errors, color=colours, error_kw={"elinewidth": 1, "capsize": 2})
+    acc.axvline(rows["none"]["accuracy"], color="0.5", linestyle=":", label="none (no evidence)")
+    acc.set_yticks(range(len(names)), names)
+    acc.invert_yaxis()
+    acc.set_xlim(0, 1)
+    acc.set_xlabel("accuracy (option text likelihood; 95% Wilson intervals)")
+    acc.set_title("Accuracy: blue prompt, orange placed")
+    acc.legend(loc="lower right")
+    contexts = list(report["headline"])
+    head = report["headline"]
+    xs = range(len(contexts))
+    same.bar([x - 0.2 for x in xs], [head[c]["identical_answers"] for c in contexts], 0.4, color="tab:green",
+             label="identical answers (placed vs prompt)")
+    same.set_ylim(0, 1.05)
+    same.set_xticks(list(xs), [f"{c} concept{'s' if c != '1' else ''}" for c in contexts])
+    same.set_ylabel("share of (question, order) pairs")
+    kl = same.twinx()
+    kl.bar([x + 0.2 for x in xs], [max(head[c]["kl_mean"], 1e-6) for c in contexts], 0.4, color="tab:red",
+           label="mean KL (right axis, log)")
+    kl.set_yscale("log")
+    kl.set_ylabel("KL(prompt || placed), first answer token")
+    same.set_title("Fidelity to the prompt")
+    handles = same.get_legend_handles_labels()[0] + kl.get_legend_handles_labels()[0]
+    same.legend(handles, [h.get_label() for h in handles], loc="lower left")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -54,10 +54,11 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +85,20 @@ class Item:
     answer: int  # index into options
     #: the concept whose profile states the wrong option (grounded questions: ``evaluation.grounded``)
     distractor: str | None = None
+    #: answerable from the concept's profile (``is_grounded``); set once the profiles are framed
+    grounded: bool = False
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_grounded(right: str, wrong: str, profile: str) -> bool:
+    """The rule that marks a question answerable from the profile: the right option's text
+    (lower case, punctuation and repeated spaces dropped) occurs in the profile's text as whole
+    words, and the wrong option's does not."""
+    text = f" {_norm(profile)} "
+    return f" {_norm(right)} " in text and f" {_norm(wrong)} " not in text
 
 
 def _speak(text: str, names: dict[str, str]) -> str:
@@ -175,10 +190,12 @@ class Condition:
     ratio: float = 0.0
     strategy: str = "deviation"
     counterpart: str | None = None  # the prompt condition a placed one is compared with
+    #: the many-chunk conditions of the big evidence (``setup_big``): a few questions, TTFT only
+    timing_only: bool = False
 
     @property
     def scored(self) -> bool:
-        return self.k <= 3
+        return not self.timing_only
 
 
 def _ratio_name(ratio: float) -> str:
@@ -204,7 +221,7 @@ def build_conditions(k: int, ratios, strategies, default_ratio: float, default_s
     seen = set()
     for kk in ([k, big_k] if big_k else [k]):
         if kk != k:
-            conds.append(Condition(f"prompt{kk}", "prompt", kk))
+            conds.append(Condition(f"prompt{kk}", "prompt", kk, timing_only=True))
         # The grid, plus the configured default (the headline figures are taken there).
         grid = sorted({(r, st) for r in ratios for st in strategies} | {(default_ratio, default_strategy)})
         for ratio, strategy in grid:
@@ -212,7 +229,7 @@ def build_conditions(k: int, ratios, strategies, default_ratio: float, default_s
             if name not in seen:
                 seen.add(name)
                 conds.append(Condition(name, "placed", kk, ratio=ratio, strategy=strategy,
-                                       counterpart=f"prompt{kk}"))
+                                       counterpart=f"prompt{kk}", timing_only=kk != k))
     conds.append(Condition(placed_name(k, default_ratio, default_strategy, "int8"), "placed", k, "int8",
                            default_ratio, default_strategy, counterpart=f"prompt{k}"))
     return conds
@@ -415,6 +432,10 @@ def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RAT
     harness = Harness(model, dataset, items, k=k, log=log)
     t0 = time.perf_counter()
     harness.setup(settings)
+    items = [replace(i, grounded=len(i.options) == 2 and is_grounded(
+        i.options[i.answer], i.options[1 - i.answer], harness.texts[i.concept_id])) for i in items]
+    harness.option_ids = {i: [harness.adapter.tokenize(o) for o in i.options] for i in items}
+    harness.items = items
     big_k = big_pieces if big_tokens and big_pieces else 0
     big = harness.setup_big(big_tokens, big_pieces) if big_k else []
     big_evidence_tokens = sum(harness.chunks[b, "none"].meta.token_count for b in big)
@@ -478,6 +499,15 @@ def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy
             per_pair = [_best(_likelihood_scores(order, o)) == item.answer for (item, order), o in done]
             by_sum = _per_question(pairs, outs, lambda order, o: [sum(t) for t in o.option_token_logprobs])
             letter = [o.pick == item.answer for (item, _), o in done]
+            # Accuracy on the questions the profile answers (``is_grounded``) and on the rest
+            # (what only the photos show: no text evidence can lift those).
+            grounded_ids = {id(item) for item in items if item.grounded}
+            asked = list(dict.fromkeys(id(item) for (item, _), o in done))
+            for label, keep in (("grounded", True), ("other", False)):
+                subset = [hit for q, hit in zip(asked, likelihood) if (q in grounded_ids) == keep]
+                if subset:
+                    row.update(_accuracy(f"accuracy_likelihood_{label}", subset))
+                row[f"questions_{label}"] = len(subset)
             row.update(_accuracy("accuracy_likelihood", likelihood), **_accuracy("accuracy_likelihood_pairs", per_pair),
                        **_accuracy("accuracy_likelihood_sum", by_sum), **_accuracy("accuracy_letter", letter),
                        **_accuracy("accuracy_letter_calibrated", _per_question(pairs, outs, _letter_scores)),

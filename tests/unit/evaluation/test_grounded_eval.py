@@ -128,10 +128,11 @@ def test_eval_grounded_end_to_end_exact_where_it_must_be(dataset, tmp_path):
         assert 0 <= low <= row["accuracy"] <= high <= 1
         if name != "none":
             assert row["mcnemar_vs_none"]["p"] <= 1
-    out = tmp_path / "g.json"
+    out, png = tmp_path / "g.json", tmp_path / "g.png"
     assert main(["eval", "grounded", str(root), "--questions", str(path), "--model", "tiny:causal_lm",
-                 "--max-questions", "2", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["questions"] == 2
+                 "--per-concept", "1", "--json", str(out), "--png", str(png)]) == 0
+    assert json.loads(out.read_text())["questions"] == 5  # rex, bobo, kiki, fern (its first), tom
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_shipped_question_sets_obey_their_rules():

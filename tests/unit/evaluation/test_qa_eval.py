@@ -215,3 +215,24 @@ def test_accuracy_keys_are_option_likelihood_letters_beside_them():
     assert row["accuracy_letter"] == 0.5 and row["accuracy_likelihood_sum"] == 0.0
     assert row["accuracy_likelihood_pairs"] == 1.0
     assert [r["condition"] for r in report["sweep"]] == ["placed3_r0.1_first"]
+
+
+def test_eval_qa_reports_grounded_questions_apart_by_the_rule(dataset):
+    """Of the synthetic questions only "What colour is <rex>?" (Brown, in its profile; Green
+    not) is answerable from a profile: ``is_grounded`` marks it, the rest are "other"."""
+    report = evaluate(dataset, "tiny:causal_lm", get_settings(), ratios=(0.0,), strategies=("first",),
+                      big_tokens=0, log=lambda *_: None)
+    row = report["conditions"]["prompt1"]
+    assert row["questions_grounded"] == 1 and row["questions_other"] == 7
+    assert row["accuracy_likelihood_grounded"] in (0.0, 1.0)
+    assert 0 <= row["accuracy_likelihood_other"] <= 1
+
+
+def test_eval_qa_scores_a_context_as_large_as_the_timing_one(dataset):
+    """Issue 28: `--k 10` (k equal to the many-chunk size) crashed in the headline with
+    KeyError 'accuracy_likelihood': every k-concept condition is scored, whatever k."""
+    report = evaluate(dataset, "tiny:causal_lm", get_settings(), ratios=(0.0,), strategies=("first",), k=4,
+                      big_tokens=60, big_pieces=4, max_questions=1, log=lambda *_: None)
+    rows = report["conditions"]
+    assert "accuracy_likelihood" in rows["prompt4"] and "accuracy_likelihood" in rows["placed4_r0"]
+    assert 0 <= report["accuracy_placed4"] <= 1
