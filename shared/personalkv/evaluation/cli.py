@@ -56,8 +56,8 @@ def register(subparsers) -> None:
     qa.add_argument("--max-concepts", type=int, default=None, help="only the first N concepts")
     qa.add_argument("--max-questions", type=int, default=None, help="per concept")
     qa.add_argument("--ratios", type=float, nargs="+", default=None, help="recompute shares")
-    qa.add_argument("--strategies", nargs="+", default=["deviation", "first", "query"],
-                    help="recompute strategies compared (deviation, first, query)")
+    qa.add_argument("--strategies", nargs="+", default=["deviation", "first", "query", "salience"],
+                    help="recompute strategies compared (deviation, first, query, salience)")
     qa.add_argument("--k", type=int, default=3, help="concepts per multi-chunk context")
     qa.add_argument("--big-tokens", type=int, default=2088,
                     help="evidence tokens of the timing-only many-chunk condition (0: skip)")

@@ -305,16 +305,17 @@ def write_png(report: dict, path: Path) -> Path:
     same.bar([x - 0.2 for x in xs], [head[c]["identical_answers"] for c in contexts], 0.4, color="tab:green",
              label="identical answers (placed vs prompt)")
     same.set_ylim(0, 1.05)
-    same.set_xticks(list(xs), [f"{c} concept{'s' if c != '1' else ''}" for c in contexts])
+    same.set_xticks(list(xs), [f"{c}\n{head[c]['recomputed_share']:.0%} recomp." for c in contexts], fontsize=8)
     same.set_ylabel("share of (question, order) pairs")
     kl = same.twinx()
     kl.bar([x + 0.2 for x in xs], [max(head[c]["kl_mean"], 1e-6) for c in contexts], 0.4, color="tab:red",
            label="mean KL (right axis, log)")
     kl.set_yscale("log")
     kl.set_ylabel("KL(prompt || placed), first answer token")
-    same.set_title("Fidelity to the prompt")
+    same.set_title("Fidelity to the prompt per context (bind: the wrong option's concept in it)", fontsize=10)
     handles = same.get_legend_handles_labels()[0] + kl.get_legend_handles_labels()[0]
-    same.legend(handles, [h.get_label() for h in handles], loc="lower left")
+    same.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                ncol=2, fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

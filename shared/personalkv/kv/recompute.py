@@ -26,6 +26,14 @@ it at a fraction of a prefill. The budget is ceil(r * placed tokens); strategies
   budget reaches near full-prefill quality. Where placement is already exact nothing is
   spent: the first chunk directly behind the system prefix sees exactly what it saw when it was
   computed (so one placed chunk recomputes nothing), and its budget share goes to the others.
+* ``salience`` (the default): ``query``'s ranking with the probe moved to caching time. When a
+  chunk is encoded, the probe runs once over the chunk alone with a generic question
+  (``SALIENCE_QUESTION``) and the attention it pays each token is stored in the chunk
+  (``KVChunk.salience``). What a question reads of a profile (its name, its facts, its sinks)
+  depends little on the question, so an Ask ranks stale tokens by stored salience x deviation
+  without probing (the probe costs 2/3 of a question prefill), with ``SALIENCE_SINK_TOKENS``
+  first tokens per chunk. On the grounded dev pilot (qwen2.5-0.5b, r = 0.1) it was as faithful
+  as ``query`` and 0.1-0.2 s faster (docs/evaluation.md, 'Grounded QA').
 
 The selected tokens then run through every layer as queries over [prefix, reused tokens, selected
 tokens], each seeing exactly what it would see in a full prefill and keeping its position; their

@@ -282,3 +282,27 @@ def test_salience_at_full_ratio_equals_full_prefill(tiny, photo):
     salient = answer(adapter, chunks, QUESTION, options=GenerationOptions(
         max_new_tokens=1, recompute_ratio=1.0, recompute_strategy="salience"))
     assert (full.first_logits - salient.first_logits).abs().max().item() <= LOGIT_TOL
+
+
+def test_salience_on_smollm2_is_closer_to_the_full_prefill_than_reuse_without_a_probe():
+    """Real weights, the 3 chunks and 4 questions above, r = 0.1: KL(full prefill || placed).
+    Measured: reuse 0.156, query 0.055, salience 0.103: on SmolLM2 the question's own probe
+    ranks better than the generic one stored with the chunk (on qwen2.5-0.5b they tie:
+    docs/evaluation.md). Asserted with room for drift: salience below 0.8x pure reuse and within
+    2.5x of query."""
+    from personalkv.config import ModelSettings
+    from personalkv.models import load_adapter
+
+    adapter = load_adapter("smollm2", settings=ModelSettings())
+    texts = [
+        ["Bo is my dog, a shiba inu with an orange and white double coat, black eyes and a curled tail. "
+         "He wears a red collar.\n"],
+        ["Mam is my cat, a grey tabby with green eyes who sleeps on the blue sofa and hates water.\n"],
+        ["My mug is white with blue letters that say 'ok'; I bought it in Lisbon and drink green tea from it.\n"],
+    ]
+    questions = [f"{q}\nAnswer with the letter." for q in (
+        "What colour are Mam's eyes? A. Green B. Brown", "What breed is Bo? A. Corgi B. Shiba inu",
+        "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
+    kl = _mean_kl_to_full_prefill(adapter, texts, questions, 0.1, ["query", "salience"])
+    reuse = _mean_kl_to_full_prefill(adapter, texts, questions, 0.0, ["salience"])["salience"]
+    assert kl["salience"] < 0.8 * reuse and kl["salience"] < 2.5 * kl["query"], (kl, reuse)
