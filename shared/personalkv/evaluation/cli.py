@@ -99,6 +99,15 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_eval_ask)
 
 
+def _write_report(args: argparse.Namespace, report: dict, write_png) -> None:
+    """``--json`` and ``--png`` of an evaluation command, where given."""
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.png:
+        write_png(report, args.png)
+
+
 def run_eval_qa(args: argparse.Namespace) -> int:
     from personalkv.config import get_settings
     from personalkv.evaluation.qa import DEFAULT_RATIOS, evaluate, format_table, write_png
@@ -116,11 +125,7 @@ def run_eval_qa(args: argparse.Namespace) -> int:
             "placed3_identical", "ttft_ratio_prompt3_over_placed3", "accuracy_none", "accuracy_prompt1",
             "accuracy_placed1", "accuracy_prompt3", "accuracy_placed3")
     print("\n" + "  ".join(f"{k}={report[k]:.4g}" for k in keys if k in report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    if args.png:
-        write_png(report, args.png)
+    _write_report(args, report, write_png)
     return 0
 
 
@@ -135,11 +140,7 @@ def run_eval_grounded(args: argparse.Namespace) -> int:
         threads=args.threads,
         log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-    if args.png:
-        write_png(report, args.png)
+    _write_report(args, report, write_png)
     return 0
 
 

@@ -202,6 +202,18 @@ def test_query_on_tiny_models_is_at_least_as_close_to_the_full_prefill_as_deviat
         assert kl["query"] < 1.05 * kl["deviation"], kl
 
 
+#: Real-weight checks: three profiles and four questions each answered by one of them.
+SMOLLM2_TEXTS = [
+    ["Bo is my dog, a shiba inu with an orange and white double coat, black eyes and a curled tail. "
+     "He wears a red collar.\n"],
+    ["Mam is my cat, a grey tabby with green eyes who sleeps on the blue sofa and hates water.\n"],
+    ["My mug is white with blue letters that say 'ok'; I bought it in Lisbon and drink green tea from it.\n"],
+]
+SMOLLM2_QUESTIONS = [f"{q}\nAnswer with the letter." for q in (
+    "What colour are Mam's eyes? A. Green B. Brown", "What breed is Bo? A. Corgi B. Shiba inu",
+    "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
+
+
 def test_query_beats_deviation_on_smollm2_at_3_chunks():
     """KL(full prefill || placed) of the next-token distribution, mean over 4 questions, 3 chunks
     at r = 0.15: measured 0.052 (query) vs 0.107 (deviation) and 0.110 (first); asserted with
@@ -210,15 +222,7 @@ def test_query_beats_deviation_on_smollm2_at_3_chunks():
     from personalkv.models import load_adapter
 
     adapter = load_adapter("smollm2", settings=ModelSettings())
-    texts = [
-        ["Bo is my dog, a shiba inu with an orange and white double coat, black eyes and a curled tail. "
-         "He wears a red collar.\n"],
-        ["Mam is my cat, a grey tabby with green eyes who sleeps on the blue sofa and hates water.\n"],
-        ["My mug is white with blue letters that say 'ok'; I bought it in Lisbon and drink green tea from it.\n"],
-    ]
-    questions = [f"{q}\nAnswer with the letter." for q in (
-        "What colour are Mam's eyes? A. Green B. Brown", "What breed is Bo? A. Corgi B. Shiba inu",
-        "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
+    texts, questions = SMOLLM2_TEXTS, SMOLLM2_QUESTIONS
     kl = _mean_kl_to_full_prefill(adapter, texts, questions, 0.15, ["deviation", "query"])
     assert kl["query"] < 0.6 * kl["deviation"], kl
 
@@ -294,15 +298,7 @@ def test_salience_on_smollm2_is_closer_to_the_full_prefill_than_reuse_without_a_
     from personalkv.models import load_adapter
 
     adapter = load_adapter("smollm2", settings=ModelSettings())
-    texts = [
-        ["Bo is my dog, a shiba inu with an orange and white double coat, black eyes and a curled tail. "
-         "He wears a red collar.\n"],
-        ["Mam is my cat, a grey tabby with green eyes who sleeps on the blue sofa and hates water.\n"],
-        ["My mug is white with blue letters that say 'ok'; I bought it in Lisbon and drink green tea from it.\n"],
-    ]
-    questions = [f"{q}\nAnswer with the letter." for q in (
-        "What colour are Mam's eyes? A. Green B. Brown", "What breed is Bo? A. Corgi B. Shiba inu",
-        "What do I drink from my mug? A. Coffee B. Green tea", "Is Bo's tail curled? A. Yes B. No")]
+    texts, questions = SMOLLM2_TEXTS, SMOLLM2_QUESTIONS
     kl = _mean_kl_to_full_prefill(adapter, texts, questions, 0.1, ["query", "salience"])
     reuse = _mean_kl_to_full_prefill(adapter, texts, questions, 0.0, ["salience"])["salience"]
     assert kl["salience"] < 0.8 * reuse and kl["salience"] < 2.5 * kl["query"], (kl, reuse)
