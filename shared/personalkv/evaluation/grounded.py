@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from personalkv.evaluation.qa import (
-    Harness, Item, _speak, is_grounded, kl_divergence, mc_question, mcnemar_exact, option_logprobs, option_score,
-    orders, wilson,
+    Harness, Item, _best, _per_question, _speak, is_grounded, kl_divergence, mc_question, mcnemar_exact,
+    option_logprobs, option_score, orders, wilson,
 )
 
 #: context sizes of the multi-concept conditions; the binding ones hold the distractor's concept
@@ -134,7 +134,7 @@ class Answer:
 
     @property
     def pick(self) -> int:
-        return max(range(len(self.option_scores)), key=self.option_scores.__getitem__)
+        return _best(self.option_scores)
 
 
 def answer(harness: Harness, item: Item, order, cond: GroundedCondition, evidence: list[str]) -> Answer:
@@ -201,21 +201,12 @@ def evaluate_grounded(dataset_path, model: str, settings, *, questions_path=None
 
 
 # --- report -------------------------------------------------------------------------------
-def per_question(pairs, outs: list[Answer]) -> list[bool]:
-    """Per question: whether the option with the higher score summed over both orders is right."""
-    totals: dict[int, tuple[Item, list[float]]] = {}
-    for (item, _), out in zip(pairs, outs):
-        total = totals.setdefault(id(item), (item, [0.0] * len(item.options)))[1]
-        for option, score in enumerate(out.option_scores):
-            total[option] += score
-    return [max(range(len(t)), key=t.__getitem__) == item.answer for item, t in totals.values()]
-
-
 def summarize(items, pairs, conds, answers, kl, default_ratio: float, strategy: str) -> dict:
     rows, correct = {}, {}
     for cond in conds:
         outs = answers[cond.name]
-        hits = per_question(pairs, outs)
+        # per question: the option with the higher score summed over both orders
+        hits = _per_question(pairs, outs, lambda _order, out: out.option_scores)
         correct[cond.name] = hits
         low, high = wilson(sum(hits), len(hits))
         row = {"mode": cond.mode, "context": cond.context, "k": cond.k, "binding": cond.binding,

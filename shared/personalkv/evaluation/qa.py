@@ -58,7 +58,7 @@ import re
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,8 +85,6 @@ class Item:
     answer: int  # index into options
     #: the concept whose profile states the wrong option (grounded questions: ``evaluation.grounded``)
     distractor: str | None = None
-    #: answerable from the concept's profile (``is_grounded``); set once the profiles are framed
-    grounded: bool = False
 
 
 def _norm(text: str) -> str:
@@ -432,10 +430,9 @@ def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RAT
     harness = Harness(model, dataset, items, k=k, log=log)
     t0 = time.perf_counter()
     harness.setup(settings)
-    items = [replace(i, grounded=len(i.options) == 2 and is_grounded(
-        i.options[i.answer], i.options[1 - i.answer], harness.texts[i.concept_id])) for i in items]
-    harness.option_ids = {i: [harness.adapter.tokenize(o) for o in i.options] for i in items}
-    harness.items = items
+    # The questions the profile answers (the framed profile texts exist once set up).
+    grounded = {i for i in items if len(i.options) == 2 and is_grounded(
+        i.options[i.answer], i.options[1 - i.answer], harness.texts[i.concept_id])}
     big_k = big_pieces if big_tokens and big_pieces else 0
     big = harness.setup_big(big_tokens, big_pieces) if big_k else []
     big_evidence_tokens = sum(harness.chunks[b, "none"].meta.token_count for b in big)
@@ -466,7 +463,7 @@ def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RAT
                 outcomes[cond.name][-1].logits = None
         if (n + 1) % 20 == 0 or n + 1 == len(pairs):
             log(f"[eval qa] {n + 1}/{len(pairs)} answered, {time.perf_counter() - t0:.0f}s")
-    report = summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k)
+    report = summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k, grounded)
     report.update(
         dataset=str(dataset_path), model=model, model_fingerprint=harness.adapter.fingerprint(),
         threads=torch.get_num_threads(), dtype=settings.model.dtype,
@@ -482,7 +479,10 @@ def evaluate(dataset_path, model: str, settings: Settings, *, ratios=DEFAULT_RAT
     return report
 
 
-def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k) -> dict:
+def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy, k, big_k,
+              grounded: set[Item] = frozenset()) -> dict:
+    """The report. ``grounded``: the items ``is_grounded`` marks, whose accuracy is also
+    reported apart (``accuracy_likelihood_grounded`` / ``_other``)."""
     per_condition = {}
     correct = {}
     for cond in conds:
@@ -501,7 +501,7 @@ def summarize(items, pairs, conds, outcomes, kl, default_ratio, default_strategy
             letter = [o.pick == item.answer for (item, _), o in done]
             # Accuracy on the questions the profile answers (``is_grounded``) and on the rest
             # (what only the photos show: no text evidence can lift those).
-            grounded_ids = {id(item) for item in items if item.grounded}
+            grounded_ids = {id(item) for item in grounded}
             asked = list(dict.fromkeys(id(item) for (item, _), o in done))
             for label, keep in (("grounded", True), ("other", False)):
                 subset = [hit for q, hit in zip(asked, likelihood) if (q in grounded_ids) == keep]
