@@ -25,7 +25,7 @@ from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import answering_pb2, answering_pb2_grpc, common_pb2
 from personalkv.observability import SERVING
 from personalkv.service_layer import answering, conversations
-from personalkv.service_layer.errors import CallEnded
+from personalkv.errors import CallEnded
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
         "answering",
         lambda server: answering_pb2_grpc.add_AnsweringServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings, auth=auth,
-        max_workers=workers,
+        max_workers=workers, ready=lambda: services.answerer.healthy(),
     )  # fmt: skip
 
 

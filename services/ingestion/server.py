@@ -23,7 +23,7 @@ from personalkv.api.server import GrpcServer, serve
 from personalkv.api.v1 import common_pb2, ingestion_pb2, ingestion_pb2_grpc
 from personalkv.manifest import ConceptManifest
 from personalkv.service_layer import concepts
-from personalkv.service_layer.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from personalkv.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ Subpackages (one idea each):
   ids        validation of user / concept ids before they touch a path, key or query
   models     adapters over Hugging Face VLMs / LMs and tiny offline test models
   kv         the KV chunk format, its codec, RoPE position bookkeeping and placement
+  engine     the answering engine: scheduler, decode batch, incremental detokenizer
   storage    object storage for photos, manifests and chunk blobs (local dir, S3/MinIO)
   index      retrieval keys in Milvus
   retrieval  encoders and the retriever that ranks a user's concepts for a question

@@ -97,7 +97,7 @@ def _task_queue(settings: Settings) -> TaskQueue:
 
 def _answerer(services: Services):
     from personalkv.observability import SERVING
-    from personalkv.service_layer.scheduler import BatchScheduler, ThreadAnswerer
+    from personalkv.engine.scheduler import BatchScheduler, ThreadAnswerer
 
     limits = services.settings.service
     if limits.answer_scheduler == "threads":

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from celery import Celery
 
 from personalkv.config import CelerySettings
-from personalkv.service_layer.errors import Unavailable
+from personalkv.errors import Unavailable
 from personalkv.service_layer.task_queue import QUEUE_OF, TASK_CACHE, TASK_MINE, TaskQueue
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from personalkv import __version__
 # module that was never imported cannot have raised its error, and the CLI need not import it.
 USER_ERRORS = (
     ("personalkv.ids", "InvalidIdError"),
-    ("personalkv.service_layer.errors", "ServiceError"),
+    ("personalkv.errors", "ServiceError"),
     ("personalkv.models", "ModelLoadError"),
     ("personalkv.storage.base", "StorageError"),
     ("personalkv.index.base", "IndexUnavailable"),

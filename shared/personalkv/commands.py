@@ -94,7 +94,7 @@ def _services(stack: bool):
 def _ingest(args) -> int:
     from personalkv.progress import wait_ready_with_progress
     from personalkv.service_layer import concepts
-    from personalkv.service_layer.errors import NotFound
+    from personalkv.errors import NotFound
 
     _logging("WARNING")
     if not args.dir.is_dir():
@@ -123,7 +123,7 @@ def _ingest(args) -> int:
 
 def _ask(args) -> int:
     from personalkv.service_layer import answering
-    from personalkv.service_layer.errors import ServiceError
+    from personalkv.errors import ServiceError
 
     _logging("WARNING")
     svc = _services(args.stack)

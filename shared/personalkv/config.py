@@ -361,7 +361,7 @@ class ServiceSettings(BaseSettings):
     answer_scheduler: Literal["batched", "threads"] = Field(
         "batched", description="How an answering process runs the model for concurrent Asks: "
         "'batched' (one loop; requests decoding at the same time advance one token per batched "
-        "forward: continuous batching, personalkv.service_layer.scheduler) or 'threads' (each "
+        "forward: continuous batching, personalkv.engine.scheduler) or 'threads' (each "
         "Ask drives the model alone in its RPC thread).",
     )
     answer_queue_size: int = Field(

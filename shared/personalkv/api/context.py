@@ -16,7 +16,7 @@ import grpc
 
 from personalkv.auth import current_user_id
 from personalkv.ids import validate_user_id
-from personalkv.service_layer.errors import PermissionDenied
+from personalkv.errors import PermissionDenied
 
 
 def caller(request_user_id: str = "") -> str:

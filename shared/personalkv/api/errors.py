@@ -25,7 +25,7 @@ from PIL.Image import DecompressionBombError
 
 from personalkv.api.context import client_gone
 from personalkv.ids import InvalidIdError
-from personalkv.service_layer.errors import ServiceError
+from personalkv.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

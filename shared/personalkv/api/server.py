@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 HEALTH_THREADS = 2
 
 
+#: seconds between two readiness checks of a started server (``GrpcServer(ready=...)``)
+READY_POLL_S = 1.0
+
+
 def rpc_slots(max_workers: int) -> int:
     """How many RPCs other than health and reflection a server runs at once: all threads but
     HEALTH_THREADS (at least one), so health answers at once whatever the others wait on."""
@@ -61,10 +65,13 @@ class GrpcServer:
     def __init__(
         self, name: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
         *, port: int, settings: ServerSettings, auth: AuthSettings, metrics_port: int = 0,
-        max_workers: int | None = None,
+        max_workers: int | None = None, ready: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
-        """``max_workers``: RPC threads (default ``settings.max_workers``)."""
+        """``max_workers``: RPC threads (default ``settings.max_workers``). ``ready``: polled
+        every ``READY_POLL_S`` once started; health reports NOT_SERVING while it is false (or
+        raises), so that a server whose engine cannot answer leaves the load balancer."""
         self.name = name
+        self.ready = ready
         self.settings = settings
         self.port = port
         self.metrics_port = metrics_port
@@ -108,13 +115,38 @@ class GrpcServer:
         if self.credentials is not None and self.settings.health_port:
             self._start_health_server()
         self.server.start()
-        for service in ["", *self.service_names]:
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        serving = self._is_ready()
+        self._set_health(serving)
+        if self.ready is not None:
+            threading.Thread(target=self._watch_readiness, args=(serving,), name=f"{self.name}-readiness",
+                             daemon=True).start()
         self._metrics_http = start_metrics_server(self.metrics_port, self.settings.host)
         log.info("grpc server started", extra={
             "server": self.name, "port": bound, "tls": self.credentials is not None,
             "health_port": self.health_port})
         return bound
+
+    def _is_ready(self) -> bool:
+        if self.ready is None:
+            return True
+        try:
+            return bool(self.ready())
+        except Exception:  # noqa: BLE001 - a readiness check that fails says "not ready"
+            log.exception("readiness check failed", extra={"server": self.name})
+            return False
+
+    def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ["", *self.service_names]:
+            self.health.set(service, status)
+
+    def _watch_readiness(self, serving: bool) -> None:
+        while not self._stopped.wait(READY_POLL_S):
+            now = self._is_ready()
+            if now != serving and not self._stopped.is_set():
+                log.warning("health %s", "SERVING" if now else "NOT_SERVING", extra={"server": self.name})
+                self._set_health(now)
+                serving = now
 
     def _start_health_server(self) -> None:
         """Plaintext grpc.health.v1 (same statuses, nothing else) for probes that cannot TLS."""

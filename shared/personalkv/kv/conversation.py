@@ -86,7 +86,7 @@ class ConversationKV:
                    image: Image.Image | None = None, *, options: GenerationOptions) -> TurnStart:
         """The turn up to its first logits: place (or append) the new evidence, recompute, and
         prefill the question. The answer is then decoded from ``self.ctx`` (alone, ``decode``,
-        or in a batch, ``kv.batch``) and handed to ``end_turn``."""
+        or in a batch, ``engine.batch``) and handed to ``end_turn``."""
         if self.turns and self.ctx is None:
             raise ValueError("a conversation's cache was dropped")
         chunks = [c for c in chunks if c.chunk_id not in self.evidence]

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from personalkv.ids import InvalidIdError, validate_concept_id, validate_user_id
 from personalkv.index.base import IndexUnavailable
 from personalkv.manifest import ConceptManifest, ConceptProfile
-from personalkv.service_layer.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from personalkv.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from personalkv.storage.base import StorageUnavailable
 from personalkv.storage.chunk_store import DamagedManifestError
 from personalkv.service_layer.services import Services

@@ -7,7 +7,7 @@ streaming), the CLI (``personalkv ask``) and the demo. Steps and their timings:
   load      chunk blobs -> KVChunk through the hot-chunk LRU (``svc.chunk_cache``)
   place     rotate and lay the chunks behind the system prefix (+ selective recompute)
   prefill   the question (and its photo) after the placed chunks
-  decode    token by token (batched with other Asks' tokens: ``service_layer.scheduler``)
+  decode    token by token (batched with other Asks' tokens: ``engine.scheduler``)
   rebuild   (a follow-up whose conversation KV this process does not hold) replaying its record
   queue     waiting for the model (the batched scheduler's queue)
 
@@ -30,15 +30,16 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from personalkv.conversation_record import PlacedEvidence
+from personalkv.engine.detokenizer import IncrementalDetokenizer
 from personalkv.images import ValidatedPhoto
 from personalkv.kv.conversation import ConversationKV
 from personalkv.kv.generation import GenerationOptions
 from personalkv.service_layer import conversations
 from personalkv.service_layer._common import check_ids, dependencies
-from personalkv.service_layer.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from personalkv.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from personalkv.service_layer.evidence import load_chunks
 from personalkv.service_layer.photos import validate_photo
-from personalkv.service_layer.scheduler import ModelJob
+from personalkv.engine.scheduler import ModelJob
 from personalkv.service_layer.services import Services
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class AskOptions:
 class CallLimits:
     """What the caller's call allows: ``deadline`` (``time.monotonic()``; None: none) after
     which nobody waits, and ``cancelled()``, true once the caller is gone. The model scheduler
-    refuses queued work past either (``service_layer.scheduler``)."""
+    refuses queued work past either (``engine.scheduler``)."""
 
     deadline: float | None = None
     cancelled: Callable[[], bool] = lambda: False
@@ -316,8 +317,7 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
 
     worker = threading.Thread(target=run, name="pkv-ask-stream", daemon=True)
     worker.start()
-    tokens: list[int] = []
-    text = ""
+    detokenizer = IncrementalDetokenizer(tokenizer)
     try:
         while True:
             kind, value = events.get()
@@ -326,14 +326,11 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
             if kind == "error":
                 raise value
             if kind == "result":
+                if piece := detokenizer.flush():
+                    yield piece
                 yield value
                 continue
-            tokens.append(value)
-            decoded = tokenizer.decode(tokens, skip_special_tokens=True)
-            if decoded.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            if len(decoded) > len(text):
-                piece, text = decoded[len(text):], decoded
+            if piece := detokenizer.add(value):
                 yield piece
     finally:
         cancelled.set()

@@ -2,7 +2,7 @@
 
 Called by the ingestion gRPC servicer, the CLI (``personalkv ingest``) and the demo, each with
 the ``Services`` container from ``bootstrap``. Every id is validated first; errors are
-``personalkv.service_layer.errors`` classes. Deletion is idempotent and removes the concept from the
+``personalkv.errors`` classes. Deletion is idempotent and removes the concept from the
 index (it stops being retrievable at once), then from the object store, then from this
 process's hot-chunk cache; a retry after a crash finishes the job.
 """
@@ -19,7 +19,7 @@ from personalkv.service_layer import reconciler
 from personalkv.service_layer._common import (
     check_ids, damaged_concept, dependencies, refuse_damaged, require_manifest,
 )
-from personalkv.service_layer.errors import (
+from personalkv.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,

@@ -47,7 +47,7 @@ from personalkv.kv.chunk import KVChunk
 from personalkv.kv.generation import GenerationOptions
 from personalkv.models.base import ModelAdapter
 from personalkv.service_layer._common import check_ids, dependencies
-from personalkv.service_layer.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from personalkv.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from personalkv.service_layer.evidence import load_chunks
 from personalkv.service_layer.services import Services
 from personalkv.storage.base import ObjectNotFound, PreconditionFailed

@@ -22,7 +22,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from personalkv.images import CONVERTED_FORMATS, PHOTO_FORMATS, ValidatedPhoto, upright_rgb
-from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.errors import InvalidArgument, ResourceExhausted
 
 ACCEPTED = sorted({*PHOTO_FORMATS, *CONVERTED_FORMATS})
 #: No accepted format can store a side this long (PNG and BMP hold signed 32-bit sizes, JPEG

@@ -45,7 +45,7 @@ from personalkv.mining.output import PhotoRef
 from personalkv.retrieval.indexing import index_concept
 from personalkv.service_layer import reconciler
 from personalkv.service_layer._common import check_ids, dependencies
-from personalkv.service_layer.errors import ServiceError, Unavailable
+from personalkv.errors import ServiceError, Unavailable
 from personalkv.storage.base import ObjectNotFound
 from personalkv.storage.chunk_store import DamagedManifestError, MissingObjectsError
 from personalkv.service_layer.services import Services

@@ -74,7 +74,7 @@ from prometheus_client import Counter
 
 from personalkv.manifest import IN_FLIGHT_STATES, ConceptManifest
 from personalkv.service_layer._common import transient_errors
-from personalkv.service_layer.errors import Unavailable
+from personalkv.errors import Unavailable
 from personalkv.service_layer.services import Services
 from personalkv.storage.chunk_store import DamagedManifestError
 

@@ -28,7 +28,7 @@ from personalkv.storage.chunk_store import ChunkStore
 if TYPE_CHECKING:  # OpenCV and the recognizer load only where photos are recognized
     from personalkv.mining.descriptors import DescriptorStore
     from personalkv.mining.served import ServedRecognizers
-    from personalkv.service_layer.scheduler import Answerer
+    from personalkv.engine.scheduler import Answerer
 
 #: The pipeline's miner (``service_layer.mining_port.mine`` unless a test swaps it).
 Miner = Callable[..., MiningOutput]
@@ -116,7 +116,7 @@ class Services:
 
     @property
     def answerer(self) -> Answerer:
-        """Runs the model part of every Ask (``service_layer.scheduler``: batched or threads)."""
+        """Runs the model part of every Ask (``engine.scheduler``: batched or threads)."""
         return self._once("answerer", lambda: self.builders.answerer(self))
 
     def close(self) -> None:

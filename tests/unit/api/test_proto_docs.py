@@ -11,7 +11,7 @@ import pytest
 
 from personalkv.config import RetrievalSettings, ServiceSettings, Settings
 from personalkv.service_layer.answering import AskOptions, _check
-from personalkv.service_layer.errors import InvalidArgument
+from personalkv.errors import InvalidArgument
 
 PROTOS = Path(__file__).resolve().parents[3] / "protos" / "personalkv" / "v1"
 

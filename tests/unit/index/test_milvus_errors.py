@@ -20,7 +20,7 @@ from personalkv.index import (
 )
 from personalkv.index.milvus import is_transient
 from personalkv.service_layer._common import dependencies
-from personalkv.service_layer.errors import Unavailable
+from personalkv.errors import Unavailable
 
 SPACE = VectorSpace("errors", 8)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from personalkv.service_layer.errors import Unavailable
+from personalkv.errors import Unavailable
 
 
 def test_tasks_are_registered_with_their_queue_and_delivery_guarantees():

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from personalkv.bootstrap import bootstrap
 from personalkv.service_layer import answering, concepts, conversations
 from personalkv.service_layer.answering import AskOptions
-from personalkv.service_layer.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from personalkv.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from tests.unit.service_layer.test_recognizer_in_ask import _ingest, _photo
 
 GREEDY = AskOptions(max_new_tokens=8)

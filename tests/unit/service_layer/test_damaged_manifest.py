@@ -12,7 +12,7 @@ import pytest
 from personalkv.service_layer import answering, concepts, reconciler
 from personalkv.service_layer._common import DAMAGED_REASON
 from personalkv.service_layer.answering import AskOptions
-from personalkv.service_layer.errors import FailedPrecondition
+from personalkv.errors import FailedPrecondition
 
 BLUE, RED = (30, 60, 200), (200, 40, 40)
 

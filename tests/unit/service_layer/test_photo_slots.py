@@ -11,7 +11,7 @@ import pytest
 
 from personalkv.service_layer import answering
 from personalkv.service_layer.answering import AskOptions, CallLimits
-from personalkv.service_layer.errors import DeadlineExceeded
+from personalkv.errors import DeadlineExceeded
 from tests.unit.service_layer.test_recognizer_in_ask import _ingest, _photo
 
 pytestmark = pytest.mark.slow

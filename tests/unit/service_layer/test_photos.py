@@ -8,7 +8,7 @@ import time
 import zlib
 
 import pytest
-from personalkv.service_layer.errors import InvalidArgument, ResourceExhausted
+from personalkv.errors import InvalidArgument, ResourceExhausted
 from personalkv.service_layer.photos import validate_photo
 from PIL import Image
 

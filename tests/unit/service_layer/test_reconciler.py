@@ -155,7 +155,7 @@ def test_resending_the_same_photos_after_a_broker_restart_enqueues_the_lost_task
 
 
 def test_when_the_broker_cannot_tell_the_leases_decide(svc, photo_of):
-    from personalkv.service_layer.errors import Unavailable
+    from personalkv.errors import Unavailable
 
     broker = _BrokerWithEpoch(svc, Unavailable("the task queue is not answering"))
     _queued_at(svc, photo_of, "waiting", enqueued_s_ago=120)

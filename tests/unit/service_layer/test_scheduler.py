@@ -5,7 +5,7 @@ full queue refuses at once with RESOURCE_EXHAUSTED; a job whose deadline passes 
 refused, not computed; conversations continue from a batched turn; closing ends waiting jobs.
 
 Tolerance: greedy answers identical (a padded row differs from its solo run by float rounding
-only, see ``kv.batch``)."""
+only, see ``engine.batch``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import pytest
 from personalkv.bootstrap import bootstrap
 from personalkv.service_layer import answering
 from personalkv.service_layer.answering import AskOptions, CallLimits
-from personalkv.service_layer.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from personalkv.service_layer.scheduler import BatchScheduler
+from personalkv.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from personalkv.engine.scheduler import BatchScheduler
 from tests.unit.service_layer.test_recognizer_in_ask import _ingest
 
 pytestmark = pytest.mark.slow
@@ -214,7 +214,7 @@ def test_a_conversation_continues_from_a_batched_turn(svc):
     cid = opened.conversation_id
     kept = answering.ask(svc, "alice", "And where does it live?", [], greedy, conversation_id=cid)
     # ... equals the same conversation answered by the thread-per-request path
-    from personalkv.service_layer.scheduler import ThreadAnswerer
+    from personalkv.engine.scheduler import ThreadAnswerer
 
     svc.replace("answerer", ThreadAnswerer(lambda: svc.adapter))
     again = answering.ask(svc, "alice", "Tell me about Thing0.", [], greedy, start_conversation=True)

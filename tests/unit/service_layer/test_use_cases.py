@@ -11,7 +11,7 @@ from personalkv.bootstrap import task_handlers
 from personalkv.images import decode
 from personalkv.service_layer import answering, concepts, pipeline
 from personalkv.service_layer.answering import AskOptions, AskResult
-from personalkv.service_layer.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from personalkv.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 BLUE, RED = (30, 60, 200), (210, 40, 30)
 
@@ -150,8 +150,28 @@ def test_ask_stream_yields_text_then_the_same_result(svc, photo_of):
     assert isinstance(items[-1], AskResult) and all(isinstance(i, str) for i in items[:-1])
     unary = answering.ask(svc, "alice", "Where is Bobo?", [], options)
     assert items[-1].token_ids == unary.token_ids
+    # the pieces are the answer's text (incremental detokenization, engine.detokenizer)
+    assert "".join(items[:-1]).strip() == unary.answer
     with pytest.raises(InvalidArgument):
         next(answering.ask_stream(svc, "alice", "", [], options))
+
+
+@pytest.mark.slow
+def test_ask_stream_text_equals_the_unary_answer_smollm2(service_settings, photo_of):
+    from personalkv.bootstrap import bootstrap
+    from personalkv.config import ModelSettings
+    from personalkv.models import load_adapter
+
+    svc = bootstrap(service_settings, adapter=load_adapter("smollm2", settings=ModelSettings()))
+    try:
+        make_ready(svc, photo_of)
+        options = AskOptions(max_new_tokens=40)
+        items = list(answering.ask_stream(svc, "alice", "Tell me about Bobo, with an emoji.", [], options))
+        unary = answering.ask(svc, "alice", "Tell me about Bobo, with an emoji.", [], options)
+        assert items[-1].token_ids == unary.token_ids and len(unary.token_ids) > 5
+        assert "".join(items[:-1]).strip() == unary.answer
+    finally:
+        svc.close()
 
 
 def test_delete_concept_everywhere_and_idempotent(svc, photo_of):

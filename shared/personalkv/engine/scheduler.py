@@ -8,12 +8,22 @@ then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
   (``answer_max_batch`` requests, ``answer_max_tokens_in_flight`` KV tokens), prefills each
   admitted one (placement, selective recompute, the question: ``ConversationKV.begin_turn``),
   then advances **every** request in its decode phase by one token in one batched forward
-  (``kv.batch.DecodeBatch``): continuous batching, requests join and leave between steps.
+  (``engine.batch.DecodeBatch``): continuous batching, requests join and leave between steps.
   Tokens stream to each request's ``on_token`` as they are sampled. A request that is cancelled
   (its ``on_token`` raises, or ``cancelled()`` turns true) or whose deadline passes frees its
   row at the next step.
 * ``ThreadAnswerer`` (``=threads``): the caller's thread drives the model alone (the path
   before batching, kept as the benchmark's baseline and for debugging).
+
+Failures are contained (issue 29): an exception while one request is placed, prefilled,
+sampled or streamed fails that request alone (``Internal`` caused by the fault: INTERNAL, with
+the request id under which the gRPC layer logs the traceback) and the rest of the batch goes on. A batched forward that raises
+fails the rows in it (their caches may be half-written) and the loop goes on with a fresh
+batch. If the loop itself dies, every job it held (waiting, being admitted, running) fails at
+once and the next job starts a fresh loop; ``healthy()`` turns false when the loop died
+``LOOP_FAILURES_UNHEALTHY`` times within ``LOOP_FAILURE_WINDOW_S`` (gRPC health then reports
+NOT_SERVING and Kubernetes replaces the pod). No caller waits unbounded: ``run`` waits until
+its deadline (plus ``DONE_GRACE_S`` for the loop to report) or ``max_wait_s``.
 
 Backpressure: an Ask takes a place (``admit``) before its retrieval starts; at most
 ``answer_queue_size`` Asks wait beside the ``answer_max_batch`` being answered, and the next
@@ -47,16 +57,22 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from personalkv.kv.batch import BatchRow, DecodeBatch
+from personalkv.engine.batch import BatchRow, DecodeBatch
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
 from personalkv.kv.generation import (
     AnswerResult, GenerationOptions, request_generator, sample_token, take_token,
 )
 from personalkv.models.base import ModelAdapter
-from personalkv.service_layer.errors import CallEnded, DeadlineExceeded, ResourceExhausted, Unavailable
+from personalkv.errors import CallEnded, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
+
+#: the loop dying this many times within the window makes the scheduler unhealthy
+LOOP_FAILURES_UNHEALTHY = 3
+LOOP_FAILURE_WINDOW_S = 60.0
+#: how long past its deadline a caller waits for the loop to report (it checks between steps)
+DONE_GRACE_S = 1.0
 
 
 class SchedulerObserver(Protocol):
@@ -99,11 +115,19 @@ class ModelJob:
     result: AnswerResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: set by ``run`` when its caller stopped waiting: the loop drops the job at its next look
+    abandoned: bool = False
+
+    def gone(self) -> bool:
+        """Nobody waits for this job's answer any more (cancelled, past its deadline, abandoned)."""
+        return self.abandoned or self.cancelled() or (
+            self.deadline is not None and time.monotonic() >= self.deadline)
 
 
 class Answerer(Protocol):
     def admit(self, deadline: float | None = None): ...
     def run(self, job: ModelJob) -> AnswerResult: ...
+    def healthy(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -133,6 +157,9 @@ class ThreadAnswerer:
         return job.state.turn(self._adapter(), job.chunks, job.question, job.image,
                               options=job.options, on_token=job.on_token)
 
+    def healthy(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
@@ -152,15 +179,20 @@ class BatchScheduler:
     threads call ``admit`` / ``run``; one loop thread runs the model."""
 
     def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
-                 max_tokens_in_flight: int, observer: SchedulerObserver | None = None):
+                 max_tokens_in_flight: int, observer: SchedulerObserver | None = None,
+                 max_wait_s: float = 600.0):
         self._adapter_factory = adapter
         self.queue_size, self.max_batch = queue_size, max_batch
         self.max_tokens_in_flight = max_tokens_in_flight
+        self.max_wait_s = max_wait_s
         self.observer = observer or _NoObserver()
         self._cond = threading.Condition()
         self._waiting: collections.deque[ModelJob] = collections.deque()
         self._admitted = 0
         self._running: list[_Running] = []
+        #: taken from the queue by the loop and not yet running (being prefilled)
+        self._admitting: list[ModelJob] = []
+        self._loop_failures: collections.deque[float] = collections.deque()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._prefill_s = 0.0  # moving average of one job's prefill: what a waiting job costs
@@ -201,7 +233,12 @@ class BatchScheduler:
             self.observer.queue_depth(len(self._waiting))
             self._ensure_loop()
             self._cond.notify_all()
-        job.done.wait()
+        wait = self.max_wait_s if job.deadline is None else \
+            min(self.max_wait_s, job.deadline - time.monotonic() + DONE_GRACE_S)
+        if not job.done.wait(max(0.0, wait)):
+            job.abandoned = True  # the loop drops it at its next look
+            self.observer.rejected("deadline")
+            raise DeadlineExceeded(f"no answer from the model within {wait:.0f} s; retry later")
         if job.error is not None:
             raise job.error
         return job.result
@@ -215,7 +252,19 @@ class BatchScheduler:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"admitted": self._admitted, "waiting": len(self._waiting),
-                    "running": len(self._running)}
+                    "admitting": len(self._admitting), "running": len(self._running)}
+
+    def healthy(self) -> bool:
+        """False once the loop died ``LOOP_FAILURES_UNHEALTHY`` times within
+        ``LOOP_FAILURE_WINDOW_S``: restarting it does not help, the pod should be replaced."""
+        with self._cond:
+            self._forget_old_failures()
+            return not self._closed and len(self._loop_failures) < LOOP_FAILURES_UNHEALTHY
+
+    def _forget_old_failures(self) -> None:
+        horizon = time.monotonic() - LOOP_FAILURE_WINDOW_S
+        while self._loop_failures and self._loop_failures[0] < horizon:
+            self._loop_failures.popleft()
 
     def close(self) -> None:
         """Stop the loop; waiting and running jobs end with UNAVAILABLE."""
@@ -244,24 +293,35 @@ class BatchScheduler:
                         adapter = self._adapter_factory()
                         if batch is None or batch.adapter is not adapter:
                             batch = DecodeBatch(adapter)
-                    admitted = self._take_admissible(batch)
-                for job in admitted:
-                    self._prefill(adapter, batch, job)
-                if self._running:
-                    self._step(adapter, batch)
+                    self._admitting = self._take_admissible(batch)
+                while self._admitting:
+                    self._prefill(adapter, batch, self._admitting[0])
+                    with self._cond:
+                        self._admitting.pop(0)
+                if self._running and not self._step(adapter, batch):
+                    batch = DecodeBatch(adapter)  # the failed forward's rows are gone with it
                 self.observer.running(len(self._running))
-        except BaseException as exc:  # a bug or the model failing: nobody may wait forever
-            log.exception("the answer scheduler stopped")
-            failure = exc
+        except BaseException as exc:  # a bug in the loop itself: nobody may wait forever
+            log.exception("the answer scheduler's loop failed; failing the questions it held")
+            failure: BaseException = Internal(
+                "the answering engine failed while this question waited or ran; retry")
+            failure.__cause__ = exc
+            with self._cond:
+                self._loop_failures.append(time.monotonic())
+                self._forget_old_failures()
         else:
             failure = Unavailable("the answering service is shutting down; retry on another replica")
         with self._cond:
-            jobs = [r.job for r in self._running] + list(self._waiting)
+            jobs = [r.job for r in self._running] + self._admitting + list(self._waiting)
             self._running.clear()
+            self._admitting = []
             self._waiting.clear()
             self._thread = None
+            self.observer.queue_depth(0)
+            self.observer.running(0)
         for job in jobs:
-            self._finish(job, error=failure)
+            if not job.done.is_set():
+                self._finish(job, error=failure)
 
     def _take_admissible(self, batch: DecodeBatch) -> list[ModelJob]:
         """Jobs that fit the batch now (room in rows and in tokens), oldest first."""
@@ -280,10 +340,12 @@ class BatchScheduler:
         return taken
 
     def _prefill(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob) -> None:
+        """Place, recompute and prefill ``job``, take its first token and give it a row. Any
+        failure here is the job's alone."""
         now = time.monotonic()
         job.queue_s = now - job.queued_at
         self.observer.queue_wait(job.queue_s)
-        if job.cancelled():
+        if job.abandoned or job.cancelled():
             return self._finish(job, error=CallEnded("the call ended while it waited for the model"))
         if job.deadline is not None and now >= job.deadline:
             self.observer.rejected("deadline")
@@ -293,42 +355,61 @@ class BatchScheduler:
             started = job.state.begin_turn(adapter, job.chunks, job.question, job.image,
                                            options=job.options)
         except BaseException as exc:
-            return self._finish(job, error=exc)
+            return self._finish(job, error=_contained(exc, job, "prefill"))
         self._prefill_s = 0.8 * self._prefill_s + 0.2 * (time.monotonic() - now) if self._prefill_s \
             else time.monotonic() - now
+        if job.gone():  # cancelled (or out of time) during its prefill
+            return self._finish(job, error=CallEnded("the call ended while its question was read"))
         running = _Running(job, started, [], request_generator(job.options), time.perf_counter())
-        if self._advance(adapter, running, started.logits):
+        if not self._advance(adapter, running, started.logits):
+            return self._close(batch, running)
+        try:
             running.row = batch.join(job.state.ctx, running.tokens[-1])
-            with self._cond:
-                self._running.append(running)
-        else:
-            self._close(batch, running)
+        except BaseException as exc:
+            return self._finish(job, error=_contained(exc, job, "join the batch"))
+        with self._cond:
+            self._running.append(running)
 
-    def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> None:
+    def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> bool:
+        """One token for every running row. Returns False when the batched forward failed:
+        its rows failed with it and ``batch`` must not be used again."""
         for r in list(self._running):  # cancelled or expired calls leave before the forward
-            if r.job.cancelled() or (r.job.deadline is not None and time.monotonic() >= r.job.deadline):
+            if r.job.gone():
                 self._drop(batch, r, CallEnded("the call ended during generation"))
         rows = list(self._running)
         if not rows:
-            return
-        with torch.inference_mode():
-            order = {id(row): i for i, row in enumerate(batch.rows)}
-            logits = batch.step()
+            return True
+        try:
+            with torch.inference_mode():
+                order = {id(row): i for i, row in enumerate(batch.rows)}
+                logits = batch.step()
+            greedy = logits.argmax(dim=-1).tolist()  # one device sync per step for every greedy row
+        except BaseException as exc:
+            with self._cond:
+                for r in rows:
+                    self._running.remove(r)
+            for r in rows:
+                self._finish(r.job, error=_contained(exc, r.job, "decode (batched forward)"))
+            return False
         self.observer.batch(len(rows))
-        greedy = logits.argmax(dim=-1).tolist()  # one device sync per step for every greedy row
         for r in rows:
             i = order[id(r.row)]
             token = greedy[i] if r.job.options.temperature <= 0 else None
             if not self._advance(adapter, r, logits[i], token):
                 self._close(batch, r)
+        return True
 
     def _advance(self, adapter: ModelAdapter, r: _Running, logits: torch.Tensor,
                  token: int | None = None) -> bool:
         """Take the next token of ``r`` (``token`` when already chosen, else sampled as
         ``kv.generation.decode`` does); returns whether it goes on (the token is then fed by
-        the next step)."""
+        the next step). A failure to sample is the request's own (``r.job.error``)."""
         if token is None:
-            token = sample_token(logits, r.job.options, r.generator)
+            try:
+                token = sample_token(logits, r.job.options, r.generator)
+            except BaseException as exc:  # e.g. NaN probabilities at temperature > 0
+                r.job.error = _contained(exc, r.job, "sample")
+                return False
         try:
             goes_on = take_token(adapter, r.tokens, token, r.job.options, r.job.on_token)
         except BaseException as exc:  # the caller stopped listening (its on_token raised)
@@ -339,19 +420,20 @@ class BatchScheduler:
         return goes_on
 
     def _close(self, batch: DecodeBatch, r: _Running) -> None:
-        """``r`` stopped (EOS, max_new_tokens, or its caller gone): leave the batch, end the turn."""
-        if r.row is not None:
-            batch.leave(r.row, keep=r.job.keep and r.job.error is None)
+        """``r`` stopped (EOS, max_new_tokens, its caller gone or its own fault): leave the
+        batch, end the turn."""
         with self._cond:
             if r in self._running:
                 self._running.remove(r)
-        if r.job.error is not None:
-            return self._finish(r.job, error=r.job.error)
-        r.started.timings["decode"] = time.perf_counter() - r.decode_started
         try:
+            if r.row is not None:
+                batch.leave(r.row, keep=r.job.keep and r.job.error is None)
+            if r.job.error is not None:
+                return self._finish(r.job, error=r.job.error)
+            r.started.timings["decode"] = time.perf_counter() - r.decode_started
             result = r.job.state.end_turn(batch.adapter, r.started, r.tokens, r.job.options)
         except BaseException as exc:
-            return self._finish(r.job, error=exc)
+            return self._finish(r.job, error=_contained(exc, r.job, "end the turn"))
         self._finish(r.job, result=result)
 
     def _drop(self, batch: DecodeBatch, r: _Running, error: BaseException) -> None:
@@ -362,3 +444,15 @@ class BatchScheduler:
     def _finish(job: ModelJob, result: AnswerResult | None = None, error: BaseException | None = None) -> None:
         job.result, job.error = result, error
         job.done.set()
+
+
+def _contained(exc: BaseException, job: ModelJob, stage: str) -> BaseException:
+    """What the caller of ``job`` gets for ``exc`` raised while its model work ran: the error
+    itself when it is one the caller can act on (a ``ServiceError``), else ``Internal`` caused
+    by it (the gRPC layer logs the chained traceback under the request id it gives the caller)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    error = Internal(f"the model failed on this question ({stage}); other questions are "
+                     "unaffected; retry")
+    error.__cause__ = exc
+    return error

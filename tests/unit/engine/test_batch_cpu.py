@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from personalkv.config import ModelSettings
-from personalkv.kv.batch import DecodeBatch
+from personalkv.engine.batch import DecodeBatch
 from personalkv.kv.conversation import ConversationKV
 from personalkv.kv.engine import GenerationOptions, encode_evidence
 from personalkv.kv.generation import decode

@@ -10,7 +10,7 @@ import torch
 from personalkv.config import ModelSettings
 from personalkv.models import load_adapter
 from personalkv.models.tiny import KINDS
-from tests.unit.kv.test_batch_cpu import _check
+from tests.unit.engine.test_batch_cpu import _check
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,11 +1,11 @@
-"""Errors of the service layer: what went wrong, in words a user can act on.
+"""Errors of the library's use cases and engine: what went wrong, in words a user can act on.
 
 Raised by every use case in ``personalkv.service_layer``; the gRPC servicers map each class to one
 status code (``InvalidArgument`` -> INVALID_ARGUMENT, ``AlreadyExists`` -> ALREADY_EXISTS (or
 INVALID_ARGUMENT, it is a subclass), ``NotFound`` -> NOT_FOUND, ``PermissionDenied`` ->
 PERMISSION_DENIED, ``ResourceExhausted`` -> RESOURCE_EXHAUSTED, ``FailedPrecondition`` ->
 FAILED_PRECONDITION, ``Aborted`` -> ABORTED, ``DeadlineExceeded`` -> DEADLINE_EXCEEDED,
-``Unavailable`` -> UNAVAILABLE),
+``Internal`` -> INTERNAL, ``Unavailable`` -> UNAVAILABLE),
 and the Celery tasks retry on ``Unavailable`` only. ``str(error)`` is the human message.
 """
 
@@ -72,6 +72,13 @@ class CallEnded(ServiceError):
     code = "CANCELLED"
 
 
+class Internal(ServiceError):
+    """The server failed on this request alone (a fault while the model ran it): the details
+    are in the server's log under the request id the caller sees; other requests go on."""
+
+    code = "INTERNAL"
+
+
 class Unavailable(ServiceError):
     """A dependency (object store, index, broker) is down; retrying later may succeed."""
 
@@ -79,6 +86,7 @@ class Unavailable(ServiceError):
 
 
 __all__ = [
-    "Aborted", "AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound",
+    "Aborted", "AlreadyExists", "CallEnded", "DeadlineExceeded", "FailedPrecondition", "Internal",
+    "InvalidArgument", "NotFound",
     "PermissionDenied", "ResourceExhausted", "ServiceError", "Unavailable",
 ]
