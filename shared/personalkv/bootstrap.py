@@ -105,6 +105,9 @@ def _answerer(services: Services):
     return BatchScheduler(lambda: services.adapter, queue_size=limits.answer_queue_size,
                           max_batch=limits.answer_max_batch,
                           max_tokens_in_flight=limits.answer_max_tokens_in_flight,
+                          max_wait_s=limits.answer_max_wait_s,
+                          kv_budget_bytes=limits.answer_kv_budget_bytes,
+                          reserved_bytes=limits.chunk_cache_bytes + limits.conversation_cache_bytes,
                           observer=SERVING)
 
 

@@ -376,6 +376,17 @@ class ServiceSettings(BaseSettings):
         "answer so far) of the requests being answered at once; a request that would pass it "
         "waits in the queue.",
     )
+    answer_kv_budget_bytes: int = Field(
+        0, ge=0, description="Batched scheduler: bytes of KV the decode batch may hold at its "
+        "peak (padded rows, growth headroom and a re-layout's copies counted: "
+        "personalkv.engine.memory); a request that would pass it waits, one that can never fit "
+        "answers RESOURCE_EXHAUSTED at once. 0: 80 % of the GPU memory free at start (25 % of "
+        "RAM on CPU) less chunk_cache_bytes and conversation_cache_bytes.",
+    )
+    answer_max_wait_s: float = Field(
+        600.0, gt=0, description="Batched scheduler: longest an Ask without a deadline waits "
+        "for its answer before it ends DEADLINE_EXCEEDED (no wait on the Ask path is unbounded).",
+    )
     photo_recognitions: int = Field(
         2, ge=1, description="Asks with a photo whose recognition (CPU-heavy: windows, "
         "descriptors) runs at once per answering process; the next waits for a slot (within "

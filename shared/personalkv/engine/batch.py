@@ -67,6 +67,14 @@ class DecodeBatch:
         """KV tokens the rows hold (padding not counted)."""
         return sum(r.length for r in self.rows)
 
+    def nbytes(self) -> int:
+        """Bytes the padded cache has allocated, its room to grow included (what
+        ``engine.memory.padded_batch_bytes`` estimates)."""
+        if self._cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for layer in self._cache.layers
+                   for t in (getattr(layer, "_k", layer.keys), getattr(layer, "_v", layer.values)))
+
     def join(self, ctx: PlacedContext, next_token: int) -> BatchRow:
         """Add a request whose cache is ``ctx`` and whose first generated token is
         ``next_token`` (to be fed at ``ctx.next_position`` by the next ``step``)."""

@@ -58,6 +58,7 @@ import torch
 from PIL import Image
 
 from personalkv.engine.batch import BatchRow, DecodeBatch
+from personalkv.engine.memory import admission_peak_bytes, auto_budget_bytes, kv_bytes_per_token
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
 from personalkv.kv.generation import (
@@ -73,6 +74,9 @@ LOOP_FAILURES_UNHEALTHY = 3
 LOOP_FAILURE_WINDOW_S = 60.0
 #: how long past its deadline a caller waits for the loop to report (it checks between steps)
 DONE_GRACE_S = 1.0
+#: tokens counted for the chat framing around a question, and for a photo in it, before they
+#: are known (admission estimates a request's KV before its prefill)
+FRAMING_TOKENS, PHOTO_TOKENS = 32, 1024
 
 
 class SchedulerObserver(Protocol):
@@ -180,11 +184,16 @@ class BatchScheduler:
 
     def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
                  max_tokens_in_flight: int, observer: SchedulerObserver | None = None,
-                 max_wait_s: float = 600.0):
+                 max_wait_s: float = 600.0, kv_budget_bytes: int = 0, reserved_bytes: int = 0):
+        """``kv_budget_bytes``: the decode batch's KV budget (``engine.memory``); 0: the
+        device's (``auto_budget_bytes``) less ``reserved_bytes`` (the process's other KV
+        holders: the decoded-chunk cache and the live conversations)."""
         self._adapter_factory = adapter
         self.queue_size, self.max_batch = queue_size, max_batch
         self.max_tokens_in_flight = max_tokens_in_flight
         self.max_wait_s = max_wait_s
+        self._kv_budget_setting, self._reserved_bytes = kv_budget_bytes, reserved_bytes
+        self._memory: dict[int, tuple[int, int]] = {}  # id(adapter) -> (bytes/token, budget)
         self.observer = observer or _NoObserver()
         self._cond = threading.Condition()
         self._waiting: collections.deque[ModelJob] = collections.deque()
@@ -221,6 +230,7 @@ class BatchScheduler:
     def run(self, job: ModelJob) -> AnswerResult:
         """Queue ``job`` for the model and wait for its answer (tokens stream to
         ``job.on_token`` meanwhile, from the loop thread)."""
+        self._refuse_if_it_never_fits(job)
         with self._cond:
             if self._closed:
                 raise Unavailable("the answering service is shutting down; retry on another replica")
@@ -323,18 +333,55 @@ class BatchScheduler:
             if not job.done.is_set():
                 self._finish(job, error=failure)
 
+    # --- memory ----------------------------------------------------------------------------
+    def memory(self, adapter: ModelAdapter) -> tuple[int, int]:
+        """(KV bytes per token, the decode batch's byte budget) for ``adapter``."""
+        key = id(adapter)
+        if key not in self._memory:
+            budget = self._kv_budget_setting or max(
+                0, auto_budget_bytes(adapter.device) - self._reserved_bytes)
+            self._memory = {key: (kv_bytes_per_token(adapter), budget)}
+        return self._memory[key]
+
+    @staticmethod
+    def final_tokens(adapter: ModelAdapter, job: ModelJob) -> int:
+        """KV tokens ``job``'s row holds when its answer is complete (an estimate before the
+        question is framed: ``FRAMING_TOKENS``, ``PHOTO_TOKENS``)."""
+        before = job.state.kv_tokens if job.state.ctx is not None else adapter.system_prefix().num_tokens
+        return (before + sum(c.meta.token_count for c in job.chunks) + len(adapter.tokenize(job.question))
+                + FRAMING_TOKENS + (PHOTO_TOKENS if job.image is not None else 0)
+                + job.options.max_new_tokens)
+
+    def _refuse_if_it_never_fits(self, job: ModelJob) -> None:
+        """RESOURCE_EXHAUSTED at once for a request that would not fit even alone."""
+        adapter = self._adapter_factory()
+        per_token, budget = self.memory(adapter)
+        need = self.final_tokens(adapter, job)
+        peak = admission_peak_bytes([], need, per_token)
+        if need > self.max_tokens_in_flight or peak > budget:
+            self.observer.rejected("too_large")
+            raise ResourceExhausted(
+                f"this question needs about {need} tokens of KV ({peak / 2**20:.0f} MiB at its "
+                f"peak), more than this server can hold for one answer ({self.max_tokens_in_flight} "
+                f"tokens, {budget / 2**20:.0f} MiB); ask for fewer max_new_tokens or start a new "
+                "conversation")
+
     def _take_admissible(self, batch: DecodeBatch) -> list[ModelJob]:
-        """Jobs that fit the batch now (room in rows and in tokens), oldest first."""
+        """Jobs that fit the batch now, oldest first: room in rows, in KV tokens and in KV
+        bytes at the re-layout's peak (``engine.memory``)."""
+        adapter = batch.adapter
+        per_token, budget = self.memory(adapter)
+        final = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
+                 for r in self._running if r.row is not None]
         taken = []
-        tokens = sum(r.row.length + r.job.options.max_new_tokens - len(r.tokens)
-                     for r in self._running if r.row is not None)
         while self._waiting and len(self._running) + len(taken) < self.max_batch:
             job = self._waiting[0]
-            need = job.state.kv_tokens + sum(c.meta.token_count for c in job.chunks) \
-                + job.options.max_new_tokens + 64  # + the question: an estimate
-            if (self._running or taken) and tokens + need > self.max_tokens_in_flight:
+            need = self.final_tokens(adapter, job)
+            fits = (sum(final) + need <= self.max_tokens_in_flight
+                    and admission_peak_bytes(final, need, per_token) <= budget)
+            if (self._running or taken) and not fits:
                 break
-            tokens += need
+            final.append(need)
             taken.append(self._waiting.popleft())
         self.observer.queue_depth(len(self._waiting))
         return taken

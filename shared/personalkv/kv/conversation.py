@@ -10,9 +10,10 @@ Turn 1 is exactly the single-turn Ask (``engine.answer`` runs it this way): the 
 behind the system prefix (``place_chunks``), a share is recomputed, the question is prefilled
 and the answer decoded. A follow-up feeds what the cache still lacks of the previous answer (its
 last token when the answer stopped at ``max_new_tokens``: decoding never feeds the token it
-ends on) and the template's turn separator (``ModelAdapter.next_turn_text``); evidence new in
-this turn is then appended at the next free positions (its keys rotated there, like any
-placement) and its own tokens are recomputed against everything before it (the earlier turns are
+ends on) and the template's turn separator (``ModelAdapter.next_turn_text``), in the question's
+own forward when the turn brings no evidence (a follow-up then costs one forward, no placement
+work); evidence new in this turn is appended after them at the next free positions (its keys
+rotated there, like any placement) and its own tokens are recomputed against everything before it (the earlier turns are
 context it never saw), then the question is prefilled and the answer decoded. Evidence already
 in the conversation is never placed twice, and nothing placed before is moved: the history is a
 stable prefix.
@@ -92,19 +93,30 @@ class ConversationKV:
         chunks = [c for c in chunks if c.chunk_id not in self.evidence]
         with torch.inference_mode():
             t0 = time.perf_counter()
+            lead: list[int] = []  # tokens fed in the question's forward, before the question
             if self.turns == 0:
                 self.ctx = place_chunks(adapter, list(chunks))
                 placed = self.ctx
             else:
                 between = [*self.pending, *adapter.tokenize(adapter.next_turn_text)]
-                prefill(adapter, self.ctx, Segment(token_ids=torch.tensor(between)))
-                placed = append_chunks(adapter, self.ctx, list(chunks))
+                if chunks:  # the new evidence goes after the separator: feed it first
+                    prefill(adapter, self.ctx, Segment(token_ids=torch.tensor(between)))
+                    placed = append_chunks(adapter, self.ctx, list(chunks))
+                else:  # nothing to place: the separator rides in the question's forward
+                    lead, placed = between, None
             self.pending = []
             t1 = time.perf_counter()
-            recomputed = recompute(adapter, placed, options.recompute_ratio, options.recompute_strategy, question=adapter.build_segment(adapter.question_parts(question)))
+            question_segment = adapter.build_segment(adapter.question_parts(question))
+            recomputed = 0 if placed is None else recompute(
+                adapter, placed, options.recompute_ratio, options.recompute_strategy, question=question_segment)
             t2 = time.perf_counter()
             photo = adapter.encode_image(image) if image is not None else None
-            logits = prefill(adapter, self.ctx, adapter.build_segment(adapter.question_parts(question, photo)))
+            segment = question_segment if photo is None else \
+                adapter.build_segment(adapter.question_parts(question, photo))
+            if lead:
+                segment = Segment(token_ids=torch.cat([torch.tensor(lead, dtype=segment.token_ids.dtype),
+                                                       segment.token_ids]), images=segment.images)
+            logits = prefill(adapter, self.ctx, segment)
             t3 = time.perf_counter()
         return TurnStart(logits=logits, new_evidence=[c.chunk_id for c in chunks],
                          recomputed_tokens=recomputed,

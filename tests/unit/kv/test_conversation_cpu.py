@@ -114,3 +114,27 @@ def test_new_evidence_is_placed_after_the_history_and_a_replay_rebuilds_the_same
     next_replayed = replayed.turn(adapter, [], QUESTIONS[1], options=options)
     assert (next_kept.first_logits - next_replayed.first_logits).abs().max().item() <= LOGIT_TOL
     assert next_kept.token_ids == next_replayed.token_ids
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_follow_up_without_new_evidence_is_one_forward(kind, monkeypatch):
+    """Issue 29: a follow-up that adds no evidence does no placement work: the previous
+    answer's last token and the turn separator ride in the question's forward."""
+    adapter = get_tiny(kind)
+    options = GenerationOptions(max_new_tokens=4, recompute_ratio=0.15)
+    conv = ConversationKV()
+    conv.turn(adapter, _chunks(adapter, FACTS[:2]), QUESTIONS[0], options=options)
+    forwards = []
+    real = type(adapter).run_decoder
+
+    def counted(self, embeds, positions, cache):
+        forwards.append(embeds.shape[1])
+        return real(self, embeds, positions, cache)
+
+    monkeypatch.setattr(type(adapter), "run_decoder", counted)
+    pending = len(conv.pending)  # the last answer token, when the answer hit max_new_tokens
+    started = conv.begin_turn(adapter, [], QUESTIONS[1], options=options)
+    assert len(forwards) == 1 and started.recomputed_tokens == 0
+    question = adapter.build_segment(adapter.question_parts(QUESTIONS[1])).num_tokens
+    separator = len(adapter.tokenize(adapter.next_turn_text))
+    assert forwards[0] == pending + separator + question

@@ -251,3 +251,47 @@ def _swallow(fn):
         return fn()
     except Exception as exc:  # noqa: BLE001
         return exc
+
+
+def test_a_question_that_can_never_fit_is_refused_at_once(svc):
+    from personalkv.engine.memory import kv_bytes_per_token
+
+    _ingest(svc, 0)
+    per_token = kv_bytes_per_token(svc.adapter)
+    observer = _with_scheduler(svc, kv_budget_bytes=300 * per_token)  # less than one answer's peak
+    started = time.perf_counter()
+    with pytest.raises(ResourceExhausted, match="more than this server can hold"):
+        answering.ask(svc, "alice", "Tell me about Thing0.", [], AskOptions(max_new_tokens=64))
+    assert time.perf_counter() - started < 30  # no model work (generous: a loaded machine)
+    assert observer.rejections == ["too_large"]
+    assert svc.answerer.stats()["admitted"] == 0
+    _with_scheduler(svc, max_tokens_in_flight=20)  # the token limit refuses the same way
+    with pytest.raises(ResourceExhausted, match="tokens of KV"):
+        answering.ask(svc, "alice", "Tell me about Thing0.", [], AskOptions(max_new_tokens=64))
+
+
+def test_the_kv_limits_hold_requests_back_until_they_fit(svc, monkeypatch):
+    """With room for one request's KV at a time (tokens, then bytes), concurrent Asks decode one
+    after another, and each answer is still its solo answer."""
+    from personalkv.engine.memory import admission_peak_bytes, kv_bytes_per_token
+
+    _ingest(svc, 0)
+    _ingest(svc, 1)
+    asks = ASKS[:3]
+    needs, real = [], BatchScheduler.final_tokens
+
+    def recorded(adapter, job):
+        needs.append(real(adapter, job))
+        return needs[-1]
+
+    monkeypatch.setattr(BatchScheduler, "final_tokens", staticmethod(recorded))
+    _with_scheduler(svc)
+    solo = _solo(svc, asks)
+    need = max(needs)  # the largest request's KV: each fits alone, no two together
+    per_token = kv_bytes_per_token(svc.adapter)
+    for limits in ({"max_tokens_in_flight": need},
+                   {"kv_budget_bytes": admission_peak_bytes([], need, per_token)}):
+        observer = _with_scheduler(svc, **limits)
+        batched = _concurrently(svc, asks)
+        assert observer.batches and max(observer.batches) == 1, (limits, observer.batches)
+        assert [b.token_ids for b in batched] == [s.token_ids for s in solo]
