@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is the CPU wheel that lies on this machine's disk; any other version downloads GBs.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install models test test-fast test-unit test-integration test-e2e bench demo up down status clean proto proto-check \
+.PHONY: install models test test-fast test-unit test-integration test-e2e test-gpu bench demo up down status clean proto proto-check \
 	deploy-tools deploy-check image image-constraints
 
 $(BIN)/python:
@@ -41,6 +41,12 @@ test-integration: install
 
 test-e2e: install
 	$(BIN)/pytest -q tests/e2e
+
+# The GPU tier: device placement, bf16 batching, query recompute and the scheduler on CUDA, then
+# a 60-second load test (tokens/s, TTFT). Skips cleanly without CUDA.
+test-gpu: install
+	$(BIN)/pytest -q tests/unit/kv/test_kv_gpu.py tests/unit/engine/test_batch_gpu.py tests/unit/engine/test_scheduler_gpu.py
+	$(BIN)/python -m benchmarks.gpu_load
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

@@ -16,8 +16,11 @@ answer may stop before 64 tokens. Two server processes, one after the other, wit
 
 Figures per mode and level: ``<mode>_c<N>_answers_per_s``, ``_tokens_per_s``,
 ``_ttft_p50_s`` / ``_p99_s``, ``_e2e_p50_s`` / ``_p99_s``, ``_queue_p50_s`` (the server's
-``Timings.queue``); ``tokens_per_s_ratio_batched_over_threads_c8`` (target >= 3) and
-``ttft_p99_ratio_batched_over_threads_c8`` (target <= 1).
+``Timings.queue``), ``_itl_p50_s`` / ``_p99_s`` (inter-token latency: seconds between a
+stream's consecutive text deltas); ``tokens_per_s_ratio_batched_over_threads_c8`` (target >= 3),
+``ttft_p99_ratio_batched_over_threads_c8`` (target <= 1) and ``itl_p99_over_p50_batched_c8``
+(target <= 2: running rows are not stalled by the prefills of those joining). When an Ask
+fails, the servers' logs are kept in ``benchmarks/results/serving-logs/``.
 
 Overload probe, on a third server (batched, queue and batch of OVERLOAD_QUEUE each): 4 x
 OVERLOAD_QUEUE unary Asks at once (32 new tokens) while a client checks health every 100 ms:
@@ -153,27 +156,32 @@ def _client(server: _Server, token: str):
     return PersonalKVClient(server.address, server.address, token, timeout_s=CALL_TIMEOUT_S)
 
 
-def _ask_stream(client, question: str) -> tuple[float, float, float]:
-    """(TTFT, end-to-end, server queue) seconds of one streamed Ask."""
+def _ask_stream(client, question: str) -> tuple[float, float, float, list[float]]:
+    """(TTFT, end-to-end, server queue) seconds of one streamed Ask, and its inter-token
+    latencies (seconds between consecutive text deltas)."""
     start = time.perf_counter()
     ttft = None
     queue_s = 0.0
+    deltas: list[float] = []
     for event in client.ask_stream(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0,
                                    top_k=3):
         kind = event.WhichOneof("event")
-        if kind == "text_delta" and ttft is None and event.text_delta:
-            ttft = time.perf_counter() - start
+        if kind == "text_delta" and event.text_delta:
+            deltas.append(time.perf_counter())
+            if ttft is None:
+                ttft = deltas[-1] - start
         elif kind == "final":
             queue_s = event.final.timings.queue_ms / 1000.0
     e2e = time.perf_counter() - start
-    return (e2e if ttft is None else ttft), e2e, queue_s  # no text at all: first is last
+    itl = [b - a for a, b in zip(deltas, deltas[1:])]
+    return (e2e if ttft is None else ttft), e2e, queue_s, itl  # no text at all: first is last
 
 
 def _level(server: _Server, token: str, questions: list[str], clients: int, asks: int) -> dict:
     """``clients`` threads in closed loop until ``asks`` Asks are answered."""
     taken = iter(range(asks))
     lock = threading.Lock()
-    ttft, e2e, queue, errors = [], [], [], []
+    ttft, e2e, queue, itl, errors = [], [], [], [], []
 
     def worker() -> None:
         with _client(server, token) as client:
@@ -183,7 +191,7 @@ def _level(server: _Server, token: str, questions: list[str], clients: int, asks
                 if k is None:
                     return
                 try:
-                    first, total, waited = _ask_stream(client, questions[k % len(questions)])
+                    first, total, waited, gaps = _ask_stream(client, questions[k % len(questions)])
                 except Exception as exc:  # noqa: BLE001  (counted and reported, not hidden)
                     with lock:
                         errors.append(repr(exc)[:300])
@@ -192,6 +200,7 @@ def _level(server: _Server, token: str, questions: list[str], clients: int, asks
                     ttft.append(first)
                     e2e.append(total)
                     queue.append(waited)
+                    itl.extend(gaps)
 
     tokens_before = server.generated_tokens()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
@@ -207,7 +216,8 @@ def _level(server: _Server, token: str, questions: list[str], clients: int, asks
     return {"answers_per_s": round(asks / wall, 4), "tokens_per_s": round(tokens / wall, 3),
             "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
             "e2e_p50_s": _pct(e2e, 50), "e2e_p99_s": _pct(e2e, 99),
-            "queue_p50_s": _pct(queue, 50), "asks": asks, "wall_s": round(wall, 2),
+            "queue_p50_s": _pct(queue, 50), "itl_p50_s": _pct(itl, 50), "itl_p99_s": _pct(itl, 99),
+            "asks": asks, "wall_s": round(wall, 2),
             "tokens": int(tokens)}
 
 
@@ -321,6 +331,7 @@ def run() -> dict:
     work = tempfile.mkdtemp(prefix="pkv-bench-serving-")
     figures: dict = {"model": "smollm2", "concepts": 3, "max_new_tokens": MAX_NEW_TOKENS,
                      "levels": list(LEVELS), "asks_per_client": rounds}
+    failed = False
     try:
         _ingest_in_child(work)
         _log(f"3 concepts ready ({time.perf_counter() - started:.0f} s)")
@@ -346,8 +357,11 @@ def run() -> dict:
                 figures["batched_c8_tokens_per_s"] / figures["threads_c8_tokens_per_s"], 3)
             figures["ttft_p99_ratio_batched_over_threads_c8"] = round(
                 figures["batched_c8_ttft_p99_s"] / figures["threads_c8_ttft_p99_s"], 3)
+            # running rows while others join: the p99 gap between tokens over its median
+            figures["itl_p99_over_p50_batched_c8"] = round(
+                figures["batched_c8_itl_p99_s"] / figures["batched_c8_itl_p50_s"], 3)
         figures.update({"target_tokens_per_s_ratio_c8_min": 3.0,
-                        "target_ttft_p99_ratio_c8_max": 1.0})
+                        "target_ttft_p99_ratio_c8_max": 1.0, "target_itl_p99_over_p50_max": 2.0})
 
         small = {"PERSONALKV_SERVICE_ANSWER_SCHEDULER": "batched",
                  "PERSONALKV_SERVICE_ANSWER_QUEUE_SIZE": str(OVERLOAD_QUEUE),
@@ -363,7 +377,17 @@ def run() -> dict:
              f"{overload['overload_accepted_completed']}, health p99 "
              f"{overload['overload_health_p99_s']} s, always SERVING: "
              f"{overload['overload_health_serving']}")
+        failed = bool(overload["overload_other_errors"]) or not overload["overload_accepted_completed"]
         return figures
+    except BaseException:
+        failed = True
+        raise
     finally:
+        if failed:  # keep the servers' logs: they say why an accepted Ask failed
+            kept = pathlib.Path(__file__).parent / "results" / "serving-logs"
+            kept.mkdir(parents=True, exist_ok=True)
+            for log in pathlib.Path(work).glob("*.log"):
+                shutil.copy(log, kept / log.name)
+            _log(f"an Ask failed: the servers' logs are kept in {kept}")
         shutil.rmtree(work, ignore_errors=True)
         _log(f"wall clock {time.perf_counter() - started:.0f} s")

@@ -167,6 +167,11 @@ class AnsweringServicer(answering_pb2_grpc.AnsweringServiceServicer):
         return answering_pb2.EndConversationResponse(existed=existed)
 
 
+#: seconds an Ask may spend before the engine (retrieval, recognition, loading chunks), added to
+#: answer_max_wait_s for the aged-connection grace
+RETRIEVAL_ALLOWANCE_S = 60.0
+
+
 def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
                  auth=None) -> GrpcServer:
     """The answering GrpcServer over a bootstrapped `Services` (not started); server and auth
@@ -185,6 +190,8 @@ def build_server(services, *, port: int, metrics_port: int = 0, settings=None,
         lambda server: answering_pb2_grpc.add_AnsweringServiceServicer_to_server(servicer, server),
         [SERVICE_NAME], port=port, metrics_port=metrics_port, settings=settings, auth=auth,
         max_workers=workers, ready=lambda: services.answerer.healthy(),
+        # the engine ends every Ask within answer_max_wait_s; retrieval and recognition first
+        longest_call_s=limits.answer_max_wait_s + RETRIEVAL_ALLOWANCE_S,
     )  # fmt: skip
 
 

@@ -299,7 +299,9 @@ class ServerSettings(BaseSettings):
         "lived this long (+-10% jitter), so new replicas get traffic; 0: never.",
     )
     max_connection_age_grace_s: float = Field(
-        60.0, ge=0, description="RPCs in flight on an aged connection get this long to finish.",
+        60.0, ge=0, description="RPCs in flight on an aged connection get this long to finish; "
+        "the answering server raises it to its longest accepted Ask (answer_max_wait_s + 60 s) "
+        "so that ageing never cuts accepted work.",
     )
     keepalive_time_s: float = Field(
         60.0, gt=0, description="Idle connections are pinged this often, so dead clients "
@@ -382,6 +384,11 @@ class ServiceSettings(BaseSettings):
         "personalkv.engine.memory); a request that would pass it waits, one that can never fit "
         "answers RESOURCE_EXHAUSTED at once. 0: 80 % of the GPU memory free at start (25 % of "
         "RAM on CPU) less chunk_cache_bytes and conversation_cache_bytes.",
+    )
+    answer_prefill_piece_tokens: int = Field(
+        32, ge=0, description="Batched scheduler: a joining request's question is prefilled this "
+        "many tokens per loop step while others decode (chunked prefill: they wait one piece, not "
+        "the whole prefill); 0: in one forward.",
     )
     answer_max_wait_s: float = Field(
         600.0, gt=0, description="Batched scheduler: longest an Ask without a deadline waits "

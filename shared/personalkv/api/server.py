@@ -66,8 +66,12 @@ class GrpcServer:
         self, name: str, register: Callable[[grpc.Server], None], service_names: Sequence[str],
         *, port: int, settings: ServerSettings, auth: AuthSettings, metrics_port: int = 0,
         max_workers: int | None = None, ready: Callable[[], bool] | None = None,
+        longest_call_s: float = 0.0,
     ) -> None:  # fmt: skip
-        """``max_workers``: RPC threads (default ``settings.max_workers``). ``ready``: polled
+        """``max_workers``: RPC threads (default ``settings.max_workers``). ``longest_call_s``:
+        the longest an accepted RPC may run (the answering server's: its engine's longest wait);
+        an aged connection's grace covers it, so connection ageing never cuts accepted work.
+        ``ready``: polled
         every ``READY_POLL_S`` once started; health reports NOT_SERVING while it is false (or
         raises), so that a server whose engine cannot answer leaves the load balancer."""
         self.name = name
@@ -87,7 +91,7 @@ class GrpcServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-                *connection_options(self.settings),
+                *connection_options(self.settings, longest_call_s),
             ],
         )  # fmt: skip
         register(self.server)
@@ -187,9 +191,10 @@ class GrpcServer:
         self.stop()
 
 
-def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
+def connection_options(settings: ServerSettings, longest_call_s: float = 0.0) -> list[tuple[str, int]]:
     """gRPC core options for connection lifetime: max age (GOAWAY, then a grace for in-flight
-    RPCs) and keepalive pings; clients may ping as often as the server does."""
+    RPCs, at least ``longest_call_s``: an accepted call is never cut by ageing) and keepalive
+    pings; clients may ping as often as the server does."""
     ms = lambda seconds: int(seconds * 1000)  # noqa: E731
     options = [
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
@@ -200,7 +205,7 @@ def connection_options(settings: ServerSettings) -> list[tuple[str, int]]:
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
-            ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+            ("grpc.max_connection_age_grace_ms", ms(max(settings.max_connection_age_grace_s, longest_call_s))),
         ]
     return options
 

@@ -5,9 +5,12 @@ then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
 
 * ``BatchScheduler`` (``PERSONALKV_SERVICE_ANSWER_SCHEDULER=batched``, the default): one loop
   thread runs the model. Each iteration it admits waiting jobs while the batch has room
-  (``answer_max_batch`` requests, ``answer_max_tokens_in_flight`` KV tokens), prefills each
-  admitted one (placement, selective recompute, the question: ``ConversationKV.begin_turn``),
-  then advances **every** request in its decode phase by one token in one batched forward
+  (``answer_max_batch`` requests, ``answer_max_tokens_in_flight`` KV tokens and
+  ``answer_kv_budget_bytes``), prefills the admitted ones (placement, selective recompute, the
+  question: ``ConversationKV.begin_turn_steps``) in pieces of ``answer_prefill_piece_tokens``,
+  one piece of each per iteration while other requests decode (chunked prefill: a joining
+  request stalls the running ones for one piece, not its whole prefill), then advances **every**
+  request in its decode phase by one token in one batched forward
   (``engine.batch.DecodeBatch``): continuous batching, requests join and leave between steps.
   Tokens stream to each request's ``on_token`` as they are sampled. A request that is cancelled
   (its ``on_token`` raises, or ``cancelled()`` turns true) or whose deadline passes frees its
@@ -49,7 +52,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -169,6 +172,14 @@ class ThreadAnswerer:
 
 
 @dataclass(eq=False)
+class _Prefilling:
+    job: ModelJob
+    steps: Generator[None, None, TurnStart]  # ConversationKV.begin_turn_steps
+    need: int  # KV tokens its row will hold (admission's estimate)
+    active_s: float = 0.0  # seconds its pieces ran (not the waits between them)
+
+
+@dataclass(eq=False)
 class _Running:
     job: ModelJob
     started: TurnStart
@@ -184,7 +195,8 @@ class BatchScheduler:
 
     def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
                  max_tokens_in_flight: int, observer: SchedulerObserver | None = None,
-                 max_wait_s: float = 600.0, kv_budget_bytes: int = 0, reserved_bytes: int = 0):
+                 max_wait_s: float = 600.0, kv_budget_bytes: int = 0, reserved_bytes: int = 0,
+                 prefill_piece_tokens: int = 32):
         """``kv_budget_bytes``: the decode batch's KV budget (``engine.memory``); 0: the
         device's (``auto_budget_bytes``) less ``reserved_bytes`` (the process's other KV
         holders: the decoded-chunk cache and the live conversations)."""
@@ -192,6 +204,7 @@ class BatchScheduler:
         self.queue_size, self.max_batch = queue_size, max_batch
         self.max_tokens_in_flight = max_tokens_in_flight
         self.max_wait_s = max_wait_s
+        self.prefill_piece_tokens = prefill_piece_tokens
         self._kv_budget_setting, self._reserved_bytes = kv_budget_bytes, reserved_bytes
         self._memory: dict[int, tuple[int, int]] = {}  # id(adapter) -> (bytes/token, budget)
         self.observer = observer or _NoObserver()
@@ -199,8 +212,10 @@ class BatchScheduler:
         self._waiting: collections.deque[ModelJob] = collections.deque()
         self._admitted = 0
         self._running: list[_Running] = []
-        #: taken from the queue by the loop and not yet running (being prefilled)
+        #: taken from the queue by the loop, their prefill not begun
         self._admitting: list[ModelJob] = []
+        #: being prefilled, a piece per loop iteration while others decode (chunked prefill)
+        self._prefilling: list[_Prefilling] = []
         self._loop_failures: collections.deque[float] = collections.deque()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -262,7 +277,8 @@ class BatchScheduler:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"admitted": self._admitted, "waiting": len(self._waiting),
-                    "admitting": len(self._admitting), "running": len(self._running)}
+                    "admitting": len(self._admitting) + len(self._prefilling),
+                    "running": len(self._running)}
 
     def healthy(self) -> bool:
         """False once the loop died ``LOOP_FAILURES_UNHEALTHY`` times within
@@ -295,19 +311,26 @@ class BatchScheduler:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._running:
+                    while not self._closed and not self._waiting and not self._running \
+                            and not self._prefilling:
                         self._cond.wait()
                     if self._closed:
                         break
-                    if not self._running:  # between batches: the process's model of now
+                    if not self._running and not self._prefilling:  # the process's model of now
                         adapter = self._adapter_factory()
                         if batch is None or batch.adapter is not adapter:
                             batch = DecodeBatch(adapter)
                     self._admitting = self._take_admissible(batch)
                 while self._admitting:
-                    self._prefill(adapter, batch, self._admitting[0])
+                    self._begin(adapter, self._admitting[0])
                     with self._cond:
                         self._admitting.pop(0)
+                # Chunked prefill: while rows decode, one piece of each prefill per step (they
+                # wait a piece per joining request, not whole prefills); with nothing decoding,
+                # a prefill runs to its end.
+                for p in list(self._prefilling):
+                    while self._prefill_piece(adapter, batch, p) and not self._running:
+                        pass
                 if self._running and not self._step(adapter, batch):
                     batch = DecodeBatch(adapter)  # the failed forward's rows are gone with it
                 self.observer.running(len(self._running))
@@ -322,9 +345,11 @@ class BatchScheduler:
         else:
             failure = Unavailable("the answering service is shutting down; retry on another replica")
         with self._cond:
-            jobs = [r.job for r in self._running] + self._admitting + list(self._waiting)
+            jobs = [r.job for r in self._running] + self._admitting \
+                + [p.job for p in self._prefilling] + list(self._waiting)
             self._running.clear()
             self._admitting = []
+            self._prefilling = []
             self._waiting.clear()
             self._thread = None
             self.observer.queue_depth(0)
@@ -372,23 +397,24 @@ class BatchScheduler:
         adapter = batch.adapter
         per_token, budget = self.memory(adapter)
         final = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
-                 for r in self._running if r.row is not None]
+                 for r in self._running if r.row is not None] + [p.need for p in self._prefilling]
         taken = []
-        while self._waiting and len(self._running) + len(taken) < self.max_batch:
+        busy = len(self._running) + len(self._prefilling)
+        while self._waiting and busy + len(taken) < self.max_batch:
             job = self._waiting[0]
             need = self.final_tokens(adapter, job)
             fits = (sum(final) + need <= self.max_tokens_in_flight
                     and admission_peak_bytes(final, need, per_token) <= budget)
-            if (self._running or taken) and not fits:
+            if (busy or taken) and not fits:
                 break
             final.append(need)
             taken.append(self._waiting.popleft())
         self.observer.queue_depth(len(self._waiting))
         return taken
 
-    def _prefill(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob) -> None:
-        """Place, recompute and prefill ``job``, take its first token and give it a row. Any
-        failure here is the job's alone."""
+    def _begin(self, adapter: ModelAdapter, job: ModelJob) -> None:
+        """Start ``job``'s prefill (its pieces run from the loop, ``_prefill_piece``), unless
+        nobody waits for it any more."""
         now = time.monotonic()
         job.queue_s = now - job.queued_at
         self.observer.queue_wait(job.queue_s)
@@ -398,24 +424,60 @@ class BatchScheduler:
             self.observer.rejected("deadline")
             return self._finish(job, error=DeadlineExceeded(
                 "the question waited past its deadline for the model; retry later"))
+        steps = job.state.begin_turn_steps(adapter, job.chunks, job.question, job.image,
+                                           options=job.options, piece_tokens=self.prefill_piece_tokens)
+        need = self.final_tokens(adapter, job)
+        with self._cond:
+            self._prefilling.append(_Prefilling(job, steps, need))
+
+    def _prefill_piece(self, adapter: ModelAdapter, batch: DecodeBatch, p: _Prefilling) -> bool:
+        """Run the next piece of ``p``'s prefill (placement, recompute and a piece of the
+        question; ``ConversationKV.begin_turn_steps``); returns whether more pieces remain. At
+        the last one the job takes its first token and a row. A failure is the job's alone."""
+        started = time.perf_counter()
         try:
-            started = job.state.begin_turn(adapter, job.chunks, job.question, job.image,
-                                           options=job.options)
+            next(p.steps)
+        except StopIteration as done:
+            p.active_s += time.perf_counter() - started
+            self._end_prefill(p)
+            return self._admit_started(adapter, batch, p.job, done.value, p.active_s)
         except BaseException as exc:
-            return self._finish(job, error=_contained(exc, job, "prefill"))
-        self._prefill_s = 0.8 * self._prefill_s + 0.2 * (time.monotonic() - now) if self._prefill_s \
-            else time.monotonic() - now
+            self._end_prefill(p)
+            self._finish(p.job, error=_contained(exc, p.job, "prefill"))
+            return False
+        p.active_s += time.perf_counter() - started
+        if p.job.gone():  # cancelled (or out of time) between pieces
+            p.steps.close()
+            self._end_prefill(p)
+            self._finish(p.job, error=CallEnded("the call ended while its question was read"))
+            return False
+        return True
+
+    def _end_prefill(self, p: _Prefilling) -> None:
+        with self._cond:
+            if p in self._prefilling:
+                self._prefilling.remove(p)
+
+    def _admit_started(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob,
+                       started: TurnStart, prefill_s: float) -> bool:
+        """``job``'s prefill is done: take its first token and give it a row (always False:
+        no more prefill pieces)."""
+        self._prefill_s = 0.8 * self._prefill_s + 0.2 * prefill_s if self._prefill_s else prefill_s
         if job.gone():  # cancelled (or out of time) during its prefill
-            return self._finish(job, error=CallEnded("the call ended while its question was read"))
+            self._finish(job, error=CallEnded("the call ended while its question was read"))
+            return False
         running = _Running(job, started, [], request_generator(job.options), time.perf_counter())
         if not self._advance(adapter, running, started.logits):
-            return self._close(batch, running)
+            self._close(batch, running)
+            return False
         try:
             running.row = batch.join(job.state.ctx, running.tokens[-1])
         except BaseException as exc:
-            return self._finish(job, error=_contained(exc, job, "join the batch"))
+            self._finish(job, error=_contained(exc, job, "join the batch"))
+            return False
         with self._cond:
             self._running.append(running)
+        return False
 
     def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> bool:
         """One token for every running row. Returns False when the batched forward failed:

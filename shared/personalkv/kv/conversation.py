@@ -28,7 +28,7 @@ decoding from a rebuilt cache gives the answer the kept one gives (tests, |dlogi
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -88,10 +88,27 @@ class ConversationKV:
         """The turn up to its first logits: place (or append) the new evidence, recompute, and
         prefill the question. The answer is then decoded from ``self.ctx`` (alone, ``decode``,
         or in a batch, ``engine.batch``) and handed to ``end_turn``."""
+        steps = self.begin_turn_steps(adapter, chunks, question, image, options=options)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def begin_turn_steps(self, adapter: ModelAdapter, chunks: Sequence[KVChunk], question: str,
+                         image: Image.Image | None = None, *, options: GenerationOptions,
+                         piece_tokens: int = 0) -> Generator[None, None, TurnStart]:
+        """``begin_turn`` in pieces (chunked prefill): a generator that does the placement, the
+        recompute's selection and the first ``piece_tokens`` of the question's forward (which
+        the pending recompute rides in), then yields; each resumption feeds the next piece; it
+        returns the ``TurnStart``. A scheduler interleaves the pieces with other requests'
+        decode steps, so a joining request never stalls them for its whole prefill. A causal
+        forward in pieces gives the KV of one forward up to float rounding. ``piece_tokens`` 0,
+        or a question with a photo (an image's tokens go in one forward), is one piece."""
         if self.turns and self.ctx is None:
             raise ValueError("a conversation's cache was dropped")
         chunks = [c for c in chunks if c.chunk_id not in self.evidence]
-        with torch.inference_mode():
+        with torch.inference_mode():  # not held across a yield: the caller's thread goes on
             t0 = time.perf_counter()
             lead: list[int] = []  # tokens fed in the question's forward, before the question
             if self.turns == 0:
@@ -116,11 +133,19 @@ class ConversationKV:
             if lead:
                 segment = Segment(token_ids=torch.cat([torch.tensor(lead, dtype=segment.token_ids.dtype),
                                                        segment.token_ids]), images=segment.images)
-            logits = prefill(adapter, self.ctx, segment)
-            t3 = time.perf_counter()
+        size = piece_tokens if piece_tokens > 0 and not segment.images else segment.num_tokens
+        ids, forward_s = segment.token_ids, 0.0
+        for at in range(0, max(1, segment.num_tokens), size):
+            if at:
+                yield
+            piece = segment if size >= segment.num_tokens else Segment(token_ids=ids[at:at + size])
+            started = time.perf_counter()
+            with torch.inference_mode():
+                logits = prefill(adapter, self.ctx, piece)
+            forward_s += time.perf_counter() - started
         return TurnStart(logits=logits, new_evidence=[c.chunk_id for c in chunks],
                          recomputed_tokens=recomputed,
-                         timings={"place": t1 - t0, "recompute": t2 - t1, "prefill": t3 - t2})
+                         timings={"place": t1 - t0, "recompute": t2 - t1, "prefill": forward_s})
 
     def end_turn(self, adapter: ModelAdapter, started: TurnStart, tokens: list[int],
                  options: GenerationOptions) -> AnswerResult:

@@ -97,6 +97,10 @@ class _ViewEvidence:
     windows: np.ndarray  # embeddings of ``boxes``
 
 
+#: most tiles one photo is looked at in (``photo_views``): its recognition cost is bounded
+MAX_TILES = 8
+
+
 def photo_views(image: Image.Image, settings: MiningSettings) -> tuple[np.ndarray, list[np.ndarray]]:
     """The whole photo in the working frame (``max_side``), and the tiles it is also looked at
     in: a photo whose long side is at least ``tile_aspect`` times its short side (a panorama,
@@ -109,10 +113,13 @@ def photo_views(image: Image.Image, settings: MiningSettings) -> tuple[np.ndarra
     long, short = max(w, h), min(w, h)
     if not settings.tile_aspect or short < 1 or long < settings.tile_aspect * short:
         return whole, []
+    # At most MAX_TILES (a bounded cost per photo): past that each tile is longer than wide.
+    count = min(math.ceil(long / short), MAX_TILES)
+    side = max(short, math.ceil(long / count))
     tiles = []
-    for start in np.linspace(0, long - short, math.ceil(long / short)):
+    for start in np.linspace(0, long - side, count):
         a = int(round(start))
-        box = (a, 0, a + short, h) if w >= h else (0, a, w, a + short)
+        box = (a, 0, a + side, h) if w >= h else (0, a, w, a + side)
         tiles.append(pixels(image.crop(box), settings.max_side))
     return whole, tiles
 

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -211,21 +211,23 @@ def ask(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = ()
     ``on_token(token_id)`` is called per generated token (``ask_stream`` uses it).
     ``start_conversation``: keep this turn's KV and return the new conversation's id;
     ``conversation_id``: a follow-up in that conversation (``service_layer.conversations``).
-    RESOURCE_EXHAUSTED when the answering process's queue is full (retry later)."""
+    RESOURCE_EXHAUSTED when the answering process's queue is full (retry later): decided first,
+    before any work on the request (an overloaded server refuses at once)."""
     options = options or AskOptions()
-    return _answer(svc, user_id, _check(svc, user_id, question, list(photos), options), options,
-                   on_token, conversation_id, start_conversation, call)
+    with svc.answerer.admit(call.deadline):
+        return _answer(svc, user_id, _check(svc, user_id, question, list(photos), options), options,
+                       on_token, conversation_id, start_conversation, call)
 
 
 def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
             on_token=None, conversation_id: str | None = None,
             start_conversation: bool = False, call: CallLimits = CallLimits()) -> AskResult:
+    """The Ask after its admission (``answerer.admit``, held by the caller) and checks."""
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
     answerer = svc.answerer
 
-    with answerer.admit(call.deadline), \
-            conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
+    with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
         t0 = time.perf_counter()
         result = _retrieve(svc, user_id, checked, options.top_k, fingerprint, call)
         t1 = time.perf_counter()
@@ -268,9 +270,15 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
                       recompute=out.timings["recompute"], prefill=out.timings["prefill"],
                       decode=out.timings["decode"], rebuild=conv.rebuild_s if conv is not None else 0.0,
                       queue=job.queue_s)
+    # The concepts the answer rests on: those whose chunks were placed now (a skipped chunk's
+    # concept is not one of them), and in a follow-up those placed by earlier turns too.
+    placed_now = {concept_id for concept_id, _ in loaded.refs}
+    earlier = conv.record.concept_ids if conv is not None and conv.is_followup else []
+    used_concepts = [UsedConcept(c, scores.get(c, 0.0)) for c in earlier if c not in placed_now] + \
+        [UsedConcept(c.concept_id, c.score) for c in picked if c.concept_id in placed_now]
     return AskResult(
         answer=out.text.strip(),
-        concepts=[UsedConcept(c.concept_id, c.score) for c in picked],
+        concepts=used_concepts,
         chunks=used, timings=timings,
         personal_evidence_used=bool(loaded.chunks) or bool(conv and conv.record.concept_ids),
         token_ids=out.token_ids, skipped_chunks=loaded.skipped, cache_hits=loaded.cache_hits,
@@ -290,8 +298,13 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
     Validation errors raise before the first yield. Closing the generator early stops the
     generation at the next token."""
     options = options or AskOptions()
-    checked = _check(svc, user_id, question, list(photos), options)  # fail fast, in the caller
-    tokenizer = svc.adapter.tokenizer
+    admission = ExitStack()  # taken here (refused at once when full), given back by the worker
+    admission.enter_context(svc.answerer.admit(call.deadline))
+    try:
+        checked = _check(svc, user_id, question, list(photos), options)  # fail fast, in the caller
+    except BaseException:
+        admission.close()
+        raise
     events: queue.Queue = queue.Queue()
     cancelled = threading.Event()
 
@@ -313,11 +326,12 @@ def ask_stream(svc: Services, user_id: str, question: str, photos: Sequence[byte
         except BaseException as exc:  # re-raised in the consumer
             events.put(("error", exc))
         finally:
+            admission.close()
             events.put((_DONE, None))
 
     worker = threading.Thread(target=run, name="pkv-ask-stream", daemon=True)
     worker.start()
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = IncrementalDetokenizer(svc.adapter.tokenizer)
     try:
         while True:
             kind, value = events.get()

@@ -148,8 +148,10 @@ def turn(svc: Services, user_id: str, conversation_id: str | None, start: bool,
         cid = conversation_id
         with dependencies("the object store"):
             record, version = svc.store.read_conversation(user_id, cid)
-        if record is None:
+        if record is None:  # ended, or its user deleted: live KV here goes with it
+            svc.conversations.drop(user_id, cid)
             raise NotFound(_NOT_FOUND.format(cid))
+        _refuse_deleted_evidence(svc, record)
         if record.model_fingerprint != fingerprint:
             raise FailedPrecondition("the assistant's model changed since this conversation "
                                      "started; start a new conversation")
@@ -166,6 +168,23 @@ def turn(svc: Services, user_id: str, conversation_id: str | None, start: bool,
         yield ConversationTurn(svc, record, version, state, rebuild_s)
     finally:
         svc.conversations.end(key)
+
+
+def _refuse_deleted_evidence(svc: Services, record: ConversationRecord) -> None:
+    """A follow-up rests on every concept its conversation placed: if one was deleted (by any
+    process: its manifest is gone from the shared store), the live KV holding its evidence is
+    dropped here, its chunks leave this process's cache, and the turn is refused. Checked on
+    every turn, so deletion reaches every answering replica at the next use (staleness: at most
+    the turn in flight when DeleteConcept returned)."""
+    user_id = record.user_id
+    with dependencies("the object store"):
+        deleted = [c for c in record.concept_ids if not svc.store.has_concept(user_id, c)]
+    if deleted:
+        svc.conversations.drop(user_id, record.conversation_id)
+        for concept_id in deleted:
+            svc.chunk_cache.invalidate(user_id, concept_id)
+        raise FailedPrecondition(f"this conversation rests on {', '.join(deleted)}, deleted since; "
+                                 "start a new conversation")
 
 
 def _rebuild(svc: Services, record: ConversationRecord, adapter: ModelAdapter) -> ConversationKV:

@@ -5,7 +5,8 @@ Called by the Ask path (the chunks retrieval picked) and by a conversation's reb
 its record names). A chunk that vanished (its concept deleted meanwhile) or fails verification
 is reported, not raised: the Ask answers from the rest, a rebuild refuses (it must be exact).
 Each such chunk is logged once per process (later Asks skip it quietly, still counted in
-``skipped``): any caching run of its concept re-encodes it (``personalkv recache --user U``, or
+``skipped``), and a chunk that fails verification gets its concept's caching run enqueued at
+once (repair on sight): any caching run re-encodes it (as do ``personalkv recache --user U`` and
 an upload of a new photo), which gives it a working blob under the same key.
 """
 
@@ -30,9 +31,10 @@ _reported_lock = threading.Lock()
 _MAX_REPORTED = 100_000  # then forget them all: a bounded set, a line again per bad chunk
 
 
-def _report_once(user_id: str, concept_id: str, chunk_id: str, problem: str) -> None:
+def _report_once(user_id: str, concept_id: str, chunk_id: str, problem: str) -> bool:
     """Log a chunk that Ask had to skip, once per process: the first time as a warning that
-    says what repairs it, later ones at debug level (every Ask would repeat the same line)."""
+    says what repairs it, later ones at debug level (every Ask would repeat the same line).
+    Returns whether this was the first time."""
     key = (user_id, concept_id, chunk_id)
     with _reported_lock:
         first = key not in _reported
@@ -44,6 +46,18 @@ def _report_once(user_id: str, concept_id: str, chunk_id: str, problem: str) -> 
             "chunk %s of %s/%s skipped: %s; `personalkv recache --user %s` (or uploading a new "
             "photo to the concept) re-encodes it", chunk_id[:12], user_id, concept_id, problem,
             user_id)
+    return first
+
+
+def _enqueue_repair(svc: Services, user_id: str, concept_id: str) -> None:
+    """Repair on sight: a caching run of the concept re-encodes every chunk whose blob fails
+    verification (``pipeline._ChunkWriter``). Best effort: the Ask goes on if the queue is down."""
+    try:
+        svc.task_queue.enqueue_caching(user_id, concept_id)
+        log.info("repair of %s/%s enqueued (a chunk failed verification)", user_id, concept_id)
+    except Exception:  # noqa: BLE001 - the Ask must not fail for its repair
+        log.warning("could not enqueue the repair of %s/%s; `personalkv recache --user %s` "
+                    "repairs it", user_id, concept_id, user_id, exc_info=True)
 
 
 @dataclass
@@ -60,6 +74,7 @@ def load_chunks(svc: Services, user_id: str, wanted: Iterable[tuple[str, ChunkRe
     adapter = svc.adapter
     fingerprint = adapter.fingerprint()
     out = LoadedChunks()
+    to_repair: list[str] = []
     for concept_id, ref in wanted:
         def load(ref=ref) -> KVChunk:
             blob = svc.store.get_chunk_by_key(user_id, ref.object_key)
@@ -77,9 +92,12 @@ def load_chunks(svc: Services, user_id: str, wanted: Iterable[tuple[str, ChunkRe
             continue
         except ChunkFormatError as exc:
             out.skipped += 1
-            _report_once(user_id, concept_id, ref.chunk_id, f"unusable ({exc})")
+            if _report_once(user_id, concept_id, ref.chunk_id, f"unusable ({exc})"):
+                to_repair.append(concept_id)
             continue
         out.cache_hits += hit
         out.chunks.append(chunk)
         out.refs.append((concept_id, ref))
+    for concept_id in dict.fromkeys(to_repair):  # after loading: this request uses what it has
+        _enqueue_repair(svc, user_id, concept_id)
     return out

@@ -138,3 +138,29 @@ def test_a_follow_up_without_new_evidence_is_one_forward(kind, monkeypatch):
     question = adapter.build_segment(adapter.question_parts(QUESTIONS[1])).num_tokens
     separator = len(adapter.tokenize(adapter.next_turn_text))
     assert forwards[0] == pending + separator + question
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_turn_prefilled_in_pieces_equals_one_forward(kind):
+    """Chunked prefill (``begin_turn_steps``): the question fed 3 tokens at a time, first turn and
+    follow-up, gives the one-forward logits within LOGIT_TOL (fp32: float reordering only)."""
+    adapter = get_tiny(kind)
+    options = GenerationOptions(max_new_tokens=4, recompute_ratio=0.15, recompute_strategy="salience")
+    whole, pieces = ConversationKV(), ConversationKV()
+    chunks = _chunks(adapter, FACTS[:2])
+    for n, question in enumerate(QUESTIONS[:2]):
+        evidence = chunks if n == 0 else []
+        one = whole.begin_turn(adapter, evidence, question, options=options)
+        steps, yields = pieces.begin_turn_steps(adapter, evidence, question, options=options, piece_tokens=3), 0
+        while True:
+            try:
+                next(steps)
+                yields += 1
+            except StopIteration as done:
+                split = done.value
+                break
+        assert yields >= 2  # it really came in pieces
+        assert (one.logits - split.logits).abs().max().item() <= LOGIT_TOL
+        tokens = [int(torch.argmax(one.logits))]
+        whole.end_turn(adapter, one, tokens, options)
+        pieces.end_turn(adapter, split, tokens, options)

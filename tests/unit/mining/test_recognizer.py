@@ -10,7 +10,7 @@ from PIL import Image
 
 from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
-from personalkv.mining.recognizer import ZOOM_SIDE, ConceptRecognizer, photo_views, zoom_views
+from personalkv.mining.recognizer import MAX_TILES, ZOOM_SIDE, ConceptRecognizer, photo_views, zoom_views
 
 # Slow tier (`make test-fast` skips it): the subject is recognition over the EfficientNet patch embedder.
 pytestmark = pytest.mark.slow
@@ -97,6 +97,11 @@ def test_photo_views_tile_wide_photos_only():
     assert len(photo_views(_photo(400, 1000), settings)[1]) == 3  # tall photos tile downwards
     assert photo_views(_photo(400, 300), settings)[1] == []  # 4:3: the whole photo only
     assert photo_views(_photo(900, 300), settings.model_copy(update={"tile_aspect": 0}))[1] == []
+    # a long strip: at most MAX_TILES tiles, together covering it (bounded work per photo)
+    strip = photo_views(_photo(2000, 100), settings)[1]
+    assert len(strip) == MAX_TILES and all(t.shape[0] == 100 and t.shape[1] >= 100 for t in strip)
+    for size in ((20000, 1), (1, 20000)):  # issue 30: was one tile per unit of ratio (20,000)
+        assert len(photo_views(_photo(*size), settings)[1]) == MAX_TILES
 
 
 def test_zoom_views_are_overlapping_close_ups():

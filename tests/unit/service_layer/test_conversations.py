@@ -52,6 +52,40 @@ def test_a_follow_up_uses_the_kept_kv_and_a_fresh_process_gives_the_same_answer(
     assert fourth_there.token_ids == fourth_here.token_ids and fourth_there.answer == fourth_here.answer
 
 
+def test_a_deletion_by_another_process_reaches_this_ones_conversations(svc, service_settings, tiny):
+    """Issue 30: DeleteConcept served by one process (its own caches), then a follow-up on
+    another that holds the conversation live, and one that would rebuild it from its chunk
+    cache: both refused, the live KV and the cached chunks dropped. Same for deleting a user."""
+    _ingest(svc, 0)
+    _ingest(svc, 1)
+    live = _start(svc).conversation_id
+    cold = _start(svc, question="What is Thing0?").conversation_id
+    svc.conversations.drop("alice", cold)  # evicted here: its next turn would rebuild
+    assert len(svc.chunk_cache) > 0
+    deleting = bootstrap(service_settings, adapter=tiny("qwen2_vl"))
+    deleting.replace("index", svc.index)  # memory:// is per process: share the one index here
+    try:
+        assert concepts.delete_concept(deleting, "alice", "thing0")
+    finally:
+        deleting.close()
+    for cid in (live, cold):
+        with pytest.raises(FailedPrecondition, match="thing0, deleted since"):
+            answering.ask(svc, "alice", "And what colour is it?", [], GREEDY, conversation_id=cid)
+    assert svc.conversations.stats().entries == 0
+    assert all(key[1] != "thing0" for key in svc.chunk_cache._lru)  # noqa: SLF001 - the held data
+    # deleting the user: its conversations' records go, and a live one here is dropped on sight
+    other_live = _start(svc, question="Tell me about Thing1.").conversation_id
+    deleting = bootstrap(service_settings, adapter=tiny("qwen2_vl"))
+    deleting.replace("index", svc.index)
+    try:
+        concepts.delete_user(deleting, "alice")
+    finally:
+        deleting.close()
+    with pytest.raises(NotFound):
+        answering.ask(svc, "alice", "And then?", [], GREEDY, conversation_id=other_live)
+    assert svc.conversations.stats().entries == 0
+
+
 def test_a_plain_ask_stores_nothing(svc):
     _ingest(svc, 0)
     result = answering.ask(svc, "alice", "Tell me about Thing0.", [], GREEDY)

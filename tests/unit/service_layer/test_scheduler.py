@@ -88,8 +88,8 @@ def _solo(svc, asks, user="alice"):
     return [answering.ask(svc, user, q, [], o) for q, o in asks]
 
 
-def _check_batched_equals_solo(svc):
-    observer = _with_scheduler(svc)
+def _check_batched_equals_solo(svc, **limits):
+    observer = _with_scheduler(svc, **limits)
     solo = _solo(svc, ASKS)
     assert observer.batches and max(observer.batches) == 1  # alone: batches of one
     observer.batches.clear()
@@ -109,6 +109,14 @@ def test_batched_answers_equal_solo_answers_tiny(svc):
     _ingest(svc, 0)
     _ingest(svc, 1)
     _check_batched_equals_solo(svc)
+
+
+def test_prefills_in_small_pieces_between_decode_steps_give_the_same_answers(svc):
+    """Chunked prefill at 3 tokens a piece: every joining question is fed over many loop
+    iterations, interleaved with the others' decode steps; the answers do not change."""
+    _ingest(svc, 0)
+    _ingest(svc, 1)
+    _check_batched_equals_solo(svc, prefill_piece_tokens=3)
 
 
 def test_batched_answers_equal_solo_answers_smollm2(service_settings):

@@ -88,14 +88,14 @@ def test_an_exception_in_one_asks_prefill_fails_it_alone(ready_svc, monkeypatch)
     svc = ready_svc
     asks = [*SAMPLED[:3], ("Explode, please.", AskOptions(max_new_tokens=6))]
     fault_free = _concurrently(svc, asks[:3]) + [None]
-    real = ConversationKV.begin_turn
+    real = ConversationKV.begin_turn_steps
 
     def exploding(self, adapter, chunks, question, *args, **kwargs):
-        if question.startswith("Explode"):
+        if question.startswith("Explode"):  # fails in its first piece, as its forward would
             raise RuntimeError("injected fault in the forward")
-        return real(self, adapter, chunks, question, *args, **kwargs)
+        return (yield from real(self, adapter, chunks, question, *args, **kwargs))
 
-    monkeypatch.setattr(ConversationKV, "begin_turn", exploding)
+    monkeypatch.setattr(ConversationKV, "begin_turn_steps", exploding)
     _assert_contained(_concurrently(svc, asks), fault_free, {3})
     _wait_idle(svc)
 
@@ -149,14 +149,14 @@ def test_a_dying_loop_fails_every_held_ask_restarts_and_turns_unhealthy(ready_sv
 
 def test_cancellation_during_prefill_ends_the_ask_and_frees_its_slot(ready_svc, monkeypatch):
     svc = ready_svc
-    real, cancel = ConversationKV.begin_turn, threading.Event()
+    real, cancel = ConversationKV.begin_turn_steps, threading.Event()
 
     def cancelled_meanwhile(self, *args, **kwargs):
-        started = real(self, *args, **kwargs)
+        started = yield from real(self, *args, **kwargs)
         cancel.set()  # the caller goes away while its question is read
         return started
 
-    monkeypatch.setattr(ConversationKV, "begin_turn", cancelled_meanwhile)
+    monkeypatch.setattr(ConversationKV, "begin_turn_steps", cancelled_meanwhile)
     with pytest.raises(CallEnded):
         answering.ask(svc, "alice", "Describe Thing0.", [], AskOptions(max_new_tokens=6),
                       call=CallLimits(cancelled=cancel.is_set))
@@ -191,8 +191,9 @@ def test_a_thousand_faulted_asks_give_every_admission_slot_back(ready_svc, monke
 
     def always(self, *args, **kwargs):
         raise RuntimeError("injected fault")
+        yield  # a generator, as begin_turn_steps
 
-    monkeypatch.setattr(ConversationKV, "begin_turn", always)
+    monkeypatch.setattr(ConversationKV, "begin_turn_steps", always)
 
     def one(i):
         try:

@@ -1,7 +1,8 @@
 """Ask over tampered chunk blobs (one process: local store, the in-memory index, tiny
 Qwen2-VL): every malformed blob is skipped, counted and logged (once per process); the request
-still answers from the rest. The next caching run (``personalkv recache`` enqueues one) encodes
-every tampered or missing chunk again, and the concept stays ready."""
+still answers from the rest, and lists as used only the concepts whose chunks it placed. A
+chunk that fails verification gets its concept's caching run enqueued at once (repair on
+sight), which encodes every tampered or missing chunk again; the concept stays ready."""
 
 from __future__ import annotations
 
@@ -56,28 +57,56 @@ def test_ask_skips_every_kind_of_tampered_chunk(svc, photo_of, caplog):
         store.put(key, edit(store.get(key)))
     svc.chunk_cache.invalidate("alice")
     evidence._reported.clear()  # (chunk ids repeat across tests: same user, concept, photos)
-    with caplog.at_level(logging.DEBUG, logger="personalkv.service_layer.evidence"):
+    with caplog.at_level(logging.DEBUG, logger="personalkv.service_layer.evidence"), \
+            caplog.at_level(logging.INFO, logger="personalkv.service_layer.pipeline"):
         result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
         assert result.skipped_chunks == len(tampered)
         assert {c for c, *_ in result.chunks}.isdisjoint({k.rsplit("/", 1)[1][:-3] for k in tampered})
         assert len(result.chunks) == len(m.chunks) - len(tampered)
-        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno >= logging.WARNING and r.name == evidence.__name__]
         assert sum("unusable" in w for w in warnings) == len(tampered)
         assert all("personalkv recache --user alice" in w for w in warnings)  # what repairs it
-        caplog.clear()
-        again = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
-        assert again.skipped_chunks == len(tampered)  # still skipped and counted, ...
-        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # ... logged once
-
-    # The next caching run (what `personalkv recache` enqueues) verifies every stored chunk and
-    # encodes the refused ones again; the manifest, and so the chunk ids, stay as they were.
-    with caplog.at_level(logging.INFO, logger="personalkv.service_layer.pipeline"):
-        repaired = pipeline.cache_concept(svc, "alice", "mug")
+        # Repair on sight: the concept's caching run was enqueued at once (this svc's queue is
+        # inline: it ran before the Ask returned); it verified every stored chunk and encoded the
+        # refused ones again; the manifest, and so the chunk ids, stay as they were.
+        assert "repair of alice/mug enqueued" in caplog.text
+        assert f"({len(tampered)} encoded, of which {len(tampered)} repairs;" in caplog.text
+    repaired = concepts.get_concept(svc, "alice", "mug")
     assert repaired.state == "ready" and repaired.chunks == m.chunks
-    assert f"({len(tampered)} encoded, of which {len(tampered)} repairs;" in caplog.text
-    svc.chunk_cache.invalidate("alice")
     fixed = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=3))
     assert fixed.skipped_chunks == 0 and len(fixed.chunks) == len(m.chunks)
+
+
+def test_a_chunk_skipped_again_is_logged_once_and_repaired_once(svc, photo_of, caplog, monkeypatch):
+    concepts.create_concept(svc, "alice", "mug", "Bobo", "mug", "my Bobo mug")
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])
+    m = concepts.get_concept(svc, "alice", "mug")
+    enqueued = []
+    monkeypatch.setattr(svc.task_queue, "enqueue_caching", lambda u, c: enqueued.append((u, c)))  # a queue nobody drains
+    key = m.chunks[0].object_key
+    svc.store.objects.put(key, _flip_byte(svc.store.objects.get(key)))
+    svc.chunk_cache.invalidate("alice")
+    evidence._reported.clear()
+    with caplog.at_level(logging.DEBUG, logger="personalkv.service_layer.evidence"):
+        first = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=2))
+        caplog.clear()
+        again = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=2))
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # logged once
+    assert first.skipped_chunks == again.skipped_chunks == 1  # still skipped and counted
+    assert enqueued == [("alice", "mug")]  # one repair, not one per Ask
+
+
+def test_a_concept_whose_chunks_all_fail_is_not_listed_as_used(svc, photo_of):
+    concepts.create_concept(svc, "alice", "mug", "Bobo", "mug", "my Bobo mug")
+    concepts.add_photos(svc, "alice", "mug", [photo_of(BLUE, 1)])
+    m = concepts.get_concept(svc, "alice", "mug")
+    for ref in m.chunks:
+        svc.store.objects.delete(ref.object_key)  # missing: skipped, no repair enqueued
+    svc.chunk_cache.invalidate("alice")
+    result = answering.ask(svc, "alice", "Where is Bobo?", [], AskOptions(max_new_tokens=2))
+    assert result.skipped_chunks == len(m.chunks) and result.chunks == []
+    assert result.concepts == [] and not result.personal_evidence_used
 
 
 def test_a_missing_chunk_object_is_encoded_again_and_the_concept_stays_ready(svc, photo_of):
