@@ -62,6 +62,7 @@ from PIL import Image
 
 from personalkv.engine.batch import BatchRow, DecodeBatch
 from personalkv.engine.memory import admission_peak_bytes, auto_budget_bytes, kv_bytes_per_token
+from personalkv.engine.policy import AdmissionLimits, admissible
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
 from personalkv.kv.generation import (
@@ -380,35 +381,29 @@ class BatchScheduler:
     def _refuse_if_it_never_fits(self, job: ModelJob) -> None:
         """RESOURCE_EXHAUSTED at once for a request that would not fit even alone."""
         adapter = self._adapter_factory()
-        per_token, budget = self.memory(adapter)
+        limits = self._limits(adapter)
         need = self.final_tokens(adapter, job)
-        peak = admission_peak_bytes([], need, per_token)
-        if need > self.max_tokens_in_flight or peak > budget:
+        if limits.never_fits(need):
             self.observer.rejected("too_large")
+            peak = admission_peak_bytes([], need, limits.kv_bytes_per_token)
             raise ResourceExhausted(
                 f"this question needs about {need} tokens of KV ({peak / 2**20:.0f} MiB at its "
                 f"peak), more than this server can hold for one answer ({self.max_tokens_in_flight} "
-                f"tokens, {budget / 2**20:.0f} MiB); ask for fewer max_new_tokens or start a new "
-                "conversation")
+                f"tokens, {limits.kv_budget_bytes / 2**20:.0f} MiB); ask for fewer max_new_tokens "
+                "or start a new conversation")
+
+    def _limits(self, adapter: ModelAdapter) -> AdmissionLimits:
+        per_token, budget = self.memory(adapter)
+        return AdmissionLimits(self.max_batch, self.max_tokens_in_flight, per_token, budget)
 
     def _take_admissible(self, batch: DecodeBatch) -> list[ModelJob]:
-        """Jobs that fit the batch now, oldest first: room in rows, in KV tokens and in KV
-        bytes at the re-layout's peak (``engine.memory``)."""
+        """Jobs that join the batch now (``engine.policy.admissible``), oldest first."""
         adapter = batch.adapter
-        per_token, budget = self.memory(adapter)
-        final = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
-                 for r in self._running if r.row is not None] + [p.need for p in self._prefilling]
-        taken = []
-        busy = len(self._running) + len(self._prefilling)
-        while self._waiting and busy + len(taken) < self.max_batch:
-            job = self._waiting[0]
-            need = self.final_tokens(adapter, job)
-            fits = (sum(final) + need <= self.max_tokens_in_flight
-                    and admission_peak_bytes(final, need, per_token) <= budget)
-            if (busy or taken) and not fits:
-                break
-            final.append(need)
-            taken.append(self._waiting.popleft())
+        in_flight = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
+                     for r in self._running if r.row is not None] + [p.need for p in self._prefilling]
+        count = admissible(in_flight, (self.final_tokens(adapter, job) for job in self._waiting),
+                           self._limits(adapter))
+        taken = [self._waiting.popleft() for _ in range(count)]
         self.observer.queue_depth(len(self._waiting))
         return taken
 

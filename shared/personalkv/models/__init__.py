@@ -15,6 +15,7 @@ deployment that cannot load its model stops loudly.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,6 +86,33 @@ def load_adapter(
             f"cannot load model {name!r}{offline}: {type(exc).__name__}: {cause}") from exc
 
 
+def _check_hub(repo_id: str, revision: str) -> None:
+    """A hub id not in the local cache: ask the hub once, quickly, whether it has it, so that an
+    unreachable hub or a wrong name fails in seconds with one cause (transformers would retry
+    each file five times over ~30 s, logging every retry twice). The hub's own loggers are
+    quietened for the load that follows: its outcome is the one line that matters."""
+    import huggingface_hub
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    if huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision or None):
+        return  # cached: transformers loads it (offline too)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError("not in the local model cache, and the hub is off (HF_HUB_OFFLINE=1)")
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision or None, timeout=HUB_CHECK_TIMEOUT_S)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise FileNotFoundError("no such model on the hub (or it is private: set HF_TOKEN)") from None
+    except huggingface_hub.errors.RevisionNotFoundError:
+        raise FileNotFoundError(f"the hub has no revision {revision!r} of it") from None
+    except Exception as exc:  # noqa: BLE001 - unreachable: DNS, proxy, timeout, TLS
+        raise ConnectionError(f"the hub is unreachable and the model is not cached "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+#: seconds the hub check waits for an answer
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
 def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSettings) -> ModelAdapter:
     import transformers
 
@@ -99,6 +127,8 @@ def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSetting
         name, hub = str(smollm2_folder(settings.cache_path())), {}
     elif name in SPLIT_GGUF_MODELS:
         name, hub = str(split_gguf_folder(SPLIT_GGUF_MODELS[name], settings.cache_path())), {}
+    elif not Path(name).expanduser().is_dir():
+        _check_hub(name, settings.revision)
     config = transformers.AutoConfig.from_pretrained(name, **hub)
     if config.model_type not in ADAPTERS:
         raise ValueError(

@@ -174,26 +174,27 @@ def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes],
 def _retrieve(svc: Services, user_id: str, checked: _Checked, top_k: int | None, fingerprint: str,
               call: CallLimits = CallLimits()):
     image = checked.photo.image if checked.photo is not None else None
-    with _photo_slot(svc, image is not None, call), dependencies("the retrieval index"):
+    with _photo_slot(svc, user_id, image is not None, call), dependencies("the retrieval index"):
         return svc.retriever.retrieve(user_id, checked.question, image, top_k,
                                       model_fingerprint=fingerprint)
 
 
 @contextmanager
-def _photo_slot(svc: Services, needed: bool, call: CallLimits) -> Iterator[None]:
+def _photo_slot(svc: Services, user_id: str, needed: bool, call: CallLimits) -> Iterator[None]:
     """One of ``service.photo_recognitions`` slots for a photo's recognition (text questions
-    take none): photo Asks queue for the CPU among themselves instead of starving text Asks."""
+    take none): photo Asks queue for the CPU among themselves instead of starving text Asks,
+    and one user never holds them all (``photo_slots.FairSlots``)."""
     if not needed:
         yield
         return
     slots = svc.photo_slots
     timeout = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
-    if not slots.acquire(timeout=timeout):
+    if not slots.acquire(user_id, timeout=timeout):
         raise DeadlineExceeded("the photo waited past the call's deadline for recognition; retry later")
     try:
         yield
     finally:
-        slots.release()
+        slots.release(user_id)
 
 
 def retrieve(svc: Services, user_id: str, question: str, photos: Sequence[bytes] = (),

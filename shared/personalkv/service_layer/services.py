@@ -22,6 +22,7 @@ from personalkv.retrieval.keys import KeyBuilder
 from personalkv.retrieval.retriever import Retriever
 from personalkv.service_layer.chunk_cache import ChunkCache
 from personalkv.service_layer.conversation_cache import ConversationCache
+from personalkv.service_layer.photo_slots import FairSlots
 from personalkv.service_layer.task_queue import TaskQueue
 from personalkv.storage.chunk_store import ChunkStore
 
@@ -109,10 +110,10 @@ class Services:
         return self._once("retriever", lambda: self.builders.retriever(self))
 
     @property
-    def photo_slots(self) -> threading.BoundedSemaphore:
-        """Photo recognitions that may run at once (``service.photo_recognitions``)."""
-        return self._once("photo_slots", lambda: threading.BoundedSemaphore(
-            self.settings.service.photo_recognitions))
+    def photo_slots(self) -> FairSlots:
+        """Photo recognitions that may run at once (``service.photo_recognitions``), shared
+        fairly between users (``service_layer.photo_slots``)."""
+        return self._once("photo_slots", lambda: FairSlots(self.settings.service.photo_recognitions))
 
     @property
     def answerer(self) -> Answerer:

@@ -52,6 +52,7 @@ def test_a_model_that_cannot_load_names_itself_and_the_cause(tmp_path):
         load_adapter("personalkv-test/no-such-model", settings=ModelSettings(cache_dir=str(tmp_path)))
     message = str(raised.value)
     assert message.startswith("cannot load model 'personalkv-test/no-such-model' (HF_HUB_OFFLINE=1")
+    assert "not in the local model cache" in message  # checked before transformers tries files
     assert "\n" not in message
 
 
