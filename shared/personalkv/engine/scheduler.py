@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from PIL import Image
@@ -72,6 +72,7 @@ from personalkv.models.base import ModelAdapter
 from personalkv.errors import CallEnded, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: the loop dying this many times within the window makes the scheduler unhealthy
 LOOP_FAILURES_UNHEALTHY = 3
@@ -135,6 +136,7 @@ class ModelJob:
 class Answerer(Protocol):
     def admit(self, deadline: float | None = None): ...
     def run(self, job: ModelJob) -> AnswerResult: ...
+    def run_in_loop(self, fn: Callable[[], T], deadline: float | None = None) -> T: ...
     def healthy(self) -> bool: ...
     def close(self) -> None: ...
 
@@ -165,11 +167,25 @@ class ThreadAnswerer:
         return job.state.turn(self._adapter(), job.chunks, job.question, job.image,
                               options=job.options, on_token=job.on_token)
 
+    def run_in_loop(self, fn: Callable[[], T], deadline: float | None = None) -> T:
+        return fn()
+
     def healthy(self) -> bool:
         return True
 
     def close(self) -> None:
         pass
+
+
+@dataclass(eq=False)
+class _Call:
+    """Model work other than a turn (a conversation's replay), run by the loop between steps."""
+
+    fn: Callable[[], object]
+    result: object = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
 
 
 @dataclass(eq=False)
@@ -218,6 +234,7 @@ class BatchScheduler:
         #: being prefilled, a piece per loop iteration while others decode (chunked prefill)
         self._prefilling: list[_Prefilling] = []
         self._loop_failures: collections.deque[float] = collections.deque()
+        self._calls: collections.deque[_Call] = collections.deque()
         self._closed = False
         self._thread: threading.Thread | None = None
         self._prefill_s = 0.0  # moving average of one job's prefill: what a waiting job costs
@@ -269,6 +286,42 @@ class BatchScheduler:
             raise job.error
         return job.result
 
+    def run_in_loop(self, fn: Callable[[], T], deadline: float | None = None) -> T:
+        """Run ``fn`` (model work that is not a turn: a conversation's replay) on the loop
+        thread between two steps, so that the model has one user; wait as ``run`` does."""
+        call = _Call(fn)
+        with self._cond:
+            if self._closed:
+                raise Unavailable("the answering service is shutting down; retry on another replica")
+            self._calls.append(call)
+            self._ensure_loop()
+            self._cond.notify_all()
+        wait = self.max_wait_s if deadline is None else \
+            min(self.max_wait_s, deadline - time.monotonic() + DONE_GRACE_S)
+        if not call.done.wait(max(0.0, wait)):
+            call.abandoned = True
+            raise DeadlineExceeded(f"the model did not get to this work within {wait:.0f} s; retry later")
+        if call.error is not None:
+            raise call.error
+        return call.result  # type: ignore[return-value]
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            with self._cond:
+                call = self._calls.popleft()
+            if call.abandoned:
+                continue
+            try:
+                with torch.inference_mode():
+                    call.result = call.fn()
+            except BaseException as exc:
+                if isinstance(exc, ServiceError):
+                    call.error = exc
+                else:
+                    call.error = Internal("the model failed while rebuilding this conversation; retry")
+                    call.error.__cause__ = exc
+            call.done.set()
+
     def _expected_wait(self) -> float:
         """Seconds the jobs ahead need before a new one is prefilled (prefills run one after
         another): a lower bound, so that only hopeless jobs are refused."""
@@ -313,7 +366,7 @@ class BatchScheduler:
             while True:
                 with self._cond:
                     while not self._closed and not self._waiting and not self._running \
-                            and not self._prefilling:
+                            and not self._prefilling and not self._calls:
                         self._cond.wait()
                     if self._closed:
                         break
@@ -322,6 +375,7 @@ class BatchScheduler:
                         if batch is None or batch.adapter is not adapter:
                             batch = DecodeBatch(adapter)
                     self._admitting = self._take_admissible(batch)
+                self._run_calls()
                 while self._admitting:
                     self._begin(adapter, self._admitting[0])
                     with self._cond:
@@ -348,6 +402,7 @@ class BatchScheduler:
         with self._cond:
             jobs = [r.job for r in self._running] + self._admitting \
                 + [p.job for p in self._prefilling] + list(self._waiting)
+            calls, self._calls = list(self._calls), collections.deque()
             self._running.clear()
             self._admitting = []
             self._prefilling = []
@@ -358,6 +413,9 @@ class BatchScheduler:
         for job in jobs:
             if not job.done.is_set():
                 self._finish(job, error=failure)
+        for call in calls:
+            call.error = failure
+            call.done.set()
 
     # --- memory ----------------------------------------------------------------------------
     def memory(self, adapter: ModelAdapter) -> tuple[int, int]:

@@ -204,8 +204,11 @@ def _rebuild(svc: Services, record: ConversationRecord, adapter: ModelAdapter) -
         options = GenerationOptions(max_new_tokens=turn.max_new_tokens,
                                     recompute_ratio=turn.recompute_ratio,
                                     recompute_strategy=turn.recompute_strategy)
-        state.turn(adapter, loaded.chunks, turn.question, image, options=options,
-                   answer_ids=turn.answer_token_ids)
+        # The replay is model work: it runs on the engine's loop, between other requests' steps
+        # (the object store reads above stay in this thread).
+        svc.answerer.run_in_loop(lambda chunks=loaded.chunks, turn=turn, image=image, options=options:
+                                 state.turn(adapter, chunks, turn.question, image, options=options,
+                                            answer_ids=turn.answer_token_ids))
     log.info("conversation %s of %s rebuilt from its record (%d turns, %d tokens)",
              record.conversation_id[:12], user_id, state.turns, state.kv_tokens)
     return state

@@ -303,3 +303,29 @@ def test_the_kv_limits_hold_requests_back_until_they_fit(svc, monkeypatch):
         batched = _concurrently(svc, asks)
         assert observer.batches and max(observer.batches) == 1, (limits, observer.batches)
         assert [b.token_ids for b in batched] == [s.token_ids for s in solo]
+
+
+def test_a_conversation_rebuild_runs_on_the_engine_loop(svc, monkeypatch):
+    """Issue 29: a rebuild's replay is model work: it runs on the scheduler's loop thread (the
+    model has one user), not in the RPC thread, and the rebuilt follow-up answers as the kept one."""
+    from personalkv.kv.conversation import ConversationKV
+
+    _ingest(svc, 0)
+    _with_scheduler(svc)
+    greedy = AskOptions(max_new_tokens=6)
+    cid = answering.ask(svc, "alice", "Tell me about Thing0.", [], greedy, start_conversation=True).conversation_id
+    kept = answering.ask(svc, "alice", "And where does it live?", [], greedy, conversation_id=cid)
+    record, version = svc.store.read_conversation("alice", cid)
+    svc.store.update_conversation(record.model_copy(update={"turns": record.turns[:1]}), version)
+    svc.conversations.drop("alice")
+    replayed_on, real = [], ConversationKV.turn
+
+    def recorded(self, *args, answer_ids=None, **kwargs):
+        if answer_ids is not None:
+            replayed_on.append(threading.current_thread().name)
+        return real(self, *args, answer_ids=answer_ids, **kwargs)
+
+    monkeypatch.setattr(ConversationKV, "turn", recorded)
+    rebuilt = answering.ask(svc, "alice", "And where does it live?", [], greedy, conversation_id=cid)
+    assert replayed_on == ["pkv-answer-scheduler"]
+    assert rebuilt.token_ids == kept.token_ids and rebuilt.timings.rebuild > 0
