@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from personalkv.cancellation import check_stop
 from personalkv.config import MiningSettings
 from personalkv.images import pixels, upright
 from personalkv.mining.features import SiftExtractor
@@ -251,6 +252,7 @@ class ConceptRecognizer:
     def _view_evidence(self, image: np.ndarray, seconds: dict[str, float]) -> _ViewEvidence:
         """What one view contributes, whatever the concept: its keypoints' verified matches
         (inlier counts per concept and library photo) and its windows' embeddings."""
+        check_stop()  # between views: a request that ended stops here (personalkv.cancellation)
         lib = self.library
         t0 = time.perf_counter()
         query = self._query_extractor().extract(image)

@@ -29,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+from personalkv.cancellation import stop_when
 from personalkv.conversation_record import PlacedEvidence
 from personalkv.engine.detokenizer import IncrementalDetokenizer
 from personalkv.images import ValidatedPhoto
@@ -65,6 +66,14 @@ class CallLimits:
 
     deadline: float | None = None
     cancelled: Callable[[], bool] = lambda: False
+
+    def stop_reason(self) -> str | None:
+        """Why work on this call should stop now (None: it goes on)."""
+        if self.cancelled():
+            return "the caller went away"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "the call's deadline passed"
+        return None
 
 
 class UsedConcept(NamedTuple):
@@ -174,7 +183,8 @@ def _check(svc: Services, user_id: str, question: str, photos: Sequence[bytes],
 def _retrieve(svc: Services, user_id: str, checked: _Checked, top_k: int | None, fingerprint: str,
               call: CallLimits = CallLimits()):
     image = checked.photo.image if checked.photo is not None else None
-    with _photo_slot(svc, user_id, image is not None, call), dependencies("the retrieval index"):
+    with _photo_slot(svc, user_id, image is not None, call), dependencies("the retrieval index"), \
+            stop_when(call.stop_reason):  # recognition stops between views for nobody
         return svc.retriever.retrieve(user_id, checked.question, image, top_k,
                                       model_fingerprint=fingerprint)
 

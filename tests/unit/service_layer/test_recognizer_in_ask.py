@@ -128,3 +128,33 @@ def test_descriptors_of_another_version_are_described_again_not_mixed(svc, monke
     again = served._build("alice", served._manifests("alice"), "v", {})  # a fresh process
     fresh = {p.photo_id: p.appearance for p in library.photos}
     assert all(np.array_equal(fresh[p.photo_id], p.appearance) for p in again.recognizer.library.photos)
+
+
+def test_recognition_stops_between_views_once_the_call_ends(svc, monkeypatch):
+    """Issue 30: a photo Ask whose caller goes away (or whose deadline passes) while its photo is
+    recognized stops at the next view (``personalkv.cancellation``) instead of finishing every
+    tile and zoom view for nobody."""
+    import pytest
+
+    from personalkv.errors import CallEnded
+    from personalkv.mining.recognizer import ConceptRecognizer
+    from personalkv.service_layer.answering import AskOptions, CallLimits
+
+    _ingest(svc, 0)
+    views, real = [], ConceptRecognizer._view_evidence
+
+    def counted(self, image, seconds):
+        views.append(image.shape)
+        return real(self, image, seconds)
+
+    monkeypatch.setattr(ConceptRecognizer, "_view_evidence", counted)
+    wide = Image.new("RGB", (600, 100), (200, 60, 30))  # a strip: the whole photo and 6 tiles
+    buf = io.BytesIO()
+    wide.save(buf, "PNG")
+    answering.ask(svc, "alice", "Is this mine?", [buf.getvalue()], AskOptions(max_new_tokens=2))
+    assert len(views) >= 3  # the whole photo and its tiles (and zoom views when none is accepted)
+    views.clear()
+    with pytest.raises(CallEnded, match="caller went away"):
+        answering.ask(svc, "alice", "Is this mine?", [buf.getvalue()], AskOptions(max_new_tokens=2),
+                      call=CallLimits(cancelled=lambda: len(views) >= 1))
+    assert len(views) == 1  # stopped before the second view
