@@ -22,8 +22,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def _token(args: argparse.Namespace) -> int:
     from personalkv.auth import mint_token
     from personalkv.config import get_settings  # the command is an entry point
+    from personalkv.errors import InvalidArgument
 
-    print(mint_token(args.user, ttl_s=args.ttl, settings=get_settings().auth))
+    settings = get_settings().auth
+    if args.ttl is not None and not 0 < args.ttl <= settings.max_token_lifetime_s:
+        raise InvalidArgument(f"--ttl must be between 1 and {settings.max_token_lifetime_s} s "
+                              "(PERSONALKV_AUTH_MAX_TOKEN_LIFETIME_S)")
+    print(mint_token(args.user, ttl_s=args.ttl, settings=settings))
     return 0
 
 

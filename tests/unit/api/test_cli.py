@@ -20,6 +20,14 @@ def test_token_command_refuses_bad_user_ids(capsys):
     assert capsys.readouterr().err.startswith("personalkv token: error: user id '../x' is invalid")
 
 
+@pytest.mark.parametrize("ttl", ["99999999", "-5", "0"])
+def test_token_command_refuses_a_lifetime_out_of_bounds_in_one_line(capsys, ttl):
+    assert main(["token", "--user", "alice", "--ttl", ttl]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("personalkv token: error: INVALID_ARGUMENT: --ttl must be between 1 and")
+
+
 def test_serve_parser():
     args = build_parser().parse_args(["serve", "answering", "--port", "0", "--embedded"])
     assert (args.service, args.port, args.embedded, args.metrics_port) == ("answering", 0, True, None)
