@@ -9,6 +9,13 @@ Subpackages (one idea each):
   storage    object storage for photos, manifests and chunk blobs (local dir, S3/MinIO)
   index      retrieval keys in Milvus
   retrieval  encoders and the retriever that ranks a user's concepts for a question
+  mining     patch mining, profiles and the photo recognizer
+  service_layer  the use cases (ingest, mine, cache, ask, conversations) over those parts
+  api        gRPC servers, interceptors, the client and the health probe
+  evaluation the evaluation harnesses (recognition, QA, grounded QA, Ask)
+  devstack   the local multi-process stack of `make up`
+  errors     the errors a caller can act on (each maps to one gRPC status)
+  cancellation  cooperative stopping of a request's long CPU work
 """
 
 __version__ = "0.1.0"

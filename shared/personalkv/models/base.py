@@ -261,11 +261,6 @@ class ModelAdapter(ABC):
     def system_prefix_text(self) -> str:
         return self.chat_framing[0]
 
-    def followup_parts(self, question: str, image: ImageInput | None = None) -> list:
-        """A follow-up question's parts: the end of the previous answer's turn and the start of
-        the user's (``next_turn_text``), then the question as ``question_parts`` frames it."""
-        return [self.next_turn_text, *self.question_parts(question, image)]
-
     def question_parts(self, question: str, image: ImageInput | None = None) -> list:
         parts: list = []
         if image is not None:
