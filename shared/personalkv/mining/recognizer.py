@@ -100,6 +100,22 @@ class _ViewEvidence:
 
 #: most tiles one photo is looked at in (``photo_views``): its recognition cost is bounded
 MAX_TILES = 8
+#: a view's appearance windows (each one CNN forward): at most MAX_VIEW_WINDOWS, evenly
+#: spread (a view up to 3:1 has 60-195, unchanged; a strip's count grows with its length), and none in a
+#: view no window can see a thing in: shorter side under MIN_VIEW_SIDE pixels, or longer than
+#: MAX_VIEW_ASPECT times its width (a 20000x1 photo took minutes of windows; issue 30)
+MAX_VIEW_WINDOWS, MIN_VIEW_SIDE, MAX_VIEW_ASPECT = 200, 16, 8.0
+
+
+def query_windows(shape: tuple[int, ...], fractions: Sequence[float]) -> np.ndarray:
+    """The windows one view of a question's photo is embedded in (bounded: see above)."""
+    h, w = shape[:2]
+    if min(h, w) < MIN_VIEW_SIDE or max(h, w) > MAX_VIEW_ASPECT * min(h, w):
+        return np.zeros((0, 4), np.float32)
+    boxes = propose_boxes(shape, fractions)
+    if len(boxes) > MAX_VIEW_WINDOWS:
+        boxes = boxes[np.linspace(0, len(boxes) - 1, MAX_VIEW_WINDOWS).round().astype(int)]
+    return boxes
 
 
 def photo_views(image: Image.Image, settings: MiningSettings) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -266,8 +282,8 @@ class ConceptRecognizer:
                 mask = self._subject.get(m.photo)
                 subject.setdefault(cid, []).append(int(mask[m.photo_idx].sum()) if mask is not None else 0)
         t2 = time.perf_counter()
-        boxes = propose_boxes(image.shape, lib.embedder.window_fractions)
-        windows = lib.embedder.embed_boxes(image, boxes)
+        boxes = query_windows(image.shape, lib.embedder.window_fractions)
+        windows = lib.embedder.embed_boxes(image, boxes) if len(boxes) else np.zeros((0, 0), np.float32)
         t3 = time.perf_counter()
         for stage, s in (("keypoints", t1 - t0), ("matching", t2 - t1), ("windows", t3 - t2)):
             seconds[stage] = seconds.get(stage, 0.0) + s

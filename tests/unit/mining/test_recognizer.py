@@ -10,7 +10,10 @@ from PIL import Image
 
 from personalkv.config import MiningSettings
 from personalkv.mining.miner import Miner, build_library
-from personalkv.mining.recognizer import MAX_TILES, ZOOM_SIDE, ConceptRecognizer, photo_views, zoom_views
+from personalkv.mining.proposals import propose_boxes
+from personalkv.mining.recognizer import (
+    MAX_TILES, MAX_VIEW_WINDOWS, ZOOM_SIDE, ConceptRecognizer, photo_views, query_windows, zoom_views,
+)
 
 # Slow tier (`make test-fast` skips it): the subject is recognition over the EfficientNet patch embedder.
 pytestmark = pytest.mark.slow
@@ -120,3 +123,14 @@ def test_query_upscale_caps_only_the_query_keypoints(setup):
     assert capped._query_extractor().max_upscale == 1.0
     assert len(capped._query_extractor().extract(photo)) < len(rec.library.extractor.extract(photo))
     assert capped.library.extractor.max_upscale > 1.0  # the library keeps its own
+
+
+def test_a_views_windows_are_bounded_and_a_normal_views_unchanged():
+    """Issue 30: a question photo's windows (one CNN forward each) are bounded per view; a
+    strip gets none (a 20000x1 photo took minutes), a normal view exactly its proposals."""
+    fractions = (0.3, 0.45, 0.65)
+    for shape in ((480, 640), (427, 640), (640, 640), (213, 640)):
+        assert np.array_equal(query_windows(shape, fractions), propose_boxes(shape, fractions))
+    assert len(query_windows((80, 640), fractions)) == MAX_VIEW_WINDOWS  # 8:1: evenly thinned
+    for shape in ((1, 640), (640, 1), (15, 640), (51, 640)):  # too thin, or a strip
+        assert len(query_windows(shape, fractions)) == 0
