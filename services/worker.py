@@ -13,6 +13,7 @@ the tasks, not in the prefork parent).
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -84,15 +85,34 @@ def run(args) -> int:
         print(f"unknown queue(s) {sorted(unknown)}; known: mining, caching", file=sys.stderr)
         return 2
     setup_logging(f"worker-{'+'.join(queues)}", settings.server, level=args.loglevel)
+    # Readiness means ready: a model that cannot load stops the worker here, in one line,
+    # before it takes a task (without reading weights: no CUDA in a prefork parent) ...
+    from personalkv.models import ModelLoadError, check_model
+
+    try:
+        check_model(settings.model.name, settings=settings.model)
+    except ModelLoadError as exc:
+        print(f"personalkv worker: error: {exc}", file=sys.stderr)
+        return 1
     options = only_json_worker_output() if settings.server.log_format == "json" else []
     instrument_celery(app)
-    if args.metrics_port:
-        host = settings.server.host  # 0.0.0.0 in a pod: the kubelet probes it
-        if args.pool == "prefork":
-            signals.worker_process_init.connect(
-                lambda **_: start_metrics_server(args.metrics_port, host), weak=False)
-        else:
+    host = settings.server.host  # 0.0.0.0 in a pod: the kubelet probes it
+
+    def ready_then_serve_metrics(**_) -> None:
+        # ... and the process that runs the tasks loads it before its metrics endpoint (the
+        # pod's readiness probe) answers: a pod whose model cannot load never turns Ready.
+        try:
+            worker_services().adapter  # noqa: B018
+        except ModelLoadError as exc:
+            print(f"personalkv worker: error: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
+        if args.metrics_port:
             start_metrics_server(args.metrics_port, host)
+
+    if args.pool == "prefork":
+        signals.worker_process_init.connect(ready_then_serve_metrics, weak=False)
+    else:
+        ready_then_serve_metrics()
     argv = [*options, "worker", "-Q", ",".join(queues), "-n", f"{'+'.join(queues)}@%h",
             "--pool", args.pool, "--loglevel", args.loglevel, "--without-gossip",
             "--without-mingle"]

@@ -79,11 +79,7 @@ def load_adapter(
     try:
         return _load_checkpoint(name, device, torch_dtype, settings)
     except Exception as exc:
-        offline = " (HF_HUB_OFFLINE=1: only cached or local weights load)" \
-            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
-        cause = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load model {name!r}{offline}: {type(exc).__name__}: {cause}") from exc
+        raise _load_error(name, exc) from exc
 
 
 def _check_hub(repo_id: str, revision: str) -> None:
@@ -113,12 +109,32 @@ def _check_hub(repo_id: str, revision: str) -> None:
 HUB_CHECK_TIMEOUT_S = 10.0
 
 
-def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSettings) -> ModelAdapter:
+def check_model(name: str, *, settings: ModelSettings) -> None:
+    """Whether ``name`` can load, without loading its weights: its folder, hub entry (checked
+    once, quickly) and config resolve to a supported architecture. What a worker runs before it
+    starts taking tasks; raises ``ModelLoadError`` (one line naming the model and the cause)."""
+    if name.startswith("tiny:"):
+        return
+    try:
+        _resolve(name, settings)
+    except Exception as exc:
+        raise _load_error(name, exc) from exc
+
+
+def _load_error(name: str, exc: BaseException) -> ModelLoadError:
+    offline = " (HF_HUB_OFFLINE=1: only cached or local weights load)" \
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+    cause = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return ModelLoadError(f"cannot load model {name!r}{offline}: {type(exc).__name__}: {cause}")
+
+
+def _resolve(name: str, settings: ModelSettings):
+    """(what transformers loads: a folder or hub id, its hub kwargs, its config) for ``name``;
+    raises before any weight is read when it cannot load."""
     import transformers
 
-    from personalkv.models.checkpoint import SMOLLM2, SPLIT_GGUF_MODELS, smollm2_folder, split_gguf_folder, weights_digest
+    from personalkv.models.checkpoint import SMOLLM2, SPLIT_GGUF_MODELS, smollm2_folder, split_gguf_folder
 
-    display = name
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"no model folder at {name}")  # else transformers blames the id
     # revision applies to hub ids only (transformers ignores it for a local folder)
@@ -134,6 +150,16 @@ def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSetting
         raise ValueError(
             f"unsupported architecture {config.model_type!r}; supported: {', '.join(sorted(ADAPTERS))}"
         )
+    return name, hub, config
+
+
+def _load_checkpoint(name: str, device: str, torch_dtype, settings: ModelSettings) -> ModelAdapter:
+    import transformers
+
+    from personalkv.models.checkpoint import weights_digest
+
+    display = name
+    name, hub, config = _resolve(name, settings)
     module, adapter_name, model_class = ADAPTERS[config.model_type]
     model = getattr(transformers, model_class).from_pretrained(
         name, dtype=torch_dtype, attn_implementation=settings.attn_implementation, **hub

@@ -52,3 +52,21 @@ def test_a_server_whose_model_cannot_load_exits_naming_it(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"personalkv serve: error: cannot load model '{missing}'"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("queue", ["caching", "mining"])
+def test_a_worker_whose_model_cannot_load_exits_in_one_line(tmp_path, queue):
+    """Issue 31: a worker checks its model before it takes a task (before it even reaches the
+    broker, none runs here): exit 1, one line naming the model, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-such-model"
+    env = {**os.environ, "PERSONALKV_MODEL_NAME": str(missing)}
+    done = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--queue", queue],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith(f"personalkv worker: error: cannot load model '{missing}'"), done.stderr
+    assert "Traceback" not in done.stderr and len(lines) <= 5
