@@ -130,9 +130,7 @@ class AskResult:
 
     def describe_evidence(self) -> str:
         """What the answer rested on, for a terminal (``personalkv ask``, the demo)."""
-        concepts = ", ".join(f"{c} ({s:.2f})" for c, s in self.concepts) or (
-            "none new (the conversation's evidence is kept)" if self.conversation_id
-            and self.personal_evidence_used else "none of yours")
+        concepts = ", ".join(f"{c} ({s:.2f})" for c, s in self.concepts) or "none of yours"
         timings = " ".join(f"{f.name}={getattr(self.timings, f.name) * 1000:.0f}ms"
                            for f in fields(self.timings))
         return (f"  concepts: {concepts}\n  chunks placed: {len(self.chunks)} "

@@ -97,7 +97,8 @@ def test_demo_without_a_vlm_answers_from_real_weights_and_placed_profiles(tmp_pa
     # The conversation: "he" in the follow-up is Rex, whose profile only the first turn placed.
     follow = out.split("turn 2: And where does he love to go?")[1]
     assert "park" in follow.splitlines()[1].lower()
-    assert "none new (the conversation's evidence is kept)" in follow
+    # it rests on the conversation's evidence (listed), none placed anew
+    assert "concepts: rex" in follow and "chunks placed: 0" in follow
     # Text-only: one profile chunk per concept, no image-patch chunks.
     assert all(" 1 KV chunks" in line for line in out.splitlines() if line.split()[1:2] == ["ready"])
 
