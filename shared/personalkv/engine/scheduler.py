@@ -19,16 +19,17 @@ then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
   before batching, kept as the benchmark's baseline and for debugging).
 
 Failures are contained (issue 29): an exception while one request is placed, prefilled,
-sampled or streamed fails that request alone (``Internal`` caused by the fault: INTERNAL, with
-the request id under which the gRPC layer logs the traceback) and the rest of the batch goes on. A batched forward that raises
-fails the rows in it (their caches may be half-written) and the loop goes on with a fresh
-batch. If the loop itself dies, every job it held (waiting, being admitted, running) fails at
+sampled or streamed fails that request alone (``Internal`` caused by the fault: INTERNAL,
+with the request id under which the gRPC layer logs the traceback) and the rest of the batch
+goes on. A batched forward that raises fails the rows in it (their caches may be half-written)
+and the loop goes on with a fresh batch. Other model work (a conversation's replay,
+``run_in_loop``) runs on the loop between steps, so the model has one user. If the loop itself dies, every job it held (waiting, being admitted, running) fails at
 once and the next job starts a fresh loop; ``healthy()`` turns false when the loop died
 ``LOOP_FAILURES_UNHEALTHY`` times within ``LOOP_FAILURE_WINDOW_S`` (gRPC health then reports
 NOT_SERVING and Kubernetes replaces the pod). No caller waits unbounded: ``run`` waits until
 its deadline (plus ``DONE_GRACE_S`` for the loop to report) or ``max_wait_s``.
 
-Backpressure: an Ask takes a place (``admit``) before its retrieval starts; at most
+Backpressure: an Ask takes a place (``admit``) before any other work on it; at most
 ``answer_queue_size`` Asks wait beside the ``answer_max_batch`` being answered, and the next
 one is refused at once with RESOURCE_EXHAUSTED (its message says to retry). A job whose
 deadline passes while it waits is refused (DEADLINE_EXCEEDED) instead of computed for nobody.
