@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 import time
 from typing import Sequence
 
@@ -162,6 +163,7 @@ class MilvusKeyIndex(KeyIndex):
         self.ef_search = ef_search
         self.num_partitions = num_partitions
         self._known: set[str] = set()
+        self._load_lock = threading.Lock()
 
     # -- collections -------------------------------------------------------------------------
     def collection(self, space: VectorSpace) -> str:
@@ -175,11 +177,17 @@ class MilvusKeyIndex(KeyIndex):
         milvus-lite file, or a server restarted, starts with its collections released)."""
         if name in self._known:
             return True
-        if not self.client.has_collection(name):
-            return False
-        if "NotLoad" in str(self.client.get_load_state(name).get("state")):
-            self.client.load_collection(name)
-        self._known.add(name)
+        # One thread loads; the others wait for it. Unlocked, concurrent first searches of a
+        # fresh process saw the state 'Loading', took the collection as ready and failed with
+        # "in state 'released'" (5 INTERNAL Asks in the serving benchmark's overload phase).
+        with self._load_lock:
+            if name in self._known:
+                return True
+            if not self.client.has_collection(name):
+                return False
+            if "Loaded" not in str(self.client.get_load_state(name).get("state")):
+                self.client.load_collection(name)  # blocks until loaded
+            self._known.add(name)
         return True
 
     @_translated
