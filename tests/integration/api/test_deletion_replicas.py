@@ -30,6 +30,7 @@ def replica(api):
     port = server.start()
     yield services, f"127.0.0.1:{port}"
     server.stop(grace=1.0)
+    services.replace("index", None)  # the session's index: not this replica's to close
     services.close()
 
 

@@ -67,6 +67,7 @@ def test_a_deletion_by_another_process_reaches_this_ones_conversations(svc, serv
     try:
         assert concepts.delete_concept(deleting, "alice", "thing0")
     finally:
+        deleting.replace("index", None)  # the shared index is not this process's to close
         deleting.close()
     for cid in (live, cold):
         with pytest.raises(FailedPrecondition, match="thing0, deleted since"):
@@ -80,6 +81,7 @@ def test_a_deletion_by_another_process_reaches_this_ones_conversations(svc, serv
     try:
         concepts.delete_user(deleting, "alice")
     finally:
+        deleting.replace("index", None)  # the shared index is not this process's to close
         deleting.close()
     with pytest.raises(NotFound):
         answering.ask(svc, "alice", "And then?", [], GREEDY, conversation_id=other_live)
