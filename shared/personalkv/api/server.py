@@ -71,9 +71,9 @@ class GrpcServer:
         """``max_workers``: RPC threads (default ``settings.max_workers``). ``longest_call_s``:
         the longest an accepted RPC may run (the answering server's: its engine's longest wait);
         an aged connection's grace covers it, so connection ageing never cuts accepted work.
-        ``ready``: polled
-        every ``READY_POLL_S`` once started; health reports NOT_SERVING while it is false (or
-        raises), so that a server whose engine cannot answer leaves the load balancer."""
+        ``ready``: polled every ``READY_POLL_S`` once started; health reports NOT_SERVING while
+        it is false (or raises), so that a server whose engine cannot answer leaves the load
+        balancer."""
         self.name = name
         self.ready = ready
         self.settings = settings

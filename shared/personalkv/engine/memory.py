@@ -15,6 +15,7 @@ decoded-chunk cache and the live conversations, at their configured byte limits)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -53,6 +54,4 @@ def auto_budget_bytes(device: str | torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * AUTO_BUDGET_SHARE_CUDA)
-    import os
-
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * AUTO_BUDGET_SHARE_CPU)

@@ -23,8 +23,9 @@ sampled or streamed fails that request alone (``Internal`` caused by the fault: 
 with the request id under which the gRPC layer logs the traceback) and the rest of the batch
 goes on. A batched forward that raises fails the rows in it (their caches may be half-written)
 and the loop goes on with a fresh batch. Other model work (a conversation's replay,
-``run_in_loop``) runs on the loop between steps, so the model has one user. If the loop itself dies, every job it held (waiting, being admitted, running) fails at
-once and the next job starts a fresh loop; ``healthy()`` turns false when the loop died
+``run_in_loop``) runs on the loop between steps, so the model has one user. If the loop itself
+dies, every job it held (waiting, being admitted, running) fails at once and the next job
+starts a fresh loop; ``healthy()`` turns false when the loop died
 ``LOOP_FAILURES_UNHEALTHY`` times within ``LOOP_FAILURE_WINDOW_S`` (gRPC health then reports
 NOT_SERVING and Kubernetes replaces the pod). No caller waits unbounded: ``run`` waits until
 its deadline (plus ``DONE_GRACE_S`` for the loop to report) or ``max_wait_s``.
@@ -127,6 +128,8 @@ class ModelJob:
     done: threading.Event = field(default_factory=threading.Event)
     #: set by ``run`` when its caller stopped waiting: the loop drops the job at its next look
     abandoned: bool = False
+    #: KV tokens its row will hold (``BatchScheduler.final_tokens``), estimated once by ``run``
+    need: int = 0
 
     def gone(self) -> bool:
         """Nobody waits for this job's answer any more (cancelled, past its deadline, abandoned)."""
@@ -193,7 +196,6 @@ class _Call:
 class _Prefilling:
     job: ModelJob
     steps: Generator[None, None, TurnStart]  # ConversationKV.begin_turn_steps
-    need: int  # KV tokens its row will hold (admission's estimate)
     active_s: float = 0.0  # seconds its pieces ran (not the waits between them)
 
 
@@ -277,9 +279,8 @@ class BatchScheduler:
             self.observer.queue_depth(len(self._waiting))
             self._ensure_loop()
             self._cond.notify_all()
-        wait = self.max_wait_s if job.deadline is None else \
-            min(self.max_wait_s, job.deadline - time.monotonic() + DONE_GRACE_S)
-        if not job.done.wait(max(0.0, wait)):
+        wait = self._wait_s(job.deadline)
+        if not job.done.wait(wait):
             job.abandoned = True  # the loop drops it at its next look
             self.observer.rejected("deadline")
             raise DeadlineExceeded(f"no answer from the model within {wait:.0f} s; retry later")
@@ -297,14 +298,20 @@ class BatchScheduler:
             self._calls.append(call)
             self._ensure_loop()
             self._cond.notify_all()
-        wait = self.max_wait_s if deadline is None else \
-            min(self.max_wait_s, deadline - time.monotonic() + DONE_GRACE_S)
-        if not call.done.wait(max(0.0, wait)):
+        wait = self._wait_s(deadline)
+        if not call.done.wait(wait):
             call.abandoned = True
             raise DeadlineExceeded(f"the model did not get to this work within {wait:.0f} s; retry later")
         if call.error is not None:
             raise call.error
         return call.result  # type: ignore[return-value]
+
+    def _wait_s(self, deadline: float | None) -> float:
+        """How long a caller waits for the loop: until its deadline (and ``DONE_GRACE_S`` for
+        the loop to report), at most ``max_wait_s``."""
+        if deadline is None:
+            return self.max_wait_s
+        return max(0.0, min(self.max_wait_s, deadline - time.monotonic() + DONE_GRACE_S))
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -316,11 +323,7 @@ class BatchScheduler:
                 with torch.inference_mode():
                     call.result = call.fn()
             except BaseException as exc:
-                if isinstance(exc, ServiceError):
-                    call.error = exc
-                else:
-                    call.error = Internal("the model failed while rebuilding this conversation; retry")
-                    call.error.__cause__ = exc
+                call.error = _contained(exc, "rebuilding the conversation")
             call.done.set()
 
     def _expected_wait(self) -> float:
@@ -438,10 +441,11 @@ class BatchScheduler:
                 + job.options.max_new_tokens)
 
     def _refuse_if_it_never_fits(self, job: ModelJob) -> None:
-        """RESOURCE_EXHAUSTED at once for a request that would not fit even alone."""
+        """Estimate ``job.need``; RESOURCE_EXHAUSTED at once for a request that would not fit
+        even alone."""
         adapter = self._adapter_factory()
         limits = self._limits(adapter)
-        need = self.final_tokens(adapter, job)
+        need = job.need = self.final_tokens(adapter, job)
         if limits.never_fits(need):
             self.observer.rejected("too_large")
             peak = admission_peak_bytes([], need, limits.kv_bytes_per_token)
@@ -459,9 +463,8 @@ class BatchScheduler:
         """Jobs that join the batch now (``engine.policy.admissible``), oldest first."""
         adapter = batch.adapter
         in_flight = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
-                     for r in self._running if r.row is not None] + [p.need for p in self._prefilling]
-        count = admissible(in_flight, (self.final_tokens(adapter, job) for job in self._waiting),
-                           self._limits(adapter))
+                     for r in self._running if r.row is not None] + [p.job.need for p in self._prefilling]
+        count = admissible(in_flight, (job.need for job in self._waiting), self._limits(adapter))
         taken = [self._waiting.popleft() for _ in range(count)]
         self.observer.queue_depth(len(self._waiting))
         return taken
@@ -480,9 +483,8 @@ class BatchScheduler:
                 "the question waited past its deadline for the model; retry later"))
         steps = job.state.begin_turn_steps(adapter, job.chunks, job.question, job.image,
                                            options=job.options, piece_tokens=self.prefill_piece_tokens)
-        need = self.final_tokens(adapter, job)
         with self._cond:
-            self._prefilling.append(_Prefilling(job, steps, need))
+            self._prefilling.append(_Prefilling(job, steps))
 
     def _prefill_piece(self, adapter: ModelAdapter, batch: DecodeBatch, p: _Prefilling) -> bool:
         """Run the next piece of ``p``'s prefill (placement, recompute and a piece of the
@@ -494,10 +496,11 @@ class BatchScheduler:
         except StopIteration as done:
             p.active_s += time.perf_counter() - started
             self._end_prefill(p)
-            return self._admit_started(adapter, batch, p.job, done.value, p.active_s)
+            self._admit_started(adapter, batch, p.job, done.value, p.active_s)
+            return False
         except BaseException as exc:
             self._end_prefill(p)
-            self._finish(p.job, error=_contained(exc, p.job, "prefill"))
+            self._finish(p.job, error=_contained(exc, "prefill"))
             return False
         p.active_s += time.perf_counter() - started
         if p.job.gone():  # cancelled (or out of time) between pieces
@@ -513,25 +516,20 @@ class BatchScheduler:
                 self._prefilling.remove(p)
 
     def _admit_started(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob,
-                       started: TurnStart, prefill_s: float) -> bool:
-        """``job``'s prefill is done: take its first token and give it a row (always False:
-        no more prefill pieces)."""
+                       started: TurnStart, prefill_s: float) -> None:
+        """``job``'s prefill is done: take its first token and give it a row."""
         self._prefill_s = 0.8 * self._prefill_s + 0.2 * prefill_s if self._prefill_s else prefill_s
         if job.gone():  # cancelled (or out of time) during its prefill
-            self._finish(job, error=CallEnded("the call ended while its question was read"))
-            return False
+            return self._finish(job, error=CallEnded("the call ended while its question was read"))
         running = _Running(job, started, [], request_generator(job.options), time.perf_counter())
         if not self._advance(adapter, running, started.logits):
-            self._close(batch, running)
-            return False
+            return self._close(batch, running)
         try:
             running.row = batch.join(job.state.ctx, running.tokens[-1])
         except BaseException as exc:
-            self._finish(job, error=_contained(exc, job, "join the batch"))
-            return False
+            return self._finish(job, error=_contained(exc, "join the batch"))
         with self._cond:
             self._running.append(running)
-        return False
 
     def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> bool:
         """One token for every running row. Returns False when the batched forward failed:
@@ -552,7 +550,7 @@ class BatchScheduler:
                 for r in rows:
                     self._running.remove(r)
             for r in rows:
-                self._finish(r.job, error=_contained(exc, r.job, "decode (batched forward)"))
+                self._finish(r.job, error=_contained(exc, "decode (batched forward)"))
             return False
         self.observer.batch(len(rows))
         for r in rows:
@@ -571,7 +569,7 @@ class BatchScheduler:
             try:
                 token = sample_token(logits, r.job.options, r.generator)
             except BaseException as exc:  # e.g. NaN probabilities at temperature > 0
-                r.job.error = _contained(exc, r.job, "sample")
+                r.job.error = _contained(exc, "sample")
                 return False
         try:
             goes_on = take_token(adapter, r.tokens, token, r.job.options, r.job.on_token)
@@ -596,7 +594,7 @@ class BatchScheduler:
             r.started.timings["decode"] = time.perf_counter() - r.decode_started
             result = r.job.state.end_turn(batch.adapter, r.started, r.tokens, r.job.options)
         except BaseException as exc:
-            return self._finish(r.job, error=_contained(exc, r.job, "end the turn"))
+            return self._finish(r.job, error=_contained(exc, "end the turn"))
         self._finish(r.job, result=result)
 
     def _drop(self, batch: DecodeBatch, r: _Running, error: BaseException) -> None:
@@ -609,8 +607,8 @@ class BatchScheduler:
         job.done.set()
 
 
-def _contained(exc: BaseException, job: ModelJob, stage: str) -> BaseException:
-    """What the caller of ``job`` gets for ``exc`` raised while its model work ran: the error
+def _contained(exc: BaseException, stage: str) -> BaseException:
+    """What a caller gets for ``exc`` raised while its model work ran at ``stage``: the error
     itself when it is one the caller can act on (a ``ServiceError``), else ``Internal`` caused
     by it (the gRPC layer logs the chained traceback under the request id it gives the caller)."""
     if isinstance(exc, ServiceError):

@@ -13,8 +13,9 @@ last token when the answer stopped at ``max_new_tokens``: decoding never feeds t
 ends on) and the template's turn separator (``ModelAdapter.next_turn_text``), in the question's
 own forward when the turn brings no evidence (a follow-up then costs one forward, no placement
 work); evidence new in this turn is appended after them at the next free positions (its keys
-rotated there, like any placement) and its own tokens are recomputed against everything before it (the earlier turns are
-context it never saw), then the question is prefilled and the answer decoded. Evidence already
+rotated there, like any placement) and its own tokens are recomputed against everything before
+it (the earlier turns are context it never saw), then the question is prefilled and the answer
+decoded. Evidence already
 in the conversation is never placed twice, and nothing placed before is moved: the history is a
 stable prefix.
 

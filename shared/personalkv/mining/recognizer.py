@@ -101,8 +101,8 @@ class _ViewEvidence:
 #: most tiles one photo is looked at in (``photo_views``): its recognition cost is bounded
 MAX_TILES = 8
 #: a view's appearance windows (each one CNN forward): at most MAX_VIEW_WINDOWS, evenly
-#: spread (a view up to 3:1 has 60-195, unchanged; a strip's count grows with its length), and none in a
-#: view no window can see a thing in: shorter side under MIN_VIEW_SIDE pixels, or longer than
+#: spread (a view up to 3:1 has 60-195, unchanged; a strip's count grows with its length),
+#: and none in a view no window can see a thing in: shorter side under MIN_VIEW_SIDE pixels, or longer than
 #: MAX_VIEW_ASPECT times its width (a 20000x1 photo took minutes of windows; issue 30)
 MAX_VIEW_WINDOWS, MIN_VIEW_SIDE, MAX_VIEW_ASPECT = 200, 16, 8.0
 

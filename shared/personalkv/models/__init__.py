@@ -92,7 +92,7 @@ def _check_hub(repo_id: str, revision: str) -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     if huggingface_hub.try_to_load_from_cache(repo_id, "config.json", revision=revision or None):
         return  # cached: transformers loads it (offline too)
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         raise FileNotFoundError("not in the local model cache, and the hub is off (HF_HUB_OFFLINE=1)")
     try:
         huggingface_hub.model_info(repo_id, revision=revision or None, timeout=HUB_CHECK_TIMEOUT_S)
@@ -121,9 +121,13 @@ def check_model(name: str, *, settings: ModelSettings) -> None:
         raise _load_error(name, exc) from exc
 
 
+def _hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (HF_HUB_OFFLINE, read as the hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _load_error(name: str, exc: BaseException) -> ModelLoadError:
-    offline = " (HF_HUB_OFFLINE=1: only cached or local weights load)" \
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+    offline = " (HF_HUB_OFFLINE=1: only cached or local weights load)" if _hub_offline() else ""
     cause = " ".join(str(exc).split())[:300] or type(exc).__name__
     return ModelLoadError(f"cannot load model {name!r}{offline}: {type(exc).__name__}: {cause}")
 
