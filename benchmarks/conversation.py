@@ -121,10 +121,10 @@ def run() -> dict:
             assert r.timings.rebuild < 0.01, (k, r.timings)  # opening the state only
             kept.append(_ttft(r))
             answers.append(r.answer)
-            placed.append(len(r.chunks))
+            placed.append(sum(not c.from_earlier_turn for c in r.chunks))
             if k == 0:
                 turn1_concepts = {c.concept_id for c in r.chunks}
-            _log(f"kept turn {k + 1}: ttft {kept[-1] * 1000:.0f} ms, {len(r.chunks)} chunks placed")
+            _log(f"kept turn {k + 1}: ttft {kept[-1] * 1000:.0f} ms, {placed[-1]} chunks placed")
         assert len(turn1_concepts) == 3 and placed[0] == 3, (placed[0], turn1_concepts)
         live = svc.conversations.stats()
         kept_bytes = live.bytes

@@ -19,8 +19,11 @@ Figures per mode and level: ``<mode>_c<N>_answers_per_s``, ``_tokens_per_s``,
 ``Timings.queue``), ``_itl_p50_s`` / ``_p99_s`` (inter-token latency: seconds between a
 stream's consecutive text deltas); ``tokens_per_s_ratio_batched_over_threads_c8`` (target >= 3),
 ``ttft_p99_ratio_batched_over_threads_c8`` (target <= 1) and ``itl_p99_over_p50_batched_c8``
-(target <= 2: running rows are not stalled by the prefills of those joining). When an Ask
-fails, the servers' logs are kept in ``benchmarks/results/serving-logs/``.
+(target <= 2: running rows are not stalled by the prefills of those joining). Then, on the
+batched server alone, one conversation of the 8 questions through AskStream
+(``grpc_conversation_ttft_s`` at the client, ``grpc_conversation_place_ms`` from its Timings,
+``grpc_followup_ttft_over_turn1_max``: target <= 1.5, a follow-up adding no evidence places
+nothing). When an Ask fails, the servers' logs are kept in ``benchmarks/results/serving-logs/``.
 
 Overload probe, on a third server (batched, queue and batch of OVERLOAD_QUEUE each): 4 x
 OVERLOAD_QUEUE unary Asks at once (32 new tokens) while a client checks health every 100 ms:
@@ -178,6 +181,28 @@ def _ask_stream(client, question: str) -> tuple[float, float, float, list[float]
     e2e = time.perf_counter() - start
     itl = [b - a for a, b in zip(deltas, deltas[1:])]
     return (e2e if ttft is None else ttft), e2e, queue_s, itl  # no text at all: first is last
+
+
+def _conversation(server: _Server, token: str, questions: list[str]) -> dict:
+    """One conversation of ``questions`` through AskStream, alone on the warm server: the
+    client's TTFT per turn. Turn 1 places the evidence; a follow-up that adds none must not
+    place again (target: every follow-up's TTFT <= 1.5x turn 1's)."""
+    ttft, placed, cid = [], [], ""
+    with _client(server, token) as client:
+        for k, question in enumerate(questions):
+            start, first = time.perf_counter(), None
+            for event in client.ask_stream(question, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=3,
+                                           start_conversation=(k == 0), conversation_id=cid):
+                kind = event.WhichOneof("event")
+                if kind == "text_delta" and event.text_delta and first is None:
+                    first = time.perf_counter() - start
+                elif kind == "final":
+                    cid = cid or event.final.conversation_id
+                    placed.append(event.final.timings.place_ms)
+            ttft.append(round(first if first is not None else time.perf_counter() - start, 4))
+    return {"grpc_conversation_ttft_s": ttft, "grpc_conversation_place_ms": [round(v, 1) for v in placed],
+            "grpc_followup_ttft_over_turn1_max": round(max(ttft[1:]) / ttft[0], 3),
+            "target_followup_ttft_over_turn1_max": 1.5}
 
 
 def _level(server: _Server, token: str, questions: list[str], clients: int, asks: int) -> dict:
@@ -361,6 +386,11 @@ def run() -> dict:
                          f"{level['ttft_p50_s']:.2f}/{level['ttft_p99_s']:.2f} s, e2e p50/p99 "
                          f"{level['e2e_p50_s']:.2f}/{level['e2e_p99_s']:.2f} s "
                          f"({level['asks']} Asks in {level['wall_s']:.0f} s)")
+                if mode == "batched":
+                    conversation = _conversation(server, token, QUESTIONS)
+                    figures.update(conversation)
+                    _log(f"conversation through gRPC: ttft per turn {conversation['grpc_conversation_ttft_s']} s, "
+                         f"follow-ups at most {conversation['grpc_followup_ttft_over_turn1_max']}x turn 1")
             finally:
                 server.stop()
         if 8 in LEVELS:

@@ -56,7 +56,7 @@ def result_to_proto(result: answering.AskResult) -> answering_pb2.AskResponse:
                   for c in result.concepts],
         chunks=[
             answering_pb2.UsedChunk(chunk_id=c.chunk_id, concept_id=c.concept_id,
-                                    score=float(c.score),
+                                    score=float(c.score), from_earlier_turn=c.from_earlier_turn,
                                     kind=_KINDS.get(c.kind, common_pb2.CHUNK_KIND_UNSPECIFIED))
             for c in result.chunks
         ],

@@ -284,6 +284,15 @@ class ServerSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="'json': one JSON object per line; 'text': human-readable."
     )
+    log_file: str = Field(
+        "", description="Also write the log to this file, rotated by size (log_file_max_bytes, "
+        "log_file_backups older files kept as .1, .2, ...). Empty: stderr only (what Kubernetes "
+        "collects); `make up` sets it per process.",
+    )
+    log_file_max_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Size at which log_file is rotated."
+    )
+    log_file_backups: int = Field(5, ge=1, description="Rotated log files kept besides log_file.")
     # TLS and connection lifetime (personalkv/api/server.py; the chart mounts a cert Secret).
     tls_cert_file: str = Field(
         "", description="PEM certificate chain of the gRPC port; with tls_key_file it turns "

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -335,15 +336,18 @@ def setup_logging(service: str, settings: ServerSettings, level: str | None = No
                   fmt: str | None = None) -> None:
     """Configure the root logger once per process (level/format default to ``settings``, the
     process's ServerSettings, which its entry point passes)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if (fmt or settings.log_format) == "json":
-        handler.setFormatter(JsonFormatter(service))
-    else:
-        handler.setFormatter(TextFormatter(service))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.log_file:  # the dev stack's processes: history kept, bounded (size rotation)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            settings.log_file, maxBytes=settings.log_file_max_bytes,
+            backupCount=settings.log_file_backups, encoding="utf-8"))
+    formatter = JsonFormatter(service) if (fmt or settings.log_format) == "json" else TextFormatter(service)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
     root.setLevel((level or settings.log_level).upper())
     if (fmt or settings.log_format) == "json":
         only_json_output()

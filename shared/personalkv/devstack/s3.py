@@ -168,6 +168,11 @@ class S3Server:
         terminate(proc, timeout_s, kill_wait_s=timeout_s)
 
     @property
+    def pid(self) -> int | None:
+        """The server process's pid (not this wrapper's)."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -192,11 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=["auto", "minio", "moto"], default="auto")
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--pid-file", type=Path, default=None,
+                        help="write the server process's pid here (removed when it stops)")
     args = parser.parse_args(argv)
     # SIGTERM (from `make down`, docker, timeout) must also stop the child: it runs in its own
     # session so a terminal's Ctrl-C reaches only us, and we stop it on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with S3Server(args.kind, port=args.port) as server:
+        if args.pid_file is not None:
+            args.pid_file.write_text(str(server.pid))
         ep = server.endpoint
         print(f"{ep.kind} S3 at {ep.http_url}, access key {ep.access_key!r}, secret "
               f"{ep.secret_key!r}", flush=True)  # fmt: skip
@@ -206,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+        finally:
+            if args.pid_file is not None:
+                args.pid_file.unlink(missing_ok=True)
     return 0
 
 

@@ -10,7 +10,9 @@ ingestion and answering gRPC servers; those four through the ``personalkv`` comm
 (``--personalkv``, default: the installed script beside this Python; ``make up`` passes
 ``python -m services.cli``, the same command). Each runs in its own session with its log in
 ``<dir>/<name>.log`` and its pid in ``<dir>/<name>.pid``; ``<dir>/env`` holds the
-PERSONALKV_* settings every process got (``set -a; . var/stack/env`` then
+PERSONALKV_* settings every process got (the four of ours write their own log, rotated by
+size, and their raw output to ``<name>.out``; the S3 and Milvus servers' pids are in
+``s3-server.pid`` and ``milvus-server.pid``) (``set -a; . var/stack/env`` then
 ``personalkv ask --stack ...`` talks to the same store and index). ``down`` signals only the
 process groups whose pid files it finds (and whose command line is ours), newest first.
 """
@@ -49,7 +51,7 @@ def _ours(pid: int) -> bool:
     except OSError:
         return _alive(pid)
     return any(mark in cmdline for mark in ("personalkv", "services.", "redis-server",
-                                            "milvus run standalone"))
+                                            "milvus run standalone", "moto.server", "minio server"))
 
 
 def _pid(directory: Path, name: str) -> int | None:
@@ -61,10 +63,12 @@ def _pid(directory: Path, name: str) -> int | None:
     return pid if _alive(pid) and _ours(pid) else None
 
 
-def _spawn(directory: Path, name: str, argv: list[str], env: dict) -> subprocess.Popen:
-    path = directory / f"{name}.log"
-    if path.exists():  # keep the previous run's log as .log.1; this run's starts empty
-        path.replace(directory / f"{name}.log.1")
+def _spawn(directory: Path, name: str, argv: list[str], env: dict, output: str = "log") -> subprocess.Popen:
+    """Start ``name`` with its output in ``<name>.<output>`` (the previous run's kept as
+    ``.1``)."""
+    path = directory / f"{name}.{output}"
+    if path.exists():  # keep the previous run's output as .1; this run's starts empty
+        path.replace(directory / f"{name}.{output}.1")
     log = open(path, "ab")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -90,7 +94,7 @@ def _wait_port(port: int, proc, name: str, directory: Path, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}; see {directory}/{name}.log")
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {directory}/{name}.log (and .out)")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -127,7 +131,8 @@ def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0,
     _wait_port(redis_port, proc, "redis", directory, 20)
     print(f"redis     redis://127.0.0.1:{redis_port}/0")
 
-    proc = _spawn(directory, "s3", [PY, "-m", "personalkv.devstack.s3", "--port", str(s3_port)], env)
+    proc = _spawn(directory, "s3", [PY, "-m", "personalkv.devstack.s3", "--port", str(s3_port),
+                                    "--pid-file", str(directory / "s3-server.pid")], env)
     storage_url = _wait_line(directory, "s3", r"PERSONALKV_STORAGE_URL=(\S+)", proc, 60)
     s3_log = (directory / "s3.log").read_text()
     access = re.search(r"access key '([^']*)', secret '([^']*)'", s3_log)
@@ -163,10 +168,16 @@ def up(directory: Path, personalkv: list[str], milvus_timeout_s: float = 300.0,
     env_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in settings_env.items()))
     env.update(settings_env)
 
+    # Our processes write their log themselves, rotated by size (<name>.log, .log.1, ...:
+    # ServerSettings.log_file*); <name>.out keeps what escapes logging (a crash at start).
+    def ours(name: str, *args: str) -> subprocess.Popen:
+        own = dict(env, PERSONALKV_SERVER_LOG_FILE=str(directory / f"{name}.log"))
+        return _spawn(directory, name, [*personalkv, *args], own, output="out")
+
     for queue in ("mining", "caching"):
-        _spawn(directory, f"worker-{queue}", [*personalkv, "worker", "--queue", queue], env)
-    ingestion = _spawn(directory, "ingestion", [*personalkv, "serve", "ingestion"], env)
-    answering = _spawn(directory, "answering", [*personalkv, "serve", "answering"], env)
+        ours(f"worker-{queue}", "worker", "--queue", queue)
+    ingestion = ours("ingestion", "serve", "ingestion")
+    answering = ours("answering", "serve", "answering")
     _wait_port(ing_port, ingestion, "ingestion", directory, 180)
     print(f"ingestion grpc 127.0.0.1:{ing_port}")
     _wait_port(ans_port, answering, "answering", directory, 300)
@@ -223,7 +234,7 @@ def down(directory: Path, timeout_s: float = 30.0) -> int:
     directory = directory.resolve()
     _stop_group(directory, ["answering", "ingestion", "worker-caching", "worker-mining"], timeout_s)
     _stop_group(directory, ["milvus", "s3", "redis"], timeout_s)
-    _stop_group(directory, ["milvus-server"], timeout_s)  # only if its wrapper died first
+    _stop_group(directory, ["milvus-server", "s3-server"], timeout_s)  # if their wrappers died first
     return 0
 
 

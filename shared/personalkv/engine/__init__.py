@@ -1,7 +1,10 @@
 """The answering engine: what runs the model for many Asks at once.
 
-  scheduler    admission, the loop that prefills and decodes every admitted request, failure
-               containment (one request's fault fails that request alone), bounded waits
+  scheduler    admission, the loop that plans each step and has the runner carry it out,
+               failure containment (one request's fault fails that request alone), bounded waits
+  policy       the plan of a step from numbers alone (who ends, joins, prefills, decodes)
+  runner       the model work a plan asks for (the only module here that runs the model)
+  memory       what a batch's KV costs in bytes, and the device budget
   batch        the decode batch: many requests' caches advanced by one batched forward
   detokenizer  incremental detokenization for streaming (each token decoded once)
 

@@ -4,14 +4,17 @@
 then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
 
 * ``BatchScheduler`` (``PERSONALKV_SERVICE_ANSWER_SCHEDULER=batched``, the default): one loop
-  thread runs the model. Each iteration it admits waiting jobs while the batch has room
-  (``answer_max_batch`` requests, ``answer_max_tokens_in_flight`` KV tokens and
-  ``answer_kv_budget_bytes``), prefills the admitted ones (placement, selective recompute, the
-  question: ``ConversationKV.begin_turn_steps``) in pieces of ``answer_prefill_piece_tokens``,
-  one piece of each per iteration while other requests decode (chunked prefill: a joining
-  request stalls the running ones for one piece, not its whole prefill), then advances **every**
-  request in its decode phase by one token in one batched forward
-  (``engine.batch.DecodeBatch``): continuous batching, requests join and leave between steps.
+  thread runs the model, a step at a time. Each step is first planned as a plain
+  ``engine.policy.StepPlan`` from numbers alone (``plan_step``: which requests end, which
+  waiting ones join while the batch has room - ``answer_max_batch`` requests,
+  ``answer_max_tokens_in_flight`` KV tokens, ``answer_kv_budget_bytes`` - which prefills advance
+  how many pieces, which rows decode), then carried out by the runner (``engine.runner``, the
+  only code that touches the model). Prefills (placement, selective recompute, the question:
+  ``ConversationKV.begin_turn_steps``) run in pieces of ``answer_prefill_piece_tokens``, one
+  piece of each per step while other requests decode (chunked prefill: a joining request
+  stalls the running ones for one piece, not its whole prefill); **every** request in its
+  decode phase advances by one token in one batched forward (``engine.batch.DecodeBatch``):
+  continuous batching, requests join and leave between steps.
   Tokens stream to each request's ``on_token`` as they are sampled. A request that is cancelled
   (its ``on_token`` raises, or ``cancelled()`` turns true) or whose deadline passes frees its
   row at the next step.
@@ -62,14 +65,15 @@ from typing import Protocol, TypeVar
 import torch
 from PIL import Image
 
-from personalkv.engine.batch import BatchRow, DecodeBatch
-from personalkv.engine.memory import admission_peak_bytes, auto_budget_bytes, kv_bytes_per_token
-from personalkv.engine.policy import AdmissionLimits, admissible
+from personalkv.engine.batch import BatchRow
+from personalkv.engine.memory import admission_peak_bytes
+from personalkv.engine.policy import (
+    TO_THE_END, AdmissionLimits, EndReason, Phase, RequestView, StepPlan, plan_step,
+)
+from personalkv.engine.runner import ModelRunner, Runner
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.conversation import ConversationKV, TurnStart
-from personalkv.kv.generation import (
-    AnswerResult, GenerationOptions, request_generator, sample_token, take_token,
-)
+from personalkv.kv.generation import AnswerResult, GenerationOptions, request_generator, sample_token
 from personalkv.models.base import ModelAdapter
 from personalkv.errors import CallEnded, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
 
@@ -81,9 +85,6 @@ LOOP_FAILURES_UNHEALTHY = 3
 LOOP_FAILURE_WINDOW_S = 60.0
 #: how long past its deadline a caller waits for the loop to report (it checks between steps)
 DONE_GRACE_S = 1.0
-#: tokens counted for the chat framing around a question, and for a photo in it, before they
-#: are known (admission estimates a request's KV before its prefill)
-FRAMING_TOKENS, PHOTO_TOKENS = 32, 1024
 
 
 class SchedulerObserver(Protocol):
@@ -128,7 +129,7 @@ class ModelJob:
     done: threading.Event = field(default_factory=threading.Event)
     #: set by ``run`` when its caller stopped waiting: the loop drops the job at its next look
     abandoned: bool = False
-    #: KV tokens its row will hold (``BatchScheduler.final_tokens``), estimated once by ``run``
+    #: KV tokens its row will hold (``Runner.need``), estimated once by ``run``
     need: int = 0
 
     def gone(self) -> bool:
@@ -201,6 +202,9 @@ class _Prefilling:
 
 @dataclass(eq=False)
 class _Running:
+    """A request in its decode phase: its first token came from its prefill; it joins the
+    decode batch at its first decoding step (``row`` is None until then)."""
+
     job: ModelJob
     started: TurnStart
     tokens: list[int]
@@ -209,32 +213,44 @@ class _Running:
     row: BatchRow | None = None
 
 
+def _end_reason(job: ModelJob) -> EndReason | None:
+    if job.abandoned or job.cancelled():
+        return EndReason.CANCELLED
+    if job.deadline is not None and time.monotonic() >= job.deadline:
+        return EndReason.EXPIRED
+    return None
+
+
 class BatchScheduler:
     """Continuous batching over one model (module docstring). Thread-safe: any number of RPC
-    threads call ``admit`` / ``run``; one loop thread runs the model."""
+    threads call ``admit`` / ``run``; one loop thread plans each step (``engine.policy``) and
+    has the runner (``engine.runner``) carry it out."""
 
     def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
                  max_tokens_in_flight: int, observer: SchedulerObserver | None = None,
                  max_wait_s: float = 600.0, kv_budget_bytes: int = 0, reserved_bytes: int = 0,
-                 prefill_piece_tokens: int = 32):
-        """``kv_budget_bytes``: the decode batch's KV budget (``engine.memory``); 0: the
-        device's (``auto_budget_bytes``) less ``reserved_bytes`` (the process's other KV
-        holders: the decoded-chunk cache and the live conversations)."""
-        self._adapter_factory = adapter
+                 prefill_piece_tokens: int = 32, runner: Callable[[ModelAdapter], Runner] = ModelRunner):
+        """``adapter``: the process's model now (a new one takes over once the batch is empty);
+        ``runner``: what runs it (a fake in the policy tests). ``kv_budget_bytes``: the decode
+        batch's KV budget (``engine.memory``); 0: the device's (``auto_budget_bytes``) less
+        ``reserved_bytes`` (the process's other KV holders: the decoded-chunk cache and the live
+        conversations)."""
+        self._adapter_factory, self._make_runner = adapter, runner
         self.queue_size, self.max_batch = queue_size, max_batch
         self.max_tokens_in_flight = max_tokens_in_flight
         self.max_wait_s = max_wait_s
         self.prefill_piece_tokens = prefill_piece_tokens
         self._kv_budget_setting, self._reserved_bytes = kv_budget_bytes, reserved_bytes
-        self._memory: dict[int, tuple[int, int]] = {}  # id(adapter) -> (bytes/token, budget)
+        self._runner: Runner | None = None
+        self._limits_of: tuple[Runner, AdmissionLimits] | None = None
         self.observer = observer or _NoObserver()
         self._cond = threading.Condition()
         self._waiting: collections.deque[ModelJob] = collections.deque()
         self._admitted = 0
         self._running: list[_Running] = []
-        #: taken from the queue by the loop, their prefill not begun
+        #: taken from the queue by this step's plan, their prefill not begun
         self._admitting: list[ModelJob] = []
-        #: being prefilled, a piece per loop iteration while others decode (chunked prefill)
+        #: being prefilled, a piece per step while others decode (chunked prefill)
         self._prefilling: list[_Prefilling] = []
         self._loop_failures: collections.deque[float] = collections.deque()
         self._calls: collections.deque[_Call] = collections.deque()
@@ -358,14 +374,47 @@ class BatchScheduler:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    # --- the loop --------------------------------------------------------------------------
+    # --- memory ----------------------------------------------------------------------------
+    def _current_runner(self) -> Runner:
+        """The runner of the process's model now (call with ``_cond`` held)."""
+        adapter = self._adapter_factory()
+        if self._runner is None or self._runner.adapter is not adapter:
+            self._runner = self._make_runner(adapter)
+        return self._runner
+
+    def _limits(self, runner: Runner) -> AdmissionLimits:
+        """Admission limits for ``runner``'s model: its KV bytes per token and the budget
+        (computed once per model: on CUDA from the memory free after its weights loaded)."""
+        if self._limits_of is None or self._limits_of[0] is not runner:
+            budget = self._kv_budget_setting or max(0, runner.auto_budget_bytes() - self._reserved_bytes)
+            self._limits_of = (runner, AdmissionLimits(self.max_batch, self.max_tokens_in_flight,
+                                                       runner.kv_bytes_per_token(), budget))
+        return self._limits_of[1]
+
+    def _refuse_if_it_never_fits(self, job: ModelJob) -> None:
+        """Estimate ``job.need``; RESOURCE_EXHAUSTED at once for a request that would not fit
+        even alone."""
+        with self._cond:
+            runner = self._current_runner()
+            limits = self._limits(runner)
+        need = job.need = runner.need(job)
+        if limits.never_fits(need):
+            self.observer.rejected("too_large")
+            peak = admission_peak_bytes([], need, limits.kv_bytes_per_token)
+            raise ResourceExhausted(
+                f"this question needs about {need} tokens of KV ({peak / 2**20:.0f} MiB at its "
+                f"peak), more than this server can hold for one answer ({self.max_tokens_in_flight} "
+                f"tokens, {limits.kv_budget_bytes / 2**20:.0f} MiB); ask for fewer max_new_tokens "
+                "or start a new conversation")
+
+    # --- the loop: plan a step, carry it out -----------------------------------------------
     def _ensure_loop(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._loop, name="pkv-answer-scheduler", daemon=True)
             self._thread.start()
 
     def _loop(self) -> None:
-        batch = None
+        runner: Runner | None = None
         try:
             while True:
                 with self._cond:
@@ -374,24 +423,12 @@ class BatchScheduler:
                         self._cond.wait()
                     if self._closed:
                         break
-                    if not self._running and not self._prefilling:  # the process's model of now
-                        adapter = self._adapter_factory()
-                        if batch is None or batch.adapter is not adapter:
-                            batch = DecodeBatch(adapter)
-                    self._admitting = self._take_admissible(batch)
+                    if runner is None or (not self._running and not self._prefilling):
+                        runner = self._current_runner()  # the process's model of now
+                    plan = self._plan(runner)
+                    ended_waiting = self._take_from_queue(plan)
                 self._run_calls()
-                while self._admitting:
-                    self._begin(adapter, self._admitting[0])
-                    with self._cond:
-                        self._admitting.pop(0)
-                # Chunked prefill: while rows decode, one piece of each prefill per step (they
-                # wait a piece per joining request, not whole prefills); with nothing decoding,
-                # a prefill runs to its end.
-                for p in list(self._prefilling):
-                    while self._prefill_piece(adapter, batch, p) and not self._running:
-                        pass
-                if self._running and not self._step(adapter, batch):
-                    batch = DecodeBatch(adapter)  # the failed forward's rows are gone with it
+                self._execute(runner, plan, ended_waiting)
                 self.observer.running(len(self._running))
         except BaseException as exc:  # a bug in the loop itself: nobody may wait forever
             log.exception("the answer scheduler's loop failed; failing the questions it held")
@@ -421,93 +458,102 @@ class BatchScheduler:
             call.error = failure
             call.done.set()
 
-    # --- memory ----------------------------------------------------------------------------
-    def memory(self, adapter: ModelAdapter) -> tuple[int, int]:
-        """(KV bytes per token, the decode batch's byte budget) for ``adapter``."""
-        key = id(adapter)
-        if key not in self._memory:
-            budget = self._kv_budget_setting or max(
-                0, auto_budget_bytes(adapter.device) - self._reserved_bytes)
-            self._memory = {key: (kv_bytes_per_token(adapter), budget)}
-        return self._memory[key]
+    def _plan(self, runner: Runner) -> StepPlan:
+        """This step's plan (``engine.policy.plan_step``) from what each request is and needs
+        now (call with ``_cond`` held)."""
+        views = [RequestView(id(r.job), Phase.DECODING, _remaining_need(r), _end_reason(r.job))
+                 for r in self._running]
+        views += [RequestView(id(p.job), Phase.PREFILLING, p.job.need, _end_reason(p.job))
+                  for p in self._prefilling]
+        views += [RequestView(id(job), Phase.WAITING, job.need, _end_reason(job)) for job in self._waiting]
+        return plan_step(views, self._limits(runner))
 
-    @staticmethod
-    def final_tokens(adapter: ModelAdapter, job: ModelJob) -> int:
-        """KV tokens ``job``'s row holds when its answer is complete (an estimate before the
-        question is framed: ``FRAMING_TOKENS``, ``PHOTO_TOKENS``)."""
-        before = job.state.kv_tokens if job.state.ctx is not None else adapter.system_prefix().num_tokens
-        return (before + sum(c.meta.token_count for c in job.chunks) + len(adapter.tokenize(job.question))
-                + FRAMING_TOKENS + (PHOTO_TOKENS if job.image is not None else 0)
-                + job.options.max_new_tokens)
+    def _take_from_queue(self, plan: StepPlan) -> list[tuple[ModelJob, EndReason]]:
+        """Move the plan's admitted jobs from the queue to ``_admitting``; returns the queued
+        jobs it ends (call with ``_cond`` held)."""
+        admit, end = set(plan.admit), dict(plan.end)
+        ended, kept = [], collections.deque()
+        for job in self._waiting:
+            if id(job) in admit:
+                self._admitting.append(job)
+            elif id(job) in end:
+                ended.append((job, end[id(job)]))
+            else:
+                kept.append(job)
+        self._waiting = kept
+        self.observer.queue_depth(len(kept))
+        return ended
 
-    def _refuse_if_it_never_fits(self, job: ModelJob) -> None:
-        """Estimate ``job.need``; RESOURCE_EXHAUSTED at once for a request that would not fit
-        even alone."""
-        adapter = self._adapter_factory()
-        limits = self._limits(adapter)
-        need = job.need = self.final_tokens(adapter, job)
-        if limits.never_fits(need):
-            self.observer.rejected("too_large")
-            peak = admission_peak_bytes([], need, limits.kv_bytes_per_token)
-            raise ResourceExhausted(
-                f"this question needs about {need} tokens of KV ({peak / 2**20:.0f} MiB at its "
-                f"peak), more than this server can hold for one answer ({self.max_tokens_in_flight} "
-                f"tokens, {limits.kv_budget_bytes / 2**20:.0f} MiB); ask for fewer max_new_tokens "
-                "or start a new conversation")
+    def _execute(self, runner: Runner, plan: StepPlan, ended_waiting: list[tuple[ModelJob, EndReason]]) -> None:
+        """Carry out ``plan``: end, admit, prefill, decode (``StepPlan``). Each request's
+        failure is its own; a failed batched forward fails the rows in it."""
+        for job, reason in ended_waiting:
+            self._end_queued(job, reason)
+        end = dict(plan.end)
+        for p in [p for p in self._prefilling if id(p.job) in end]:
+            p.steps.close()
+            self._end_prefill(p)
+            self._finish(p.job, error=CallEnded("the call ended while its question was read"))
+        for r in [r for r in self._running if id(r.job) in end]:
+            self._drop(runner, r, CallEnded("the call ended during generation"))
+        while self._admitting:
+            self._begin(runner, self._admitting[0])
+            with self._cond:
+                self._admitting.pop(0)
+        prefilling = {id(p.job): p for p in self._prefilling}
+        for key, pieces in plan.prefill:
+            if key in prefilling:  # (a job whose prefill failed to start is not)
+                self._prefill(runner, prefilling[key], pieces)
+        decode = set(plan.decode)
+        rows = [r for r in self._running if id(r.job) in decode]
+        if rows:
+            self._step(runner, rows)
 
-    def _limits(self, adapter: ModelAdapter) -> AdmissionLimits:
-        per_token, budget = self.memory(adapter)
-        return AdmissionLimits(self.max_batch, self.max_tokens_in_flight, per_token, budget)
-
-    def _take_admissible(self, batch: DecodeBatch) -> list[ModelJob]:
-        """Jobs that join the batch now (``engine.policy.admissible``), oldest first."""
-        adapter = batch.adapter
-        in_flight = [r.row.length + r.job.options.max_new_tokens - len(r.tokens)
-                     for r in self._running if r.row is not None] + [p.job.need for p in self._prefilling]
-        count = admissible(in_flight, (job.need for job in self._waiting), self._limits(adapter))
-        taken = [self._waiting.popleft() for _ in range(count)]
-        self.observer.queue_depth(len(self._waiting))
-        return taken
-
-    def _begin(self, adapter: ModelAdapter, job: ModelJob) -> None:
-        """Start ``job``'s prefill (its pieces run from the loop, ``_prefill_piece``), unless
-        nobody waits for it any more."""
-        now = time.monotonic()
-        job.queue_s = now - job.queued_at
-        self.observer.queue_wait(job.queue_s)
-        if job.abandoned or job.cancelled():
-            return self._finish(job, error=CallEnded("the call ended while it waited for the model"))
-        if job.deadline is not None and now >= job.deadline:
+    def _end_queued(self, job: ModelJob, reason: EndReason) -> None:
+        job.queue_s = time.monotonic() - job.queued_at
+        if reason is EndReason.EXPIRED:
             self.observer.rejected("deadline")
-            return self._finish(job, error=DeadlineExceeded(
+            self._finish(job, error=DeadlineExceeded(
                 "the question waited past its deadline for the model; retry later"))
-        steps = job.state.begin_turn_steps(adapter, job.chunks, job.question, job.image,
-                                           options=job.options, piece_tokens=self.prefill_piece_tokens)
+        else:
+            self._finish(job, error=CallEnded("the call ended while it waited for the model"))
+
+    def _begin(self, runner: Runner, job: ModelJob) -> None:
+        """Start ``job``'s prefill (its pieces run as the plans say, ``_prefill``)."""
+        job.queue_s = time.monotonic() - job.queued_at
+        self.observer.queue_wait(job.queue_s)
+        try:
+            steps = runner.prefill(job, self.prefill_piece_tokens)
+        except BaseException as exc:
+            return self._finish(job, error=_contained(exc, "prefill"))
         with self._cond:
             self._prefilling.append(_Prefilling(job, steps))
 
-    def _prefill_piece(self, adapter: ModelAdapter, batch: DecodeBatch, p: _Prefilling) -> bool:
+    def _prefill(self, runner: Runner, p: _Prefilling, pieces: int) -> None:
+        """Run ``pieces`` pieces of ``p``'s prefill (``TO_THE_END``: all that remain); at the
+        last one the job takes its first token and decodes from the next step."""
+        done = 0
+        while self._prefill_piece(runner, p) and _end_reason(p.job) is None \
+                and (pieces == TO_THE_END or (done := done + 1) < pieces):
+            pass  # a job whose caller left between pieces ends at the next plan
+
+    def _prefill_piece(self, runner: Runner, p: _Prefilling) -> bool:
         """Run the next piece of ``p``'s prefill (placement, recompute and a piece of the
-        question; ``ConversationKV.begin_turn_steps``); returns whether more pieces remain. At
-        the last one the job takes its first token and a row. A failure is the job's alone."""
+        question; ``ConversationKV.begin_turn_steps``); returns whether more pieces remain. A
+        failure is the job's alone."""
         started = time.perf_counter()
         try:
             next(p.steps)
         except StopIteration as done:
             p.active_s += time.perf_counter() - started
             self._end_prefill(p)
-            self._admit_started(adapter, batch, p.job, done.value, p.active_s)
+            self._start_decoding(runner, p.job, done.value, p.active_s)
             return False
         except BaseException as exc:
             self._end_prefill(p)
             self._finish(p.job, error=_contained(exc, "prefill"))
             return False
         p.active_s += time.perf_counter() - started
-        if p.job.gone():  # cancelled (or out of time) between pieces
-            p.steps.close()
-            self._end_prefill(p)
-            self._finish(p.job, error=CallEnded("the call ended while its question was read"))
-            return False
         return True
 
     def _end_prefill(self, p: _Prefilling) -> None:
@@ -515,35 +561,33 @@ class BatchScheduler:
             if p in self._prefilling:
                 self._prefilling.remove(p)
 
-    def _admit_started(self, adapter: ModelAdapter, batch: DecodeBatch, job: ModelJob,
-                       started: TurnStart, prefill_s: float) -> None:
-        """``job``'s prefill is done: take its first token and give it a row."""
+    def _start_decoding(self, runner: Runner, job: ModelJob, started: TurnStart, prefill_s: float) -> None:
+        """``job``'s prefill is done: take its first token; it decodes from the next step."""
         self._prefill_s = 0.8 * self._prefill_s + 0.2 * prefill_s if self._prefill_s else prefill_s
-        if job.gone():  # cancelled (or out of time) during its prefill
+        if _end_reason(job) is not None:  # cancelled (or out of time) during its prefill
             return self._finish(job, error=CallEnded("the call ended while its question was read"))
         running = _Running(job, started, [], request_generator(job.options), time.perf_counter())
-        if not self._advance(adapter, running, started.logits):
-            return self._close(batch, running)
-        try:
-            running.row = batch.join(job.state.ctx, running.tokens[-1])
-        except BaseException as exc:
-            return self._finish(job, error=_contained(exc, "join the batch"))
+        if not self._advance(runner, running, started.logits):
+            return self._close(runner, running)
         with self._cond:
             self._running.append(running)
 
-    def _step(self, adapter: ModelAdapter, batch: DecodeBatch) -> bool:
-        """One token for every running row. Returns False when the batched forward failed:
-        its rows failed with it and ``batch`` must not be used again."""
-        for r in list(self._running):  # cancelled or expired calls leave before the forward
-            if r.job.gone():
-                self._drop(batch, r, CallEnded("the call ended during generation"))
-        rows = list(self._running)
+    def _step(self, runner: Runner, rows: list[_Running]) -> None:
+        """One token for every row in ``rows`` (every decoding request; those new to decoding
+        join the batch first). A failed batched forward fails its rows and the runner starts a
+        fresh batch."""
+        for r in [r for r in rows if r.row is None]:
+            try:
+                r.row = runner.join(r.job, r.tokens[-1])
+            except BaseException as exc:
+                rows.remove(r)
+                r.job.error = _contained(exc, "join the batch")
+                self._close(runner, r)
         if not rows:
-            return True
+            return
         try:
-            with torch.inference_mode():
-                order = {id(row): i for i, row in enumerate(batch.rows)}
-                logits = batch.step()
+            order, logits = runner.decode()
+            index = {id(row): i for i, row in enumerate(order)}
             greedy = logits.argmax(dim=-1).tolist()  # one device sync per step for every greedy row
         except BaseException as exc:
             with self._cond:
@@ -551,17 +595,16 @@ class BatchScheduler:
                     self._running.remove(r)
             for r in rows:
                 self._finish(r.job, error=_contained(exc, "decode (batched forward)"))
-            return False
+            runner.reset()  # the failed forward's rows are gone with its batch
+            return
         self.observer.batch(len(rows))
         for r in rows:
-            i = order[id(r.row)]
+            i = index[id(r.row)]
             token = greedy[i] if r.job.options.temperature <= 0 else None
-            if not self._advance(adapter, r, logits[i], token):
-                self._close(batch, r)
-        return True
+            if not self._advance(runner, r, logits[i], token):
+                self._close(runner, r)
 
-    def _advance(self, adapter: ModelAdapter, r: _Running, logits: torch.Tensor,
-                 token: int | None = None) -> bool:
+    def _advance(self, runner: Runner, r: _Running, logits: torch.Tensor, token: int | None = None) -> bool:
         """Take the next token of ``r`` (``token`` when already chosen, else sampled as
         ``kv.generation.decode`` does); returns whether it goes on (the token is then fed by
         the next step). A failure to sample is the request's own (``r.job.error``)."""
@@ -572,7 +615,7 @@ class BatchScheduler:
                 r.job.error = _contained(exc, "sample")
                 return False
         try:
-            goes_on = take_token(adapter, r.tokens, token, r.job.options, r.job.on_token)
+            goes_on = runner.take_token(r.tokens, token, r.job.options, r.job.on_token)
         except BaseException as exc:  # the caller stopped listening (its on_token raised)
             r.job.error = exc
             return False
@@ -580,7 +623,7 @@ class BatchScheduler:
             r.row.next_token = token
         return goes_on
 
-    def _close(self, batch: DecodeBatch, r: _Running) -> None:
+    def _close(self, runner: Runner, r: _Running) -> None:
         """``r`` stopped (EOS, max_new_tokens, its caller gone or its own fault): leave the
         batch, end the turn."""
         with self._cond:
@@ -588,23 +631,30 @@ class BatchScheduler:
                 self._running.remove(r)
         try:
             if r.row is not None:
-                batch.leave(r.row, keep=r.job.keep and r.job.error is None)
+                runner.leave(r.row, keep=r.job.keep and r.job.error is None)
             if r.job.error is not None:
                 return self._finish(r.job, error=r.job.error)
             r.started.timings["decode"] = time.perf_counter() - r.decode_started
-            result = r.job.state.end_turn(batch.adapter, r.started, r.tokens, r.job.options)
+            result = runner.end_turn(r.job, r.started, r.tokens)
         except BaseException as exc:
             return self._finish(r.job, error=_contained(exc, "end the turn"))
         self._finish(r.job, result=result)
 
-    def _drop(self, batch: DecodeBatch, r: _Running, error: BaseException) -> None:
+    def _drop(self, runner: Runner, r: _Running, error: BaseException) -> None:
         r.job.error = error
-        self._close(batch, r)
+        self._close(runner, r)
 
     @staticmethod
     def _finish(job: ModelJob, result: AnswerResult | None = None, error: BaseException | None = None) -> None:
         job.result, job.error = result, error
         job.done.set()
+
+
+def _remaining_need(r: _Running) -> int:
+    """KV tokens a decoding request's row will hold at its answer's end."""
+    if r.row is None:
+        return r.job.need
+    return r.row.length + r.job.options.max_new_tokens - len(r.tokens)
 
 
 def _contained(exc: BaseException, stage: str) -> BaseException:

@@ -38,7 +38,7 @@ from personalkv.kv.generation import GenerationOptions
 from personalkv.service_layer import conversations
 from personalkv.service_layer._common import check_ids, dependencies
 from personalkv.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from personalkv.service_layer.evidence import load_chunks
+from personalkv.service_layer.evidence import answerable, load_chunks
 from personalkv.service_layer.photos import validate_photo
 from personalkv.engine.scheduler import ModelJob
 from personalkv.service_layer.services import Services
@@ -90,6 +90,8 @@ class UsedChunk(NamedTuple):
     concept_id: str
     kind: str  # "profile_text" | "image_patch"
     score: float  # its concept's retrieval score
+    #: placed by an earlier turn of the conversation (in its KV), not for this question
+    from_earlier_turn: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,9 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
     answerer = svc.answerer
 
     with conversations.turn(svc, user_id, conversation_id, start_conversation, adapter) as conv:
+        # what a follow-up's answer rests on besides this turn's evidence: the conversation's
+        earlier = [e for turn in conv.record.turns for e in turn.evidence] \
+            if conv is not None and conv.is_followup else []
         t0 = time.perf_counter()
         result = _retrieve(svc, user_id, checked, options.top_k, fingerprint, call)
         t1 = time.perf_counter()
@@ -247,6 +252,8 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
             have = set(conv.record.concept_ids)
             picked = [c for c in picked if c.concept_id not in have
                       and (c.named or (checked.photo is not None and c.image_score > 0))]
+        readable = answerable(svc, user_id, [c.concept_id for c in picked])
+        picked = [c for c in picked if c.concept_id in readable]
         loaded = load_chunks(svc, user_id, [(c.concept_id, ref) for c in picked for ref in c.chunks])
         scores = {c.concept_id: c.score for c in result.concepts}
         used = [UsedChunk(ref.chunk_id, concept_id, ref.kind, scores[concept_id])
@@ -282,13 +289,15 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
     # The concepts the answer rests on: those whose chunks were placed now (a skipped chunk's
     # concept is not one of them), and in a follow-up those placed by earlier turns too.
     placed_now = {concept_id for concept_id, _ in loaded.refs}
-    earlier = conv.record.concept_ids if conv is not None and conv.is_followup else []
-    used_concepts = [UsedConcept(c, scores.get(c, 0.0)) for c in earlier if c not in placed_now] + \
+    earlier_concepts = dict.fromkeys(e.concept_id for e in earlier)
+    used_concepts = [UsedConcept(c, scores.get(c, 0.0)) for c in earlier_concepts if c not in placed_now] + \
         [UsedConcept(c.concept_id, c.score) for c in picked if c.concept_id in placed_now]
+    rested_on = [UsedChunk(e.chunk.chunk_id, e.concept_id, e.chunk.kind, scores.get(e.concept_id, 0.0), True)
+                 for e in earlier]
     return AskResult(
         answer=out.text.strip(),
         concepts=used_concepts,
-        chunks=used, timings=timings,
+        chunks=rested_on + used, timings=timings,
         personal_evidence_used=bool(loaded.chunks) or bool(conv and conv.record.concept_ids),
         token_ids=out.token_ids, skipped_chunks=loaded.skipped, cache_hits=loaded.cache_hits,
         reused_tokens=reused,

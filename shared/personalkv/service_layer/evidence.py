@@ -8,12 +8,20 @@ Each such chunk is logged once per process (later Asks skip it quietly, still co
 ``skipped``), and a chunk that fails verification gets its concept's caching run enqueued at
 once (repair on sight): any caching run re-encodes it (as do ``personalkv recache --user U`` and
 an upload of a new photo), which gives it a working blob under the same key.
+
+``answerable`` keeps out, before any chunk is loaded, the concepts retrieval picked whose
+manifest is damaged or gone: their chunks may still verify (and sit in the chunk cache), but
+the concept's record, which says what it is and who owns it, does not; it is not answered from
+until it is created again (``_common.DAMAGED_REASON``). A manifest read whole is trusted for
+``MANIFEST_RECHECK_S`` in this process (an Ask costs no manifest GET while its concepts are
+unchanged): damage done to a manifest behind the service's back is seen within that time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,6 +31,7 @@ from personalkv.kv.codec import ChunkFormatError, decode_chunk
 from personalkv.service_layer._common import dependencies
 from personalkv.service_layer.services import Services
 from personalkv.storage.base import ObjectNotFound
+from personalkv.storage.chunk_store import DamagedManifestError
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +40,24 @@ _reported_lock = threading.Lock()
 _MAX_REPORTED = 100_000  # then forget them all: a bounded set, a line again per bad chunk
 
 
-def _report_once(user_id: str, concept_id: str, chunk_id: str, problem: str) -> bool:
-    """Log a chunk that Ask had to skip, once per process: the first time as a warning that
-    says what repairs it, later ones at debug level (every Ask would repeat the same line).
-    Returns whether this was the first time."""
-    key = (user_id, concept_id, chunk_id)
+#: what the log line of a skipped chunk says repairs it
+RECACHE_FIX = "`personalkv recache --user {user}` (or uploading a new photo to the concept) re-encodes it"
+
+
+def _report_once(user_id: str, concept_id: str, item: str, problem: str, fix: str = RECACHE_FIX) -> bool:
+    """Log something Ask had to skip (a chunk by its id, or "manifest"), once per process: the
+    first time as a warning that says what repairs it, later ones at debug level (every Ask
+    would repeat the same line). Returns whether this was the first time."""
+    key = (user_id, concept_id, item)
     with _reported_lock:
         first = key not in _reported
         if first:
             if len(_reported) >= _MAX_REPORTED:
                 _reported.clear()
             _reported.add(key)
-    log.log(logging.WARNING if first else logging.DEBUG,
-            "chunk %s of %s/%s skipped: %s; `personalkv recache --user %s` (or uploading a new "
-            "photo to the concept) re-encodes it", chunk_id[:12], user_id, concept_id, problem,
-            user_id)
+    log.log(logging.WARNING if first else logging.DEBUG, "%s of %s/%s skipped: %s; %s",
+            item if item == "manifest" else f"chunk {item[:12]}", user_id, concept_id, problem,
+            fix.format(user=user_id))
     return first
 
 
@@ -58,6 +70,35 @@ def _enqueue_repair(svc: Services, user_id: str, concept_id: str) -> None:
     except Exception:  # noqa: BLE001 - the Ask must not fail for its repair
         log.warning("could not enqueue the repair of %s/%s; `personalkv recache --user %s` "
                     "repairs it", user_id, concept_id, user_id, exc_info=True)
+
+
+#: seconds a manifest that read whole is trusted without reading it again (module docstring)
+MANIFEST_RECHECK_S = 30.0
+_verified: dict[tuple[str, str], float] = {}  # (user, concept) -> when its manifest read whole
+_MAX_VERIFIED = 100_000
+
+
+def answerable(svc: Services, user_id: str, concept_ids: Iterable[str]) -> set[str]:
+    """Those of ``concept_ids`` whose manifest reads (a GET each, unless read whole within
+    ``MANIFEST_RECHECK_S``: retrieval picks a few)."""
+    readable, now = set(), time.monotonic()
+    for concept_id in dict.fromkeys(concept_ids):
+        if now - _verified.get((user_id, concept_id), -MANIFEST_RECHECK_S) < MANIFEST_RECHECK_S:
+            readable.add(concept_id)
+            continue
+        try:
+            with dependencies("the object store"):
+                manifest = svc.store.read_manifest(user_id, concept_id)
+        except DamagedManifestError:
+            _report_once(user_id, concept_id, "manifest", "it is damaged",
+                         "the concept is not answered from until it is deleted and created again")
+            continue
+        if manifest is not None:  # None: deleted since its keys were searched
+            readable.add(concept_id)
+            if len(_verified) >= _MAX_VERIFIED:
+                _verified.clear()
+            _verified[(user_id, concept_id)] = now
+    return readable
 
 
 @dataclass

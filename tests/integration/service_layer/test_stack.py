@@ -37,8 +37,15 @@ def test_up_ingest_ask_down(tmp_path, photo_of_stack):
     pids = {p.stem: int(p.read_text()) for p in stack_dir.glob("*.pid")}
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert {"redis", "s3", "milvus", "milvus-server", "worker-mining", "worker-caching",
-                "ingestion", "answering"} <= set(pids)
+        assert {"redis", "s3", "s3-server", "milvus", "milvus-server", "worker-mining",
+                "worker-caching", "ingestion", "answering"} <= set(pids)
+        # the S3 pid is the server's, not its wrapper's (issue 30)
+        assert pids["s3-server"] != pids["s3"]
+        server_cmd = open(f"/proc/{pids['s3-server']}/cmdline", "rb").read()
+        assert b"moto.server" in server_cmd or b"minio" in server_cmd, server_cmd
+        # our processes write their own (size-rotated) log
+        for name in ("worker-mining", "worker-caching", "ingestion", "answering"):
+            assert (stack_dir / f"{name}.log").stat().st_size > 0, name
         env = {**base, **_env_file(stack_dir / "env")}
         # A token secret of this stack's own, not the public development default, owner-only.
         from personalkv.config import AuthSettings

@@ -246,3 +246,27 @@ def test_with_json_logs_a_celery_worker_writes_only_json(tmp_path, redis_server)
     messages = [r.get("msg", "") for r in records]
     assert any(m.endswith("ready.") for m in messages), messages
     assert any("shutdown" in m.lower() for m in messages), messages  # the notice, as a record
+
+
+def test_a_log_file_is_rotated_by_size_keeping_the_configured_backups(tmp_path):
+    """Issue 30: the log keeps history (several files), bounded by size."""
+    import json
+    import subprocess
+    import sys
+
+    path = tmp_path / "answering.log"
+    script = (
+        "import logging\n"
+        "from personalkv.config import ServerSettings\n"
+        "from personalkv.observability import setup_logging\n"
+        f"setup_logging('answering', ServerSettings(log_file={str(path)!r}, log_file_max_bytes=2048,"
+        " log_file_backups=3))\n"
+        "for i in range(200): logging.getLogger('personalkv.test').warning('line %d %s', i, 'x' * 40)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, check=True)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["answering.log", "answering.log.1", "answering.log.2", "answering.log.3"], files
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 2048 + 400  # one record past the limit at most
+    newest = [json.loads(line) for line in path.read_text().splitlines()]
+    assert newest[-1]["msg"].startswith("line 199 ")  # the newest lines are in log_file

@@ -43,3 +43,38 @@ def test_waiting_needs_are_read_only_as_far_as_needed():
 
     assert admissible([100, 100], needs(), ROOMY) == 2
     assert len(read) <= 3  # the third is read to see it does not fit; the rest never
+
+
+# --- plan_step: one step's plan from numbers -------------------------------------------------
+from personalkv.engine.policy import TO_THE_END, EndReason, Phase, RequestView, StepPlan, plan_step  # noqa: E402
+
+
+def _view(key, phase, need=100, end=None):
+    return RequestView(key=key, phase=phase, need=need, end=end)
+
+
+def test_with_nothing_decoding_the_oldest_prefill_runs_to_its_end():
+    plan = plan_step([_view(1, Phase.WAITING), _view(2, Phase.WAITING)], ROOMY)
+    assert plan == StepPlan(admit=(1, 2), prefill=((1, TO_THE_END), (2, 1)))
+
+
+def test_while_rows_decode_every_prefill_advances_one_piece():
+    plan = plan_step([_view(1, Phase.DECODING), _view(2, Phase.PREFILLING), _view(3, Phase.WAITING)], ROOMY)
+    assert plan == StepPlan(admit=(3,), prefill=((2, 1), (3, 1)), decode=(1,))
+
+
+def test_requests_nobody_waits_for_end_first_and_take_no_room():
+    limits = AdmissionLimits(max_batch=2, max_tokens_in_flight=10_000, kv_bytes_per_token=PER_TOKEN,
+                             kv_budget_bytes=10**12)
+    plan = plan_step([_view(1, Phase.DECODING, end=EndReason.CANCELLED), _view(2, Phase.DECODING),
+                      _view(3, Phase.WAITING, end=EndReason.EXPIRED), _view(4, Phase.WAITING),
+                      _view(5, Phase.WAITING)], limits)
+    assert plan.end == ((1, EndReason.CANCELLED), (3, EndReason.EXPIRED))
+    assert plan.admit == (4,)  # the cancelled row's place is free; one row left for 4 and 5
+    assert plan.decode == (2,) and plan.prefill == ((4, 1),)
+
+
+def test_a_full_batch_admits_nobody_and_an_idle_engine_plans_nothing():
+    full = [_view(k, Phase.DECODING) for k in range(4)]
+    assert plan_step([*full, _view(9, Phase.WAITING)], ROOMY).admit == ()
+    assert not plan_step([], ROOMY)

@@ -32,10 +32,14 @@ def test_a_follow_up_uses_the_kept_kv_and_a_fresh_process_gives_the_same_answer(
     assert svc.conversations.stats().entries == 1
     second = answering.ask(svc, "alice", "And where does it live?", [], GREEDY, conversation_id=cid)
     assert second.conversation_id == cid and second.personal_evidence_used
-    assert second.chunks == []  # nothing new: the turn-1 evidence is in the kept KV already
+    # nothing new: the turn-1 evidence is in the kept KV already, and the answer rests on it
+    assert [c for c in second.chunks if not c.from_earlier_turn] == []
+    assert [c.chunk_id for c in second.chunks] == [c.chunk_id for c in first.chunks]
+    assert [c.concept_id for c in second.concepts] == ["thing0"]
     # A follow-up that names another concept adds that concept's chunks after the history.
     third = answering.ask(svc, "alice", "Is Thing1 older?", [], GREEDY, conversation_id=cid)
-    assert {c.concept_id for c in third.chunks} == {"thing1"}
+    assert {c.concept_id for c in third.chunks if not c.from_earlier_turn} == {"thing1"}
+    assert [c.concept_id for c in third.concepts] == ["thing0", "thing1"]
 
     # "The pod dies": a new process (fresh Services over the same store and index) goes on.
     fourth_here = answering.ask(svc, "alice", "Which one is blue?", [], GREEDY, conversation_id=cid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import pytest
 
-from personalkv.service_layer import answering, concepts, reconciler
+from personalkv.service_layer import answering, concepts, evidence, reconciler
 from personalkv.service_layer._common import DAMAGED_REASON
 from personalkv.service_layer.answering import AskOptions
 from personalkv.errors import FailedPrecondition
@@ -42,7 +42,15 @@ def check_isolation(svc, photo_of, caplog) -> None:
     concepts.create_concept(svc, "alice", "u021", "Rex", "toy", "a red toy")
     concepts.add_photos(svc, "alice", "u021", [photo_of(RED, 2)])
     refused_upload(svc, photo_of(BLUE, 3), "bob", "fern")
+    named = answering.ask(svc, "alice", "What is Rex?", [], AskOptions(max_new_tokens=2))
+    assert "u021" in {c for c, *_ in named.concepts}  # answered from (its chunks now cached)
     truncate_manifest(svc, "alice", "u021")
+    # Damaged: not answered from once its manifest is read again (after MANIFEST_RECHECK_S;
+    # issue 30), though its keys and cached chunks remain.
+    evidence._verified.clear()
+    named = answering.ask(svc, "alice", "What is Rex?", [], AskOptions(max_new_tokens=2))
+    assert "u021" not in {c for c, *_ in named.concepts}
+    assert all(chunk.concept_id != "u021" for chunk in named.chunks)
 
     listed = {m.concept_id: m for m in concepts.list_concepts(svc, "alice")}
     assert listed["mug"].state == "ready"

@@ -286,13 +286,15 @@ def test_the_kv_limits_hold_requests_back_until_they_fit(svc, monkeypatch):
     _ingest(svc, 0)
     _ingest(svc, 1)
     asks = ASKS[:3]
-    needs, real = [], BatchScheduler.final_tokens
+    from personalkv.engine.runner import ModelRunner
 
-    def recorded(adapter, job):
-        needs.append(real(adapter, job))
+    needs, real = [], ModelRunner.need
+
+    def recorded(self, job):
+        needs.append(real(self, job))
         return needs[-1]
 
-    monkeypatch.setattr(BatchScheduler, "final_tokens", staticmethod(recorded))
+    monkeypatch.setattr(ModelRunner, "need", recorded)
     _with_scheduler(svc)
     solo = _solo(svc, asks)
     need = max(needs)  # the largest request's KV: each fits alone, no two together

@@ -6,7 +6,7 @@ admission slots always come back (``admitted == 0`` after 1,000 faulted Asks); t
 after it dies, and reports unhealthy when it keeps dying.
 
 The faults are injected by wrapping the real functions (``sample_token``, ``begin_turn``,
-``DecodeBatch.step``, the loop's admission step) so that everything else runs as in service.
+``DecodeBatch.step``, the loop's planning step) so that everything else runs as in service.
 Tolerance: greedy and seeded answers identical (the batched-equals-solo property,
 ``test_scheduler.py``)."""
 
@@ -124,15 +124,15 @@ def test_a_failed_batched_forward_fails_its_rows_and_the_loop_goes_on(ready_svc,
 def test_a_dying_loop_fails_every_held_ask_restarts_and_turns_unhealthy(ready_svc, monkeypatch):
     svc = ready_svc
     fault_free = _concurrently(svc, SAMPLED)
-    real, dying = BatchScheduler._take_admissible, {"left": 1}
+    real, dying = BatchScheduler._plan, {"left": 1}
 
-    def dies(self, batch):
+    def dies(self, runner):
         if dying["left"]:
             dying["left"] -= 1
             raise RuntimeError("injected fault in the scheduler loop")
-        return real(self, batch)
+        return real(self, runner)
 
-    monkeypatch.setattr(BatchScheduler, "_take_admissible", dies)
+    monkeypatch.setattr(BatchScheduler, "_plan", dies)
     started = time.monotonic()
     results = _concurrently(svc, SAMPLED)
     assert time.monotonic() - started < 120  # nobody waited for an answer that never comes

@@ -118,7 +118,7 @@ def test_ask_uses_the_named_concept_and_the_hot_chunk_cache(svc, photo_of):
     first = answering.ask(svc, "alice", "Where is Bobo?", [], options)
     assert [c for c, _ in first.concepts][0] == "mug"
     assert first.personal_evidence_used and first.chunks
-    assert {cid for _, cid, _, _ in first.chunks} >= {"mug"}
+    assert {c.concept_id for c in first.chunks} >= {"mug"}
     assert set(asdict(first.timings)) >= {"retrieve", "load", "place", "prefill", "decode"}
     assert first.cache_hits == 0
     second = answering.ask(svc, "alice", "Where is Bobo?", [], options)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from personalkv.api.v1 import common_pb2 as personalkv_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpersonalkv/v1/answering.proto\x12\rpersonalkv.v1\x1a\x1apersonalkv/v1/common.proto\"\xf0\x01\n\nAskOptions\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x0frecompute_ratio\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x42\x08\n\x06_top_kB\x12\n\x10_recompute_ratioB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb6\x01\n\nAskRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12$\n\x06photos\x18\x03 \x03(\x0b\x32\x14.personalkv.v1.Photo\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.personalkv.v1.AskOptions\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\x12\x1a\n\x12start_conversation\x18\x06 \x01(\x08\"0\n\x0bUsedConcept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"h\n\tUsedChunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.personalkv.v1.ChunkKind\x12\r\n\x05score\x18\x04 \x01(\x01\"\xb6\x01\n\x07Timings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x10\n\x08place_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x14\n\x0crecompute_ms\x18\x07 \x01(\x01\x12\x12\n\nrebuild_ms\x18\x08 \x01(\x01\x12\x10\n\x08queue_ms\x18\t \x01(\x01\"\xd7\x01\n\x0b\x41skResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12,\n\x08\x63oncepts\x18\x02 \x03(\x0b\x32\x1a.personalkv.v1.UsedConcept\x12(\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x18.personalkv.v1.UsedChunk\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.personalkv.v1.Timings\x12\x1e\n\x16personal_evidence_used\x18\x05 \x01(\x08\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\"+\n\x18ListConversationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xa8\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x13\n\x0b\x63oncept_ids\x18\x03 \x03(\t\x12\x11\n\tkv_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x06 \x01(\x03\x12\x16\n\x0e\x66irst_question\x18\x07 \x01(\t\"O\n\x19ListConversationsResponse\x12\x32\n\rconversations\x18\x01 \x03(\x0b\x32\x1b.personalkv.v1.Conversation\"B\n\x16\x45ndConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"*\n\x17\x45ndConversationResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"_\n\x11\x41skStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.personalkv.v1.AskResponseH\x00\x42\x07\n\x05\x65vent2\xe6\x02\n\x10\x41nsweringService\x12<\n\x03\x41sk\x12\x19.personalkv.v1.AskRequest\x1a\x1a.personalkv.v1.AskResponse\x12J\n\tAskStream\x12\x19.personalkv.v1.AskRequest\x1a .personalkv.v1.AskStreamResponse0\x01\x12\x66\n\x11ListConversations\x12\'.personalkv.v1.ListConversationsRequest\x1a(.personalkv.v1.ListConversationsResponse\x12`\n\x0f\x45ndConversation\x12%.personalkv.v1.EndConversationRequest\x1a&.personalkv.v1.EndConversationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpersonalkv/v1/answering.proto\x12\rpersonalkv.v1\x1a\x1apersonalkv/v1/common.proto\"\xf0\x01\n\nAskOptions\x12\x12\n\x05top_k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x0frecompute_ratio\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x42\x08\n\x06_top_kB\x12\n\x10_recompute_ratioB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb6\x01\n\nAskRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12$\n\x06photos\x18\x03 \x03(\x0b\x32\x14.personalkv.v1.Photo\x12*\n\x07options\x18\x04 \x01(\x0b\x32\x19.personalkv.v1.AskOptions\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\x12\x1a\n\x12start_conversation\x18\x06 \x01(\x08\"0\n\x0bUsedConcept\x12\x12\n\nconcept_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\x83\x01\n\tUsedChunk\x12\x10\n\x08\x63hunk_id\x18\x01 \x01(\t\x12\x12\n\nconcept_id\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.personalkv.v1.ChunkKind\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x19\n\x11\x66rom_earlier_turn\x18\x05 \x01(\x08\"\xb6\x01\n\x07Timings\x12\x13\n\x0bretrieve_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x10\n\x08place_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x11\n\tdecode_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x14\n\x0crecompute_ms\x18\x07 \x01(\x01\x12\x12\n\nrebuild_ms\x18\x08 \x01(\x01\x12\x10\n\x08queue_ms\x18\t \x01(\x01\"\xd7\x01\n\x0b\x41skResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12,\n\x08\x63oncepts\x18\x02 \x03(\x0b\x32\x1a.personalkv.v1.UsedConcept\x12(\n\x06\x63hunks\x18\x03 \x03(\x0b\x32\x18.personalkv.v1.UsedChunk\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.personalkv.v1.Timings\x12\x1e\n\x16personal_evidence_used\x18\x05 \x01(\x08\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\"+\n\x18ListConversationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xa8\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05turns\x18\x02 \x01(\x05\x12\x13\n\x0b\x63oncept_ids\x18\x03 \x03(\t\x12\x11\n\tkv_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x63reated_unix_ms\x18\x05 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x06 \x01(\x03\x12\x16\n\x0e\x66irst_question\x18\x07 \x01(\t\"O\n\x19ListConversationsResponse\x12\x32\n\rconversations\x18\x01 \x03(\x0b\x32\x1b.personalkv.v1.Conversation\"B\n\x16\x45ndConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"*\n\x17\x45ndConversationResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"_\n\x11\x41skStreamResponse\x12\x14\n\ntext_delta\x18\x01 \x01(\tH\x00\x12+\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1a.personalkv.v1.AskResponseH\x00\x42\x07\n\x05\x65vent2\xe6\x02\n\x10\x41nsweringService\x12<\n\x03\x41sk\x12\x19.personalkv.v1.AskRequest\x1a\x1a.personalkv.v1.AskResponse\x12J\n\tAskStream\x12\x19.personalkv.v1.AskRequest\x1a .personalkv.v1.AskStreamResponse0\x01\x12\x66\n\x11ListConversations\x12\'.personalkv.v1.ListConversationsRequest\x1a(.personalkv.v1.ListConversationsResponse\x12`\n\x0f\x45ndConversation\x12%.personalkv.v1.EndConversationRequest\x1a&.personalkv.v1.EndConversationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASKREQUEST']._serialized_end=502
   _globals['_USEDCONCEPT']._serialized_start=504
   _globals['_USEDCONCEPT']._serialized_end=552
-  _globals['_USEDCHUNK']._serialized_start=554
-  _globals['_USEDCHUNK']._serialized_end=658
-  _globals['_TIMINGS']._serialized_start=661
-  _globals['_TIMINGS']._serialized_end=843
-  _globals['_ASKRESPONSE']._serialized_start=846
-  _globals['_ASKRESPONSE']._serialized_end=1061
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1063
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1106
-  _globals['_CONVERSATION']._serialized_start=1109
-  _globals['_CONVERSATION']._serialized_end=1277
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1279
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1358
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1360
-  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1426
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1428
-  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1470
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=1472
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=1567
-  _globals['_ANSWERINGSERVICE']._serialized_start=1570
-  _globals['_ANSWERINGSERVICE']._serialized_end=1928
+  _globals['_USEDCHUNK']._serialized_start=555
+  _globals['_USEDCHUNK']._serialized_end=686
+  _globals['_TIMINGS']._serialized_start=689
+  _globals['_TIMINGS']._serialized_end=871
+  _globals['_ASKRESPONSE']._serialized_start=874
+  _globals['_ASKRESPONSE']._serialized_end=1089
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1091
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1134
+  _globals['_CONVERSATION']._serialized_start=1137
+  _globals['_CONVERSATION']._serialized_end=1305
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1307
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1386
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_start=1388
+  _globals['_ENDCONVERSATIONREQUEST']._serialized_end=1454
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_start=1456
+  _globals['_ENDCONVERSATIONRESPONSE']._serialized_end=1498
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=1500
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=1595
+  _globals['_ANSWERINGSERVICE']._serialized_start=1598
+  _globals['_ANSWERINGSERVICE']._serialized_end=1956
 # @@protoc_insertion_point(module_scope)

@@ -48,16 +48,18 @@ class UsedConcept(_message.Message):
     def __init__(self, concept_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class UsedChunk(_message.Message):
-    __slots__ = ("chunk_id", "concept_id", "kind", "score")
+    __slots__ = ("chunk_id", "concept_id", "kind", "score", "from_earlier_turn")
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    FROM_EARLIER_TURN_FIELD_NUMBER: _ClassVar[int]
     chunk_id: str
     concept_id: str
     kind: _common_pb2.ChunkKind
     score: float
-    def __init__(self, chunk_id: _Optional[str] = ..., concept_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ChunkKind, str]] = ..., score: _Optional[float] = ...) -> None: ...
+    from_earlier_turn: bool
+    def __init__(self, chunk_id: _Optional[str] = ..., concept_id: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.ChunkKind, str]] = ..., score: _Optional[float] = ..., from_earlier_turn: _Optional[bool] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("retrieve_ms", "load_ms", "place_ms", "prefill_ms", "decode_ms", "total_ms", "recompute_ms", "rebuild_ms", "queue_ms")
