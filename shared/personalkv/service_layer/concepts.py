@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from personalkv.manifest import ConceptManifest, ConceptProfile
-from personalkv.service_layer import reconciler
+from personalkv.service_layer import evidence, reconciler
 from personalkv.service_layer._common import (
     check_ids, damaged_concept, dependencies, refuse_damaged, require_manifest,
 )
@@ -56,9 +56,10 @@ def create_concept(svc: Services, user_id: str, concept_id: str, name: str, cate
 
 def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[bytes]) -> ConceptManifest:
     """Validate and store reference photos, then enqueue mining. All or nothing on validation:
-    one bad photo refuses the call before anything is stored. Re-sending a photo is a no-op
-    (photo ids are content hashes); for a ready concept only the new photos are mined and
-    cached later, and it stays answerable meanwhile.
+    one bad photo refuses the call before anything is stored. Re-sending a photo stores
+    nothing new (photo ids are content hashes) but checks a ready concept's chunks, and
+    enqueues their repair if any is missing or damaged; for a ready concept only the new
+    photos are mined and cached later, and it stays answerable meanwhile.
 
     The manifest update is a compare-and-set, so concurrent uploads to one concept all land.
     Sending photos (even known ones) to a concept whose work lapsed (its worker died, its
@@ -130,6 +131,12 @@ def add_photos(svc: Services, user_id: str, concept_id: str, photos: Sequence[by
             raise Unavailable("the photos are stored, but the task queue is unavailable: "
                               "processing starts by itself once it is back (sending them "
                               "again is harmless)") from None
+    elif fresh.state == "ready" and (damaged := evidence.damaged_chunks(svc, fresh)):
+        # Known photos sent again to a ready concept: a check of its chunks, repaired if any
+        # is missing or fails verification (the user's way to ask for it; issue 30).
+        log.warning("add_photos %s/%s: %d of its chunks missing or damaged; repair enqueued",
+                    user_id, concept_id, len(damaged))
+        evidence.enqueue_repair(svc, user_id, concept_id)
     log.info("add_photos %s/%s: %d given, %d new", user_id, concept_id, len(records), len(new))
     return fresh
 

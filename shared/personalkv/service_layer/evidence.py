@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from personalkv.chunk_ref import ChunkRef
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.codec import ChunkFormatError, decode_chunk
+from personalkv.manifest import ConceptManifest
 from personalkv.service_layer._common import dependencies
 from personalkv.service_layer.services import Services
 from personalkv.storage.base import ObjectNotFound
@@ -61,7 +62,7 @@ def _report_once(user_id: str, concept_id: str, item: str, problem: str, fix: st
     return first
 
 
-def _enqueue_repair(svc: Services, user_id: str, concept_id: str) -> None:
+def enqueue_repair(svc: Services, user_id: str, concept_id: str) -> None:
     """Repair on sight: a caching run of the concept re-encodes every chunk whose blob fails
     verification (``pipeline._ChunkWriter``). Best effort: the Ask goes on if the queue is down."""
     try:
@@ -99,6 +100,21 @@ def answerable(svc: Services, user_id: str, concept_ids: Iterable[str]) -> set[s
                 _verified.clear()
             _verified[(user_id, concept_id)] = now
     return readable
+
+
+def damaged_chunks(svc: Services, manifest: ConceptManifest) -> list[str]:
+    """The ids of ``manifest``'s chunks whose blob is missing or fails verification (checksum,
+    owner, id; no model needed: the ingestion server checks them when known photos are sent
+    again)."""
+    damaged = []
+    for ref in manifest.chunks:
+        try:
+            with dependencies("the object store"):
+                blob = svc.store.get_chunk_by_key(manifest.user_id, ref.object_key)
+            decode_chunk(blob, expected_user=manifest.user_id, expected_chunk_id=ref.chunk_id)
+        except (ObjectNotFound, ChunkFormatError):
+            damaged.append(ref.chunk_id)
+    return damaged
 
 
 @dataclass
@@ -140,5 +156,5 @@ def load_chunks(svc: Services, user_id: str, wanted: Iterable[tuple[str, ChunkRe
         out.chunks.append(chunk)
         out.refs.append((concept_id, ref))
     for concept_id in dict.fromkeys(to_repair):  # after loading: this request uses what it has
-        _enqueue_repair(svc, user_id, concept_id)
+        enqueue_repair(svc, user_id, concept_id)
     return out

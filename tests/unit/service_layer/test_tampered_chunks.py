@@ -138,3 +138,22 @@ def test_a_failure_reason_names_no_object_key_or_exception_class(svc, photo_of, 
     assert failed.failure_reason.startswith("caching failed on an internal error")
     for leak in ("users/", "KeyError", ".kv"):
         assert leak not in failed.failure_reason
+
+
+def test_sending_a_known_photo_again_checks_and_repairs_the_concepts_chunks(svc, photo_of):
+    """Issue 30: the user's way to ask for a check: re-sending a photo of a ready concept
+    re-checks its chunks; a damaged one is encoded again (tasks inline here)."""
+    concepts.create_concept(svc, "alice", "mug", "Bobo", "mug", "my Bobo mug")
+    photo = photo_of(BLUE, 0)
+    m = concepts.add_photos(svc, "alice", "mug", [photo])
+    m = concepts.get_concept(svc, "alice", "mug")
+    assert m.state == "ready"
+    store, key = svc.store.objects, m.chunks[0].object_key
+    good = store.get(key)
+    assert evidence.damaged_chunks(svc, m) == []
+    store.put(key, _flip_byte(good))
+    assert evidence.damaged_chunks(svc, m) == [m.chunks[0].chunk_id]
+    concepts.add_photos(svc, "alice", "mug", [photo])  # nothing new: a check, and the repair
+    after = concepts.get_concept(svc, "alice", "mug")
+    assert after.state == "ready" and evidence.damaged_chunks(svc, after) == []
+    assert len(after.photos) == 1
