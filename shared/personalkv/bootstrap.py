@@ -107,6 +107,7 @@ def _answerer(services: Services):
                           max_tokens_in_flight=limits.answer_max_tokens_in_flight,
                           max_wait_s=limits.answer_max_wait_s,
                           prefill_piece_tokens=limits.answer_prefill_piece_tokens,
+                          prefill_pieces_per_step=limits.answer_prefill_pieces_per_step,
                           kv_budget_bytes=limits.answer_kv_budget_bytes,
                           reserved_bytes=limits.chunk_cache_bytes + limits.conversation_cache_bytes,
                           observer=SERVING)

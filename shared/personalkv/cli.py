@@ -44,6 +44,8 @@ class CommandParser(argparse.ArgumentParser):
 def user_error_message(exc: BaseException) -> str | None:
     """One line for an error the user can act on; None for anything else (a bug)."""
     if isinstance(exc, OSError):  # a missing or unreadable file or folder, a refused connection
+        if exc.strerror and exc.filename is not None:  # "[Errno 21] ..." says less than this
+            return f"{exc.filename}: {exc.strerror.lower()}"
         return str(exc)
     for module_name, class_name in USER_ERRORS:
         module = sys.modules.get(module_name)

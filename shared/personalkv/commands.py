@@ -102,17 +102,24 @@ def _ingest(args) -> int:
         return 2
     files = sorted(p for p in args.dir.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     if not files:
-        print(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {args.dir}", file=sys.stderr)
+        print(f"personalkv ingest: error: no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in "
+              f"{args.dir}", file=sys.stderr)
         return 2
     svc = _services(args.stack)
+    created = False
     try:
         try:
             concepts.get_concept(svc, args.user, args.concept)
         except NotFound:
             concepts.create_concept(svc, args.user, args.concept, args.name or args.concept,
                                     args.category, args.info)
+            created = True
         concepts.add_photos(svc, args.user, args.concept, [p.read_bytes() for p in files])
         [manifest] = wait_ready_with_progress(svc, args.user, [args.concept], args.timeout)
+    except BaseException:
+        if created:  # a failed ingest leaves nothing behind (not a concept stuck QUEUED)
+            _delete_quietly(svc, args.user, args.concept)
+        raise
     finally:
         svc.close()
     print(f"{args.user}/{args.concept}: {manifest.state}; {len(manifest.photos)} photos, "
@@ -121,13 +128,24 @@ def _ingest(args) -> int:
     return 0 if manifest.state == "ready" else 1
 
 
+def _delete_quietly(svc, user_id: str, concept_id: str) -> None:
+    from personalkv.service_layer import concepts
+
+    try:
+        concepts.delete_concept(svc, user_id, concept_id)
+    except Exception:  # noqa: BLE001 - the ingest's own error is the one to report
+        logging.getLogger(__name__).debug("could not delete %s/%s", user_id, concept_id, exc_info=True)
+
+
 def _ask(args) -> int:
     from personalkv.service_layer import answering
-    from personalkv.errors import ServiceError
+    from personalkv.errors import InvalidArgument
 
     _logging("WARNING")
-    svc = _services(args.stack)
+    if args.photo is not None and not args.photo.is_file():
+        raise InvalidArgument(f"--photo {args.photo} is not a file")
     photos = [args.photo.read_bytes()] if args.photo else []
+    svc = _services(args.stack)
     options = answering.AskOptions(top_k=args.top_k, max_new_tokens=args.max_new_tokens)
     talk = {"conversation_id": args.conversation, "start_conversation": args.start_conversation}
     try:
@@ -142,10 +160,7 @@ def _ask(args) -> int:
         else:
             result = answering.ask(svc, args.user, args.question, photos, options, **talk)
             print(result.answer)
-    except ServiceError as exc:
-        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
-    finally:
+    finally:  # a ServiceError: one line from personalkv.cli.main, with every command's prefix
         svc.close()
     print(result.describe_evidence(), file=sys.stderr)
     if result.conversation_id:

@@ -399,6 +399,13 @@ class ServiceSettings(BaseSettings):
         "many tokens per loop step while others decode (chunked prefill: they wait one piece, not "
         "the whole prefill); 0: in one forward.",
     )
+    answer_prefill_pieces_per_step: int = Field(
+        1, ge=0, description="Batched scheduler: how many joining requests advance one prefill "
+        "piece per step while others decode, oldest first (more while the joining requests "
+        "outnumber the decoding ones); 0: every joining request. Fewer: steadier tokens for the "
+        "running rows, later first tokens (docs/architecture.md, 'Serving many Asks at once', "
+        "has the measurements).",
+    )
     answer_max_wait_s: float = Field(
         600.0, gt=0, description="Batched scheduler: longest an Ask without a deadline waits "
         "for its answer before it ends DEADLINE_EXCEEDED (no wait on the Ask path is unbounded).",

@@ -53,7 +53,7 @@ class Phase(enum.Enum):
     """Where a request is in the engine."""
 
     WAITING = "waiting"        # queued, no model work yet
-    PREFILLING = "prefilling"  # its evidence and question are being read, a piece per step
+    PREFILLING = "prefilling"  # its evidence and question are being read, in pieces
     DECODING = "decoding"      # it has a row in the decode batch
 
 
@@ -96,14 +96,17 @@ class StepPlan:
         return bool(self.end or self.admit or self.prefill or self.decode)
 
 
-def plan_step(requests: Sequence[RequestView], limits: AdmissionLimits) -> StepPlan:
+def plan_step(requests: Sequence[RequestView], limits: AdmissionLimits, prefill_pieces: int = 0) -> StepPlan:
     """The next step for ``requests`` (waiting ones oldest first).
 
     Requests nobody waits for end first. Waiting ones join while they fit (``admissible``).
-    Chunked prefill: while rows decode, every prefill advances one piece per step, so a joining
-    request stalls the running ones for a piece, not its whole prefill; with nothing decoding,
-    the oldest prefill runs to its end (its first token comes as early as it can) and the
-    others advance a piece."""
+    Chunked prefill: while rows decode, the ``prefill_pieces`` oldest joining requests advance
+    one piece each per step (0: every joining request), so the running rows wait at most that
+    many pieces between two tokens; but when the joining requests outnumber the decoding rows
+    (a burst of new Asks), as many more advance as they outnumber them: most of the batch
+    then waits for a first token, and a step spent on the few decoding rows delays them all
+    (docs/architecture.md has the measurements). With nothing decoding, the oldest prefill runs
+    to its end (its first token comes as early as it can) and the others advance a piece."""
     end = tuple((r.key, r.end) for r in requests if r.end is not None)
     live = [r for r in requests if r.end is None]
     decoding = [r for r in live if r.phase is Phase.DECODING]
@@ -112,6 +115,10 @@ def plan_step(requests: Sequence[RequestView], limits: AdmissionLimits) -> StepP
     count = admissible([r.need for r in decoding + prefilling], (r.need for r in waiting), limits)
     admitted = waiting[:count]
     reading = prefilling + admitted
-    prefill = tuple((r.key, TO_THE_END if i == 0 and not decoding else 1) for i, r in enumerate(reading))
+    if decoding:
+        advancing = max(prefill_pieces, len(reading) - len(decoding)) if prefill_pieces else len(reading)
+        prefill = tuple((r.key, 1) for r in reading[:advancing])
+    else:
+        prefill = tuple((r.key, TO_THE_END if i == 0 else 1) for i, r in enumerate(reading))
     return StepPlan(end=end, admit=tuple(r.key for r in admitted), prefill=prefill,
                     decode=tuple(r.key for r in decoding))

@@ -10,9 +10,10 @@ then hands the model work of the turn, a ``ModelJob``, to ``svc.answerer``:
   ``answer_max_tokens_in_flight`` KV tokens, ``answer_kv_budget_bytes`` - which prefills advance
   how many pieces, which rows decode), then carried out by the runner (``engine.runner``, the
   only code that touches the model). Prefills (placement, selective recompute, the question:
-  ``ConversationKV.begin_turn_steps``) run in pieces of ``answer_prefill_piece_tokens``, one
-  piece of each per step while other requests decode (chunked prefill: a joining request
-  stalls the running ones for one piece, not its whole prefill); **every** request in its
+  ``ConversationKV.begin_turn_steps``) run in pieces of ``answer_prefill_piece_tokens``, a
+  piece of each of the ``answer_prefill_pieces_per_step`` oldest joining requests per step
+  while other requests decode (chunked prefill: the running rows wait a few pieces between
+  two tokens, not whole prefills); **every** request in its
   decode phase advances by one token in one batched forward (``engine.batch.DecodeBatch``):
   continuous batching, requests join and leave between steps.
   Tokens stream to each request's ``on_token`` as they are sampled. A request that is cancelled
@@ -229,7 +230,8 @@ class BatchScheduler:
     def __init__(self, adapter: Callable[[], ModelAdapter], *, queue_size: int, max_batch: int,
                  max_tokens_in_flight: int, observer: SchedulerObserver | None = None,
                  max_wait_s: float = 600.0, kv_budget_bytes: int = 0, reserved_bytes: int = 0,
-                 prefill_piece_tokens: int = 32, runner: Callable[[ModelAdapter], Runner] = ModelRunner):
+                 prefill_piece_tokens: int = 32, prefill_pieces_per_step: int = 0,
+                 runner: Callable[[ModelAdapter], Runner] = ModelRunner):
         """``adapter``: the process's model now (a new one takes over once the batch is empty);
         ``runner``: what runs it (a fake in the policy tests). ``kv_budget_bytes``: the decode
         batch's KV budget (``engine.memory``); 0: the device's (``auto_budget_bytes``) less
@@ -239,7 +241,7 @@ class BatchScheduler:
         self.queue_size, self.max_batch = queue_size, max_batch
         self.max_tokens_in_flight = max_tokens_in_flight
         self.max_wait_s = max_wait_s
-        self.prefill_piece_tokens = prefill_piece_tokens
+        self.prefill_piece_tokens, self.prefill_pieces_per_step = prefill_piece_tokens, prefill_pieces_per_step
         self._kv_budget_setting, self._reserved_bytes = kv_budget_bytes, reserved_bytes
         self._runner: Runner | None = None
         self._limits_of: tuple[Runner, AdmissionLimits] | None = None
@@ -250,7 +252,7 @@ class BatchScheduler:
         self._running: list[_Running] = []
         #: taken from the queue by this step's plan, their prefill not begun
         self._admitting: list[ModelJob] = []
-        #: being prefilled, a piece per step while others decode (chunked prefill)
+        #: being prefilled, in pieces between decode steps (chunked prefill, ``plan_step``)
         self._prefilling: list[_Prefilling] = []
         self._loop_failures: collections.deque[float] = collections.deque()
         self._calls: collections.deque[_Call] = collections.deque()
@@ -466,7 +468,7 @@ class BatchScheduler:
         views += [RequestView(id(p.job), Phase.PREFILLING, p.job.need, _end_reason(p.job))
                   for p in self._prefilling]
         views += [RequestView(id(job), Phase.WAITING, job.need, _end_reason(job)) for job in self._waiting]
-        return plan_step(views, self._limits(runner))
+        return plan_step(views, self._limits(runner), self.prefill_pieces_per_step)
 
     def _take_from_queue(self, plan: StepPlan) -> list[tuple[ModelJob, EndReason]]:
         """Move the plan's admitted jobs from the queue to ``_admitting``; returns the queued

@@ -211,9 +211,16 @@ class MilvusKeyIndex(KeyIndex):
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=space.dim)
         index = self.client.prepare_index_params()
         index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params=self.hnsw)
-        kwargs = {} if self.is_lite else {"num_partitions": self.num_partitions}
-        self.client.create_collection(name, schema=schema, index_params=index,
-                                      consistency_level="Session", **kwargs)
+        if self.is_lite:
+            # milvus-lite lacks the AllocTimestamp RPC with which pymilvus waits for an index
+            # build: create_collection(index_params=...) logs two ERROR tracebacks there (the
+            # build itself is immediate). So: the collection, its index without the wait, load.
+            self.client.create_collection(name, schema=schema, consistency_level="Session")
+            self.client.create_index(name, index, sync=False)
+            self.client.load_collection(name)
+        else:
+            self.client.create_collection(name, schema=schema, index_params=index, consistency_level="Session",
+                                          num_partitions=self.num_partitions)
         self._known.add(name)
 
     # -- writes ------------------------------------------------------------------------------

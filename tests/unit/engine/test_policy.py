@@ -58,9 +58,21 @@ def test_with_nothing_decoding_the_oldest_prefill_runs_to_its_end():
     assert plan == StepPlan(admit=(1, 2), prefill=((1, TO_THE_END), (2, 1)))
 
 
-def test_while_rows_decode_every_prefill_advances_one_piece():
-    plan = plan_step([_view(1, Phase.DECODING), _view(2, Phase.PREFILLING), _view(3, Phase.WAITING)], ROOMY)
-    assert plan == StepPlan(admit=(3,), prefill=((2, 1), (3, 1)), decode=(1,))
+def test_while_rows_decode_the_oldest_joining_requests_advance_one_piece_each():
+    requests = [_view(1, Phase.DECODING), _view(5, Phase.DECODING), _view(2, Phase.PREFILLING),
+                _view(3, Phase.WAITING), _view(4, Phase.WAITING)]
+    roomier = AdmissionLimits(8, 10_000, PER_TOKEN, 10**12)
+    assert plan_step(requests, roomier, prefill_pieces=1) == StepPlan(admit=(3, 4), prefill=((2, 1),), decode=(1, 5))
+    assert plan_step(requests, roomier, prefill_pieces=2).prefill == ((2, 1), (3, 1))
+    assert plan_step(requests, roomier).prefill == ((2, 1), (3, 1), (4, 1))  # 0: every one
+
+
+def test_a_burst_of_joining_requests_advances_as_many_more_as_they_outnumber_the_decoding():
+    burst = [_view(1, Phase.DECODING), *(_view(k, Phase.PREFILLING) for k in range(2, 8))]
+    assert len(plan_step(burst, ROOMY, prefill_pieces=1).prefill) == 5  # 6 joining - 1 decoding
+    steady = [*(_view(k, Phase.DECODING) for k in range(1, 7)), _view(7, Phase.PREFILLING),
+              _view(8, Phase.PREFILLING)]
+    assert plan_step(steady, ROOMY, prefill_pieces=1).prefill == ((7, 1),)
 
 
 def test_requests_nobody_waits_for_end_first_and_take_no_room():

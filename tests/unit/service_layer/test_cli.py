@@ -28,7 +28,9 @@ def test_ingest_ask_reindex(embedded_env, photo_of, capsys):
     (photos / "notes.txt").write_text("ignored")
     assert cli.main(["ingest", str(photos), "--user", "bob", "--concept", "mug",
                      "--name", "Bobo", "--category", "mug"]) == 0
-    assert "bob/mug: ready; 2 photos" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "bob/mug: ready; 2 photos" in out
+    assert "ERROR" not in err and "Traceback" not in err, err  # milvus-lite's (issue 31)
     assert cli.main(["reindex", "--user", "bob"]) == 0
     assert cli.main(["recache"]) == 0
     assert "enqueued caching for 1 concepts" in capsys.readouterr().out
@@ -53,7 +55,25 @@ def test_ingest_ask_reindex(embedded_env, photo_of, capsys):
 
 def test_ingest_of_a_folder_without_photos_fails_cleanly(embedded_env, capsys):
     assert cli.main(["ingest", str(embedded_env), "--user", "bob", "--concept", "mug"]) == 2
-    assert "no photos" in capsys.readouterr().err
+    assert "personalkv ingest: error: no photos" in capsys.readouterr().err
+
+
+def test_a_failed_ingest_leaves_no_concept_behind(embedded_env, capsys, tmp_path):
+    """Issue 31: an ingest whose photos are refused deletes the concept it created (it stayed
+    QUEUED before)."""
+    from personalkv.bootstrap import bootstrap
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "broken.png").write_bytes(b"not a png at all")
+    assert cli.main(["ingest", str(photos), "--user", "bob", "--concept", "ghost"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("personalkv ingest: error: INVALID_ARGUMENT: photo 1 of 1"), err
+    svc = bootstrap(get_settings().embedded())
+    try:
+        assert "ghost" not in svc.store.list_concepts("bob")
+    finally:
+        svc.close()
 
 
 # -- misuse: one line on stderr, a non-zero exit, no traceback (issue 21) ---------------------
@@ -63,6 +83,9 @@ def test_ingest_of_a_folder_without_photos_fails_cleanly(embedded_env, capsys):
     (["ask", "--user", "bob"], 2, "required: question"),
     (["ask", "--user", "bob", "q", "--top-k", "many"], 2, "invalid int value: 'many'"),
     (["bogus"], 2, "invalid choice: 'bogus'"),
+    # issue 31: every misuse ends with one line under the one prefix
+    (["ask", "--user", "bob", "q", "--photo", "/"], 1, "personalkv ask: error: INVALID_ARGUMENT: --photo / is not a file"),
+    (["token", "--user", "bob", "--ttl", "-5"], 1, "personalkv token: error: INVALID_ARGUMENT: --ttl must be"),
 ])
 def test_misuse_is_one_line_and_a_nonzero_exit(argv, code, says, capsys):
     try:
