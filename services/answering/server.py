@@ -206,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
     from personalkv.observability import watch_chunk_cache
 
     watch_chunk_cache(services.chunk_cache)
-    if not args.no_warmup:  # readiness means ready: health turns SERVING after the model loads
-        services.adapter, services.retriever  # noqa: B018
+    if not args.no_warmup:  # readiness means ready: health turns SERVING after the warm-up
+        answering.warm_up(services)
     server = build_server(
         services,
         port=settings.server.answering_port if args.port is None else args.port,

@@ -130,6 +130,7 @@ class ModelAdapter(ABC):
         self._prefix: PrefixCache | None = None
         self._prefix_lock = threading.Lock()
         self._fingerprint: str | None = None
+        self._fingerprint_lock = threading.Lock()
         self.eos_token_ids = self._eos_ids()
 
     # --- model anatomy -------------------------------------------------------------------
@@ -196,23 +197,27 @@ class ModelAdapter(ABC):
         local copy agree), plus a digest of every parameter's shape and a strided sample of its
         values, so that two in-memory models with the same config never share chunks.
         """
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            digest.update(type(self.model).__name__.encode())
-            config = self.model.config.to_dict()
-            for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
-                config.pop(volatile, None)
-            digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-            digest.update(self._weights_id.encode())
-            with torch.no_grad():
-                for pname, param in sorted(self.model.state_dict().items()):
-                    flat = param.detach().reshape(-1)
-                    step = max(1, flat.numel() // 4096)
-                    digest.update(pname.encode() + str(tuple(param.shape)).encode())
-                    digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
-            digest.update(str(self.dtype).encode())
-            self._fingerprint = digest.hexdigest()
+        with self._fingerprint_lock:  # concurrent first Asks compute it once, not each
+            if self._fingerprint is None:
+                self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(type(self.model).__name__.encode())
+        config = self.model.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+            config.pop(volatile, None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(self._weights_id.encode())
+        with torch.no_grad():
+            for pname, param in sorted(self.model.state_dict().items()):
+                flat = param.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                digest.update(pname.encode() + str(tuple(param.shape)).encode())
+                digest.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+        digest.update(str(self.dtype).encode())
+        return digest.hexdigest()
 
     # --- framing: the model's own chat template ----------------------------------------------
     def _render_chat(self, turns: Sequence[tuple[str, str]], accept) -> str | None:

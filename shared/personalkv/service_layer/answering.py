@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
@@ -303,6 +304,25 @@ def _answer(svc: Services, user_id: str, checked: _Checked, options: AskOptions,
         reused_tokens=reused,
         conversation_id=conv.conversation_id if conv is not None else None,
     )
+
+
+def warm_up(svc: Services) -> None:
+    """Do once, before the process reports ready, what the first Asks would otherwise all pay
+    for at once: load the model and compute its fingerprint and system prefix, load the
+    retriever's encoders and the index's collections (a search for a user id nobody has), and
+    answer one question without evidence through the engine (its loop and first forwards). A
+    fresh answering server hit by a burst spent its first second on these: 80 admitted Asks
+    each hashed the model's weights for its fingerprint (measured with py-spy)."""
+    adapter = svc.adapter
+    fingerprint = adapter.fingerprint()
+    adapter.system_prefix()
+    nobody = f"warmup-{uuid.uuid4().hex}"  # a valid id no user has: it reads nothing
+    with dependencies("the retrieval index"):
+        svc.retriever.retrieve(nobody, "warm up", None, 1, model_fingerprint=fingerprint)
+    job = ModelJob(state=ConversationKV(), chunks=[], question="Hello.", image=None,
+                   options=GenerationOptions(max_new_tokens=2))
+    with svc.answerer.admit():
+        svc.answerer.run(job)
 
 
 _DONE = object()
