@@ -14,18 +14,16 @@ real scheduler with a fake runner that has this interface.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
 from personalkv.engine.batch import BatchRow, DecodeBatch
+from personalkv.engine.job import ModelJob
 from personalkv.engine.memory import auto_budget_bytes, kv_bytes_per_token
 from personalkv.kv.conversation import TurnStart
 from personalkv.kv.generation import AnswerResult, GenerationOptions, take_token
 from personalkv.models.base import ModelAdapter
-
-if TYPE_CHECKING:
-    from personalkv.engine.scheduler import ModelJob
 
 #: tokens counted for the chat framing around a question, and for a photo in it, before they
 #: are known (admission estimates a request's KV before its prefill)

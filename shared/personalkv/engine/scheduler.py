@@ -58,23 +58,22 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
-from PIL import Image
 
 from personalkv.engine.batch import BatchRow
+from personalkv.engine.job import ModelJob
 from personalkv.engine.memory import admission_peak_bytes
 from personalkv.engine.policy import (
     TO_THE_END, AdmissionLimits, EndReason, Phase, RequestView, StepPlan, plan_step,
 )
 from personalkv.engine.runner import ModelRunner, Runner
-from personalkv.kv.chunk import KVChunk
-from personalkv.kv.conversation import ConversationKV, TurnStart
-from personalkv.kv.generation import AnswerResult, GenerationOptions, request_generator, sample_token
+from personalkv.kv.conversation import TurnStart
+from personalkv.kv.generation import AnswerResult, request_generator, sample_token
 from personalkv.models.base import ModelAdapter
 from personalkv.errors import CallEnded, DeadlineExceeded, Internal, ResourceExhausted, ServiceError, Unavailable
 
@@ -104,39 +103,6 @@ class _NoObserver:
     def batch(self, size: int) -> None: pass
     def rejected(self, reason: str) -> None: pass
     def queue_wait(self, seconds: float) -> None: pass
-
-
-@dataclass(eq=False)
-class ModelJob:
-    """The model's part of one Ask: a turn of ``state`` (a fresh ``ConversationKV`` for a
-    single-turn Ask) with this turn's new ``chunks``."""
-
-    state: ConversationKV
-    chunks: Sequence[KVChunk]
-    question: str
-    image: Image.Image | None
-    options: GenerationOptions
-    on_token: Callable[[int], None] | None = None
-    #: keep the KV of the answer in ``state`` (a conversation continues from it)
-    keep: bool = False
-    #: ``time.monotonic()`` after which nobody waits for the answer
-    deadline: float | None = None
-    cancelled: Callable[[], bool] = lambda: False
-    # filled in by the scheduler
-    queued_at: float = field(default_factory=time.monotonic)
-    queue_s: float = 0.0
-    result: AnswerResult | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    #: set by ``run`` when its caller stopped waiting: the loop drops the job at its next look
-    abandoned: bool = False
-    #: KV tokens its row will hold (``Runner.need``), estimated once by ``run``
-    need: int = 0
-
-    def gone(self) -> bool:
-        """Nobody waits for this job's answer any more (cancelled, past its deadline, abandoned)."""
-        return self.abandoned or self.cancelled() or (
-            self.deadline is not None and time.monotonic() >= self.deadline)
 
 
 class Answerer(Protocol):

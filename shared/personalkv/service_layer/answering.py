@@ -136,8 +136,11 @@ class AskResult:
         concepts = ", ".join(f"{c} ({s:.2f})" for c, s in self.concepts) or "none of yours"
         timings = " ".join(f"{f.name}={getattr(self.timings, f.name) * 1000:.0f}ms"
                            for f in fields(self.timings))
-        return (f"  concepts: {concepts}\n  chunks placed: {len(self.chunks)} "
-                f"(cache hits {self.cache_hits}, skipped {self.skipped_chunks})\n"
+        placed = sum(not c.from_earlier_turn for c in self.chunks)
+        earlier = len(self.chunks) - placed
+        return (f"  concepts: {concepts}\n  chunks placed: {placed} "
+                f"(cache hits {self.cache_hits}, skipped {self.skipped_chunks})"
+                + (f", {earlier} from earlier turns" if earlier else "") + "\n"
                 f"  timings: {timings}")
 
 

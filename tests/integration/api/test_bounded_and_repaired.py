@@ -30,7 +30,7 @@ def _strip(size: tuple[int, int]) -> bytes:
 
 
 def test_extreme_photos_end_in_time_while_another_users_photo_asks_answer(api):
-    with api.client("ivy") as ivy, api.client("jon") as jon:
+    with api.client("xena") as ivy, api.client("yuri") as jon:
         for client, concept, seed in ((ivy, "kite", 50), (jon, "lamp", 51)):
             client.create_concept(concept, concept.title(), "thing", f"my {concept}")
             client.upload_photos(concept, [png(seed)])
@@ -60,20 +60,20 @@ def test_a_tampered_chunk_is_skipped_then_repaired_on_sight(api):
     from personalkv.service_layer import evidence
 
     svc = api.services
-    with api.client("kim") as kim:
+    with api.client("zora") as kim:
         kim.create_concept("mug", "Bobo", "mug", "my Bobo mug")
         kim.upload_photos("mug", [png(60), png(61)])
         kim.wait_ready("mug", timeout_s=120)
         before = kim.ask("Where is Bobo?", max_new_tokens=2)
         placed = [c.chunk_id for c in before.chunks if c.concept_id == "mug"]
         assert placed
-        manifest = svc.store.read_manifest("kim", "mug")
+        manifest = svc.store.read_manifest("zora", "mug")
         ref = next(r for r in manifest.chunks if r.chunk_id == placed[0])
         good = svc.store.objects.get(ref.object_key)
         damaged = bytearray(good)
         damaged[-3] ^= 0x10
         svc.store.objects.put(ref.object_key, bytes(damaged))
-        svc.chunk_cache.invalidate("kim")
+        svc.chunk_cache.invalidate("zora")
         evidence._reported.clear()  # chunk ids repeat across tests (same photos)
 
         skipped = kim.ask("Where is Bobo?", max_new_tokens=2)
@@ -81,7 +81,7 @@ def test_a_tampered_chunk_is_skipped_then_repaired_on_sight(api):
         deadline = time.monotonic() + 120  # the repair runs on the in-process task queue
         while svc.store.objects.get(ref.object_key) == bytes(damaged) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert evidence.damaged_chunks(svc, svc.store.read_manifest("kim", "mug")) == []
-        svc.chunk_cache.invalidate("kim")
+        assert evidence.damaged_chunks(svc, svc.store.read_manifest("zora", "mug")) == []
+        svc.chunk_cache.invalidate("zora")
         after = kim.ask("Where is Bobo?", max_new_tokens=2)
         assert placed[0] in {c.chunk_id for c in after.chunks}
