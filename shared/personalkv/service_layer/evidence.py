@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cachetools import TTLCache
+
 from personalkv.chunk_ref import ChunkRef
 from personalkv.kv.chunk import KVChunk
 from personalkv.kv.codec import ChunkFormatError, decode_chunk
@@ -75,16 +77,21 @@ def enqueue_repair(svc: Services, user_id: str, concept_id: str) -> None:
 
 #: seconds a manifest that read whole is trusted without reading it again (module docstring)
 MANIFEST_RECHECK_S = 30.0
-_verified: dict[tuple[str, str], float] = {}  # (user, concept) -> when its manifest read whole
-_MAX_VERIFIED = 100_000
+#: (user, concept) whose manifest read whole within MANIFEST_RECHECK_S (the least recent
+#: dropped beyond maxsize); a lock: cachetools' caches are not thread-safe
+_verified: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=100_000, ttl=MANIFEST_RECHECK_S,
+                                                      timer=time.monotonic)
+_verified_lock = threading.Lock()
 
 
 def answerable(svc: Services, user_id: str, concept_ids: Iterable[str]) -> set[str]:
     """Those of ``concept_ids`` whose manifest reads (a GET each, unless read whole within
     ``MANIFEST_RECHECK_S``: retrieval picks a few)."""
-    readable, now = set(), time.monotonic()
+    readable = set()
     for concept_id in dict.fromkeys(concept_ids):
-        if now - _verified.get((user_id, concept_id), -MANIFEST_RECHECK_S) < MANIFEST_RECHECK_S:
+        with _verified_lock:
+            trusted = (user_id, concept_id) in _verified
+        if trusted:
             readable.add(concept_id)
             continue
         try:
@@ -96,9 +103,8 @@ def answerable(svc: Services, user_id: str, concept_ids: Iterable[str]) -> set[s
             continue
         if manifest is not None:  # None: deleted since its keys were searched
             readable.add(concept_id)
-            if len(_verified) >= _MAX_VERIFIED:
-                _verified.clear()
-            _verified[(user_id, concept_id)] = now
+            with _verified_lock:
+                _verified[(user_id, concept_id)] = True
     return readable
 
 
